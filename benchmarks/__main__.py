@@ -1,0 +1,77 @@
+"""Run the benchmark suite: `python -m benchmarks [--quick] [--repeat N] [--only NAME ...]`.
+
+Writes docs/benchmarks.md, docs/benchmarks.png and benchmarks/results/<time>.json,
+then prints the targets of the performance issue, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .harness import ROOT, median_of, redis_available
+from .report import plot, targets, write_markdown
+from .scenarios import QUICK, SCENARIOS, Size
+
+
+def progress(done: int, total: int, what: str, started: float) -> None:
+    """A one-line progress bar, redrawn in place."""
+    filled = int(30 * done / max(1, total))
+    bar = "#" * filled + "." * (30 - filled)
+    elapsed = time.monotonic() - started
+    print(f"\r[{bar}] {done}/{total} {elapsed:5.0f}s  {what:<24}", end="", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (~1 minute)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (median)")
+    parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="scenarios to run")
+    parser.add_argument("--codec", default="json", choices=["json", "orjson"])
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else Size()
+    names = args.only or list(SCENARIOS)
+    command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
+    notes = []
+    if args.quick:
+        notes.append("--quick: smaller message counts than the workloads below describe.")
+    if not redis_available():
+        notes.append("No Redis server answered on 127.0.0.1:6379: Redis peers were skipped.")
+    raw: dict[str, list[dict[str, dict[str, float]]]] = {}
+    started = time.monotonic()
+    total, done = len(names) * args.repeat, 0
+    for name in names:
+        for run in range(args.repeat):
+            progress(done, total, f"{name} {run + 1}/{args.repeat}", started)
+            raw.setdefault(name, []).append(SCENARIOS[name](size, args.codec))
+            done += 1
+    progress(done, total, "done", started)
+    print()
+    aggregated: dict[str, Any] = {}
+    for name, runs in raw.items():
+        aggregated[name] = {
+            contender: median_of([r[contender] for r in runs if contender in r])
+            for contender in runs[0]
+        }
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json"), "w") as f:
+        json.dump({"command": command.strip(), "raw": raw}, f)
+    image = plot(os.path.splitext(args.out)[0] + ".png", aggregated)
+    write_markdown(args.out, aggregated, args.repeat, command.strip(), notes, image)
+    print(f"wrote {args.out} in {time.monotonic() - started:.0f}s\n")
+    checks = targets(aggregated)
+    width = max(len(t) for t, _, _ in checks)
+    for target, measured, met in checks:
+        mark = " n/a" if met is None else (" yes" if met else "  NO")
+        print(f"{mark}  {target:<{width}}  {measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

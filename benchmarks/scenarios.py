@@ -1,0 +1,240 @@
+"""The benchmark scenarios: each returns {contender: {metric: value}} for one run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .harness import (
+    Worker,
+    fan,
+    latency_summary,
+    pipe_run,
+    redis_available,
+    scratch_dir,
+    workers,
+)
+
+Result = dict[str, dict[str, float]]
+
+
+@dataclass
+class Size:
+    """How big a run is: full, or --quick."""
+
+    latency_messages: int = 500
+    throughput_messages: int = 100_000
+    fanout_messages: int = 20_000
+    cache_ops: int = 200_000
+    visible_writes: int = 200
+    idle_seconds: float = 10.0
+    late_joiner_keys: int = 100_000
+
+
+QUICK = Size(200, 20_000, 5_000, 50_000, 100, 3.0, 20_000)
+
+
+def _lat(result: dict[str, Any]) -> dict[str, float]:
+    return latency_summary(result["latencies_ns"])
+
+
+def latency(size: Size, codec: str) -> Result:
+    """1 -> 1, small messages 5 ms apart: notify-to-handler latency."""
+    n = size.latency_messages
+    out: Result = {}
+    with scratch_dir() as d:
+        got, _ = fan(
+            [("ivip-receiver", (d, n, codec))],
+            [("ivip-sender", (d, n, 100, 0.005, "awaited", codec))],
+        )
+        out["ivip-ipc-async"] = _lat(got[0])
+    if redis_available():
+        got, _ = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0.005, "awaited"))])
+        out["redis pub/sub"] = _lat(got[0])
+    out["multiprocessing Pipe"] = latency_summary(pipe_run(n, 100, 0.005)["latencies_ns"])
+    for role, label, extra in (
+        ("inotify-receiver", "raw inotify (floor)", ()),
+        ("watchfiles-receiver", "watchfiles.awatch step=50", (50,)),
+        ("watchfiles-receiver", "watchfiles.awatch step=1", (1,)),
+    ):
+        with scratch_dir() as d:
+            path = os.path.join(d, "data")
+            open(path, "wb").close()
+            got, _ = fan([(role, (path, n, *extra))], [("file-appender", (path, n, 0.005))])
+            out[label] = _lat(got[0])
+    return out
+
+
+def throughput(size: Size, codec: str) -> Result:
+    """1 -> 1, ~100-byte messages as fast as possible: msg/s received, RSS."""
+    n = size.throughput_messages
+    out: Result = {}
+    runs = [("awaited", codec), ("concurrent", codec)]
+    if codec == "json":
+        runs.append(("awaited", "orjson"))  # the opt-in codec, side by side
+    for mode, used in runs:
+        with scratch_dir() as d:
+            got, sent = fan(
+                [("ivip-receiver", (d, n, used))], [("ivip-sender", (d, n, 100, 0, mode, used))]
+            )
+            r = got[0]
+            label = mode if used == codec else f"{mode}, {used}"
+            out[f"ivip-ipc-async ({label})"] = {
+                "msg/s": r["rate"],
+                "send msg/s": sent[0]["send_rate"],
+                "rss start MiB": r["rss_kib"][0] / 1024,
+                "rss peak MiB": r["rss_kib"][1] / 1024,
+                "rss end MiB": r["rss_kib"][2] / 1024,
+            }
+    if redis_available():
+        for mode in ("awaited", "pipelined"):
+            got, sent = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0, mode))])
+            out[f"redis pub/sub ({mode})"] = {
+                "msg/s": got[0]["rate"],
+                "send msg/s": sent[0]["send_rate"],
+            }
+    out["multiprocessing Pipe"] = {"msg/s": pipe_run(n, 100, 0)["rate"]}
+    return out
+
+
+def fanout(size: Size, codec: str) -> Result:
+    """1 -> 4 and 1 -> 16 receivers: latency (5 ms apart) and per-receiver msg/s."""
+    out: Result = {}
+    for receivers in (4, 16):
+        with scratch_dir() as d:
+            n = size.latency_messages // 2
+            got, _ = fan(
+                [("ivip-receiver", (d, n, codec))] * receivers,
+                [("ivip-sender", (d, n, 100, 0.005, "awaited", codec))],
+            )
+            lat = latency_summary([x for g in got for x in g["latencies_ns"]])
+        with scratch_dir() as d:
+            n = size.fanout_messages
+            got, _ = fan(
+                [("ivip-receiver", (d, n, codec))] * receivers,
+                [("ivip-sender", (d, n, 100, 0, "awaited", codec))],
+            )
+            rates = sorted(g["rate"] for g in got)
+        out[f"ivip-ipc-async 1->{receivers}"] = {
+            **lat,
+            "min msg/s per receiver": rates[0],
+            "median msg/s per receiver": rates[len(rates) // 2],
+        }
+    return out
+
+
+def many_to_one(size: Size, codec: str) -> Result:
+    """4 senders -> 1 receiver: msg/s received."""
+    n = size.fanout_messages
+    with scratch_dir() as d:
+        got, _ = fan(
+            [("ivip-receiver", (d, 4 * n, codec))],
+            [("ivip-sender", (d, n, 100, 0, "awaited", codec))] * 4,
+        )
+    return {"ivip-ipc-async 4->1": {"msg/s": got[0]["rate"]}}
+
+
+SIZES = (100, 1024, 10 * 1024, 100 * 1024, 1024 * 1024)
+
+
+def message_sizes(size: Size, codec: str) -> Result:
+    """Message size sweep: MB/s received."""
+    out: Result = {}
+    budget = 40e6 if size.throughput_messages >= 100_000 else 10e6
+    for nbytes in SIZES:
+        n = max(20, min(20_000, int(budget / nbytes)))
+        label = f"{nbytes // 1024} KiB" if nbytes >= 1024 else f"{nbytes} B"
+        row: dict[str, float] = {}
+        with scratch_dir() as d:
+            got, _ = fan(
+                [("ivip-receiver", (d, n, codec))],
+                [("ivip-sender", (d, n, nbytes, 0, "awaited", codec))],
+            )
+            row["ivip-ipc-async MB/s"] = got[0]["mb_per_s"]
+        if redis_available():
+            got, _ = fan([("redis-receiver", (n,))], [("redis-sender", (n, nbytes, 0, "awaited"))])
+            row["redis pub/sub MB/s"] = got[0]["mb_per_s"]
+        row["multiprocessing Pipe MB/s"] = pipe_run(n, nbytes, 0)["mb_per_s"]
+        out[label] = row
+    return out
+
+
+def cache(size: Size, codec: str) -> Result:
+    """Cache: get/set ops/s in one process, and set-to-visible latency across two."""
+    out: Result = {}
+    with scratch_dir() as d, workers() as started:
+        w = Worker("ivip-cache", d, size.cache_ops, codec)
+        started.append(w)
+        out["ivip-ipc-async"] = w.line()
+    with scratch_dir() as d, workers() as started:
+        w = Worker("diskcache-cache", d, size.cache_ops // 4)
+        started.append(w)
+        out["diskcache"] = w.line()
+    if redis_available():
+        with workers() as started:
+            w = Worker("redis-cache", size.cache_ops // 20)
+            started.append(w)
+            out["redis GET/SET"] = w.line()
+    kinds = ["ivip", "diskcache"] + (["redis"] if redis_available() else [])
+    names = {"ivip": "ivip-ipc-async", "diskcache": "diskcache", "redis": "redis GET/SET"}
+    for kind in kinds:
+        with scratch_dir() as d:
+            n = size.visible_writes
+            got, _ = fan(
+                [("visible-reader", (kind, d, n))], [("visible-writer", (kind, d, n, 0.005))]
+            )
+            lat = _lat(got[0])
+            out[names[kind]].update({f"visible {k} ms": v for k, v in lat.items()})
+    return out
+
+
+def idle(size: Size, codec: str) -> Result:
+    """A waiting process: CPU % of one core and wake-ups/s."""
+    out: Result = {}
+    kinds = ["ivip", "watchfiles"] + (["redis"] if redis_available() else [])
+    names = {
+        "ivip": "ivip-ipc-async",
+        "watchfiles": "watchfiles.awatch step=50",
+        "redis": "redis pub/sub subscriber",
+    }
+    for kind in kinds:
+        with scratch_dir() as d, workers() as started:
+            w = Worker("idle", kind, d, size.idle_seconds)
+            started.append(w)
+            out[names[kind]] = w.line(timeout=size.idle_seconds + 60)
+    return out
+
+
+def startup(size: Size, codec: str) -> Result:
+    """Start-up: until the first notify; a late joiner loading N keys."""
+    out: Result = {}
+    with scratch_dir() as d, workers() as started:
+        w = Worker("startup", d)
+        started.append(w)
+        out["first notify (empty dir)"] = {"seconds": w.line()["seconds"]}
+    with scratch_dir() as d, workers() as started:
+        filler = Worker("fill-cache", d, size.late_joiner_keys)
+        started.append(filler)
+        assert filler.line(timeout=600) == "ready"
+        joiner = Worker("startup", d)
+        started.append(joiner)
+        r = joiner.line()
+        out[f"late joiner, {size.late_joiner_keys:,} keys"] = {
+            "seconds": r["seconds"],
+            "keys loaded": r["keys"],
+        }
+    return out
+
+
+SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
+    "latency": latency,
+    "throughput": throughput,
+    "fanout": fanout,
+    "many_to_one": many_to_one,
+    "sizes": message_sizes,
+    "cache": cache,
+    "idle": idle,
+    "startup": startup,
+}

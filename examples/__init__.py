@@ -1,0 +1,1 @@
+"""Example applications (used by the integration tests)."""

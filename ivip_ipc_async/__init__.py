@@ -1,0 +1,42 @@
+"""ivip_ipc_async: events and a shared cache between processes on one machine.
+
+Example:
+    >>> from ivip_ipc_async import IPC, Cache, AsyncIPC, AsyncCache
+    >>> Cache.ipc is IPC
+    True
+"""
+
+from __future__ import annotations
+
+from .cache import AsyncCache
+from .emitter import MessageStream, Subscription
+from .errors import IPCClosedError, UnsafeDirectoryError
+from .ipc import AsyncIPC
+from .records import Codec, JsonCodec, OrjsonCodec
+
+__all__ = [
+    "IPC",
+    "AsyncCache",
+    "AsyncIPC",
+    "Cache",
+    "Codec",
+    "IPCClosedError",
+    "JsonCodec",
+    "MessageStream",
+    "OrjsonCodec",
+    "Subscription",
+    "UnsafeDirectoryError",
+]
+
+__version__ = "0.1.0"
+
+IPC = AsyncIPC()
+"""The default instance: `$IVIP_IPC_DIR`, or the per-application default directory.
+
+Register handlers at import time with `IPC.on(...)`; it starts itself on first
+use in a running loop (`notify`, `wait_for`, `subscribe`, any cache call). A
+program that only listens calls `await IPC.start()` or uses `async with IPC:`.
+"""
+
+Cache = AsyncCache(IPC)
+"""The default cache (name "default", 60 s default TTL) on the default `IPC`."""

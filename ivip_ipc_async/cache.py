@@ -1,0 +1,435 @@
+"""`AsyncCache`: a cache shared by the processes of one `AsyncIPC`.
+
+Writes (`set`, `delete`) are records on the IPC stream; reads are served from
+the in-memory mirror that the stream keeps current in every process. TTLs are
+wall-clock deadlines checked on read (no timer per key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import inspect
+import json
+import time
+from asyncio import _get_running_loop
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
+
+from .ipc import AsyncIPC, _fork_generation
+from .logs import logger
+from .mirror import UNSET
+from .records import CacheKey, Kind, Record, encode_key
+
+__all__ = ["AsyncCache"]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+V = TypeVar("V")
+
+_IMMUTABLE: Final = frozenset({str, int, float, bool, type(None)})
+_MISSING: Final[Any] = object()
+_COPY_BELOW: Final = 512  # encoded bytes; measured: tree copy 2x faster than json below
+
+
+def _copy_tree(value: Any) -> Any:
+    """A deep copy of a tree of dicts, lists and immutable scalars."""
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _IMMUTABLE else _copy_tree(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _IMMUTABLE else _copy_tree(v) for v in value]
+    if kind is tuple:  # only from a custom codec; JSON has none
+        return tuple(v if type(v) in _IMMUTABLE else _copy_tree(v) for v in value)
+    return value if kind in _IMMUTABLE else copy.deepcopy(value)
+
+
+class AsyncCache(Generic[V]):
+    """A key-value cache kept in sync across processes.
+
+    Generic in its value type for type checkers: `AsyncCache(ipc)` holds `Any`;
+    annotate `users: AsyncCache[User] = AsyncCache(ipc, name="users")` to have
+    `get` return `User | None` (or `User | T` with a default of type `T`).
+
+    Args:
+        ipc: The `AsyncIPC` to travel on (the default `IPC` when None).
+        name: Caches with different names on one IPC never see each other's keys.
+        default_ttl: Seconds a value lives when `set` is given no ttl; 0 or a
+            negative number (or None) means no expiry.
+
+    Keys are `str` or `int` and keep their type (`1` and `"1"` are two keys).
+    Values are anything the codec accepts (JSON by default). Every read returns
+    a fresh copy: mutating it changes nothing for anyone else.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         cache = AsyncCache(ipc)
+        ...         await cache.set("chave", "valor", 60)
+        ...         return await cache.get("chave"), await cache.get("nope", "fallback")
+        >>> asyncio.run(main())
+        ('valor', 'fallback')
+    """
+
+    def __init__(
+        self: AsyncCache[Any],
+        ipc: AsyncIPC | None = None,
+        *,
+        name: str = "default",
+        default_ttl: float | None = 60,
+    ) -> None:
+        if ipc is None:
+            from . import IPC
+
+            ipc = IPC
+        if not isinstance(name, str) or not name:
+            raise TypeError("cache name must be a non-empty str")
+        if len(name.encode()) > 0xFFFF:
+            raise ValueError("cache name too long")
+        self.ipc = ipc
+        self.name = name
+        self.default_ttl = _check_ttl(default_ttl)
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"<AsyncCache {self.name!r} default_ttl={self.default_ttl}>"
+
+    # -- writes ---------------------------------------------------------------------
+
+    async def set(self, key: CacheKey, value: V, ttl: float | None = None) -> None:
+        """Store `value` under `key` for `ttl` seconds, in every process.
+
+        `ttl` None uses `default_ttl`; 0 or negative means no expiry. When this
+        returns, the write is in the shared directory and visible here.
+
+        Raises:
+            TypeError: the key is not str/int, or the value cannot be encoded.
+            ValueError: the record is over the IPC's `max_record_size`.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set(7, {"name": "Ana"}, 0)   # never expires
+            ...         return await cache.get(7)
+            >>> asyncio.run(main())
+            {'name': 'Ana'}
+        """
+        raw_key = encode_key(key)
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        data = self.ipc.codec.dumps(value)
+        self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+        await self._write(Kind.CACHE_SET, raw_key, data, seconds)
+
+    async def delete(self, key: CacheKey) -> bool:
+        """Remove `key` everywhere; returns whether it was present here.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set("k", 1)
+            ...         return await cache.delete("k"), await cache.delete("k")
+            >>> asyncio.run(main())
+            (True, False)
+        """
+        raw_key = encode_key(key)
+        existed = await self.has(key)
+        await self._write(Kind.CACHE_DELETE, raw_key, b"", 0.0)
+        return existed
+
+    async def clear(self) -> int:
+        """Delete every key of this cache everywhere; returns how many there were."""
+        await self.ipc._ensure()
+        keys = self.ipc.mirror.live_keys(self.name)
+        for key in keys:
+            await self._write(Kind.CACHE_DELETE, encode_key(key), b"", 0.0)
+        return len(keys)
+
+    async def _write(self, kind: Kind, raw_key: bytes, data: bytes, ttl: float) -> None:
+        ipc = self.ipc
+        backend = await ipc._ensure()
+        expires = time.time() + ttl if ttl > 0 else 0.0
+        record = Record(
+            kind,
+            self.name,
+            raw_key,
+            data,
+            ipc.clock.tick(),
+            backend.node,
+            expires,
+            0,
+            ipc.codec.id,
+        )
+        await ipc._write_cache(record)
+
+    # -- reads -------------------------------------------------------------------------
+
+    @overload
+    async def get(self, key: CacheKey) -> V | None: ...
+
+    @overload
+    async def get(self, key: CacheKey, default: T) -> V | T: ...
+
+    async def get(self, key: CacheKey, default: Any = None) -> Any:
+        """The value of `key`, or `default` when it is missing or expired.
+
+        Served from this process's mirror: no disk, no other process.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         return await cache.get("missing"), await cache.get("missing", 0)
+            >>> asyncio.run(main())
+            (None, 0)
+        """
+        ipc = self.ipc
+        # AsyncIPC._ready(), inlined: this is the hot path.
+        if (
+            ipc._backend is None
+            or ipc._loop is not _get_running_loop()
+            or ipc._pid != _fork_generation[0]
+        ):
+            await ipc._ensure()
+        kt = type(key)
+        if kt is not str and kt is not int:
+            encode_key(key)  # raises the TypeError, or normalises a subclass
+            key = str(key) if isinstance(key, str) else int(key)
+        if not ipc._mirror_ready:
+            return await self._get_from_backend(key, default)
+        entries = ipc.mirror.caches.get(self.name)
+        if entries is None:
+            return default
+        entry = entries.get(key)
+        if entry is None:
+            return default
+        until = entry.until
+        if until and (until < 0 or until <= time.time()):
+            return default
+        rec = entry.record
+        value = entry.value
+        if value is not UNSET:
+            copier = entry.copier
+            return value if copier is None else copier(value)
+        try:
+            value = ipc.codec.loads(rec.data)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            logger.error(
+                "the value of key %r in cache %r cannot be decoded; treated as missing",
+                key,
+                self.name,
+                exc_info=True,
+            )
+            return default
+        kind = type(value)
+        if kind in _IMMUTABLE:
+            entry.value = value  # safe to share: nobody can mutate it
+        elif kind is dict and all(type(v) in _IMMUTABLE for v in value.values()):
+            # A flat dict: a shallow copy is a full copy, and 10x cheaper than decoding.
+            entry.value, entry.copier = value, dict.copy
+            return value.copy()
+        elif kind is list and all(type(v) in _IMMUTABLE for v in value):
+            entry.value, entry.copier = value, list.copy
+            return value.copy()
+        elif len(rec.data) <= _COPY_BELOW:
+            # Small nested values: copying the tree in Python beats decoding again.
+            entry.value, entry.copier = value, _copy_tree
+            return _copy_tree(value)
+        return value  # large: decoded afresh on every read (C speed)
+
+    async def _get_from_backend(self, key: CacheKey, default: Any) -> Any:
+        """Read one key from the shared medium while the mirror may be stale."""
+        backend = await self.ipc._ensure()
+        rec = await backend.fetch(self.name, encode_key(key))
+        if rec is None or rec.kind is not Kind.CACHE_SET:
+            return default
+        if rec.expires and rec.expires <= time.time():
+            return default
+        try:
+            return self.ipc.codec.loads(rec.data)
+        except ValueError:
+            logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
+            return default
+
+    async def has(self, key: CacheKey) -> bool:
+        """Whether `key` is present and not expired.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         return await AsyncCache(ipc).has("k")
+            >>> asyncio.run(main())
+            False
+        """
+        await self.ipc._ensure()
+        if not self.ipc._mirror_ready:
+            return await self._get_from_backend(key, _MISSING) is not _MISSING
+        entry = self.ipc.mirror.lookup(self.name, _normal(key))
+        return entry is not None and entry.live(time.time())
+
+    async def keys(self) -> list[CacheKey]:
+        """The keys present and not expired, in no particular order."""
+        await self.ipc._ensure()
+        return self.ipc.mirror.live_keys(self.name)
+
+    async def clean_up(self) -> int:
+        """Drop expired entries from this process's memory; returns how many.
+
+        Expired entries are already invisible to reads; this frees their memory.
+        Every process may do it on its own: expiry is a deadline all agree on.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         return await AsyncCache(ipc).clean_up()
+            >>> asyncio.run(main())
+            0
+        """
+        await self.ipc._ensure()
+        return self.ipc.mirror.expire(self.name)
+
+    def __len__(self) -> int:
+        """Keys present and not expired in this process's mirror (0 before start)."""
+        return len(self.ipc.mirror.live_keys(self.name))
+
+    # -- memoize -----------------------------------------------------------------------
+
+    @overload
+    def memoize(
+        self, name: str, fn: Callable[P, Awaitable[R]], ttl: float | None = ...
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def memoize(
+        self, name: str, fn: Callable[P, R], ttl: float | None = ...
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def memoize(
+        self, name: str | None = ..., *, ttl: float | None = ...
+    ) -> Callable[[Callable[P, Any]], Callable[P, Coroutine[Any, Any, Any]]]: ...
+
+    def memoize(
+        self,
+        name: str | Callable[..., Any] | None = None,
+        fn: Callable[..., Any] | None = None,
+        ttl: float | None = None,
+    ) -> Any:
+        """Cache the results of `fn` in this cache, shared by every process.
+
+        Two forms, as in the Node original and as a decorator::
+
+            fetch = cache.memoize("user", fetch_user, 30)
+
+            @cache.memoize(ttl=30)
+            async def fetch_user(uid): ...
+
+        `fn` may be sync or async; the memoized function is always async. The
+        arguments (JSON-encoded) make the key. Concurrent calls in one process
+        with the same arguments share one computation; exceptions are not
+        cached. Each caller gets its own copy of the result, as decoded from
+        the cache (so a tuple comes back as a list with the JSON codec).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         calls = []
+            ...         @cache.memoize(ttl=30)
+            ...         async def square(x):
+            ...             calls.append(x)
+            ...             return x * x
+            ...         results = await asyncio.gather(square(3), square(3), square(3))
+            ...         return results, calls
+            >>> asyncio.run(main())
+            ([9, 9, 9], [3])
+        """
+        if fn is not None:
+            if not isinstance(name, str):
+                raise TypeError("memoize(name, fn, ttl): name must be a str")
+            return self._memoized(name, fn, ttl)
+        if callable(name):  # bare @cache.memoize
+            target = name
+            return self._memoized(_qualname(target), target, ttl)
+
+        label = name
+
+        def decorate(func: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
+            return self._memoized(label or _qualname(func), func, ttl)
+
+        return decorate
+
+    def _memoized(
+        self, name: str, fn: Callable[..., Any], ttl: float | None
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        if not callable(fn):
+            raise TypeError(f"memoize needs a callable, not {type(fn).__name__}")
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        codec = self.ipc.codec
+
+        @functools.wraps(fn)
+        async def memoized(*args: Any, **kwargs: Any) -> Any:
+            try:
+                key = f"{name}:" + json.dumps(
+                    [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+                )
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"memoized arguments must be JSON-encodable: {exc}") from exc
+            hit = await self.get(key, _MISSING)
+            if hit is not _MISSING:
+                return hit
+            running = self._inflight.get(key)
+            if running is not None and running.get_loop() is asyncio.get_running_loop():
+                return codec.loads(await asyncio.shield(running))
+            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._inflight[key] = fut
+            try:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                data = codec.dumps(result)
+                raw_key = encode_key(key)
+                self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+                await self._write(Kind.CACHE_SET, raw_key, data, seconds)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody else must
+                raise
+            finally:
+                if self._inflight.get(key) is fut:
+                    del self._inflight[key]
+            fut.set_result(data)
+            return codec.loads(data)
+
+        memoized.cache_name = name  # type: ignore[attr-defined]
+        return memoized
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _normal(key: CacheKey) -> CacheKey:
+    encode_key(key)  # type check
+    if type(key) is str or type(key) is int:
+        return key
+    return str(key) if isinstance(key, str) else int(key)
+
+
+def _check_ttl(ttl: float | None) -> float:
+    if ttl is None:
+        return 0.0
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    return float(ttl) if ttl > 0 else 0.0

@@ -1,0 +1,305 @@
+"""Listeners: `on` / `once` / `off`, `Subscription`, and message streams.
+
+The emitter knows nothing of files or peers: `AsyncIPC` calls `emit` for each
+record it dispatches, in record order. Ordering given to handlers:
+
+* handlers of one event run in registration order, for each record in the
+  order records arrive (per sender: the order they were sent);
+* a sync handler runs to completion before the next handler is called;
+* an async handler is *started* in that order as its own task; it does not
+  hold back later records, so async handlers may *finish* out of order.
+
+A handler that raises is logged (with the event name) and the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .logs import logger, rate_limited
+
+__all__ = ["Emitter", "Handler", "MessageStream", "Subscription"]
+
+
+Handler = Callable[[Any], Any]
+"""A listener: called with the message; may be sync or return an awaitable."""
+
+
+class Subscription:
+    """A registered listener; `stop()` removes it.
+
+    Example:
+        >>> emitter = Emitter()
+        >>> sub = emitter.on("greet", print)
+        >>> emitter.emit("greet", lambda: "hello")
+        hello
+        >>> sub.stop(); sub.active
+        False
+    """
+
+    __slots__ = ("_emitter", "active", "event", "handler", "on_stop", "once")
+
+    def __init__(self, emitter: Emitter, event: str, handler: Handler, once: bool) -> None:
+        self._emitter = emitter
+        self.event = event
+        self.handler = handler
+        self.once = once
+        self.active = True
+        self.on_stop: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        """Remove this listener. Safe to call more than once."""
+        if self.active:
+            self._emitter._remove(self)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "stopped"
+        return f"<Subscription {self.event!r} {self.handler!r} {state}>"
+
+
+class Emitter:
+    """The listener registry of one `AsyncIPC`.
+
+    Example:
+        >>> emitter = Emitter()
+        >>> seen = []
+        >>> _ = emitter.once("tick", seen.append)
+        >>> emitter.emit("tick", lambda: 1); emitter.emit("tick", lambda: 2)
+        >>> seen
+        [1]
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[Subscription]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.handler_errors = 0
+
+    # -- registration -------------------------------------------------------
+
+    def on(self, event: str, handler: Handler) -> Subscription:
+        """Call `handler(message)` for every message of `event`."""
+        return self._add(event, handler, once=False)
+
+    def once(self, event: str, handler: Handler) -> Subscription:
+        """Call `handler(message)` for the next message of `event` only."""
+        return self._add(event, handler, once=True)
+
+    def off(self, event: str, handler: Handler | None = None) -> int:
+        """Remove `handler` from `event` (every handler when None); returns how many."""
+        _check_event(event)
+        subs = self._listeners.get(event, [])
+        doomed = [s for s in subs if handler is None or s.handler == handler]
+        for sub in doomed:
+            self._remove(sub)
+        return len(doomed)
+
+    def listener_count(self, event: str | None = None) -> int:
+        """How many listeners `event` has (all events when None)."""
+        if event is None:
+            return sum(len(v) for v in self._listeners.values())
+        return len(self._listeners.get(event, ()))
+
+    def has_listeners(self, event: str) -> bool:
+        """Whether a message of `event` would reach anyone."""
+        return event in self._listeners
+
+    def clear(self) -> None:
+        """Drop every listener and cancel running async handlers."""
+        for subs in list(self._listeners.values()):
+            for sub in list(subs):
+                self._remove(sub)
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def drain(self) -> None:
+        """Wait for the async handlers already started (cancelled ones included)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def stream(self, event: str, maxsize: int = 10_000) -> MessageStream:
+        """A bounded buffered stream of the messages of `event` (see `MessageStream`)."""
+        return MessageStream(self, event, maxsize)
+
+    def _add(self, event: str, handler: Handler, once: bool) -> Subscription:
+        _check_event(event)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        sub = Subscription(self, event, handler, once)
+        self._listeners.setdefault(event, []).append(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        was_active, sub.active = sub.active, False
+        subs = self._listeners.get(sub.event)
+        if subs is not None and sub in subs:
+            subs.remove(sub)
+            if not subs:
+                del self._listeners[sub.event]
+        if was_active and sub.on_stop is not None:
+            sub.on_stop()
+
+    # -- dispatch -------------------------------------------------------------
+
+    def emit(self, event: str, decode: Callable[[], Any]) -> None:
+        """Call every handler of `event` with a fresh `decode()` of the message."""
+        subs = self._listeners.get(event)
+        if not subs:
+            return
+        for sub in tuple(subs):
+            if not sub.active:
+                continue
+            if sub.once:
+                sub.on_stop = None  # it fired: nobody needs telling
+                self._remove(sub)
+            try:
+                message = decode()
+            except Exception:
+                rate_limited(
+                    logging.ERROR,
+                    ("decode", event),
+                    "could not decode a message of event %r; skipped",
+                    event,
+                    exc_info=True,
+                )
+                return
+            try:
+                result = sub.handler(message)
+            except Exception:
+                self.handler_errors += 1
+                rate_limited(
+                    logging.ERROR,
+                    ("handler", event, id(sub)),
+                    "handler %r for event %r raised",
+                    sub.handler,
+                    event,
+                    exc_info=True,
+                )
+                continue
+            if inspect.isawaitable(result):
+                self._start(event, sub.handler, result)
+
+    def _start(self, event: str, handler: Handler, awaitable: Any) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.handler_errors += 1
+                rate_limited(
+                    logging.ERROR,
+                    ("handler", event, id(handler)),
+                    "async handler %r for event %r raised",
+                    handler,
+                    event,
+                    exc_info=t.exception(),
+                )
+
+        task.add_done_callback(done)
+
+
+class MessageStream:
+    """Messages of one event as an async iterator, buffered from creation.
+
+    The listener is registered when the stream is created, so nothing sent after
+    `subscribe()` returns is missed. The buffer holds `maxsize` messages; when a
+    consumer falls further behind, the *oldest* message is dropped, counted in
+    `dropped` and logged (at most once a second), so a stuck consumer cannot grow
+    memory without bound. Leaving the `async for` (break, return, exception)
+    unsubscribes; so does `close()` or leaving `async with`.
+
+    Example:
+        >>> async def demo():
+        ...     emitter = Emitter()
+        ...     async with emitter.stream("tick") as stream:
+        ...         emitter.emit("tick", lambda: 1)
+        ...         message = await stream.get()
+        ...     return message, emitter.listener_count("tick")
+        >>> asyncio.run(demo())
+        (1, 0)
+    """
+
+    def __init__(self, emitter: Emitter, event: str, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self._buffer: deque[Any] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+        self._last_warning = 0.0
+        self.event = event
+        self.dropped = 0
+        self._sub = emitter.on(event, self._push)
+        self._sub.on_stop = self._wake
+        self._before_next: Callable[[], Any] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream no longer receives messages."""
+        return not self._sub.active
+
+    def close(self) -> None:
+        """Unsubscribe; buffered messages can still be read."""
+        self._sub.stop()
+
+    def _push(self, message: Any) -> None:
+        if len(self._buffer) >= self._maxsize:
+            self._buffer.popleft()
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_warning >= 1.0:
+                self._last_warning = now
+                logger.warning(
+                    "subscriber to %r is too slow: dropped %d oldest messages so far "
+                    "(buffer of %d)",
+                    self.event,
+                    self.dropped,
+                    self._maxsize,
+                )
+        self._buffer.append(message)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        """The next message; raises `StopAsyncIteration` once closed and drained."""
+        if self._before_next is not None:
+            await self._before_next()
+        while not self._buffer:
+            if self.closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._buffer.popleft()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            while True:
+                try:
+                    yield await self.get()
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.close()
+
+    async def __aenter__(self) -> MessageStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_event(event: object) -> None:
+    if not isinstance(event, str):
+        raise TypeError(f"event names are str, not {type(event).__name__}")

@@ -1,0 +1,1 @@
+"""Integrations with frameworks and tools; each imports its framework lazily."""

@@ -1,0 +1,510 @@
+"""`AsyncIPC`: events between processes, and the dispatch that feeds caches.
+
+Flow, one way only: `notify` -> record -> codec -> backend write -> (file) ->
+peer's backend read -> `AsyncIPC` dispatch -> handlers, and cache records ->
+the mirror that `AsyncCache` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Backend
+from .clock import HybridLogicalClock
+from .emitter import Emitter, Handler, MessageStream, Subscription
+from .errors import IPCClosedError
+from .logs import logger
+from .mirror import Mirror
+from .records import MAX_NAME_BYTES, Codec, Kind, Record, codec_named
+
+__all__ = ["GAP_EVENT", "AsyncIPC"]
+
+GAP_EVENT = "ivip:gap"
+"""Local event emitted when records were lost to this process (it fell more than
+the retention window behind): the message is `{"peer": id, "lost": count}`. The
+cache reloads itself from the snapshot; `stats()` counts `gaps` and `records_lost`."""
+
+
+# Bumped in a forked child, so an instance notices that its files belong to the
+# parent without a getpid() system call on every cache read.
+_fork_generation = [0]
+os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
+
+
+class AsyncIPC:
+    """Events between the processes that share a directory.
+
+    Args:
+        path: The shared directory. None: `$IVIP_IPC_DIR` if set, else a private
+            per-user directory where processes started from the same working
+            directory meet (see the README, "Where processes meet").
+        namespace: A sub-space of `path`: instances in different namespaces do
+            not hear each other. Defaults to "default" with a path, and to a
+            name derived from the working directory without one.
+        backend: A ready backend object, for full control (overrides `path`).
+        codec: How messages and cache values become bytes: a `Codec`, or "json"
+            (the default, stdlib) or "orjson" (faster; the `fast` extra). None:
+            `$IVIP_IPC_CODEC`, else "json". Nothing read is ever executed.
+        max_record_size: Largest record in bytes; bigger ones raise `ValueError`.
+        **backend_options: Passed to the backend (see `DirectoryBackend`).
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         got = []
+        ...         ipc.on("greet", got.append)
+        ...         await ipc.notify("greet", {"name": "Ana"}, include_self=True)
+        ...         return got
+        >>> asyncio.run(main())
+        [{'name': 'Ana'}]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        namespace: str | None = None,
+        backend: Backend | None = None,
+        codec: Codec | str | None = None,
+        max_record_size: int = 16 << 20,
+        **backend_options: Any,
+    ) -> None:
+        if namespace is not None:
+            from .backends.directory import check_namespace
+
+            check_namespace(namespace)
+        if max_record_size < 1024:
+            raise ValueError("max_record_size must be at least 1024 bytes")
+        self._path = path
+        self._namespace = namespace
+        self._given_backend = backend
+        self._backend_options = backend_options
+        if codec is None:
+            codec = os.environ.get("IVIP_IPC_CODEC", "json")
+        self.codec: Codec = codec_named(codec) if isinstance(codec, str) else codec
+        self.max_record_size = max_record_size
+        self._emitter = Emitter()
+        self.clock = HybridLogicalClock()
+        self.mirror = Mirror()
+        self._backend: Backend | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = -1  # fork generation the backend was started in
+        self._starting: asyncio.Future[None] | None = None
+        self._foreign_codec_warned: set[int] = set()
+        self._mirror_ready = True  # False: cache reads go to the backend (see RecordSink)
+        self._sink = _Sink(self)
+
+    # -- life ---------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True while started in the running loop of this process."""
+        return self._ready()
+
+    def _ready(self) -> bool:
+        if self._backend is None or self._pid != _fork_generation[0]:
+            return False
+        try:
+            return self._loop is asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop is not None and not self._loop.is_closed()
+
+    async def start(self) -> AsyncIPC:
+        """Join the shared directory and start receiving. Idempotent.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     ipc = AsyncIPC(tempfile.mkdtemp())
+            ...     await ipc.start(); await ipc.start()
+            ...     started = ipc.started
+            ...     await ipc.destroy()
+            ...     return started, ipc.started
+            >>> asyncio.run(main())
+            (True, False)
+        """
+        loop = asyncio.get_running_loop()
+        while not self._ready():
+            starting = self._starting
+            if starting is None or starting.get_loop() is not loop:
+                break
+            await asyncio.shield(starting)
+        else:
+            return self
+        self._drop_stale()
+        self._starting = done = loop.create_future()
+        try:
+            backend = self._make_backend()
+            self.mirror = Mirror()
+            self._mirror_ready = True
+            await backend.start(self._sink)
+            self._backend, self._loop, self._pid = backend, loop, _fork_generation[0]
+        finally:
+            self._starting = None
+            done.set_result(None)
+        return self
+
+    def _drop_stale(self) -> None:
+        """Forget a backend started in a loop that is gone, or in the parent process."""
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        if self._pid == _fork_generation[0]:
+            backend.abandon()
+        # After a fork the files belong to the parent: leave them alone.
+
+    def _make_backend(self) -> Backend:
+        if self._given_backend is not None:
+            return self._given_backend
+        from .backends.directory import DirectoryBackend, default_namespace, default_root
+
+        raw = self._path if self._path is not None else os.environ.get("IVIP_IPC_DIR")
+        if raw is None:
+            root = default_root()
+            namespace = self._namespace or default_namespace()
+        else:
+            text = os.fspath(raw)
+            if "://" in text:
+                scheme, _, rest = text.partition("://")
+                if scheme in ("redis", "rediss", "unix"):
+                    # Imported only when used: redis-py is an optional extra.
+                    from .backends.redis import RedisBackend
+
+                    return RedisBackend(
+                        text,
+                        namespace=self._namespace or "default",
+                        max_record_size=self.max_record_size,
+                        **self._backend_options,
+                    )
+                if scheme != "file":
+                    raise ValueError(
+                        f"unsupported backend URL scheme {scheme!r} in {text!r} "
+                        "(use a directory path, file://, redis://, rediss:// or unix://)"
+                    )
+                text = rest
+            root = Path(text).expanduser().absolute()
+            namespace = self._namespace or "default"
+        return DirectoryBackend(
+            root / namespace, max_record_size=self.max_record_size, **self._backend_options
+        )
+
+    async def _ensure(self) -> Backend:
+        backend = self._backend
+        if backend is not None and self._ready():
+            return backend
+        await self.start()
+        assert self._backend is not None
+        return self._backend
+
+    async def destroy(self) -> None:
+        """Stop watching, drop every listener, release every file. Safe to repeat.
+
+        The instance may be started again afterwards (with no listeners).
+        """
+        self._emitter.clear()
+        await self._emitter.drain()
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        same_loop = False
+        with contextlib.suppress(RuntimeError):
+            same_loop = self._loop is asyncio.get_running_loop()
+        if same_loop and self._pid == _fork_generation[0]:
+            await backend.close()
+        elif self._pid == _fork_generation[0]:
+            backend.abandon()
+        self._loop = None
+
+    async def __aenter__(self) -> AsyncIPC:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.destroy()
+
+    # -- listeners ------------------------------------------------------------------
+
+    def on(self, event: str, handler: Handler) -> Subscription:
+        """Call `handler(message)` for every message of `event` from other processes.
+
+        Works before `start()`. `handler` may be sync or async; see the emitter
+        module for the order handlers run in.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> sub = ipc.on("user:updated", print)
+            >>> sub.stop()
+        """
+        return self._emitter.on(event, handler)
+
+    def once(self, event: str, handler: Handler) -> Subscription:
+        """Like `on`, for the next message only.
+
+        Example:
+            >>> AsyncIPC("/tmp/unused").once("ready", print).once
+            True
+        """
+        return self._emitter.once(event, handler)
+
+    def off(self, event: str, handler: Handler | None = None) -> int:
+        """Remove `handler` from `event`, or all of its handlers; returns how many.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> _ = ipc.on("a", print); _ = ipc.on("a", repr)
+            >>> ipc.off("a", print), ipc.off("a")
+            (1, 1)
+        """
+        return self._emitter.off(event, handler)
+
+    def listener_count(self, event: str | None = None) -> int:
+        """How many listeners `event` has (every event when None)."""
+        return self._emitter.listener_count(event)
+
+    async def wait_for(self, event: str, timeout: float | None = None) -> Any:
+        """The next message of `event`; `TimeoutError` after `timeout` seconds.
+
+        Raises `IPCClosedError` if the instance is destroyed meanwhile.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         try:
+            ...             await ipc.wait_for("never", timeout=0.01)
+            ...         except TimeoutError:
+            ...             return "timed out"
+            >>> asyncio.run(main())
+            'timed out'
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def resolve(message: Any) -> None:
+            if not fut.done():
+                fut.set_result(message)
+
+        def closed() -> None:
+            if not fut.done():
+                fut.set_exception(IPCClosedError(f"destroyed while waiting for {event!r}"))
+
+        sub = self.once(event, resolve)
+        sub.on_stop = closed
+        try:
+            await self._ensure()
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            sub.on_stop = None
+            sub.stop()
+
+    def subscribe(self, event: str, *, maxsize: int = 10_000) -> MessageStream:
+        """Messages of `event` as an async iterator (listening from this call on).
+
+        Leaving the loop unsubscribes. At most `maxsize` messages wait in the
+        buffer; past that the oldest are dropped and counted (`stream.dropped`).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         stream = ipc.subscribe("ticks")
+            ...         await ipc.notify("ticks", 1, include_self=True)
+            ...         async for message in stream:
+            ...             return message
+            >>> asyncio.run(main())
+            1
+        """
+        stream = self._emitter.stream(event, maxsize)
+        stream._before_next = self._ensure
+        return stream
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def notify(self, event: str, message: Any = None, *, include_self: bool = False) -> None:
+        """Send `message` to the handlers of `event` in the other processes.
+
+        When this returns the record is in the shared directory: every live peer
+        will receive it, even if this process is killed right after. With
+        `include_self`, this process's handlers get it too (after the write).
+
+        Raises:
+            TypeError: `message` cannot be encoded (nothing was written).
+            ValueError: the record is larger than `max_record_size`.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         await ipc.notify("user:updated", {"id": 7})
+            >>> asyncio.run(main())
+        """
+        topic_len = _check_name(event, "event name")
+        data = self.codec.dumps(message)
+        self._check_size(topic_len, len(data))
+        backend = await self._ensure()
+        record = Record(Kind.MESSAGE, event, b"", data, 0, backend.node, 0.0, 0, self.codec.id)
+        await backend.append((record,))
+        if include_self:
+            self._emitter.emit(event, partial(self.codec.loads, data))
+
+    def _check_size(self, name_len: int, data_len: int) -> None:
+        size = 52 + name_len + data_len
+        if size > self.max_record_size:
+            raise ValueError(
+                f"record of {size} bytes is over the limit of {self.max_record_size} bytes "
+                "(raise max_record_size, or send a reference to the data instead)"
+            )
+
+    async def _write_cache(self, record: Record) -> None:
+        """Write a cache record, then apply it here (the cache's only write path)."""
+        backend = await self._ensure()
+        await backend.append((record,))
+        self.mirror.apply(record)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _dispatch(self, records: Sequence[Record]) -> None:
+        codec_id = self.codec.id
+        loads = self.codec.loads
+        emitter = self._emitter
+        for rec in records:
+            if rec.codec != codec_id:
+                self._foreign_codec(rec)
+                continue
+            if rec.kind is Kind.MESSAGE:
+                if emitter.has_listeners(rec.topic):
+                    emitter.emit(rec.topic, partial(loads, rec.data))
+            elif rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE:
+                self.clock.observe(rec.hlc)
+                self.mirror.apply(rec)
+
+    def _foreign_codec(self, rec: Record) -> None:
+        if rec.codec not in self._foreign_codec_warned:
+            self._foreign_codec_warned.add(rec.codec)
+            logger.warning(
+                "skipping records encoded with codec %d (this process uses %d): "
+                "all processes on one directory must use the same codec",
+                rec.codec,
+                self.codec.id,
+            )
+
+    # -- health -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and health: peers, segments, footprint, lag, gaps, errors.
+
+        Example:
+            >>> AsyncIPC("/tmp/unused").stats()["started"]
+            False
+        """
+        out: dict[str, Any] = {
+            "started": self.started,
+            "listeners": self._emitter.listener_count(),
+            "handler_errors": self._emitter.handler_errors,
+            "cache_entries": sum(len(v) for v in self.mirror.caches.values()),
+        }
+        if self._backend is not None:
+            out.update(self._backend.stats())
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """Is this instance well? A summary of `stats()` with the problems named.
+
+        `healthy` is True when the instance is started, its maintenance task
+        runs, and nothing was lost; `problems` says what is wrong otherwise
+        (a watcher that stopped means slower wake-ups, not lost records).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         return ipc.health()["healthy"]
+            >>> asyncio.run(main())
+            True
+        """
+        stats = self.stats()
+        problems: list[str] = []
+        if not stats["started"]:
+            problems.append("not started")
+        else:
+            if not stats.get("maintenance_alive", True):
+                problems.append("maintenance task is not running")
+            if not stats.get("watcher_alive", True):
+                problems.append("watcher thread is not running (re-scans still deliver)")
+            if stats.get("gaps"):
+                problems.append(
+                    f"{stats['records_lost']} records were lost in {stats['gaps']} gaps "
+                    "(this process fell behind the retention window)"
+                )
+        return {
+            "healthy": stats["started"]
+            and stats.get("maintenance_alive", True)
+            and not stats.get("gaps"),
+            "problems": problems,
+            "peers": len(stats.get("peers", [])),
+            "lag_bytes": stats.get("lag_bytes", 0),
+            "errors": {
+                key: stats.get(key, 0)
+                for key in (
+                    "handler_errors",
+                    "write_errors",
+                    "task_failures",
+                    "garbage_bytes",
+                    "torn_tails",
+                    "gaps",
+                )
+            },
+        }
+
+
+class _Sink:
+    """The `RecordSink` a backend delivers to: it feeds `AsyncIPC._dispatch`."""
+
+    __slots__ = ("_ipc",)
+
+    def __init__(self, ipc: AsyncIPC) -> None:
+        self._ipc = ipc
+
+    def deliver(self, records: Sequence[Record]) -> None:
+        self._ipc._dispatch(records)
+
+    def restore(self, records: Sequence[Record]) -> None:
+        ipc = self._ipc
+        for rec in records:
+            is_cache = rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE
+            if is_cache and rec.codec == ipc.codec.id:
+                ipc.clock.observe(rec.hlc)
+                ipc.mirror.apply(rec)
+
+    def state(self) -> Iterable[Record]:
+        mirror = self._ipc.mirror
+        mirror.compact()
+        return mirror.records()
+
+    def state_version(self) -> int:
+        return self._ipc.mirror.version
+
+    def mirror_ready(self, ready: bool) -> None:
+        ipc = self._ipc
+        if not ready and ipc._mirror_ready:
+            ipc.mirror = Mirror()  # dropped: rebuilt from the backend before ready again
+        ipc._mirror_ready = ready
+
+    def gap(self, peer: str, lost: int) -> None:
+        # Local only: tell this process's listeners; the cache is being reloaded.
+        self._ipc._emitter.emit(GAP_EVENT, lambda: {"peer": peer, "lost": lost})
+
+
+def _check_name(name: object, what: str) -> int:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be str, not {type(name).__name__}")
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{what} too long: {size} bytes, the limit is {MAX_NAME_BYTES}")
+    return size

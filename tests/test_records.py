@@ -1,0 +1,231 @@
+"""Framing, the incremental reader, keys, codec, clock and the LWW mirror (one layer each)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ivip_ipc_async.clock import HybridLogicalClock
+from ivip_ipc_async.mirror import Mirror
+from ivip_ipc_async.records import (
+    HEADER_SIZE,
+    FrameReader,
+    JsonCodec,
+    Kind,
+    Record,
+    decode_key,
+    encode_frame,
+    encode_key,
+)
+
+records = st.builds(
+    Record,
+    kind=st.sampled_from([Kind.MESSAGE, Kind.CACHE_SET, Kind.CACHE_DELETE]),
+    topic=st.text(max_size=40),
+    key=st.binary(max_size=40),
+    data=st.binary(max_size=300),
+    hlc=st.integers(0, 2**63),
+    node=st.integers(0, 2**63),
+    expires=st.floats(0, 2e9),
+    seq=st.just(0),
+    codec=st.just(1),
+)
+
+
+def frames(recs: list[Record]) -> bytes:
+    return b"".join(encode_frame(r, i + 1) for i, r in enumerate(recs))
+
+
+def same(a: Record, b: Record) -> bool:
+    return (a.kind, a.topic, a.key, a.data, a.hlc, a.node, a.expires) == (
+        b.kind,
+        b.topic,
+        b.key,
+        b.data,
+        b.hlc,
+        b.node,
+        b.expires,
+    )
+
+
+@given(st.lists(records, max_size=20), st.data())
+def test_any_split_of_the_stream_gives_the_same_records(
+    recs: list[Record], data: st.DataObject
+) -> None:
+    blob = frames(recs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=8)))
+    reader = FrameReader(max_body=1 << 20)
+    out: list[Record] = []
+    last = 0
+    for cut in [*cuts, len(blob)]:
+        out += reader.feed(blob[last:cut])
+        last = cut
+    assert len(out) == len(recs)
+    assert all(same(a, b) for a, b in zip(out, recs, strict=True))
+    assert [r.seq for r in out] == list(range(1, len(recs) + 1))
+    assert reader.pending == 0
+    assert reader.skipped_bytes == 0
+
+
+@settings(max_examples=300)
+@given(st.lists(records, min_size=1, max_size=10), st.data())
+def test_corruption_is_never_delivered_as_valid(recs: list[Record], data: st.DataObject) -> None:
+    blob = bytearray(frames(recs))
+    flips = data.draw(st.lists(st.integers(0, len(blob) * 8 - 1), min_size=1, max_size=3))
+    for bit in flips:
+        blob[bit // 8] ^= 1 << (bit % 8)
+    out = FrameReader(max_body=1 << 20).feed(bytes(blob))
+    originals = {(r.topic, r.key, r.data, r.hlc, r.node, i + 1) for i, r in enumerate(recs)}
+    for r in out:  # everything delivered is one of the records that was written
+        assert (r.topic, r.key, r.data, r.hlc, r.node, r.seq) in originals
+
+
+@given(st.lists(records, min_size=2, max_size=10), st.binary(min_size=1, max_size=200))
+def test_garbage_between_records_is_skipped(recs: list[Record], junk: bytes) -> None:
+    head, tail = recs[:1], recs[1:]
+    blob = frames(head) + junk + b"".join(encode_frame(r, i + 2) for i, r in enumerate(tail))
+    reported: list[int] = []
+    reader = FrameReader(max_body=1 << 20, on_garbage=lambda n, why: reported.append(n))
+    out = reader.feed(blob)
+    # Every intact record after the junk comes through (the junk may at worst
+    # swallow nothing: frames are found again by their checked header).
+    assert [r.seq for r in out][-len(tail) :] == [i + 2 for i in range(len(tail))]
+    assert same(out[0], head[0])
+
+
+def test_truncated_tail_waits_then_completes() -> None:
+    frame = encode_frame(Record(Kind.MESSAGE, "e", b"", b'"x"'), 1)
+    reader = FrameReader(max_body=1024)
+    assert reader.feed(frame[: HEADER_SIZE - 1]) == []
+    assert reader.pending == HEADER_SIZE - 1
+    assert reader.feed(frame[HEADER_SIZE - 1 : -1]) == []
+    assert [r.topic for r in reader.feed(frame[-1:])] == ["e"]
+    assert reader.discard_pending() == 0
+
+
+def test_oversized_length_is_rejected_as_garbage() -> None:
+    big = encode_frame(Record(Kind.MESSAGE, "e", b"", b"x" * 2000), 1)
+    small = encode_frame(Record(Kind.MESSAGE, "ok", b"", b"1"), 2)
+    reader = FrameReader(max_body=1024)
+    out = reader.feed(big + small)
+    assert [r.topic for r in out] == ["ok"]
+    assert reader.skipped_bytes >= len(big)
+
+
+def test_keys_keep_their_type() -> None:
+    for key in (0, 1, -5, 2**70, "", "1", "ü/\x00", "a" * 1000):
+        assert decode_key(encode_key(key)) == key
+        assert type(decode_key(encode_key(key))) is type(key)
+    assert encode_key(1) != encode_key("1")
+    with pytest.raises(TypeError):
+        encode_key(True)
+    with pytest.raises(TypeError):
+        encode_key(1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="too long"):
+        encode_key("x" * 70_000)
+
+
+def test_json_codec() -> None:
+    codec = JsonCodec()
+    assert codec.loads(codec.dumps({"a": [1, "ü", None]})) == {"a": [1, "ü", None]}
+    with pytest.raises(TypeError):
+        codec.dumps(object())
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    with pytest.raises(TypeError):
+        codec.dumps(loop)
+
+
+def test_clock_is_monotonic_and_follows_peers() -> None:
+    now = [1000]
+    clock = HybridLogicalClock(now_ms=lambda: now[0])
+    stamps = [clock.tick() for _ in range(100)]
+    assert stamps == sorted(set(stamps))
+    now[0] = 500  # the wall clock steps back: the HLC does not
+    assert clock.tick() > stamps[-1]
+    clock.observe((9000 << 16) + 5)
+    assert clock.tick() > (9000 << 16) + 5
+
+
+def _set(key: str, value: bytes, hlc: int, node: int) -> Record:
+    return Record(Kind.CACHE_SET, "c", encode_key(key), value, hlc, node)
+
+
+def _delete(key: str, hlc: int, node: int) -> Record:
+    return Record(Kind.CACHE_DELETE, "c", encode_key(key), b"", hlc, node)
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from("abc"), st.integers(0, 20), st.integers(0, 3)),
+        max_size=30,
+    ),
+    st.randoms(),
+)
+def test_mirror_converges_whatever_the_order(
+    ops: list[tuple[bool, str, int, int]], rnd: random.Random
+) -> None:
+    recs = [_set(k, b"%d" % h, h, n) if is_set else _delete(k, h, n) for is_set, k, h, n in ops]
+    a, b = Mirror(), Mirror()
+    for r in recs:
+        a.apply(r)
+    shuffled = recs * 2  # applied twice, in another order
+    rnd.shuffle(shuffled)
+    for r in shuffled:
+        b.apply(r)
+
+    def state(m: Mirror) -> dict[object, tuple[int, int, bytes, Kind]]:
+        return {
+            k: (e.record.hlc, e.record.node, e.record.data, e.record.kind)
+            for k, e in m.caches.get("c", {}).items()
+        }
+
+    assert state(a) == state(b)
+
+
+def test_mirror_expiry_becomes_tombstone_and_is_forgotten() -> None:
+    m = Mirror(tombstone_ttl=10)
+    m.apply(Record(Kind.CACHE_SET, "c", encode_key("k"), b"1", hlc=(1000 << 16), expires=5.0))
+    assert m.expire("c", now=6.0) == 1
+    entry = m.lookup("c", "k")
+    assert entry is not None
+    assert entry.deleted
+    # a late copy of the same write cannot resurrect it
+    late = Record(Kind.CACHE_SET, "c", encode_key("k"), b"1", hlc=(1000 << 16), expires=5.0)
+    assert not m.apply(late)
+    assert m.compact(now=1000 + 11) == 1
+    assert m.lookup("c", "k") is None
+
+
+def test_json_codec_refuses_nan_so_any_json_parser_reads_it() -> None:
+    with pytest.raises(TypeError, match="JSON"):
+        JsonCodec().dumps(float("nan"))
+
+
+def test_orjson_codec_is_wire_compatible_with_json() -> None:
+    from ivip_ipc_async.records import OrjsonCodec, codec_named
+
+    fast, std = OrjsonCodec(), JsonCodec()
+    value = {"a": [1, 2.5, None, True, "ü"], "n": {"x": {}}, 7: "int key"}
+    assert std.loads(fast.dumps(value)) == fast.loads(std.dumps(value))
+    assert fast.id == std.id
+    with pytest.raises(TypeError):
+        fast.dumps(object())
+    with pytest.raises(TypeError):
+        fast.dumps(2**70)  # orjson's limit: refused at the call, like json's refusals
+    assert isinstance(codec_named("orjson"), OrjsonCodec)
+    with pytest.raises(ValueError, match="unknown codec"):
+        codec_named("pickle")
+
+
+@given(st.lists(records, min_size=2, max_size=10), st.integers(0, 10_000))
+def test_a_batch_frame_yields_all_its_records_or_none(recs: list[Record], cut: int) -> None:
+    inner = frames(recs)
+    batch = encode_frame(Record(Kind.BATCH, "", b"", inner), 1)
+    whole = FrameReader(max_body=1 << 20).feed(batch)
+    assert [r.seq for r in whole] == list(range(1, len(recs) + 1))
+    cut = cut % len(batch)
+    assert FrameReader(max_body=1 << 20).feed(batch[:cut]) == []
