@@ -4,7 +4,9 @@ Usage: python tests/soak_agent.py DIR AGENT_ID
 
 It joins DIR, prints `start <ns>` (CLOCK_MONOTONIC, shared by all processes)
 once it is live, then sends `soak` messages and cache writes as fast as it
-reasonably can, printing `ack <seq> <ns>` after each `notify` has returned. Commands
+reasonably can, printing `ack <seq> <ns>` after each `notify` has returned, where
+<ns> is when that `notify` was called: a record written before a receiver went live
+is part of the past it loaded, not a message it must get. Commands
 on stdin: `quiet` stops sending; `report` prints one JSON line with what it
 received (per sender, in arrival order) and its cache mirror; `exit` leaves.
 """
@@ -68,7 +70,11 @@ async def main(path: str, me: str) -> None:
                     state = {
                         str(k): await cache.get(k) for k in sorted(await cache.keys(), key=str)
                     }
-                    print(json.dumps({"received": received, "cache": state}), flush=True)
+                    stats = {k: v for k, v in ipc.stats().items() if isinstance(v, int)}
+                    print(
+                        json.dumps({"received": received, "cache": state, "stats": stats}),
+                        flush=True,
+                    )
                 elif command in ("exit", ""):
                     loop.remove_reader(sys.stdin.fileno())
                     return
@@ -76,8 +82,9 @@ async def main(path: str, me: str) -> None:
                 await asyncio.sleep(0.01)
                 continue
             seq += 1
+            called_ns = time.monotonic_ns()
             await ipc.notify("soak", {"s": me, "q": seq})
-            print(f"ack {seq} {time.monotonic_ns()}", flush=True)
+            print(f"ack {seq} {called_ns}", flush=True)
             if seq % 5 == 0:
                 await cache.set(f"k{rnd.randrange(20)}", {"by": me, "q": seq})
             if rnd.random() < 0.2:

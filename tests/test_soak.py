@@ -3,8 +3,8 @@
 Six peer processes (tests/soak_agent.py) send messages and set cache keys
 concurrently; every 200-500 ms one of them is killed with SIGKILL and a new one
 is started. At the end, every surviving process must have received every
-message that any sender acknowledged after the survivor had started (the
-sender's `notify` returned), in each sender's order; all cache mirrors must be
+message that any sender acknowledged (its `notify` returned) and had begun to
+send after the survivor was live, in each sender's order; all cache mirrors must be
 equal; the directory must be within its size cap; and the files of every dead
 process must be collected by the living.
 
@@ -36,7 +36,7 @@ class Agent:
     name: str
     proc: asyncio.subprocess.Process
     started_ns: int | None = None
-    acks: list[tuple[int, int]] = field(default_factory=list)  # (seq, ns)
+    acks: list[tuple[int, int]] = field(default_factory=list)  # (seq, ns notify was called)
     reports: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     reader: asyncio.Task[None] | None = None
     killed: bool = False
@@ -134,7 +134,9 @@ async def test_crash_soak(ipc_dir: Path) -> None:
             caches = [json.dumps(r["cache"], sort_keys=True) for r in reports.values()]
             if not any(missing.values()) and len(set(caches)) == 1:
                 break
-            assert loop.time() < deadline, f"missing acknowledged messages: {missing}"
+            if loop.time() >= deadline:
+                stats = {n: r["stats"] for n, r in reports.items()}
+                raise AssertionError(f"missing acknowledged messages: {missing}; stats: {stats}")
             await asyncio.sleep(0.2)
 
         for name, report in reports.items():  # per-sender order
