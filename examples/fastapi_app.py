@@ -20,6 +20,10 @@ Endpoints:
     POST /publish/{channel} publish a message (JSON body) to the channel's clients
     WS   /ws/{channel}      a WebSocket client of a channel
     GET  /sse/{channel}     a server-sent events client of a channel
+
+A channel's clients first receive {"pid": <their worker>} once subscribed, then
+{"message": <the published JSON body>, "via": <the pid of the publishing worker>}
+for each message published.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -18,7 +19,13 @@ import httpx
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.integrations.starlette import get_cache, get_ipc, ipc_lifespan
+from ivip_ipc_async.integrations.starlette import (
+    cache_from,
+    get_cache,
+    get_ipc,
+    ipc_from,
+    ipc_lifespan,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -62,14 +69,22 @@ async def test_lifespan_composes_and_the_dependencies_work(ipc_dir: Path) -> Non
     assert order == ["user startup, ipc started: True", "user shutdown, ipc started: True"]
 
 
-def test_dependencies_without_the_lifespan_say_what_to_do() -> None:
+async def test_dependencies_without_the_lifespan_say_what_to_do() -> None:
     from types import SimpleNamespace
 
     request: Any = SimpleNamespace(state=SimpleNamespace())
+    # The FastAPI dependencies are coroutine functions, so FastAPI awaits them in the
+    # event loop instead of running them in the thread pool that sync endpoints share.
+    assert inspect.iscoroutinefunction(get_ipc.__call__)
     with pytest.raises(RuntimeError, match="lifespan=ipc_lifespan"):
-        get_ipc(request)
+        await get_ipc(request)
     with pytest.raises(RuntimeError, match="lifespan=ipc_lifespan"):
-        get_cache(request)
+        await get_cache(request)
+    # Code that holds the connection (Starlette endpoints, WebSockets) reads them directly.
+    with pytest.raises(RuntimeError, match="lifespan=ipc_lifespan"):
+        ipc_from(request)
+    with pytest.raises(RuntimeError, match="lifespan=ipc_lifespan"):
+        cache_from(request)
 
 
 # -- real servers -----------------------------------------------------------------------------
@@ -115,16 +130,19 @@ SERVERS = {
 
 
 @pytest.fixture(params=sorted(SERVERS))
-def server(request: pytest.FixtureRequest, ipc_dir: Path) -> Iterator[str]:
+def server(request: pytest.FixtureRequest, ipc_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """A server with 3 workers; what it logged is checked (and shown) when it stops."""
     port = _free_port()
-    proc = subprocess.Popen(
-        SERVERS[request.param](port),
-        cwd=ROOT,
-        env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            SERVERS[request.param](port),
+            cwd=ROOT,
+            env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -135,6 +153,10 @@ def server(request: pytest.FixtureRequest, ipc_dir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        output = log_path.read_text(errors="replace")
+        print(f"--- {request.param} output ---\n{output}")  # shown with -rA, or on an error
+    # An exception in a worker (in the app, the lifespan, the IPC) fails the test.
+    assert "Traceback" not in output, output
 
 
 def _fresh() -> httpx.AsyncClient:
@@ -205,8 +227,8 @@ async def test_websocket_on_one_worker_gets_what_another_publishes(server: str) 
                 assert loop.time() < deadline
                 via = (await client.post(f"{server}/publish/news", json={"t": 1})).json()["pid"]
                 message = await asyncio.wait_for(ws.receive_json(), 10)
-                assert message["t"] == 1
-                assert message["via"] == via
+                # the app forwards {"message": <the JSON body>, "via": <publishing pid>}
+                assert message == {"message": {"t": 1}, "via": via}
                 if via != ws_pid:
                     break
 
@@ -220,9 +242,9 @@ LEADER = textwrap.dedent(
     async def main():
         async with AsyncIPC(sys.argv[1]) as ipc:
             print("waiting", flush=True)
-            await Leadership(ipc, "scheduler", poll_interval=0.05).wait()
-            print(f"leader {os.getpid()}", flush=True)
-            await asyncio.Event().wait()
+            async with Leadership(ipc, "scheduler", poll_interval=0.05):  # waits to lead
+                print(f"leader {os.getpid()}", flush=True)
+                await asyncio.Event().wait()
 
     asyncio.run(main())
     """

@@ -213,10 +213,20 @@ def cache_from(conn: HTTPConnection) -> AsyncCache[Any]:
 class StateDependency(Generic[T]):
     """A FastAPI dependency that reads the lifespan state: `get_ipc` and `get_cache`.
 
-    Calling it is a coroutine, so FastAPI runs it in the event loop (a plain
-    function would go through the thread pool on every request). Its signature
-    names Starlette's `HTTPConnection`, imported when FastAPI asks for it, so
-    FastAPI passes the `Request` or the `WebSocket`.
+    Calling it returns a coroutine, so FastAPI awaits it in the event loop: a
+    plain function would run in FastAPI's thread pool on every request, waiting
+    for a token of the limiter that sync endpoints share. Outside FastAPI's
+    dependency injection, call the plain functions `ipc_from(conn)` and
+    `cache_from(conn)` instead (or `await get_ipc(conn)`). Its signature names
+    Starlette's `HTTPConnection`, imported when FastAPI asks for it, so FastAPI
+    passes the `Request` or the `WebSocket`.
+
+    Example:
+        >>> import asyncio
+        >>> from types import SimpleNamespace
+        >>> from ivip_ipc_async import IPC
+        >>> asyncio.run(get_ipc(SimpleNamespace(state=SimpleNamespace(ipc=IPC)))) is IPC
+        True
     """
 
     def __init__(self, read: Callable[[HTTPConnection], T], returns: type, name: str) -> None:
@@ -243,10 +253,12 @@ get_ipc: StateDependency[AsyncIPC] = StateDependency(ipc_from, AsyncIPC, "get_ip
 """FastAPI dependency: the `AsyncIPC` of `ipc_lifespan` (HTTP and WebSocket endpoints).
 
 `ipc: AsyncIPC = Depends(get_ipc)`, or `Annotated[AsyncIPC, Depends(get_ipc)]`.
+A coroutine function: elsewhere, `ipc_from(conn)` reads it without awaiting.
 """
 
 get_cache: StateDependency[AsyncCache[Any]] = StateDependency(cache_from, AsyncCache, "get_cache")
 """FastAPI dependency: the `AsyncCache` of `ipc_lifespan`.
 
-`cache: AsyncCache[Any] = Depends(get_cache)`.
+`cache: AsyncCache[Any] = Depends(get_cache)`. A coroutine function: elsewhere,
+`cache_from(conn)` reads it without awaiting.
 """
