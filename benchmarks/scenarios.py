@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +73,7 @@ def throughput(size: Size, codec: str) -> Result:
     """1 -> 1, ~100-byte messages as fast as possible: msg/s received, RSS."""
     n = size.throughput_messages
     out: Result = {}
-    runs = [("awaited", codec), ("concurrent", codec)]
+    runs = [("awaited", codec), ("concurrent", codec), ("batched", codec)]
     if codec == "json":
         runs.append(("awaited", "orjson"))  # the opt-in codec, side by side
     for mode, used in runs:
@@ -96,7 +98,21 @@ def throughput(size: Size, codec: str) -> Result:
                 "send msg/s": sent[0]["send_rate"],
             }
     out["multiprocessing Pipe"] = {"msg/s": pipe_run(n, 100, 0)["rate"]}
+    out["asyncio.gather floor (no I/O)"] = {"msg/s": asyncio.run(_gather_floor(n))}
     return out
+
+
+async def _gather_floor(n: int) -> float:
+    """Calls/s of `asyncio.gather` over 1,000 coroutines that do nothing: the most any
+    `concurrent` sender can reach, whatever its `notify` costs."""
+
+    async def nothing() -> None:
+        return None
+
+    started = time.perf_counter()
+    for _ in range(0, n, 1000):
+        await asyncio.gather(*(nothing() for _ in range(1000)))
+    return n / (time.perf_counter() - started)
 
 
 def fanout(size: Size, codec: str) -> Result:

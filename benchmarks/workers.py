@@ -244,6 +244,11 @@ async def ivip_sender(
                         for i in range(base, min(count, base + 1000))
                     )
                 )
+        elif mode == "batched":
+            for base in range(0, count, 1000):
+                await ipc.notify_many(
+                    "m", [payload(i, size) for i in range(base, min(count, base + 1000))]
+                )
         else:
             for i in range(count):
                 await ipc.notify("m", payload(i, size))

@@ -181,7 +181,7 @@ class Emitter:
                     exc_info=True,
                 )
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):  # sync handlers: None
                 self._start(event, sub.handler, result)
 
     def _start(self, event: str, handler: Handler, awaitable: Any) -> None:

@@ -92,6 +92,9 @@ async def test_notify_reaches_others_in_order(make: Make, until: Any) -> None:
     assert mine == []
     await a.notify("n", "self", include_self=True)
     assert mine == ["self"]
+    await a.notify_many("n", range(400, 500))
+    await until(lambda: len(got) == 501)
+    assert got == [*range(400), "self", *range(400, 500)]
 
 
 async def test_once_off_wait_for_subscribe(make: Make, until: Any) -> None:

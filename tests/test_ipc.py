@@ -266,6 +266,30 @@ async def test_oversized_record_is_refused(ipc_dir: Path) -> None:
         assert ipc.stats()["records_written"] == 1
 
 
+async def test_notify_many_keeps_order_and_refuses_bad_input_before_writing(
+    ipc_dir: Path, until: Any
+) -> None:
+    async with AsyncIPC(ipc_dir, max_record_size=4096) as a, AsyncIPC(ipc_dir) as b:
+        got: list[Any] = []
+        mine: list[Any] = []
+        b.on("n", got.append)
+        a.on("n", mine.append)
+        with pytest.raises(TypeError):
+            await a.notify_many("n", [1, object()])
+        with pytest.raises(ValueError, match="over the limit of 4096"):
+            await a.notify_many("n", [1, "x" * 5000])
+        assert a.stats()["records_written"] == 0
+        # 300 messages of ~100 bytes do not fit one 4 KiB record: written in parts.
+        messages = [{"i": i, "pad": "x" * 80} for i in range(300)]
+        await a.notify_many("n", iter(messages), include_self=True)
+        assert a.stats()["batches_written"] > 1
+        assert mine == messages
+        await until(lambda: len(got) == 300)
+        assert got == messages
+        await a.notify_many("n", [])  # nothing to send is fine
+        assert a.stats()["records_written"] == 300
+
+
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="namespace"):
         AsyncIPC("/tmp/x", namespace="../etc")

@@ -29,6 +29,7 @@ async def sync_and_async_handlers() -> None:
     sub.stop()
     await IPC.notify("user:updated", {"id": 7})
     await IPC.notify("x", 1, include_self=True)
+    await IPC.notify_many("x", [1, 2], include_self=True)
     message = await IPC.wait_for("ready", timeout=5)
     assert_type(message, Any)
     stream = IPC.subscribe("ticks")
