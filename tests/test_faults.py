@@ -219,6 +219,68 @@ async def test_notify_cancelled_while_batched_leaves_no_partial_record(
     assert peer_ipc.stats()["garbage_bytes"] == 0
 
 
+async def test_cancelled_sets_leave_every_mirror_equal(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
+    # 200 concurrent sets of one key: the tail waits in a batch; cancel some of it.
+    tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(200)]
+    await asyncio.sleep(0)
+    for task in tasks[100:]:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    acknowledged = [i for i, r in enumerate(results) if r is None]
+    cancelled = [i for i, r in enumerate(results) if isinstance(r, asyncio.CancelledError)]
+    assert cancelled  # the test cancelled some while they waited
+    assert await mine.get("k") == acknowledged[-1]
+    await until(lambda: peer_ipc.stats()["records_read"] >= len(acknowledged))
+    await mine.set("marker", 1)
+    await until(lambda: peer_ipc.mirror.lookup("default", "marker") is not None)
+    # A cancelled set happened nowhere: the peer holds what this process holds.
+    assert await theirs.get("k") == await mine.get("k") == acknowledged[-1]
+    assert peer_ipc.stats()["records_read"] == len(acknowledged) + 1
+
+
+async def test_subscribe_and_wait_for_cancelled_while_waiting_leave_nothing(
+    ipc: AsyncIPC, until: Any
+) -> None:
+    async def consume() -> None:
+        async for _ in ipc.subscribe("s"):
+            pass
+
+    tasks = [asyncio.create_task(consume()), asyncio.create_task(ipc.wait_for("s"))]
+    await until(lambda: ipc.listener_count("s") == 2)
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert ipc.listener_count() == 0
+    await ipc.notify("s", 1, include_self=True)  # nobody left to get it, and no error
+
+
+async def test_a_handler_that_never_returns_does_not_stop_others(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    stuck: list[int] = []
+    others: list[int] = []
+    other_events: list[int] = []
+
+    async def never_returns(message: int) -> None:
+        stuck.append(message)
+        await asyncio.Event().wait()
+
+    peer_ipc.on("e", never_returns)
+    peer_ipc.on("e", others.append)
+    peer_ipc.on("f", other_events.append)
+    for i in range(50):
+        await ipc.notify("e", i)
+        await ipc.notify("f", i)
+    await until(lambda: len(others) == 50 and len(other_events) == 50)
+    assert stuck == others == other_events == list(range(50))
+    await peer_ipc.destroy()  # cancels the stuck handlers and returns
+    assert peer_ipc.stats()["started"] is False
+
+
 async def test_health_names_the_problems(ipc_dir: Path, until: Any) -> None:
     ipc = AsyncIPC(ipc_dir)
     assert ipc.health() == {

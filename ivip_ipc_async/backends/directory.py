@@ -612,11 +612,17 @@ class DirectoryBackend:
 
     def _flush(self) -> None:
         """Write the queued appends: one `os.write` per batch of up to
-        `max_record_size` bytes (group commit), each batch all-or-nothing."""
+        `max_record_size` bytes (group commit), each batch all-or-nothing.
+
+        An append whose caller was cancelled while it waited is not written: a
+        cancelled `notify` or cache `set` then never happened anywhere, instead of
+        reaching the peers while the caller (and its own cache mirror) believe
+        it failed.
+        """
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        calls = pending.calls
+        calls = [call for call in pending.calls if not call[1].cancelled()]
         start = 0
         while start < len(calls):
             # A batch: as many whole appends as fit in one frame.
