@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from asyncio import _get_running_loop
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -346,9 +347,15 @@ class AsyncIPC:
         """
         topic_len = _check_name(event, "event name")
         data = self.codec.dumps(message)
-        self._check_size(topic_len, len(data))
+        if HEADER_SIZE + topic_len + len(data) > self.max_record_size:
+            self._check_size(topic_len, len(data))
         backend = self._backend
-        if backend is None or not self._ready():  # the common case skips a coroutine
+        # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
+        if (
+            backend is None
+            or self._loop is not _get_running_loop()
+            or self._pid != _fork_generation[0]
+        ):
             backend = await self._ensure()
         record = Record(Kind.MESSAGE, event, b"", data, 0, backend.node, 0.0, 0, self.codec.id)
         await backend.append((record,))
