@@ -662,17 +662,20 @@ class DirectoryBackend:
             self._rotate()
         seg = self._segments[-1]
         first_seq = self._seq
-        if len(records) == 1:
+        count = len(records)
+        if count == 1:
             data = encode_frame(records[0], first_seq + 1)
         else:
             inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
             data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
         fd = self._seg_fd
         assert fd is not None
+        size = len(data)
         written = 0
         try:
-            while written < len(data):
-                written += _write_to_segment(fd, data[written:] if written else data)
+            written = _write_to_segment(fd, data)
+            while written < size:  # a short write: rare, but allowed
+                written += _write_to_segment(fd, data[written:])
         except OSError:
             self.counters["write_errors"] += 1
             # The file says what reached it (more than `written` if the failing
@@ -685,17 +688,17 @@ class DirectoryBackend:
                 with contextlib.suppress(OSError):
                     self._rotate()
             raise
-        self._seq = first_seq + len(records)
-        seg.size += len(data)
-        seg.last_seq = self._seq
+        self._seq = seg.last_seq = first_seq + count
+        seg.size += size
         if not seg.has_cache:
             for r in records:
                 if r.kind is not Kind.MESSAGE:
                     seg.has_cache = True
                     break
-        self.counters["records_written"] += len(records)
-        self.counters["batches_written"] += 1
-        self.counters["bytes_written"] += len(data)
+        counters = self.counters
+        counters["records_written"] += count
+        counters["batches_written"] += 1
+        counters["bytes_written"] += size
         if seg.size >= self.segment_bytes:
             self._rotate()
 
