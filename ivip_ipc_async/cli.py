@@ -261,7 +261,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", help="shared directory (default: $IVIP_IPC_DIR or per-app)")
     common.add_argument("--namespace", help="namespace inside the directory")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{demo,listen,notify,cache,stats,peers,bench}",  # not the private worker
+    )
 
     demo = sub.add_parser("demo", help="run worker processes that talk through a temp dir")
     demo.add_argument("--workers", type=int, default=4)
