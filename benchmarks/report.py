@@ -51,6 +51,14 @@ WORKLOADS = {
         "A process that has joined and waits: CPU time (user + system, all threads) per "
         "second of wall time over 10 s, in % of one core, and context switches per second."
     ),
+    "redis_backend": (
+        'This library\'s Redis backend (`AsyncIPC("redis://127.0.0.1:6379/0", '
+        "namespace=...)`) beside plain redis-py asyncio on the same server, one sender "
+        "and one receiver process: latency as in scenario 1 (500 messages 5 ms apart; "
+        "plain redis-py: `PUBLISH` to a subscriber); `msg/s (awaited)`: 20,000 messages, "
+        "each awaited; `cache get/s`: `await cache.get` of a small dict (served by the "
+        "mirror) against `GET` + `json.loads` round trips."
+    ),
     "startup": (
         "Time for a new process from `AsyncIPC()` to the return of its first `notify` on "
         "an empty directory; and the same for a late joiner after another process has "
@@ -67,6 +75,7 @@ TITLES = {
     "cache": "6. Cache",
     "idle": "7. Idle cost of a waiting process",
     "startup": "9. Start-up",
+    "redis_backend": "10. The Redis backend beside plain redis-py",
 }
 
 
@@ -208,6 +217,14 @@ def targets(results: Aggregated) -> list[tuple[str, str, bool | None]]:
         (v["seconds"][0] for k, v in results.get("startup", {}).items() if "late joiner" in k),
         float("nan"),
     )
+    on_redis = "ivip-ipc-async on Redis"
+    plain = "redis pub/sub (redis-py)"
+    rb_p50 = _get(results, "redis_backend", on_redis, "p50")
+    plain_p50 = _get(results, "redis_backend", plain, "p50")
+    rb_rate = _get(results, "redis_backend", on_redis, "msg/s (awaited)")
+    plain_rate = _get(results, "redis_backend", plain, "msg/s (awaited)")
+    rb_get = _get(results, "redis_backend", on_redis, "cache get/s")
+    plain_get = _get(results, "redis_backend", plain, "cache get/s")
     rss_peak = _get(results, "throughput", "ivip-ipc-async (awaited)", "rss peak MiB")
     rss_end = _get(results, "throughput", "ivip-ipc-async (awaited)", "rss end MiB")
     return [
@@ -249,6 +266,21 @@ def targets(results: Aggregated) -> list[tuple[str, str, bool | None]]:
         ),
         ("set-to-visible p50 <= 0.5 ms", f"{fmt(visible)} ms", _ok(visible <= 0.5, visible)),
         ("late joiner with 100,000 keys <= 1 s", f"{fmt(joiner)} s", _ok(joiner <= 1, joiner)),
+        (
+            "Redis backend latency p50 <= 1.5x plain redis-py",
+            f"{fmt(rb_p50)} vs {fmt(plain_p50)} ms = {ratio(rb_p50, plain_p50)}",
+            _ok(rb_p50 <= 1.5 * plain_p50, rb_p50, plain_p50),
+        ),
+        (
+            "Redis backend msg/s >= plain redis-py / 1.5",
+            f"{fmt(rb_rate)} vs {fmt(plain_rate)} = {ratio(rb_rate, plain_rate)}",
+            _ok(rb_rate * 1.5 >= plain_rate, rb_rate, plain_rate),
+        ),
+        (
+            "Redis backend mirrored get >= 20x GET",
+            ratio(rb_get, plain_get),
+            _ok(rb_get >= 20 * plain_get, rb_get, plain_get),
+        ),
         (
             "receiver RSS flat after warm-up",
             f"peak {fmt(rss_peak)}, end {fmt(rss_end)} MiB",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -244,6 +245,50 @@ def startup(size: Size, codec: str) -> Result:
     return out
 
 
+def redis_backend(size: Size, codec: str) -> Result:
+    """This library's Redis backend beside plain redis-py on the same server."""
+    if not redis_available():
+        return {}
+    out: Result = {}
+    n = size.latency_messages
+    url = f"redis://127.0.0.1:6379/0#bench-{uuid.uuid4().hex[:8]}"
+    got, _ = fan(
+        [("ivip-receiver", (url, n, codec))],
+        [("ivip-sender", (url, n, 100, 0.005, "awaited", codec))],
+    )
+    out["ivip-ipc-async on Redis"] = _lat(got[0])
+    got, _ = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0.005, "awaited"))])
+    out["redis pub/sub (redis-py)"] = _lat(got[0])
+    m = size.throughput_messages // 5
+    got, _ = fan(
+        [("ivip-receiver", (url, m, codec))],
+        [("ivip-sender", (url, m, 100, 0, "awaited", codec))],
+    )
+    out["ivip-ipc-async on Redis"]["msg/s (awaited)"] = got[0]["rate"]
+    got, _ = fan([("redis-receiver", (m,))], [("redis-sender", (m, 100, 0, "awaited"))])
+    out["redis pub/sub (redis-py)"]["msg/s (awaited)"] = got[0]["rate"]
+    with workers() as started:
+        w = Worker("ivip-cache", url, size.cache_ops, codec)
+        started.append(w)
+        out["ivip-ipc-async on Redis"]["cache get/s"] = w.line()["get"]
+    with workers() as started:
+        w = Worker("redis-cache", size.cache_ops // 20)
+        started.append(w)
+        out["redis pub/sub (redis-py)"]["cache get/s"] = w.line()["get"]
+    _drop_redis_namespace(url.partition("#")[2])
+    return out
+
+
+def _drop_redis_namespace(namespace: str) -> None:
+    import redis
+
+    client = redis.Redis()
+    keys = client.keys(f"ivip:{{{namespace}}}:*")
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "latency": latency,
     "throughput": throughput,
@@ -253,4 +298,5 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "cache": cache,
     "idle": idle,
     "startup": startup,
+    "redis_backend": redis_backend,
 }

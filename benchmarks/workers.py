@@ -47,6 +47,14 @@ def ctx_switches() -> int:
     return total
 
 
+def open_ipc(path: str, codec: str = "json") -> Any:
+    """An `AsyncIPC` on a directory, or on Redis for `redis://...#namespace`."""
+    from ivip_ipc_async import AsyncIPC
+
+    url, _, namespace = path.partition("#")
+    return AsyncIPC(url, namespace=namespace or None, codec=codec)
+
+
 def payload(i: int, size: int) -> dict[str, Any]:
     """A message of about `size` bytes once JSON-encoded."""
     return {"t": N(), "i": i, "pad": "x" * max(0, size - 40)}
@@ -94,10 +102,8 @@ class Collector:
 
 
 async def ivip_receiver(path: str, expected: int, codec: str) -> None:
-    from ivip_ipc_async import AsyncIPC
-
     col = Collector(expected)
-    async with AsyncIPC(path, codec=codec) as ipc:
+    async with open_ipc(path, codec) as ipc:
         ipc.on("m", lambda m: col.take(m["t"], len(m["pad"]) + 40))
         emit("ready")
         await asyncio.wait_for(col.done.wait(), 600)
@@ -231,9 +237,7 @@ def file_appender(path: str, count: int, interval: float) -> None:
 async def ivip_sender(
     path: str, count: int, size: int, interval: float, mode: str, codec: str
 ) -> None:
-    from ivip_ipc_async import AsyncIPC
-
-    async with AsyncIPC(path, codec=codec) as ipc:
+    async with open_ipc(path, codec) as ipc:
         await asyncio.to_thread(wait_go)
         started = N()
         if mode == "concurrent":
@@ -287,9 +291,9 @@ VALUE = {"id": 7, "name": "Ana", "active": True, "score": 1.5}
 
 
 async def ivip_cache_ops(path: str, n: int, codec: str) -> None:
-    from ivip_ipc_async import AsyncCache, AsyncIPC
+    from ivip_ipc_async import AsyncCache
 
-    async with AsyncIPC(path, codec=codec) as ipc:
+    async with open_ipc(path, codec) as ipc:
         cache = AsyncCache(ipc)
         await cache.set("k", VALUE, 0)
         started = time.perf_counter()
