@@ -2,6 +2,7 @@
 
 Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`
 and `unix://`); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
+Works with redis-py 5 to 8, over RESP2 and RESP3 (`protocol=2` or `3`).
 
 Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
 
@@ -11,32 +12,68 @@ Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
 Why a stream and not pub/sub: `XADD` returning means the record is stored in
 Redis, and each peer reads the stream from the last id it saw, so a peer that
 was disconnected for a moment gets what was sent meanwhile (pub/sub would drop
-it), and one that fell behind the trim window knows it (`max-deleted-entry-id`).
+it), and one that fell behind the trim window knows it (`XINFO STREAM`).
 Order is the stream's: one total order, so per-sender order holds.
 
 Cache writes go through one Lua script that keeps the entry only if its
 `(hlc, node)` is newer (last writer wins, as in the mirror) and appends the
 record to the stream, atomically. Entries carry their TTL (`PEXPIREAT`); deletes
-are tombstones that expire after `tombstone_ttl`. A joiner scans the entries,
-then reads the stream from the id it noted before the scan.
+are tombstones that expire after `tombstone_ttl`. A joiner notes where the
+stream ends, scans the entries, then reads the stream from the id it noted.
+
+The guarantee, and what a lost connection does:
+
+- **Acknowledged means stored in Redis.** `notify` / `cache.set` return once
+  Redis has the record. A connection that breaks meanwhile (server restart,
+  failover, `CLIENT KILL`, network) is retried with backoff for up to
+  `retry_timeout` seconds, then the call raises the built-in `ConnectionError`:
+  that record was not acknowledged, and may or may not have been delivered.
+  Retried writes are never delivered twice nor out of order (readers drop a
+  sender's sequence numbers they have already seen; a retried cache write loses
+  to itself in the last-writer-wins script). What Redis itself loses (a restart
+  without persistence, an asynchronous replica promoted) is beyond this
+  guarantee, and is reported as a gap (below).
+- **The listener never dies silently.** Any error, and any reconnection of its
+  connection (it checks `CLIENT ID` on every read), counts as a disconnect:
+  `stats()["connected"]` turns False, the cache mirror is dropped (cache reads
+  go to Redis meanwhile), the listener reconnects with backoff (0.1 s to 5 s,
+  counted in `reconnects` / `connection_errors`, logged), checks for a gap,
+  reloads the cache state from Redis, and reads the stream on from where it
+  was: messages sent while it was away are delivered, in order.
+- **Gaps are reported.** Every read is a `MULTI` of `XINFO STREAM` and `XREAD`:
+  if entries after the reader's position were trimmed before it read them (a
+  reader that fell `stream_maxlen` records behind, connected or not: the oldest
+  entry left is past its position and `entries-added` says more were added
+  after it than are left; Redis 7+, on Redis 6 a full stream past the position
+  counts), or deleted (`max-deleted-entry-id`), or the server restarted (its
+  `run_id` changed), or the stream was deleted, the backend logs a warning,
+  emits `ivip:gap` (`{"peer": "redis", "lost": n}`, `n` the stream entries
+  lost, 0 when unknown), counts `gaps` / `records_lost`, drops the mirror and
+  reloads it from Redis, then reads on from the oldest entry left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import random
+import re
 import secrets
 import time
-from collections.abc import Sequence
-from typing import Any, Final
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ..logs import logger
+from ..logs import logger, rate_limited
 from ..records import FrameReader, Kind, Record, encode_frame
 from .base import RecordSink
 
 __all__ = ["RedisBackend"]
+
+_T = TypeVar("_T")
 
 _SET_IF_NEWER: Final = """
 local current = redis.call('HGET', KEYS[1], 'v')
@@ -54,6 +91,26 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
 return 1
 """
 
+_READ_COUNT: Final = 1000  # stream entries per read
+_SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
+
+StreamId = tuple[int, int]
+
+
+class _Reconnected(ConnectionError):
+    """The listener's connection was re-established behind its back (new CLIENT ID)."""
+
+
+class _StreamInfo(NamedTuple):
+    """What `XINFO STREAM` says, normalised (Redis 6 lacks `deleted` and `added`)."""
+
+    last: StreamId  # last-generated-id
+    last_raw: bytes | str
+    length: int
+    first: StreamId | None  # the oldest entry still there
+    deleted: StreamId | None  # max-deleted-entry-id (Redis 7+)
+    added: int | None  # entries-added (Redis 7+)
+
 
 def _redacted(url: str) -> str:
     parts = urlsplit(url)
@@ -63,10 +120,77 @@ def _redacted(url: str) -> str:
     return url
 
 
-def _id_tuple(stream_id: bytes | str) -> tuple[int, int]:
+def _id_tuple(stream_id: bytes | str) -> StreamId:
     text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _field(mapping: Any, name: str) -> Any:
+    """`mapping[name]` whether redis-py decoded the keys (str) or not (bytes)."""
+    if isinstance(mapping, (list, tuple)):  # a flat [k, v, k, v] reply
+        mapping = dict(zip(mapping[::2], mapping[1::2], strict=False))
+    if not isinstance(mapping, dict):
+        return None
+    value = mapping.get(name)
+    return mapping.get(name.encode()) if value is None else value
+
+
+def _parse_info(raw: Any) -> _StreamInfo:
+    last_raw = _field(raw, "last-generated-id") or b"0-0"
+    first_entry = _field(raw, "first-entry")
+    deleted = _field(raw, "max-deleted-entry-id")
+    added = _field(raw, "entries-added")
+    return _StreamInfo(
+        last=_id_tuple(last_raw),
+        last_raw=last_raw,
+        length=int(_field(raw, "length") or 0),
+        first=_id_tuple(first_entry[0]) if first_entry else None,
+        deleted=_id_tuple(deleted) if deleted is not None else None,
+        added=int(added) if added is not None else None,
+    )
+
+
+def _stream_entries(response: Any) -> list[tuple[Any, Any]]:
+    """The `(id, fields)` pairs of an XREAD reply on one stream, RESP2 or RESP3."""
+    if not response:
+        return []
+    streams = response.values() if isinstance(response, dict) else [s[1] for s in response]
+    out: list[tuple[Any, Any]] = []
+    for entries in streams:
+        if (
+            entries
+            and isinstance(entries[0], list)
+            and not (entries[0] and isinstance(entries[0][0], bytes | str))
+        ):
+            entries = entries[0]  # RESP3 nests the entries one level deeper
+        out += [(entry[0], entry[1]) for entry in entries]
+    return out
+
+
+def _id_before(stream_id: StreamId) -> bytes:
+    """The greatest stream id below `stream_id` (an XREAD position just before it)."""
+    ms, seq = stream_id
+    if seq:
+        return f"{ms}-{seq - 1}".encode()
+    return f"{ms - 1}-{(1 << 64) - 1}".encode() if ms else b"0-0"
+
+
+def _is_no_such_key(exc: BaseException) -> bool:
+    return "no such key" in str(exc).lower()
+
+
+def _retryable(exc: BaseException) -> bool:
+    """An error that a reconnection can cure (the request may have been executed)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, ReadOnlyError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    # ReadOnlyError: connected to a replica after a failover; NoScriptError: the
+    # server restarted between loading the script and running it.
+    return isinstance(
+        exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | NoScriptError | OSError
+    )
 
 
 class RedisBackend:
@@ -80,7 +204,16 @@ class RedisBackend:
             disconnected or slow peer can catch up on.
         tombstone_ttl: Seconds a delete is remembered in Redis.
         block_ms: Longest wait of one `XREAD BLOCK` call.
+        retry_timeout: Seconds a write (or a cache read while the mirror is
+            being rebuilt) keeps retrying a lost connection before it raises
+            `ConnectionError`.
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
+            The listener's connection always has redis-py's own retries off and
+            a socket timeout above `block_ms` (it reconnects, and resynchronises,
+            itself). By default the writing connection times out after
+            `retry_timeout` (at least 1 s), and both connections are named
+            `ivip:<namespace>:<peer>:<r|w>` in `CLIENT LIST` (`client_name=None`
+            to leave them unnamed).
 
     Example:
         >>> backend = RedisBackend("redis://127.0.0.1:6379/0", namespace="docs")
@@ -97,6 +230,7 @@ class RedisBackend:
         stream_maxlen: int = 100_000,
         tombstone_ttl: float = 120.0,
         block_ms: int = 10_000,
+        retry_timeout: float = 10.0,
         **redis_options: Any,
     ) -> None:
         self.url = url
@@ -105,6 +239,7 @@ class RedisBackend:
         self.stream_maxlen = stream_maxlen
         self.tombstone_ttl = tombstone_ttl
         self.block_ms = block_ms
+        self.retry_timeout = retry_timeout
         self.redis_options = redis_options
         self.node = secrets.randbits(63) or 1
         self.stream_key = f"ivip:{{{namespace}}}:log"
@@ -113,7 +248,14 @@ class RedisBackend:
         self._reader_client: Any = None
         self._script: Any = None
         self._sink: RecordSink | None = None
+        # The reader's position: the last stream id read, and how many entries the
+        # stream had ever received up to it (XINFO entries-added; None if unknown).
         self._last_id: bytes | str = b"0-0"
+        self._added: int | None = None
+        self._run_id: str | None = None  # the server's; a new one means it restarted
+        self._reader_conn_id: int | None = None  # CLIENT ID of the listener's connection
+        self._check_conn_id = True  # False where CLIENT ID is not allowed
+        self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
         self._seq = 0
         self._listener: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -126,7 +268,10 @@ class RedisBackend:
                 "records_read",
                 "reconnects",
                 "connection_errors",
+                "write_retries",
+                "duplicates_dropped",
                 "gaps",
+                "records_lost",
                 "resyncs",
                 "garbage_bytes",
                 "task_failures",
@@ -136,19 +281,41 @@ class RedisBackend:
 
     # -- life -------------------------------------------------------------------------
 
-    def _make_client(self) -> Any:
+    def _make_client(self, role: str) -> Any:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        return aioredis.Redis.from_url(self.url, **self.redis_options)
+        options = dict(self.redis_options)
+        label = re.sub(r"[^!-~]", "_", self.namespace)  # names allow no spaces
+        options.setdefault("client_name", f"ivip:{label}:{self.node:016x}:{role}")
+        options.setdefault("socket_connect_timeout", 5.0)
+        if role == "r":
+            # The listener must see every disconnect (to check for a gap and
+            # resynchronise), and must not wait forever on a half-open connection.
+            for name in ("retry_on_error", "retry_on_timeout"):
+                options.pop(name, None)
+            options["retry"] = Retry(NoBackoff(), 0)
+            timeout = options.get("socket_timeout") or 0.0
+            options["socket_timeout"] = max(float(timeout), self.block_ms / 1000 + 5.0)
+        else:
+            # Writes retry in `_retrying` (counted, logged, deduplicated by readers).
+            options.setdefault("retry", Retry(NoBackoff(), 0))
+            options.setdefault("socket_timeout", max(self.retry_timeout, 1.0))
+        return aioredis.Redis.from_url(self.url, **options)
 
     async def start(self, sink: RecordSink) -> None:
         """Connect, load the cache state, and start the listener task."""
         self._sink = sink
-        self._client = self._make_client()
-        self._reader_client = self._make_client()
+        self._client = self._make_client("w")
+        self._reader_client = self._make_client("r")
         try:
             await self._client.ping()
             self._script = self._client.register_script(_SET_IF_NEWER)
+            self._run_id = await self._server_run_id()
+            await self._note_reader_connection()
+            info = await self._stream_info()
+            self._last_id, self._added = (info.last_raw, info.added) if info else (b"0-0", 0)
             await self._load_state()
         except BaseException:
             await self._close_clients()
@@ -163,9 +330,14 @@ class RedisBackend:
         if self._writer is not None:  # what was accepted is sent first
             await asyncio.gather(self._writer, return_exceptions=True)
         self._closing = True
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        listener = self._listener
+        if listener is not None:
+            # Cancelled until it ends: a redis-py read with a socket timeout that
+            # completes just as the cancellation lands can swallow it (Python 3.11).
+            while not listener.done():
+                listener.cancel()
+                await asyncio.wait({listener}, timeout=0.05)
+            await asyncio.gather(listener, return_exceptions=True)
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -187,13 +359,51 @@ class RedisBackend:
     def _entry_key(self, topic: str, key: bytes) -> bytes:
         return self.entry_prefix + topic.encode() + b"\x00" + key
 
+    async def _server_run_id(self) -> str | None:
+        """The server's run id (a new one after every restart); None if INFO is refused."""
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await self._client.info("server")
+        except ResponseError:
+            return None
+        run_id = _field(info, "run_id")
+        return run_id.decode() if isinstance(run_id, bytes) else run_id
+
+    async def _note_reader_connection(self) -> None:
+        """Remember the listener connection's CLIENT ID, to notice reconnections."""
+        from redis.exceptions import ResponseError
+
+        if not self._check_conn_id:
+            await self._reader_client.ping()
+            return
+        try:
+            self._reader_conn_id = int(await self._reader_client.client_id())
+        except ResponseError:  # CLIENT refused (ACL, managed services): PING-only
+            self._check_conn_id = False
+            self._reader_conn_id = None
+            await self._reader_client.ping()
+
+    async def _stream_info(self) -> _StreamInfo | None:
+        """XINFO STREAM, or None when the stream does not exist."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return _parse_info(await self._client.xinfo_stream(self.stream_key))
+        except ResponseError as exc:
+            if _is_no_such_key(exc):
+                return None
+            raise
+
     async def _load_state(self) -> None:
-        """Note where the stream ends, then load every cache entry (a joiner's view)."""
+        """Load every cache entry into the sink (the caller noted the stream's position).
+
+        Changes made during the scan are in the stream after that position, so
+        reading on from it brings the state up to date.
+        """
         assert self._client is not None
         assert self._sink is not None
-        newest = await self._client.xrevrange(self.stream_key, count=1)
-        self._last_id = newest[0][0] if newest else b"0-0"
-        reader = FrameReader(self.max_record_size)
+        reader = FrameReader(self.max_record_size, self._garbage)
         cursor = 0
         pattern = self.entry_prefix + b"*"
         while True:
@@ -207,19 +417,33 @@ class RedisBackend:
                 for frame in frames:
                     if frame:
                         records += reader.feed(frame)
+                        reader.discard_pending()  # one frame per entry: never joined
                 self._sink.restore(records)
-            if cursor == 0:
+            if int(cursor) == 0:
                 break
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """One cache entry, read from Redis (while the mirror is being rebuilt)."""
-        if self._client is None:
+        client = self._client
+        if client is None:
             return None
-        frame = await self._client.hget(self._entry_key(topic, key), "r")
+        frame = await self._retrying(
+            lambda: client.hget(self._entry_key(topic, key), "r"), "cache read"
+        )
         if not frame:
             return None
-        records = FrameReader(self.max_record_size).feed(frame)
+        records = FrameReader(self.max_record_size, self._garbage).feed(frame)
         return records[0] if records else None
+
+    def _garbage(self, size: int, why: str) -> None:
+        self.counters["garbage_bytes"] += size
+        rate_limited(
+            logging.WARNING,
+            ("redis-garbage", self.stream_key),
+            "skipped %d bytes in Redis (%s)",
+            size,
+            why,
+        )
 
     # -- writing -------------------------------------------------------------------------
 
@@ -228,6 +452,10 @@ class RedisBackend:
 
         One writer sends everything queued as one pipeline (group commit), so
         concurrent appends share a round trip and keep their order.
+
+        Raises:
+            ConnectionError: Redis could not be reached for `retry_timeout`
+                seconds; the records may or may not have been stored.
         """
         if self._closing or self._client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
@@ -239,139 +467,280 @@ class RedisBackend:
 
     async def _write_queued(self) -> None:
         while self._queue:
-            batch, self._queue = self._queue, []
+            # An append whose caller was cancelled while it waited is not sent: a
+            # cancelled `notify` or `set` then happened nowhere.
+            batch = [(records, fut) for records, fut in self._queue if not fut.cancelled()]
+            self._queue = []
+            if not batch:
+                continue
+            records = [r for records, _ in batch for r in records]
             try:
-                await self._send([r for records, _ in batch for r in records])
+                # Framed once: a retry resends the same sequence numbers, which is
+                # how readers recognise (and drop) what an attempt already stored.
+                ops = self._encode(records)
+                await self._retrying(functools.partial(self._send, ops), "write")
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for _, fut in batch:
-                if not fut.done():
+            self.counters["records_written"] += len(records)
+            for appended, fut in batch:
+                if fut.cancelled():
+                    # Cancelled while on the wire, and stored: the peers apply its
+                    # cache records, so this process's mirror must too.
+                    state = [r for r in appended if r.kind is not Kind.MESSAGE]
+                    if state and self._sink is not None:
+                        self._sink.deliver(state)
+                elif not fut.done():
                     fut.set_result(None)
 
-    async def _send(self, records: list[Record]) -> None:
-        """XADD messages; cache records through the last-writer-wins script."""
-        assert self._client is not None
-        pipe = self._client.pipeline(transaction=False)
+    def _encode(self, records: list[Record]) -> list[tuple[bytes, bytes | None, str, int]]:
+        """`(frame, entry key, version, expiry ms)` per record (key None: a message)."""
         now_ms = int(time.time() * 1000)
+        ops: list[tuple[bytes, bytes | None, str, int]] = []
         for record in records:
             self._seq += 1
             frame = encode_frame(record, self._seq)
             if record.kind is Kind.MESSAGE:
-                pipe.xadd(
-                    self.stream_key,
-                    {"r": frame},
-                    maxlen=self.stream_maxlen,
-                    approximate=True,
-                )
+                ops.append((frame, None, "", 0))
                 continue
             if record.kind is Kind.CACHE_SET:
                 expires_ms = int(record.expires * 1000) if record.expires else 0
             else:
                 expires_ms = now_ms + int(self.tombstone_ttl * 1000)
             version = f"{record.hlc:020d}{record.node:020d}"
-            await self._script(
-                keys=[self._entry_key(record.topic, record.key), self.stream_key],
-                args=[frame, version, expires_ms, self.stream_maxlen],
-                client=pipe,
-            )
+            ops.append((frame, self._entry_key(record.topic, record.key), version, expires_ms))
+        return ops
+
+    async def _send(self, ops: list[tuple[bytes, bytes | None, str, int]]) -> None:
+        """XADD messages; cache records through the last-writer-wins script."""
+        client = self._client
+        if client is None:
+            raise ConnectionAbortedError("the IPC instance is closed")
+        pipe = client.pipeline(transaction=False)
+        for frame, entry_key, version, expires_ms in ops:
+            if entry_key is None:
+                pipe.xadd(
+                    self.stream_key, {"r": frame}, maxlen=self.stream_maxlen, approximate=True
+                )
+            else:
+                await self._script(
+                    keys=[entry_key, self.stream_key],
+                    args=[frame, version, expires_ms, self.stream_maxlen],
+                    client=pipe,
+                )
         await pipe.execute()
-        self.counters["records_written"] += len(records)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """`attempt()`, again after connection errors, for up to `retry_timeout` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if not _retryable(exc) or self._client is None:
+                    raise
+                self.counters["write_retries" if what == "write" else "connection_errors"] += 1
+                if loop.time() + delay > deadline:
+                    raise ConnectionError(
+                        f"Redis at {_redacted(self.url)} did not answer for "
+                        f"{self.retry_timeout:g}s ({what} not acknowledged): {exc}"
+                    ) from exc
+                rate_limited(
+                    logging.WARNING,
+                    ("redis-retry", self.stream_key, what),
+                    "Redis %s failed (%s); retrying for up to %gs",
+                    what,
+                    exc,
+                    self.retry_timeout,
+                    interval=5.0,
+                )
+                await asyncio.sleep(delay * (1 + random.random() / 2))
+                delay = min(delay * 2, 1.0)
 
     # -- reading -------------------------------------------------------------------------
 
     async def _listen(self) -> None:
         """Read the stream forever; reconnect with backoff; never die silently."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         backoff = 0.1
+        resync = False
         while not self._closing:
             try:
+                if resync:
+                    await self._resync()
+                    resync = False
+                    backoff = 0.1
                 await self._read_forever()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # connection lost, server restarting, ...
+            except Exception as exc:  # connection lost, server restarting, a bug, ...
                 # (close() cancels this task: a closing instance never gets here)
-                self.counters["connection_errors"] += 1
+                if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+                    self.counters["connection_errors"] += 1
+                    if self._connected:
+                        logger.warning("lost the Redis connection (%s); reconnecting", exc)
+                    else:
+                        logger.info("Redis still unavailable (%s); retrying in %.1fs", exc, backoff)
+                else:
+                    self.counters["task_failures"] += 1
+                    logger.error("the Redis listener failed; resynchronising", exc_info=True)
                 if self._connected:
                     self._connected = False
                     if self._sink is not None:
                         self._sink.mirror_ready(False)  # reads go to Redis meanwhile
-                    logger.warning("lost the Redis connection (%s); reconnecting", exc)
+                resync = True
                 await asyncio.sleep(backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, 5.0)
-                try:
-                    await self._reconnect()
-                except Exception as again:
-                    logger.info("Redis still unavailable (%s); retrying in %.1fs", again, backoff)
-                    continue
-                backoff = 0.1
 
-    async def _reconnect(self) -> None:
-        """Back after a disconnect: check for a gap, rebuild the cache state."""
-        assert self._client is not None
+    async def _resync(self) -> None:
+        """Back after a disconnect: check for a gap, reload the cache state, read on."""
         assert self._sink is not None
         await self._client.ping()
-        self.counters["reconnects"] += 1
-        try:
-            info = await self._client.xinfo_stream(self.stream_key)
-        except Exception:
-            info = None  # no stream: a restarted server without persistence
-        last_seen = _id_tuple(self._last_id)
-        lost = False
-        if info is None:
-            lost = last_seen != (0, 0)
-        else:
-            deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
-            newest = info.get("last-generated-id") or info.get(b"last-generated-id")
-            if deleted is not None and _id_tuple(deleted) > last_seen:
-                lost = True  # entries after our position were trimmed away
-            if newest is not None and _id_tuple(newest) < last_seen:
-                lost = True  # the server forgot what we had read: it restarted
-                self._last_id = b"0-0"
-        if lost:
-            self.counters["gaps"] += 1
-            logger.warning(
-                "records may have been lost while disconnected from Redis "
-                "(trimmed or a server restart): reloading the cache state"
-            )
-            self._sink.gap("redis", 0)
-        # The stream may have had a gap: rebuild the mirror from Redis's state.
+        run_id = await self._server_run_id()
+        restarted = None not in (run_id, self._run_id) and run_id != self._run_id
+        self._run_id = run_id
+        await self._note_reader_connection()
+        self._check_gap(await self._stream_info(), restarted=restarted)
+        # Anything may have been missed while away: rebuild the mirror from Redis
+        # (it was dropped), then read the stream on from where this reader was.
         self.counters["resyncs"] += 1
-        position = self._last_id
         await self._load_state()
-        if not lost:
-            self._last_id = position  # messages sent meanwhile are still to be read
+        self.counters["reconnects"] += 1
         self._connected = True
         self._sink.mirror_ready(True)
         logger.info("reconnected to Redis")
 
+    def _check_gap(self, info: _StreamInfo | None, *, restarted: bool = False) -> bool:
+        """Whether records may have gone before this reader read them; if so, report
+        it and move the position past what is gone. (The caller reloads the state.)
+
+        Trimming removes the oldest entries and leaves `max-deleted-entry-id`
+        alone (only XDEL moves it): what tells is the oldest entry left being
+        past the position while fewer entries are left after the position than
+        were ever added after it (`entries-added`, Redis 7+).
+        """
+        position = _id_tuple(self._last_id)
+        gap = restarted
+        lost: int | None = None  # None: how many is unknown
+        if info is None:  # no stream: deleted, or a restarted server without persistence
+            if position == (0, 0):
+                return False  # there never was one: nothing to lose
+            gap = True
+            self._last_id, self._added = b"0-0", 0  # a new stream will be all news
+        elif info.last < position:  # the stream is behind what was read: restarted
+            gap = True
+            self._last_id, self._added = info.last_raw, info.added
+        elif info.first is None or info.first > position:
+            # Nothing at or before the position is left: every entry left is after it.
+            if info.added is not None and self._added is not None:
+                lost = info.added - self._added - info.length
+                if lost < 0:  # the counts do not add up: the stream was made anew
+                    lost = None
+                gap = gap or lost != 0
+            elif info.added is None:  # Redis 6: guess from the stream being full
+                gap = gap or (
+                    position > (0, 0)
+                    and (info.length >= self.stream_maxlen or info.first is None)
+                    and info.last > position
+                )
+            if gap:  # read on from the oldest entry left
+                if info.first is None:
+                    self._last_id, self._added = info.last_raw, info.added
+                else:
+                    self._last_id = _id_before(info.first)
+                    self._added = None if info.added is None else info.added - info.length
+        elif info.deleted is not None and info.deleted > position:
+            gap = True  # entries after the position were deleted (XDEL) before read
+            self._added = None
+        if not gap:
+            return False
+        if restarted:
+            self._added = None  # a restarted server's counts may have lost some
+        self.counters["gaps"] += 1
+        self.counters["records_lost"] += lost or 0
+        logger.warning(
+            "records may have been lost before this process read them from Redis "
+            "(%s; %s): reloading the cache state",
+            "the server restarted" if restarted else "trimmed or deleted from the stream",
+            f"{lost} records" if lost is not None else "how many is unknown",
+        )
+        assert self._sink is not None
+        self._sink.gap("redis", lost or 0)
+        return True
+
     async def _read_forever(self) -> None:
+        """Read atomically with a gap check, deliver; wait with XREAD BLOCK when idle."""
         assert self._reader_client is not None
         assert self._sink is not None
-        reader = FrameReader(self.max_record_size)
+        client = self._reader_client
+        reader = FrameReader(self.max_record_size, self._garbage)
         while not self._closing:
-            response = await self._reader_client.xread(
-                {self.stream_key: self._last_id}, count=1000, block=self.block_ms
-            )
-            if not response:
+            pipe = client.pipeline(transaction=True)
+            if self._check_conn_id:
+                pipe.client_id()
+            pipe.xinfo_stream(self.stream_key)
+            pipe.xread({self.stream_key: self._last_id}, count=_READ_COUNT)
+            replies = await pipe.execute(raise_on_error=False)
+            if self._check_conn_id:
+                conn_id, *replies = replies
+                if isinstance(conn_id, Exception):
+                    raise conn_id
+                if int(conn_id) != self._reader_conn_id:
+                    raise _Reconnected("the listener's connection to Redis was re-established")
+            raw_info, response = replies
+            if isinstance(response, Exception):
+                raise response
+            if isinstance(raw_info, Exception) and not _is_no_such_key(raw_info):
+                raise raw_info
+            info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
+            if self._check_gap(info):
+                self._sink.mirror_ready(False)
+                await self._load_state()
+                self._sink.mirror_ready(True)
+            entries = _stream_entries(response)
+            self._deliver(entries, reader)
+            if len(entries) == _READ_COUNT:
+                if self._added is not None:
+                    self._added += len(entries)
+                continue  # more to read
+            if info is not None and info.last >= _id_tuple(self._last_id):
+                # Read up to the end: everything up to last-generated-id is seen.
+                self._last_id, self._added = info.last_raw, info.added
+            if not entries:  # up to date: wait for news (then read it as above)
+                await client.xread({self.stream_key: self._last_id}, count=1, block=self.block_ms)
+
+    def _deliver(self, entries: list[tuple[Any, Any]], reader: FrameReader) -> None:
+        assert self._sink is not None
+        fresh: list[Record] = []
+        seen = self._seen
+        for entry_id, fields in entries:
+            self._last_id = entry_id
+            frame = _field(fields, "r")
+            if not frame:
                 continue
-            streams = response.items() if isinstance(response, dict) else response
-            for _name, entries in streams:
-                if entries and isinstance(entries[0], list):
-                    entries = entries[0]  # RESP3 nests the entries one level deeper
-                fresh: list[Record] = []
-                for entry_id, fields in entries:
-                    self._last_id = entry_id
-                    frame = fields.get(b"r") or fields.get("r")
-                    if not frame:
-                        continue
-                    for record in reader.feed(frame):
-                        if record.node != self.node:
-                            fresh.append(record)
-                if fresh:
-                    self.counters["records_read"] += len(fresh)
-                    self._sink.deliver(fresh)
+            records = reader.feed(frame)
+            self.counters["garbage_bytes"] += reader.discard_pending()
+            for record in records:
+                if record.node == self.node:
+                    continue
+                last = seen.get(record.node)
+                if last is not None and record.seq <= last:
+                    self.counters["duplicates_dropped"] += 1  # a retried write
+                    continue
+                seen[record.node] = record.seq
+                seen.move_to_end(record.node)
+                if len(seen) > _SEEN_PEERS:
+                    seen.popitem(last=False)
+                fresh.append(record)
+        if fresh:
+            self.counters["records_read"] += len(fresh)
+            self._sink.deliver(fresh)
 
     # -- stats ---------------------------------------------------------------------------
 
