@@ -34,13 +34,18 @@ The guarantee, and what a lost connection does:
   without persistence, an asynchronous replica promoted) is beyond this
   guarantee, and is reported as a gap (below).
 - **The listener never dies silently.** Any error, and any reconnection of its
-  connection (it checks `CLIENT ID` on every read), counts as a disconnect:
-  `stats()["connected"]` turns False, the cache mirror is dropped (cache reads
-  go to Redis meanwhile), the listener reconnects with backoff (0.1 s to 5 s,
-  counted in `reconnects` / `connection_errors`, logged), checks for a gap,
-  reloads the cache state from Redis, and reads the stream on from where it
-  was: messages sent while it was away are delivered, in order.
-- **Gaps are reported.** Every read is a `MULTI` of `XINFO STREAM` and `XREAD`:
+  connection (redis-py reconnects some silently: it calls the backend back when
+  it does), counts as a disconnect: `stats()["connected"]` turns False, the
+  cache mirror is dropped (cache reads go to Redis meanwhile), the listener
+  reconnects with backoff (0.1 s to 5 s, counted in `reconnects` /
+  `connection_errors`, logged), checks for a gap, reloads the cache state from
+  Redis, and reads the stream on from where it was: messages sent while it was
+  away are delivered, in order.
+- **Gaps are reported.** A checked read, a `MULTI` of `XINFO STREAM` and
+  `XREAD`, runs at least once a second while records arrive, once per
+  `block_ms` when idle, and whenever a read comes back full (between them a
+  plain `XREAD BLOCK` delivers news with one round trip: see `_read_forever`
+  for why it cannot skip what the library trims):
   if entries after the reader's position were trimmed before it read them (a
   reader that fell `stream_maxlen` records behind, connected or not: the oldest
   entry left is past its position and `entries-added` says more were added
@@ -68,7 +73,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..logs import logger, rate_limited
-from ..records import FrameReader, Kind, Record, encode_frame
+from ..records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
 from .base import RecordSink
 
 __all__ = ["RedisBackend"]
@@ -91,14 +96,15 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
 return 1
 """
 
-_READ_COUNT: Final = 1000  # stream entries per read
+_READ_COUNT: Final = 1000  # stream entries per read (stream_maxlen may not be less)
+_CHECK_EVERY: Final = 1.0  # seconds between checked reads while reads come back short
 _SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
 
 StreamId = tuple[int, int]
 
 
 class _Reconnected(ConnectionError):
-    """The listener's connection was re-established behind its back (new CLIENT ID)."""
+    """The listener's connection was re-established behind its back (by redis-py)."""
 
 
 class _StreamInfo(NamedTuple):
@@ -200,8 +206,9 @@ class RedisBackend:
         url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it).
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.
-        stream_maxlen: Entries kept in the stream (approximately): the window a
-            disconnected or slow peer can catch up on.
+        stream_maxlen: Entries kept in the stream (at least; it is trimmed
+            approximately): the window a disconnected or slow peer can catch up
+            on. At least 1,000, and the same for every peer of a namespace.
         tombstone_ttl: Seconds a delete is remembered in Redis.
         block_ms: Longest wait of one `XREAD BLOCK` call.
         retry_timeout: Seconds a write (or a cache read while the mirror is
@@ -233,6 +240,9 @@ class RedisBackend:
         retry_timeout: float = 10.0,
         **redis_options: Any,
     ) -> None:
+        if stream_maxlen < _READ_COUNT:
+            # A read shorter than the stream always keeps proves it skipped nothing.
+            raise ValueError(f"stream_maxlen must be at least {_READ_COUNT}")
         self.url = url
         self.namespace = namespace
         self.max_record_size = max_record_size
@@ -253,12 +263,11 @@ class RedisBackend:
         self._last_id: bytes | str = b"0-0"
         self._added: int | None = None
         self._run_id: str | None = None  # the server's; a new one means it restarted
-        self._reader_conn_id: int | None = None  # CLIENT ID of the listener's connection
-        self._check_conn_id = True  # False where CLIENT ID is not allowed
+        self._reader_reconnected = False  # set by redis-py when it reconnects the listener
         self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
         self._seq = 0
         self._listener: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Future[None] | None = None  # the write under way
         self._queue: list[tuple[Sequence[Record], asyncio.Future[None]]] = []
         self._closing = False
         self._connected = False
@@ -296,6 +305,7 @@ class RedisBackend:
             for name in ("retry_on_error", "retry_on_timeout"):
                 options.pop(name, None)
             options["retry"] = Retry(NoBackoff(), 0)
+            options["single_connection_client"] = True  # one reader: no pool per read
             timeout = options.get("socket_timeout") or 0.0
             options["socket_timeout"] = max(float(timeout), self.block_ms / 1000 + 5.0)
         else:
@@ -371,18 +381,22 @@ class RedisBackend:
         return run_id.decode() if isinstance(run_id, bytes) else run_id
 
     async def _note_reader_connection(self) -> None:
-        """Remember the listener connection's CLIENT ID, to notice reconnections."""
-        from redis.exceptions import ResponseError
+        """Connect the listener, and have redis-py say when it reconnects it.
 
-        if not self._check_conn_id:
-            await self._reader_client.ping()
-            return
-        try:
-            self._reader_conn_id = int(await self._reader_client.client_id())
-        except ResponseError:  # CLIENT refused (ACL, managed services): PING-only
-            self._check_conn_id = False
-            self._reader_conn_id = None
-            await self._reader_client.ping()
+        redis-py reopens a connection found closed without raising anything: a
+        reconnection the listener would not otherwise see (nothing read from the
+        stream is lost by it, but the server may have restarted meanwhile).
+        """
+        client = self._reader_client
+        await client.ping()  # connects the listener's single connection
+        connection = client.connection
+        if connection is not None:
+            # Held weakly by redis-py: a bound method of this backend.
+            connection.register_connect_callback(self._on_reader_connect)
+        self._reader_reconnected = False
+
+    def _on_reader_connect(self, _connection: Any) -> None:
+        self._reader_reconnected = True
 
     async def _stream_info(self) -> _StreamInfo | None:
         """XINFO STREAM, or None when the stream does not exist."""
@@ -459,6 +473,21 @@ class RedisBackend:
         """
         if self._closing or self._client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
+        idle = not self._queue and (self._writer is None or self._writer.done())
+        if idle and all(r.kind is Kind.MESSAGE for r in records):
+            # Nothing else is being written: send from this task, sparing a writer
+            # task (a third of the cost of an awaited notify). Only messages: a
+            # cache write cancelled on the wire must still learn whether it was
+            # stored (to apply it here too), which the writer task sees through.
+            self._writer = done = asyncio.get_running_loop().create_future()
+            try:
+                await self._retrying(functools.partial(self._send, self._encode(records)), "write")
+                self.counters["records_written"] += len(records)
+            finally:
+                done.set_result(None)
+                if self._queue:  # appends that came meanwhile
+                    self._writer = asyncio.get_running_loop().create_task(self._write_queued())
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((records, fut))
         if self._writer is None or self._writer.done():
@@ -495,29 +524,55 @@ class RedisBackend:
                 elif not fut.done():
                     fut.set_result(None)
 
-    def _encode(self, records: list[Record]) -> list[tuple[bytes, bytes | None, str, int]]:
+    def _encode(self, records: Sequence[Record]) -> list[tuple[bytes, bytes | None, str, int]]:
         """`(frame, entry key, version, expiry ms)` per record (key None: a message)."""
         now_ms = int(time.time() * 1000)
         ops: list[tuple[bytes, bytes | None, str, int]] = []
+        messages: list[bytes] = []  # consecutive message frames: one stream entry
+        size = 0
         for record in records:
             self._seq += 1
             frame = encode_frame(record, self._seq)
             if record.kind is Kind.MESSAGE:
-                ops.append((frame, None, "", 0))
+                if messages and size + len(frame) > self.max_record_size - HEADER_SIZE:
+                    ops.append(self._messages_op(messages))
+                    messages, size = [], 0
+                messages.append(frame)
+                size += len(frame)
                 continue
+            if messages:
+                ops.append(self._messages_op(messages))
+                messages, size = [], 0
             if record.kind is Kind.CACHE_SET:
                 expires_ms = int(record.expires * 1000) if record.expires else 0
             else:
                 expires_ms = now_ms + int(self.tombstone_ttl * 1000)
             version = f"{record.hlc:020d}{record.node:020d}"
             ops.append((frame, self._entry_key(record.topic, record.key), version, expires_ms))
+        if messages:
+            ops.append(self._messages_op(messages))
         return ops
+
+    @staticmethod
+    def _messages_op(frames: list[bytes]) -> tuple[bytes, None, str, int]:
+        """Message frames as one stream entry: a BATCH frame when there are several
+        (readers get all of them or none, and one XADD instead of many)."""
+        if len(frames) == 1:
+            return frames[0], None, "", 0
+        first_seq = int.from_bytes(frames[0][8:16], "little")
+        batch = Record(Kind.BATCH, "", b"", b"".join(frames))
+        return encode_frame(batch, first_seq), None, "", 0
 
     async def _send(self, ops: list[tuple[bytes, bytes | None, str, int]]) -> None:
         """XADD messages; cache records through the last-writer-wins script."""
         client = self._client
         if client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
+        if len(ops) == 1 and ops[0][1] is None:  # one entry of messages: no pipeline
+            await client.xadd(
+                self.stream_key, {"r": ops[0][0]}, maxlen=self.stream_maxlen, approximate=True
+            )
+            return
         pipe = client.pipeline(transaction=False)
         for frame, entry_key, version, expires_ms in ops:
             if entry_key is None:
@@ -616,14 +671,19 @@ class RedisBackend:
         self._sink.mirror_ready(True)
         logger.info("reconnected to Redis")
 
-    def _check_gap(self, info: _StreamInfo | None, *, restarted: bool = False) -> bool:
+    def _check_gap(
+        self, info: _StreamInfo | None, *, restarted: bool = False, unread: int | None = None
+    ) -> bool:
         """Whether records may have gone before this reader read them; if so, report
         it and move the position past what is gone. (The caller reloads the state.)
 
         Trimming removes the oldest entries and leaves `max-deleted-entry-id`
         alone (only XDEL moves it): what tells is the oldest entry left being
         past the position while fewer entries are left after the position than
-        were ever added after it (`entries-added`, Redis 7+).
+        were ever added after it (`entries-added`, Redis 7+). `unread`, when
+        known, is how many entries the stream holds after the position: then
+        any entry added after the position and no longer there shows in the
+        counts, wherever it was (Redis 7+).
         """
         position = _id_tuple(self._last_id)
         gap = restarted
@@ -658,6 +718,12 @@ class RedisBackend:
         elif info.deleted is not None and info.deleted > position:
             gap = True  # entries after the position were deleted (XDEL) before read
             self._added = None
+        elif unread is not None and info.added is not None and self._added is not None:
+            # Added after the position = still there after it + gone unread.
+            gone = info.added - self._added - unread
+            if gone > 0:
+                gap, lost = True, gone
+            self._added = info.added - unread  # (a count that went wrong is righted)
         if not gap:
             return False
         if restarted:
@@ -675,45 +741,79 @@ class RedisBackend:
         return True
 
     async def _read_forever(self) -> None:
-        """Read atomically with a gap check, deliver; wait with XREAD BLOCK when idle."""
+        """Read and deliver, checking for gaps at least every `_CHECK_EVERY` seconds.
+
+        A *checked* read is one `MULTI` of `XINFO STREAM` and `XREAD`: it sees a
+        restart, and entries gone before this reader read them. Between checked
+        reads, a plain `XREAD BLOCK` on the listener's own connection waits for
+        news and returns it, one round trip per wake-up: what it returns follows this
+        reader's position directly when it returns fewer entries than the stream
+        always keeps (the library trims with `MAXLEN ~ stream_maxlen`, never below
+        it, so a read that skipped trimmed entries would come back full); a full
+        read is dropped and done again, checked. Trims or deletes by others are
+        caught by the next checked read, which compares `entries-added` with what
+        this reader has read (Redis 7+); one follows any delivery within
+        `_CHECK_EVERY`, while an idle reader checks once per `block_ms`.
+        """
         assert self._reader_client is not None
         assert self._sink is not None
         client = self._reader_client
         reader = FrameReader(self.max_record_size, self._garbage)
+        loop = asyncio.get_running_loop()
+        check_at = 0.0  # when the next checked read is due
+        unchecked = False  # delivered something since the last checked read
         while not self._closing:
-            pipe = client.pipeline(transaction=True)
-            if self._check_conn_id:
-                pipe.client_id()
-            pipe.xinfo_stream(self.stream_key)
-            pipe.xread({self.stream_key: self._last_id}, count=_READ_COUNT)
-            replies = await pipe.execute(raise_on_error=False)
-            if self._check_conn_id:
-                conn_id, *replies = replies
-                if isinstance(conn_id, Exception):
-                    raise conn_id
-                if int(conn_id) != self._reader_conn_id:
-                    raise _Reconnected("the listener's connection to Redis was re-established")
-            raw_info, response = replies
-            if isinstance(response, Exception):
-                raise response
-            if isinstance(raw_info, Exception) and not _is_no_such_key(raw_info):
-                raise raw_info
-            info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
-            if self._check_gap(info):
-                self._sink.mirror_ready(False)
-                await self._load_state()
-                self._sink.mirror_ready(True)
+            if loop.time() >= check_at:
+                if await self._checked_read(client, reader):
+                    continue  # a full batch: more to read, checked
+                check_at = loop.time() + _CHECK_EVERY
+                unchecked = False
+            block = self.block_ms
+            if unchecked:  # wake up in time for the check that follows activity
+                block = max(1, min(block, int((check_at - loop.time()) * 1000) + 1))
+            response = await client.xread(
+                {self.stream_key: self._last_id}, count=_READ_COUNT, block=block
+            )
+            if self._reader_reconnected:
+                raise _Reconnected("the listener's connection to Redis was re-established")
             entries = _stream_entries(response)
-            self._deliver(entries, reader)
             if len(entries) == _READ_COUNT:
+                check_at = 0.0  # far behind: read again, checked, from the same place
+                continue
+            if entries:
+                unchecked = True
+                self._deliver(entries, reader)
                 if self._added is not None:
                     self._added += len(entries)
-                continue  # more to read
-            if info is not None and info.last >= _id_tuple(self._last_id):
-                # Read up to the end: everything up to last-generated-id is seen.
-                self._last_id, self._added = info.last_raw, info.added
-            if not entries:  # up to date: wait for news (then read it as above)
-                await client.xread({self.stream_key: self._last_id}, count=1, block=self.block_ms)
+
+    async def _checked_read(self, client: Any, reader: FrameReader) -> bool:
+        """One checked read (see `_read_forever`); True when it came back full."""
+        assert self._sink is not None
+        pipe = client.pipeline(transaction=True)
+        pipe.xinfo_stream(self.stream_key)
+        pipe.xread({self.stream_key: self._last_id}, count=_READ_COUNT)
+        raw_info, response = await pipe.execute(raise_on_error=False)
+        if isinstance(response, Exception):
+            raise response
+        if isinstance(raw_info, Exception) and not _is_no_such_key(raw_info):
+            raise raw_info
+        info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
+        entries = _stream_entries(response)
+        full = len(entries) == _READ_COUNT
+        if self._check_gap(info, unread=None if full else len(entries)):
+            self._sink.mirror_ready(False)
+            await self._load_state()
+            self._sink.mirror_ready(True)
+            return True  # read on from the new position
+        self._deliver(entries, reader)
+        if full:
+            if self._added is not None:
+                self._added += len(entries)
+            return True
+        if info is not None and info.last >= _id_tuple(self._last_id):
+            # Read up to the end: everything up to last-generated-id is seen.
+            self._last_id, self._added = info.last_raw, info.added
+        return False
 
     def _deliver(self, entries: list[tuple[Any, Any]], reader: FrameReader) -> None:
         assert self._sink is not None
