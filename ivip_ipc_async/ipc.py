@@ -474,8 +474,9 @@ class AsyncIPC:
         """Is this instance well? A summary of `stats()` with the problems named.
 
         `healthy` is True when the instance is started, its maintenance task
-        runs, and nothing was lost; `problems` says what is wrong otherwise
-        (a watcher that stopped means slower wake-ups, not lost records).
+        (or Redis listener) runs and is connected, and nothing was lost;
+        `problems` says what is wrong otherwise (a watcher that stopped means
+        slower wake-ups, not lost records).
 
         Example:
             >>> import asyncio, tempfile
@@ -494,14 +495,24 @@ class AsyncIPC:
                 problems.append("maintenance task is not running")
             if not stats.get("watcher_alive", True):
                 problems.append("watcher thread is not running (re-scans still deliver)")
-            if stats.get("gaps"):
+            if not stats.get("connected", True):
                 problems.append(
-                    f"{stats['records_lost']} records were lost in {stats['gaps']} gaps "
-                    "(this process fell behind the retention window)"
+                    "not connected to Redis (reconnecting; cache reads go to Redis, "
+                    "writes are retried)"
+                )
+            if stats.get("gaps"):
+                why = (
+                    "trimmed or deleted from the stream, or lost by a Redis restart"
+                    if stats.get("backend") == "redis"
+                    else "this process fell behind the retention window"
+                )
+                problems.append(
+                    f"{stats['records_lost']} records were lost in {stats['gaps']} gaps ({why})"
                 )
         return {
             "healthy": stats["started"]
             and stats.get("maintenance_alive", True)
+            and stats.get("connected", True)
             and not stats.get("gaps"),
             "problems": problems,
             "peers": len(stats.get("peers", [])),

@@ -306,6 +306,9 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
         cut.cut()
         await until(lambda: not reader.stats()["connected"])
         assert reader._mirror_ready is False  # dropped: cache reads go to Redis meanwhile
+        health = reader.health()
+        assert health["healthy"] is False
+        assert any("not connected to Redis" in p for p in health["problems"])
         await AsyncCache(writer).set("missed", "while away", 0)
         for i in range(20):
             await writer.notify("x", i)
@@ -326,6 +329,7 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
         health = reader.health()
         assert health["healthy"] is False
         assert health["errors"]["gaps"] == 1
+        assert any("lost by a Redis restart" in p for p in health["problems"])
 
         after: list[int] = []
         reader.on("after", after.append)
