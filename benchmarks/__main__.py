@@ -33,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="scenarios to run")
     parser.add_argument("--codec", default="json", choices=["json", "orjson"])
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="write the page again from a saved run (benchmarks/results/*.json), running nothing",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        return _write(saved["raw"], args.out, saved["command"], saved.get("notes", []))
     size = QUICK if args.quick else Size()
     names = args.only or list(SCENARIOS)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -52,19 +61,26 @@ def main(argv: list[str] | None = None) -> int:
             done += 1
     progress(done, total, "done", started)
     print()
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json"), "w") as f:
+        json.dump({"command": command.strip(), "raw": raw, "notes": notes}, f)
+    print(f"ran in {time.monotonic() - started:.0f}s")
+    return _write(raw, args.out, command.strip(), notes)
+
+
+def _write(raw: dict[str, list[Any]], out: str, command: str, notes: list[str]) -> int:
+    """Aggregate the runs (medians), write the page and the plot, print the targets."""
     aggregated: dict[str, Any] = {}
     for name, runs in raw.items():
         aggregated[name] = {
             contender: median_of([r[contender] for r in runs if contender in r])
             for contender in runs[0]
         }
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json"), "w") as f:
-        json.dump({"command": command.strip(), "raw": raw}, f)
-    image = plot(os.path.splitext(args.out)[0] + ".png", aggregated)
-    write_markdown(args.out, aggregated, args.repeat, command.strip(), notes, image)
-    print(f"wrote {args.out} in {time.monotonic() - started:.0f}s\n")
+    repeats = max(len(runs) for runs in raw.values())
+    image = plot(os.path.splitext(out)[0] + ".png", aggregated)
+    write_markdown(out, aggregated, repeats, command, notes, image)
+    print(f"wrote {out}\n")
     checks = targets(aggregated)
     width = max(len(t) for t, _, _ in checks)
     for target, measured, met in checks:

@@ -341,7 +341,7 @@ def write_markdown(
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     for key, title in TITLES.items():
-        if key not in results:
+        if not results.get(key):
             continue
         lines += [
             f"## {title}",
