@@ -68,6 +68,28 @@ async def _server_major() -> int:
     return int(str(version).split(".")[0])
 
 
+def _another_process_writes(namespace: str, messages: int, cache_set: bool = False) -> None:
+    """A separate process notifies `x` 0..messages-1 (after setting the cache key
+    `missed` when `cache_set`), then exits. Blocks: called from a stuck handler."""
+    script = (
+        "import asyncio, sys\n"
+        "from ivip_ipc_async import AsyncCache, AsyncIPC\n"
+        "async def main():\n"
+        "    async with AsyncIPC(sys.argv[1], namespace=sys.argv[2]) as ipc:\n"
+        "        if sys.argv[4] == '1':\n"
+        "            await AsyncCache(ipc).set('missed', 'while stuck', 0)\n"
+        "        for i in range(int(sys.argv[3])):\n"
+        "            await ipc.notify('x', i)\n"
+        "asyncio.run(main())\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, REDIS_URL, namespace, str(messages), str(int(cache_set))],
+        check=True,
+        timeout=30,
+        cwd=Path(__file__).parent.parent,
+    )
+
+
 class Relay:
     """A TCP relay to Redis that a test can cut, restore, or make drop replies."""
 
@@ -344,16 +366,6 @@ async def test_a_reader_that_falls_behind_while_connected_reports_the_gap(
     process writes and the stream is trimmed past the reader's position."""
     import redis
 
-    script = (
-        "import asyncio, sys\n"
-        "from ivip_ipc_async import AsyncCache, AsyncIPC\n"
-        "async def main():\n"
-        "    async with AsyncIPC(sys.argv[1], namespace=sys.argv[2]) as ipc:\n"
-        "        await AsyncCache(ipc).set('missed', 'while stuck', 0)\n"
-        "        for i in range(20):\n"
-        "            await ipc.notify('x', i)\n"
-        "asyncio.run(main())\n"
-    )
     async with (
         AsyncIPC(REDIS_URL, namespace=namespace) as writer,
         AsyncIPC(REDIS_URL, namespace=namespace) as reader,
@@ -364,12 +376,7 @@ async def test_a_reader_that_falls_behind_while_connected_reports_the_gap(
         await until(lambda: len(AsyncCache(reader)) == 1)
 
         def stuck(_message: Any) -> None:
-            subprocess.run(
-                [sys.executable, "-c", script, REDIS_URL, namespace],
-                check=True,
-                timeout=30,
-                cwd=Path(__file__).parent.parent,
-            )
+            _another_process_writes(namespace, 20, cache_set=True)
             admin = redis.Redis.from_url(REDIS_URL)
             admin.xtrim(_stream(namespace), maxlen=0)
             admin.close()
@@ -393,15 +400,6 @@ async def test_an_entry_deleted_before_it_was_read_is_reported(namespace: str, u
 
     if await _server_major() < 7:
         pytest.skip("counting deleted entries needs XINFO entries-added (Redis 7+)")
-    script = (
-        "import asyncio, sys\n"
-        "from ivip_ipc_async import AsyncIPC\n"
-        "async def main():\n"
-        "    async with AsyncIPC(sys.argv[1], namespace=sys.argv[2]) as ipc:\n"
-        "        for i in range(5):\n"
-        "            await ipc.notify('x', i)\n"
-        "asyncio.run(main())\n"
-    )
     async with (
         AsyncIPC(REDIS_URL, namespace=namespace) as writer,
         AsyncIPC(REDIS_URL, namespace=namespace) as reader,
@@ -412,12 +410,7 @@ async def test_an_entry_deleted_before_it_was_read_is_reported(namespace: str, u
         reader.on("x", got.append)
 
         def stuck(_message: Any) -> None:
-            subprocess.run(
-                [sys.executable, "-c", script, REDIS_URL, namespace],
-                check=True,
-                timeout=30,
-                cwd=Path(__file__).parent.parent,
-            )
+            _another_process_writes(namespace, 5)
             admin = redis.Redis.from_url(REDIS_URL)
             entries = admin.xrange(_stream(namespace))
             assert admin.xdel(_stream(namespace), entries[-3][0]) == 1  # x = 2
