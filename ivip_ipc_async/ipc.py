@@ -419,10 +419,10 @@ class AsyncIPC:
             )
 
     async def _write_cache(self, record: Record) -> None:
-        """Write a cache record, then apply it here (the cache's only write path)."""
+        """Write a cache record (the cache's only write path). The backend applies it
+        here once stored (`RecordSink.written`), even if this call is cancelled."""
         backend = await self._ensure()
         await backend.append((record,))
-        self.mirror.apply(record)
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -549,6 +549,8 @@ class _Sink:
             if is_cache and rec.codec == ipc.codec.id:
                 ipc.clock.observe(rec.hlc)
                 ipc.mirror.apply(rec)
+
+    written = restore  # own stored writes: only their state matters here too
 
     def state(self) -> Iterable[Record]:
         mirror = self._ipc.mirror

@@ -241,6 +241,25 @@ async def test_cancelled_sets_leave_every_mirror_equal(
     assert peer_ipc.stats()["records_read"] == len(acknowledged) + 1
 
 
+async def test_a_set_cancelled_after_its_write_still_applies_here(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
+    # 40 concurrent sets: past the first 16, they wait for the group write at the
+    # end of the loop iteration. Once it is written, and before their tasks resume,
+    # cancel them: each caller gets CancelledError, though its write is stored.
+    tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(40)]
+    await asyncio.sleep(0)  # the tasks run: 16 written at once, 24 queued
+    await asyncio.sleep(0)  # the end-of-iteration write: the 24 futures resolve
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[-1], asyncio.CancelledError)  # cancelled, yet written
+    assert await mine.get("k") == 39  # this process applied it ...
+    await until(lambda: peer_ipc.stats()["records_read"] == 40)
+    assert await theirs.get("k") == 39  # ... as every peer did
+
+
 async def test_subscribe_and_wait_for_cancelled_while_waiting_leave_nothing(
     ipc: AsyncIPC, until: Any
 ) -> None:

@@ -428,6 +428,36 @@ async def test_an_entry_deleted_before_it_was_read_is_reported(namespace: str, u
         await until(lambda: after == [1])
 
 
+async def test_a_stream_deleted_and_made_anew_is_reported(namespace: str, until: Any) -> None:
+    """The stream is deleted (FLUSHDB, DEL, eviction) and a new one begun: what the
+    reader had not read is gone, and the counts going backwards say so."""
+    import redis.asyncio as aioredis
+
+    if await _server_major() < 7:
+        pytest.skip("counting needs XINFO entries-added (Redis 7+)")
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace) as writer,
+        AsyncIPC(REDIS_URL, namespace=namespace) as reader,
+    ):
+        gaps: list[Any] = []
+        got: list[int] = []
+        reader.on(GAP_EVENT, gaps.append)
+        reader.on("x", got.append)
+        for i in range(3):
+            await writer.notify("x", i)
+        await until(lambda: got == [0, 1, 2])
+        admin = aioredis.Redis.from_url(REDIS_URL)
+        await admin.delete(_stream(namespace))
+        await admin.aclose()
+        await writer.notify("x", 3)  # the first entry of a new stream
+        await until(lambda: gaps != [], timeout=20)
+        assert gaps == [{"peer": "redis", "lost": 0}]  # how many is unknown
+        await writer.notify("x", 4)
+        await until(lambda: got[-1:] == [4])
+        assert got == [0, 1, 2, 3, 4]
+        assert reader.stats()["gaps"] == 1  # reported once
+
+
 async def test_destroy_is_prompt_even_as_a_read_completes(namespace: str) -> None:
     """The listener is cancelled until it ends, even when redis-py swallows one
     cancellation (a read with a socket timeout completing at that moment)."""
@@ -475,8 +505,17 @@ async def test_cancelled_sets_leave_every_mirror_equal(namespace: str, until: An
         assert await settle() == acknowledged[-1]
 
         # Cancelled while their pipeline is on the wire: stored, so applied here too.
+        on_wire = asyncio.Event()
+        send = backend._send
+
+        async def send_and_signal(ops: Any) -> None:
+            on_wire.set()  # the waiting test resumes before the reply is handled
+            await send(ops)
+
+        backend._send = send_and_signal
         tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(200, 400)]
-        await until(lambda: not backend._queue and not backend._writer.done())
+        await asyncio.wait_for(on_wire.wait(), 10)
+        backend._send = send
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

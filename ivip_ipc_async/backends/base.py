@@ -27,6 +27,15 @@ class RecordSink(Protocol):
         Only their state matters: cache records are applied, messages ignored.
         """
 
+    def written(self, records: Sequence[Record]) -> None:
+        """Records of this process's own that are now stored: their state applies
+        here as it does in every peer (cache records; messages are ignored).
+
+        Called by the backend for every stored write, even one whose caller was
+        cancelled meanwhile, so this process's mirror never lacks what its peers
+        have.
+        """
+
     def state(self) -> Iterable[Record]:
         """The current cache state, as records, for a snapshot."""
 
@@ -58,7 +67,8 @@ class Backend(Protocol):
         """Join: load the present state into `sink`, then deliver live records."""
 
     async def append(self, records: Sequence[Record]) -> None:
-        """Write records; when this returns every live peer will receive them."""
+        """Write records; when this returns every live peer will receive them, and
+        the cache records among them were passed to `RecordSink.written`."""
 
     async def close(self) -> None:
         """Leave: stop reading, release every file, thread and task."""

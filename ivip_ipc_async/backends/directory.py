@@ -690,6 +690,10 @@ class DirectoryBackend:
             raise
         self._seq = seg.last_seq = first_seq + count
         seg.size += size
+        if (count > 1 or records[0].kind is not Kind.MESSAGE) and self._sink is not None:
+            state = [r for r in records if r.kind is not Kind.MESSAGE]
+            if state:
+                self._sink.written(state)  # stored: applies here, as in every peer
         if not seg.has_cache:
             for r in records:
                 if r.kind is not Kind.MESSAGE:

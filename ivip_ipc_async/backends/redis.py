@@ -213,7 +213,8 @@ class RedisBackend:
         block_ms: Longest wait of one `XREAD BLOCK` call.
         retry_timeout: Seconds a write (or a cache read while the mirror is
             being rebuilt) keeps retrying a lost connection before it raises
-            `ConnectionError`.
+            `ConnectionError` (an attempt begun just before the deadline may
+            run its socket timeout past it).
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
             a socket timeout above `block_ms` (it reconnects, and resynchronises,
@@ -243,6 +244,8 @@ class RedisBackend:
         if stream_maxlen < _READ_COUNT:
             # A read shorter than the stream always keeps proves it skipped nothing.
             raise ValueError(f"stream_maxlen must be at least {_READ_COUNT}")
+        if block_ms < 1:
+            raise ValueError("block_ms must be at least 1 (0 would mean: wait forever)")
         self.url = url
         self.namespace = namespace
         self.max_record_size = max_record_size
@@ -262,6 +265,7 @@ class RedisBackend:
         # stream had ever received up to it (XINFO entries-added; None if unknown).
         self._last_id: bytes | str = b"0-0"
         self._added: int | None = None
+        self._deleted_seen: StreamId | None = None  # max-deleted-entry-id already handled
         self._run_id: str | None = None  # the server's; a new one means it restarted
         self._reader_reconnected = False  # set by redis-py when it reconnects the listener
         self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
@@ -337,8 +341,10 @@ class RedisBackend:
 
     async def close(self) -> None:
         """Stop the listener and close the connections."""
-        if self._writer is not None:  # what was accepted is sent first
-            await asyncio.gather(self._writer, return_exceptions=True)
+        # What was accepted is sent first: the write under way, and the writer task
+        # it may hand the queue to. (`wait`, unlike `gather`, never cancels them.)
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait({self._writer})
         self._closing = True
         listener = self._listener
         if listener is not None:
@@ -462,10 +468,12 @@ class RedisBackend:
     # -- writing -------------------------------------------------------------------------
 
     async def append(self, records: Sequence[Record]) -> None:
-        """Queue records for the one writer task; return once Redis has them.
+        """Write records; return once Redis has them (and their state applies here).
 
-        One writer sends everything queued as one pipeline (group commit), so
-        concurrent appends share a round trip and keep their order.
+        A lone append of messages, with nothing else being written, is sent from
+        the caller's task; otherwise appends queue for one writer task that sends
+        everything queued as one pipeline (group commit), so concurrent appends
+        share a round trip and keep their order.
 
         Raises:
             ConnectionError: Redis could not be reached for `retry_timeout`
@@ -484,7 +492,8 @@ class RedisBackend:
                 await self._retrying(functools.partial(self._send, self._encode(records)), "write")
                 self.counters["records_written"] += len(records)
             finally:
-                done.set_result(None)
+                if not done.done():
+                    done.set_result(None)
                 if self._queue:  # appends that came meanwhile
                     self._writer = asyncio.get_running_loop().create_task(self._write_queued())
             return
@@ -502,26 +511,26 @@ class RedisBackend:
             self._queue = []
             if not batch:
                 continue
-            records = [r for records, _ in batch for r in records]
             try:
                 # Framed once: a retry resends the same sequence numbers, which is
                 # how readers recognise (and drop) what an attempt already stored.
-                ops = self._encode(records)
+                # Each append is encoded alone, so its messages share one entry.
+                ops = [op for records, _ in batch for op in self._encode(records)]
                 await self._retrying(functools.partial(self._send, ops), "write")
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self.counters["records_written"] += len(records)
-            for appended, fut in batch:
-                if fut.cancelled():
-                    # Cancelled while on the wire, and stored: the peers apply its
-                    # cache records, so this process's mirror must too.
-                    state = [r for r in appended if r.kind is not Kind.MESSAGE]
-                    if state and self._sink is not None:
-                        self._sink.deliver(state)
-                elif not fut.done():
+            self.counters["records_written"] += sum(len(records) for records, _ in batch)
+            # Stored: the peers apply these cache records, so this process must too,
+            # whether or not their callers are still waiting (one cancelled while
+            # on the wire was stored all the same).
+            state = [r for records, _ in batch for r in records if r.kind is not Kind.MESSAGE]
+            if state and self._sink is not None:
+                self._sink.written(state)
+            for _, fut in batch:
+                if not fut.done():
                     fut.set_result(None)
 
     def _encode(self, records: Sequence[Record]) -> list[tuple[bytes, bytes | None, str, int]]:
@@ -703,7 +712,7 @@ class RedisBackend:
                 if lost < 0:  # the counts do not add up: the stream was made anew
                     lost = None
                 gap = gap or lost != 0
-            elif info.added is None:  # Redis 6: guess from the stream being full
+            else:  # Redis 6, or a count lost to an earlier gap: guess from a full stream
                 gap = gap or (
                     position > (0, 0)
                     and (info.length >= self.stream_maxlen or info.first is None)
@@ -715,15 +724,23 @@ class RedisBackend:
                 else:
                     self._last_id = _id_before(info.first)
                     self._added = None if info.added is None else info.added - info.length
-        elif info.deleted is not None and info.deleted > position:
+        elif unread is not None and info.added is not None and self._added is not None:
+            # Added after the position = still there after it + gone unread
+            # (deleted, or lost when the stream was made anew: counts that went
+            # backwards). Righted here, so a gap is reported once.
+            gone = info.added - self._added - unread
+            if gone != 0:
+                gap, lost = True, (gone if gone > 0 else None)
+            self._added = info.added - unread
+        elif (
+            info.deleted is not None
+            and info.deleted > position
+            and (self._deleted_seen is None or info.deleted > self._deleted_seen)
+        ):
             gap = True  # entries after the position were deleted (XDEL) before read
             self._added = None
-        elif unread is not None and info.added is not None and self._added is not None:
-            # Added after the position = still there after it + gone unread.
-            gone = info.added - self._added - unread
-            if gone > 0:
-                gap, lost = True, gone
-            self._added = info.added - unread  # (a count that went wrong is righted)
+        if info is not None and info.deleted is not None:
+            self._deleted_seen = info.deleted  # each deletion is reported once
         if not gap:
             return False
         if restarted:
@@ -745,15 +762,17 @@ class RedisBackend:
 
         A *checked* read is one `MULTI` of `XINFO STREAM` and `XREAD`: it sees a
         restart, and entries gone before this reader read them. Between checked
-        reads, a plain `XREAD BLOCK` on the listener's own connection waits for
-        news and returns it, one round trip per wake-up: what it returns follows this
-        reader's position directly when it returns fewer entries than the stream
-        always keeps (the library trims with `MAXLEN ~ stream_maxlen`, never below
-        it, so a read that skipped trimmed entries would come back full); a full
-        read is dropped and done again, checked. Trims or deletes by others are
-        caught by the next checked read, which compares `entries-added` with what
-        this reader has read (Redis 7+); one follows any delivery within
-        `_CHECK_EVERY`, while an idle reader checks once per `block_ms`.
+        reads (which take a pooled connection), a plain `XREAD BLOCK` on the
+        listener's own connection waits for news and returns it, one round trip
+        per wake-up: what it returns follows this reader's position directly when
+        it returns fewer entries than the stream always keeps (the library trims
+        with `MAXLEN ~ stream_maxlen`, never below it, so a read that skipped
+        trimmed entries would come back full); a full read is dropped and done
+        again, checked. Entries removed by others (XDEL, XTRIM, a deleted or
+        recreated stream) may be read past first; the next checked read still
+        finds them, by comparing `entries-added` with what this reader has read
+        (Redis 7+). One follows any delivery within `_CHECK_EVERY`, while an
+        idle reader checks once per `block_ms`.
         """
         assert self._reader_client is not None
         assert self._sink is not None
