@@ -51,6 +51,8 @@ def open_ipc(path: str, codec: str = "json") -> Any:
     """An `AsyncIPC` on a directory, or on Redis for `redis://...#namespace`."""
     from ivip_ipc_async import AsyncIPC
 
+    if not path.startswith("redis://"):
+        return AsyncIPC(path, codec=codec)
     url, _, namespace = path.partition("#")
     return AsyncIPC(url, namespace=namespace or None, codec=codec)
 
