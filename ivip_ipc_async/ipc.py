@@ -347,8 +347,7 @@ class AsyncIPC:
         """
         topic_len = _check_name(event, "event name")
         data = self.codec.dumps(message)
-        if HEADER_SIZE + topic_len + len(data) > self.max_record_size:
-            self._check_size(topic_len, len(data))
+        self._check_size(topic_len, len(data))
         backend = self._backend
         # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
         if (

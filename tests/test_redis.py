@@ -59,6 +59,11 @@ async def _kill_clients(namespace: str) -> list[str]:
     return killed
 
 
+async def _skip_before_redis_7() -> None:
+    if await _server_major() < 7:
+        pytest.skip("counting lost entries needs XINFO entries-added (Redis 7+)")
+
+
 async def _server_major() -> int:
     import redis.asyncio as aioredis
 
@@ -398,8 +403,7 @@ async def test_an_entry_deleted_before_it_was_read_is_reported(namespace: str, u
     still finds it, from the counts (Redis 7+)."""
     import redis
 
-    if await _server_major() < 7:
-        pytest.skip("counting deleted entries needs XINFO entries-added (Redis 7+)")
+    await _skip_before_redis_7()
     async with (
         AsyncIPC(REDIS_URL, namespace=namespace) as writer,
         AsyncIPC(REDIS_URL, namespace=namespace) as reader,
@@ -433,8 +437,7 @@ async def test_a_stream_deleted_and_made_anew_is_reported(namespace: str, until:
     reader had not read is gone, and the counts going backwards say so."""
     import redis.asyncio as aioredis
 
-    if await _server_major() < 7:
-        pytest.skip("counting needs XINFO entries-added (Redis 7+)")
+    await _skip_before_redis_7()
     async with (
         AsyncIPC(REDIS_URL, namespace=namespace) as writer,
         AsyncIPC(REDIS_URL, namespace=namespace) as reader,

@@ -690,15 +690,12 @@ class DirectoryBackend:
             raise
         self._seq = seg.last_seq = first_seq + count
         seg.size += size
-        if (count > 1 or records[0].kind is not Kind.MESSAGE) and self._sink is not None:
+        if count > 1 or records[0].kind is not Kind.MESSAGE:  # a lone message skips this
             state = [r for r in records if r.kind is not Kind.MESSAGE]
             if state:
-                self._sink.written(state)  # stored: applies here, as in every peer
-        if not seg.has_cache:
-            for r in records:
-                if r.kind is not Kind.MESSAGE:
-                    seg.has_cache = True
-                    break
+                seg.has_cache = True
+                if self._sink is not None:
+                    self._sink.written(state)  # stored: applies here, as in every peer
         counters = self.counters
         counters["records_written"] += count
         counters["batches_written"] += 1

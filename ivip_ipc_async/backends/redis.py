@@ -174,6 +174,14 @@ def _stream_entries(response: Any) -> list[tuple[Any, Any]]:
     return out
 
 
+def _messages_op(frames: list[bytes], first_seq: int) -> tuple[bytes, None, str, int]:
+    """Message frames (sequence numbers from `first_seq` on) as one stream entry: a
+    BATCH frame when there are several (readers get all or none; one XADD)."""
+    if len(frames) == 1:
+        return frames[0], None, "", 0
+    return encode_frame(Record(Kind.BATCH, "", b"", b"".join(frames)), first_seq), None, "", 0
+
+
 def _id_before(stream_id: StreamId) -> bytes:
     """The greatest stream id below `stream_id` (an XREAD position just before it)."""
     ms, seq = stream_id
@@ -544,13 +552,13 @@ class RedisBackend:
             frame = encode_frame(record, self._seq)
             if record.kind is Kind.MESSAGE:
                 if messages and size + len(frame) > self.max_record_size - HEADER_SIZE:
-                    ops.append(self._messages_op(messages))
+                    ops.append(_messages_op(messages, self._seq - len(messages)))
                     messages, size = [], 0
                 messages.append(frame)
                 size += len(frame)
                 continue
             if messages:
-                ops.append(self._messages_op(messages))
+                ops.append(_messages_op(messages, self._seq - len(messages)))
                 messages, size = [], 0
             if record.kind is Kind.CACHE_SET:
                 expires_ms = int(record.expires * 1000) if record.expires else 0
@@ -559,18 +567,8 @@ class RedisBackend:
             version = f"{record.hlc:020d}{record.node:020d}"
             ops.append((frame, self._entry_key(record.topic, record.key), version, expires_ms))
         if messages:
-            ops.append(self._messages_op(messages))
+            ops.append(_messages_op(messages, self._seq + 1 - len(messages)))
         return ops
-
-    @staticmethod
-    def _messages_op(frames: list[bytes]) -> tuple[bytes, None, str, int]:
-        """Message frames as one stream entry: a BATCH frame when there are several
-        (readers get all of them or none, and one XADD instead of many)."""
-        if len(frames) == 1:
-            return frames[0], None, "", 0
-        first_seq = int.from_bytes(frames[0][8:16], "little")
-        batch = Record(Kind.BATCH, "", b"", b"".join(frames))
-        return encode_frame(batch, first_seq), None, "", 0
 
     async def _send(self, ops: list[tuple[bytes, bytes | None, str, int]]) -> None:
         """XADD messages; cache records through the last-writer-wins script."""
@@ -802,8 +800,6 @@ class RedisBackend:
             if entries:
                 unchecked = True
                 self._deliver(entries, reader)
-                if self._added is not None:
-                    self._added += len(entries)
 
     async def _checked_read(self, client: Any, reader: FrameReader) -> bool:
         """One checked read (see `_read_forever`); True when it came back full."""
@@ -826,8 +822,6 @@ class RedisBackend:
             return True  # read on from the new position
         self._deliver(entries, reader)
         if full:
-            if self._added is not None:
-                self._added += len(entries)
             return True
         if info is not None and info.last >= _id_tuple(self._last_id):
             # Read up to the end: everything up to last-generated-id is seen.
@@ -835,7 +829,11 @@ class RedisBackend:
         return False
 
     def _deliver(self, entries: list[tuple[Any, Any]], reader: FrameReader) -> None:
+        """Hand the records of `entries` (read on from the position) to the sink, and
+        move the position, and the count of entries read, past them."""
         assert self._sink is not None
+        if self._added is not None:
+            self._added += len(entries)
         fresh: list[Record] = []
         seen = self._seen
         for entry_id, fields in entries:
