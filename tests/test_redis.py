@@ -461,6 +461,42 @@ async def test_a_stream_deleted_and_made_anew_is_reported(namespace: str, until:
         assert reader.stats()["gaps"] == 1  # reported once
 
 
+async def test_destroy_sends_every_write_already_accepted(namespace: str, until: Any) -> None:
+    """`destroy()` while one notify is on the wire (sent from its own task) and more
+    wait behind it for the writer task: every one of them is sent, none refused."""
+    async with AsyncIPC(REDIS_URL, namespace=namespace) as receiver:
+        got: list[int] = []
+        receiver.on("n", got.append)
+        sender = await AsyncIPC(REDIS_URL, namespace=namespace).start()
+        backend: Any = sender._backend
+        send = backend._send
+        calls = 0
+
+        async def slow_after_the_first(ops: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # the writer task's batch: still on its way as close() runs
+                await asyncio.sleep(0.2)
+            await send(ops)
+
+        backend._send = slow_after_the_first
+        tasks = [asyncio.create_task(sender.notify("n", i)) for i in range(50)]
+        await asyncio.sleep(0)  # the first is on the wire, 49 are queued behind it
+        await sender.destroy()
+        assert calls == 2
+        assert await asyncio.gather(*tasks, return_exceptions=True) == [None] * 50
+        await until(lambda: got == list(range(50)))
+
+
+def test_bad_backend_options_are_refused() -> None:
+    from ivip_ipc_async.backends.redis import RedisBackend
+
+    with pytest.raises(ValueError, match="stream_maxlen must be at least 1000"):
+        RedisBackend(REDIS_URL, stream_maxlen=999)
+    with pytest.raises(ValueError, match="block_ms must be at least 1"):
+        RedisBackend(REDIS_URL, block_ms=0)
+
+
 async def test_destroy_is_prompt_even_as_a_read_completes(namespace: str) -> None:
     """The listener is cancelled until it ends, even when redis-py swallows one
     cancellation (a read with a socket timeout completing at that moment)."""
