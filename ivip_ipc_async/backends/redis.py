@@ -80,6 +80,15 @@ __all__ = ["RedisBackend"]
 
 _T = TypeVar("_T")
 
+# Both scripts store the record in the stream and publish it, with its stream id, in
+# one atomic step: live readers get it pushed, in stream order, and tell a push
+# from an entry they already read (while catching up) by its id.
+_APPEND: Final = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[1])
+redis.call('PUBLISH', ARGV[3], id .. ' ' .. ARGV[1])
+return id
+"""
+
 _SET_IF_NEWER: Final = """
 local current = redis.call('HGET', KEYS[1], 'v')
 if current and current >= ARGV[2] then
@@ -92,15 +101,17 @@ if expires > 0 then
 else
   redis.call('PERSIST', KEYS[1])
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
+redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
 return 1
 """
 
-_READ_COUNT: Final = 1000  # stream entries per read (stream_maxlen may not be less)
-_CHECK_EVERY: Final = 1.0  # seconds between checked reads while reads come back short
+_READ_COUNT: Final = 1000  # stream entries per catch-up read
 _SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
 
 StreamId = tuple[int, int]
+# An encoded write: frame, cache entry key (None: messages), version, expiry ms.
+_Op = tuple[bytes, bytes | None, str, int]
 
 
 class _Reconnected(ConnectionError):
@@ -174,7 +185,14 @@ def _stream_entries(response: Any) -> list[tuple[Any, Any]]:
     return out
 
 
-def _messages_op(frames: list[bytes], first_seq: int) -> tuple[bytes, None, str, int]:
+def _is_kind(response: Any, kind: str) -> bool:
+    """Whether a reply on the subscribed connection is a `kind` push (RESP2 or 3)."""
+    return (
+        isinstance(response, list) and len(response) >= 3 and response[0] in (kind, kind.encode())
+    )
+
+
+def _messages_op(frames: list[bytes], first_seq: int) -> _Op:
     """Message frames (sequence numbers from `first_seq` on) as one stream entry: a
     BATCH frame when there are several (readers get all or none; one XADD)."""
     if len(frames) == 1:
@@ -215,18 +233,19 @@ class RedisBackend:
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.
         stream_maxlen: Entries kept in the stream (at least; it is trimmed
-            approximately): the window a disconnected or slow peer can catch up
-            on. At least 1,000, and the same for every peer of a namespace.
+            approximately): the window a disconnected peer can catch up on.
+            The same for every peer of a namespace.
         tombstone_ttl: Seconds a delete is remembered in Redis.
-        block_ms: Longest wait of one `XREAD BLOCK` call.
+        ping_interval: Seconds of silence after which the listener PINGs Redis;
+            no answer within as long again counts as a lost connection.
         retry_timeout: Seconds a write (or a cache read while the mirror is
             being rebuilt) keeps retrying a lost connection before it raises
             `ConnectionError` (an attempt begun just before the deadline may
             run its socket timeout past it).
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
-            a socket timeout above `block_ms` (it reconnects, and resynchronises,
-            itself). By default the writing connection times out after
+            a socket timeout above `ping_interval` (it reconnects, and
+            resynchronises, itself). By default the writing connection times out after
             `retry_timeout` (at least 1 s), and both connections are named
             `ivip:<namespace>:<peer>:<r|w>` in `CLIENT LIST` (`client_name=None`
             to leave them unnamed).
@@ -245,29 +264,30 @@ class RedisBackend:
         max_record_size: int = 16 << 20,
         stream_maxlen: int = 100_000,
         tombstone_ttl: float = 120.0,
-        block_ms: int = 10_000,
+        ping_interval: float = 10.0,
         retry_timeout: float = 10.0,
         **redis_options: Any,
     ) -> None:
-        if stream_maxlen < _READ_COUNT:
-            # A read shorter than the stream always keeps proves it skipped nothing.
-            raise ValueError(f"stream_maxlen must be at least {_READ_COUNT}")
-        if block_ms < 1:
-            raise ValueError("block_ms must be at least 1 (0 would mean: wait forever)")
+        if stream_maxlen < 1:
+            raise ValueError("stream_maxlen must be at least 1")
+        if not ping_interval > 0:
+            raise ValueError("ping_interval must be above 0 seconds")
         self.url = url
         self.namespace = namespace
         self.max_record_size = max_record_size
         self.stream_maxlen = stream_maxlen
         self.tombstone_ttl = tombstone_ttl
-        self.block_ms = block_ms
+        self.ping_interval = ping_interval
         self.retry_timeout = retry_timeout
         self.redis_options = redis_options
         self.node = secrets.randbits(63) or 1
         self.stream_key = f"ivip:{{{namespace}}}:log"
+        self.channel = f"ivip:{{{namespace}}}:live"
         self.entry_prefix = f"ivip:{{{namespace}}}:c:".encode()
         self._client: Any = None
         self._reader_client: Any = None
-        self._script: Any = None
+        self._append_script: Any = None
+        self._set_script: Any = None
         self._sink: RecordSink | None = None
         # The reader's position: the last stream id read, and how many entries the
         # stream had ever received up to it (XINFO entries-added; None if unknown).
@@ -319,7 +339,7 @@ class RedisBackend:
             options["retry"] = Retry(NoBackoff(), 0)
             options["single_connection_client"] = True  # one reader: no pool per read
             timeout = options.get("socket_timeout") or 0.0
-            options["socket_timeout"] = max(float(timeout), self.block_ms / 1000 + 5.0)
+            options["socket_timeout"] = max(float(timeout), self.ping_interval + 5.0)
         else:
             # Writes retry in `_retrying` (counted, logged, deduplicated by readers).
             options.setdefault("retry", Retry(NoBackoff(), 0))
@@ -333,7 +353,8 @@ class RedisBackend:
         self._reader_client = self._make_client("r")
         try:
             await self._client.ping()
-            self._script = self._client.register_script(_SET_IF_NEWER)
+            self._append_script = self._client.register_script(_APPEND)
+            self._set_script = self._client.register_script(_SET_IF_NEWER)
             self._run_id = await self._server_run_id()
             await self._note_reader_connection()
             info = await self._stream_info()
@@ -408,6 +429,14 @@ class RedisBackend:
             # Held weakly by redis-py: a bound method of this backend.
             connection.register_connect_callback(self._on_reader_connect)
         self._reader_reconnected = False
+
+    async def _drop_reader_connection(self) -> None:
+        """Close the listener's connection (subscribed, maybe half-read): the
+        resync opens a fresh one."""
+        connection = self._reader_client.connection if self._reader_client else None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
 
     def _on_reader_connect(self, _connection: Any) -> None:
         self._reader_reconnected = True
@@ -541,10 +570,10 @@ class RedisBackend:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _encode(self, records: Sequence[Record]) -> list[tuple[bytes, bytes | None, str, int]]:
+    def _encode(self, records: Sequence[Record]) -> list[_Op]:
         """`(frame, entry key, version, expiry ms)` per record (key None: a message)."""
         now_ms = int(time.time() * 1000)
-        ops: list[tuple[bytes, bytes | None, str, int]] = []
+        ops: list[_Op] = []
         messages: list[bytes] = []  # consecutive message frames: one stream entry
         size = 0
         for record in records:
@@ -570,29 +599,43 @@ class RedisBackend:
             ops.append(_messages_op(messages, self._seq + 1 - len(messages)))
         return ops
 
-    async def _send(self, ops: list[tuple[bytes, bytes | None, str, int]]) -> None:
-        """XADD messages; cache records through the last-writer-wins script."""
+    async def _send(self, ops: list[_Op]) -> None:
+        """Store and publish: messages through `_APPEND`, cache records through the
+        last-writer-wins script; several in one pipeline."""
+        from redis.exceptions import NoScriptError
+
         client = self._client
         if client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
-        if len(ops) == 1 and ops[0][1] is None:  # one entry of messages: no pipeline
-            await client.xadd(
-                self.stream_key, {"r": ops[0][0]}, maxlen=self.stream_maxlen, approximate=True
-            )
+        if len(ops) == 1:
+            script, keys, args = self._script_call(ops[0])
+            await script(keys=keys, args=args, client=client)  # loads it if Redis lost it
             return
+        # EVALSHA by hand: a pipeline given Script objects asks SCRIPT EXISTS first,
+        # one more round trip per write.
         pipe = client.pipeline(transaction=False)
-        for frame, entry_key, version, expires_ms in ops:
-            if entry_key is None:
-                pipe.xadd(
-                    self.stream_key, {"r": frame}, maxlen=self.stream_maxlen, approximate=True
-                )
-            else:
-                await self._script(
-                    keys=[entry_key, self.stream_key],
-                    args=[frame, version, expires_ms, self.stream_maxlen],
-                    client=pipe,
-                )
-        await pipe.execute()
+        for op in ops:
+            script, keys, args = self._script_call(op)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        try:
+            await pipe.execute()
+        except NoScriptError:
+            # Redis lost the scripts (a restart, SCRIPT FLUSH): load them, and let
+            # `_retrying` send again (readers drop what was already stored).
+            for script in (self._append_script, self._set_script):
+                await client.script_load(script.script)
+            raise
+
+    def _script_call(self, op: _Op) -> tuple[Any, list[Any], list[Any]]:
+        """The script, keys and arguments that store and publish one encoded op."""
+        frame, entry_key, version, expires_ms = op
+        if entry_key is None:
+            return self._append_script, [self.stream_key], [frame, self.stream_maxlen, self.channel]
+        return (
+            self._set_script,
+            [entry_key, self.stream_key],
+            [frame, version, expires_ms, self.stream_maxlen, self.channel],
+        )
 
     async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str) -> _T:
         """`attempt()`, again after connection errors, for up to `retry_timeout` s."""
@@ -656,6 +699,7 @@ class RedisBackend:
                     self._connected = False
                     if self._sink is not None:
                         self._sink.mirror_ready(False)  # reads go to Redis meanwhile
+                await self._drop_reader_connection()
                 resync = True
                 await asyncio.sleep(backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, 5.0)
@@ -668,9 +712,11 @@ class RedisBackend:
         restarted = None not in (run_id, self._run_id) and run_id != self._run_id
         self._run_id = run_id
         await self._note_reader_connection()
-        self._check_gap(await self._stream_info(), restarted=restarted)
+        if restarted:
+            self._check_gap(await self._stream_info(), restarted=True)
         # Anything may have been missed while away: rebuild the mirror from Redis
-        # (it was dropped), then read the stream on from where this reader was.
+        # (it was dropped), then read the stream on from where this reader was (the
+        # catch-up's checked reads find, and count, what was trimmed or deleted).
         self.counters["resyncs"] += 1
         await self._load_state()
         self.counters["reconnects"] += 1
@@ -756,55 +802,57 @@ class RedisBackend:
         return True
 
     async def _read_forever(self) -> None:
-        """Read and deliver, checking for gaps at least every `_CHECK_EVERY` seconds.
+        """Subscribe, catch up from the stream, then deliver what Redis pushes.
 
-        A *checked* read is one `MULTI` of `XINFO STREAM` and `XREAD`: it sees a
-        restart, and entries gone before this reader read them. Between checked
-        reads (which take a pooled connection), a plain `XREAD BLOCK` on the
-        listener's own connection waits for news and returns it, one round trip
-        per wake-up: what it returns follows this reader's position directly when
-        it returns fewer entries than the stream always keeps (the library trims
-        with `MAXLEN ~ stream_maxlen`, never below it, so a read that skipped
-        trimmed entries would come back full); a full read is dropped and done
-        again, checked. Entries removed by others (XDEL, XTRIM, a deleted or
-        recreated stream) may be read past first; the next checked read still
-        finds them, by comparing `entries-added` with what this reader has read
-        (Redis 7+). One follows any delivery within `_CHECK_EVERY`, while an
-        idle reader checks once per `block_ms`.
+        The subscription comes first, so every record stored after the catch-up
+        read is pushed too: the catch-up reads (each a *checked* read, see
+        `_checked_read`) bring this reader from its position to the end of the
+        stream, and the pushes carry on from there. Both scripts store and
+        publish in one atomic step, so pushes come in stream order, each with its
+        stream id: one this reader already read while catching up is dropped.
+
+        While subscribed nothing is lost, whatever happens to the stream: a
+        reader too slow for Redis's output buffer limit is disconnected by Redis,
+        which is a disconnect like any other (`_listen` reconnects, and the
+        catch-up then finds what was trimmed meanwhile). After `ping_interval`
+        seconds of silence the listener PINGs, and no answer within as long
+        again counts as a lost connection.
         """
         assert self._reader_client is not None
-        assert self._sink is not None
-        client = self._reader_client
+        connection = self._reader_client.connection
+        await connection.send_command("SUBSCRIBE", self.channel)
+        while not _is_kind(await connection.read_response(push_request=True), "subscribe"):
+            pass  # (a stale PING answer)
         reader = FrameReader(self.max_record_size, self._garbage)
-        loop = asyncio.get_running_loop()
-        check_at = 0.0  # when the next checked read is due
-        unchecked = False  # delivered something since the last checked read
+        while await self._checked_read(reader):
+            pass  # a full read: more to catch up on
+        pinged = False
         while not self._closing:
-            if loop.time() >= check_at:
-                if await self._checked_read(client, reader):
-                    continue  # a full batch: more to read, checked
-                check_at = loop.time() + _CHECK_EVERY
-                unchecked = False
-            block = self.block_ms
-            if unchecked:  # wake up in time for the check that follows activity
-                block = max(1, min(block, int((check_at - loop.time()) * 1000) + 1))
-            response = await client.xread(
-                {self.stream_key: self._last_id}, count=_READ_COUNT, block=block
-            )
+            response = await connection.read_response(timeout=self.ping_interval, push_request=True)
             if self._reader_reconnected:
                 raise _Reconnected("the listener's connection to Redis was re-established")
-            entries = _stream_entries(response)
-            if len(entries) == _READ_COUNT:
-                check_at = 0.0  # far behind: read again, checked, from the same place
+            if response is None:  # silence for ping_interval
+                if pinged:
+                    raise TimeoutError(f"Redis did not answer a PING in {self.ping_interval:g}s")
+                await connection.send_command("PING")
+                pinged = True
                 continue
-            if entries:
-                unchecked = True
-                self._deliver(entries, reader)
+            pinged = False
+            if _is_kind(response, "message"):
+                self._deliver_push(response[2], reader)
 
-    async def _checked_read(self, client: Any, reader: FrameReader) -> bool:
-        """One checked read (see `_read_forever`); True when it came back full."""
+    def _deliver_push(self, payload: bytes, reader: FrameReader) -> None:
+        """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
+        entry_id, _, frame = payload.partition(b" ")
+        if _id_tuple(entry_id) > _id_tuple(self._last_id):
+            self._deliver([(entry_id, frame)], reader)
+
+    async def _checked_read(self, reader: FrameReader) -> bool:
+        """One catch-up read, checked: a `MULTI` of `XINFO STREAM` and `XREAD` that
+        finds a restart, and entries gone before this reader read them (see
+        `_check_gap`); then deliver. True when it came back full (read again)."""
         assert self._sink is not None
-        pipe = client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=True)
         pipe.xinfo_stream(self.stream_key)
         pipe.xread({self.stream_key: self._last_id}, count=_READ_COUNT)
         raw_info, response = await pipe.execute(raise_on_error=False)
@@ -820,7 +868,7 @@ class RedisBackend:
             await self._load_state()
             self._sink.mirror_ready(True)
             return True  # read on from the new position
-        self._deliver(entries, reader)
+        self._deliver([(entry_id, _field(fields, "r")) for entry_id, fields in entries], reader)
         if full:
             return True
         if info is not None and info.last >= _id_tuple(self._last_id):
@@ -828,17 +876,17 @@ class RedisBackend:
             self._last_id, self._added = info.last_raw, info.added
         return False
 
-    def _deliver(self, entries: list[tuple[Any, Any]], reader: FrameReader) -> None:
-        """Hand the records of `entries` (read on from the position) to the sink, and
-        move the position, and the count of entries read, past them."""
+    def _deliver(self, entries: list[tuple[Any, bytes | None]], reader: FrameReader) -> None:
+        """Hand the records of `entries` (`(stream id, frame)`, read on from the
+        position) to the sink, and move the position, and the count of entries
+        read, past them."""
         assert self._sink is not None
         if self._added is not None:
             self._added += len(entries)
         fresh: list[Record] = []
         seen = self._seen
-        for entry_id, fields in entries:
+        for entry_id, frame in entries:
             self._last_id = entry_id
-            frame = _field(fields, "r")
             if not frame:
                 continue
             records = reader.feed(frame)
