@@ -36,6 +36,7 @@ from typing import Any, Final, NamedTuple, Protocol
 __all__ = [
     "HEADER_SIZE",
     "MAGIC",
+    "NODE_OFFSET",
     "Codec",
     "FrameReader",
     "JsonCodec",
@@ -51,6 +52,7 @@ __all__ = [
 MAGIC: Final = b"\xa9\x1c"
 _HEADER = struct.Struct("<2sBBIQQQdHHII")
 HEADER_SIZE: Final = _HEADER.size
+NODE_OFFSET: Final = struct.calcsize("<2sBBIQQ")  # the sender's node id in a header (8 bytes)
 _CHECKED = HEADER_SIZE - 4  # bytes covered by header_crc
 MAX_NAME_BYTES: Final = 0xFFFF
 

@@ -264,6 +264,56 @@ async def test_a_reconnection_behind_the_listeners_back_is_noticed(
         assert b._mirror_ready
 
 
+async def test_a_silent_connection_is_found_by_a_ping(
+    namespace: str, relay: tuple[Relay, str], until: Any
+) -> None:
+    """Redis stops answering the listener without closing anything (a half-open
+    connection): after `ping_interval` of silence it PINGs, no answer comes, and
+    it reconnects, then catches up on what was sent meanwhile."""
+    cut, via_relay = relay
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace) as writer,
+        AsyncIPC(via_relay, namespace=namespace, ping_interval=0.2, retry_timeout=1) as reader,
+    ):
+        got: list[int] = []
+        reader.on("n", got.append)
+        await writer.notify("n", 1)
+        await until(lambda: got == [1])
+        cut.drop_replies = True  # requests still reach Redis; nothing comes back
+        await writer.notify("n", 2)
+        await until(lambda: not reader.stats()["connected"], timeout=5)
+        assert got == [1]
+        assert reader.stats()["connection_errors"] >= 1
+        cut.cut()  # the stalled connections go; new ones work again
+        cut.restore()
+        await until(lambda: got == [1, 2], timeout=10)
+        await until(lambda: reader.stats()["connected"])
+
+
+async def test_writes_go_on_after_redis_forgets_the_scripts(namespace: str, until: Any) -> None:
+    """SCRIPT FLUSH (or a restart) between two writes: the write that meets
+    NOSCRIPT loads the scripts again and is retried, alone or in a pipeline."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace) as a,
+        AsyncIPC(REDIS_URL, namespace=namespace) as b,
+    ):
+        got: list[int] = []
+        b.on("n", got.append)
+        await admin.script_flush()
+        await a.notify("n", 1)  # one write on its own
+        await admin.script_flush()
+        cache = AsyncCache(a)
+        await asyncio.gather(cache.set("k", 1, 0), cache.set("j", 2, 0))  # one pipeline
+        await until(lambda: got == [1])
+        await until(lambda: len(AsyncCache(b)) == 2)
+        assert [await AsyncCache(b).get(key) for key in ("k", "j")] == [1, 2]
+        assert a.stats()["write_retries"] >= 2
+    await admin.aclose()
+
+
 async def test_reads_go_to_redis_while_the_mirror_is_rebuilt(namespace: str) -> None:
     async with AsyncIPC(REDIS_URL, namespace=namespace) as ipc:
         cache = AsyncCache(ipc)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import random
 import re
@@ -73,7 +74,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..logs import logger, rate_limited
-from ..records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
+from ..records import HEADER_SIZE, NODE_OFFSET, FrameReader, Kind, Record, encode_frame
 from .base import RecordSink
 
 __all__ = ["RedisBackend"]
@@ -105,6 +106,9 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1]
 redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
 return 1
 """
+
+_APPEND_SHA: Final = hashlib.sha1(_APPEND.encode()).hexdigest()
+_SET_IF_NEWER_SHA: Final = hashlib.sha1(_SET_IF_NEWER.encode()).hexdigest()
 
 _READ_COUNT: Final = 1000  # stream entries per catch-up read
 _SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
@@ -192,12 +196,13 @@ def _is_kind(response: Any, kind: str) -> bool:
     )
 
 
-def _messages_op(frames: list[bytes], first_seq: int) -> _Op:
+def _messages_op(frames: list[bytes], first_seq: int, node: int) -> _Op:
     """Message frames (sequence numbers from `first_seq` on) as one stream entry: a
     BATCH frame when there are several (readers get all or none; one XADD)."""
     if len(frames) == 1:
         return frames[0], None, "", 0
-    return encode_frame(Record(Kind.BATCH, "", b"", b"".join(frames)), first_seq), None, "", 0
+    batch = Record(Kind.BATCH, "", b"", b"".join(frames), node=node)
+    return encode_frame(batch, first_seq), None, "", 0
 
 
 def _id_before(stream_id: StreamId) -> bytes:
@@ -281,13 +286,13 @@ class RedisBackend:
         self.retry_timeout = retry_timeout
         self.redis_options = redis_options
         self.node = secrets.randbits(63) or 1
+        self._node_bytes = self.node.to_bytes(8, "little")  # as in a frame's header
         self.stream_key = f"ivip:{{{namespace}}}:log"
         self.channel = f"ivip:{{{namespace}}}:live"
         self.entry_prefix = f"ivip:{{{namespace}}}:c:".encode()
-        self._client: Any = None
-        self._reader_client: Any = None
-        self._append_script: Any = None
-        self._set_script: Any = None
+        self._client: Any = None  # the listener's requests (control)
+        self._write_client: Any = None
+        self._reader_client: Any = None  # the subscription
         self._sink: RecordSink | None = None
         # The reader's position: the last stream id read, and how many entries the
         # stream had ever received up to it (XINFO entries-added; None if unknown).
@@ -296,6 +301,7 @@ class RedisBackend:
         self._deleted_seen: StreamId | None = None  # max-deleted-entry-id already handled
         self._run_id: str | None = None  # the server's; a new one means it restarted
         self._reader_reconnected = False  # set by redis-py when it reconnects the listener
+        self._replayed: StreamId | None = None  # where the last catch-up read up to
         self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
         self._seq = 0
         self._listener: asyncio.Task[None] | None = None
@@ -343,18 +349,23 @@ class RedisBackend:
         else:
             # Writes retry in `_retrying` (counted, logged, deduplicated by readers).
             options.setdefault("retry", Retry(NoBackoff(), 0))
-            options.setdefault("socket_timeout", max(self.retry_timeout, 1.0))
+            # Writes have no socket timeout (redis-py 8 sets 5 s by default):
+            # `_retrying` times each attempt, at the cost of one timer, where a
+            # socket timeout wraps every command in `asyncio.wait_for` (a task per
+            # command on Python 3.11).
+            timeout = max(self.retry_timeout, 1.0) if role == "c" else None
+            options.setdefault("socket_timeout", timeout)
         return aioredis.Redis.from_url(self.url, **options)
 
     async def start(self, sink: RecordSink) -> None:
         """Connect, load the cache state, and start the listener task."""
         self._sink = sink
-        self._client = self._make_client("w")
+        self._client = self._make_client("c")
+        self._write_client = self._make_client("w")
         self._reader_client = self._make_client("r")
         try:
             await self._client.ping()
-            self._append_script = self._client.register_script(_APPEND)
-            self._set_script = self._client.register_script(_SET_IF_NEWER)
+            await self._load_scripts(self._client)
             self._run_id = await self._server_run_id()
             await self._note_reader_connection()
             info = await self._stream_info()
@@ -386,18 +397,18 @@ class RedisBackend:
         await self._close_clients()
 
     async def _close_clients(self) -> None:
-        for client in (self._client, self._reader_client):
+        for client in (self._client, self._write_client, self._reader_client):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
-        self._client = self._reader_client = None
+        self._client = self._write_client = self._reader_client = None
 
     def abandon(self) -> None:
         """The loop is gone: drop the connections without awaiting."""
         self._closing = True
         if self._listener is not None and not self._listener.get_loop().is_closed():
             self._listener.cancel()
-        self._client = self._reader_client = None
+        self._client = self._write_client = self._reader_client = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -481,7 +492,7 @@ class RedisBackend:
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """One cache entry, read from Redis (while the mirror is being rebuilt)."""
-        client = self._client
+        client = self._write_client
         if client is None:
             return None
         frame = await self._retrying(
@@ -581,13 +592,13 @@ class RedisBackend:
             frame = encode_frame(record, self._seq)
             if record.kind is Kind.MESSAGE:
                 if messages and size + len(frame) > self.max_record_size - HEADER_SIZE:
-                    ops.append(_messages_op(messages, self._seq - len(messages)))
+                    ops.append(_messages_op(messages, self._seq - len(messages), self.node))
                     messages, size = [], 0
                 messages.append(frame)
                 size += len(frame)
                 continue
             if messages:
-                ops.append(_messages_op(messages, self._seq - len(messages)))
+                ops.append(_messages_op(messages, self._seq - len(messages), self.node))
                 messages, size = [], 0
             if record.kind is Kind.CACHE_SET:
                 expires_ms = int(record.expires * 1000) if record.expires else 0
@@ -596,7 +607,7 @@ class RedisBackend:
             version = f"{record.hlc:020d}{record.node:020d}"
             ops.append((frame, self._entry_key(record.topic, record.key), version, expires_ms))
         if messages:
-            ops.append(_messages_op(messages, self._seq + 1 - len(messages)))
+            ops.append(_messages_op(messages, self._seq + 1 - len(messages), self.node))
         return ops
 
     async def _send(self, ops: list[_Op]) -> None:
@@ -604,38 +615,40 @@ class RedisBackend:
         last-writer-wins script; several in one pipeline."""
         from redis.exceptions import NoScriptError
 
-        client = self._client
+        client = self._write_client
         if client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
-        if len(ops) == 1:
-            script, keys, args = self._script_call(ops[0])
-            await script(keys=keys, args=args, client=client)  # loads it if Redis lost it
-            return
-        # EVALSHA by hand: a pipeline given Script objects asks SCRIPT EXISTS first,
-        # one more round trip per write.
-        pipe = client.pipeline(transaction=False)
-        for op in ops:
-            script, keys, args = self._script_call(op)
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        # EVALSHA by hand: redis-py's Script objects cost a wrapper per call, and
+        # in a pipeline one more round trip (SCRIPT EXISTS) per write.
         try:
-            await pipe.execute()
+            if len(ops) == 1:
+                await client.evalsha(*self._script_call(ops[0]))
+            else:
+                pipe = client.pipeline(transaction=False)
+                for op in ops:
+                    pipe.evalsha(*self._script_call(op))
+                await pipe.execute()
         except NoScriptError:
             # Redis lost the scripts (a restart, SCRIPT FLUSH): load them, and let
             # `_retrying` send again (readers drop what was already stored).
-            for script in (self._append_script, self._set_script):
-                await client.script_load(script.script)
+            await self._load_scripts(client)
             raise
 
-    def _script_call(self, op: _Op) -> tuple[Any, list[Any], list[Any]]:
-        """The script, keys and arguments that store and publish one encoded op."""
+    @staticmethod
+    async def _load_scripts(client: Any) -> None:
+        for script in (_APPEND, _SET_IF_NEWER):
+            await client.script_load(script)
+
+    def _script_call(self, op: _Op) -> tuple[Any, ...]:
+        """EVALSHA's arguments (sha, number of keys, keys, args) that store and
+        publish one encoded op."""
         frame, entry_key, version, expires_ms = op
         if entry_key is None:
-            return self._append_script, [self.stream_key], [frame, self.stream_maxlen, self.channel]
+            return _APPEND_SHA, 1, self.stream_key, frame, self.stream_maxlen, self.channel
         return (
-            self._set_script,
-            [entry_key, self.stream_key],
-            [frame, version, expires_ms, self.stream_maxlen, self.channel],
-        )
+            _SET_IF_NEWER_SHA, 2, entry_key, self.stream_key,
+            frame, version, expires_ms, self.stream_maxlen, self.channel,
+        )  # fmt: skip
 
     async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str) -> _T:
         """`attempt()`, again after connection errors, for up to `retry_timeout` s."""
@@ -644,7 +657,9 @@ class RedisBackend:
         delay = 0.05
         while True:
             try:
-                return await attempt()
+                # The attempt's own time limit (the connection has no socket timeout).
+                async with asyncio.timeout(max(deadline - loop.time(), 1.0)):
+                    return await attempt()
             except Exception as exc:
                 if not _retryable(exc) or self._client is None:
                     raise
@@ -826,6 +841,7 @@ class RedisBackend:
         reader = FrameReader(self.max_record_size, self._garbage)
         while await self._checked_read(reader):
             pass  # a full read: more to catch up on
+        self._replayed = _id_tuple(self._last_id)
         pinged = False
         while not self._closing:
             response = await connection.read_response(timeout=self.ping_interval, push_request=True)
@@ -844,8 +860,17 @@ class RedisBackend:
     def _deliver_push(self, payload: bytes, reader: FrameReader) -> None:
         """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
         entry_id, _, frame = payload.partition(b" ")
-        if _id_tuple(entry_id) > _id_tuple(self._last_id):
-            self._deliver([(entry_id, frame)], reader)
+        if self._replayed is not None:  # the first pushes may repeat the catch-up's end
+            if _id_tuple(entry_id) <= self._replayed:
+                return
+            self._replayed = None  # pushes come in stream order: the rest are new
+        if frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
+            # This process's own record (Redis pushes it here too): just move past it.
+            self._last_id = entry_id
+            if self._added is not None:
+                self._added += 1
+            return
+        self._deliver([(entry_id, frame)], reader)
 
     async def _checked_read(self, reader: FrameReader) -> bool:
         """One catch-up read, checked: a `MULTI` of `XINFO STREAM` and `XREAD` that
