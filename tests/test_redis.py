@@ -1,7 +1,7 @@
 """Redis-specific behaviour: URL selection, protocols, connections cut mid-stream, gaps.
 
 The faults are real: `CLIENT KILL` of this test's own connections (found by
-their names, `ivip:<namespace>:<peer>:<r|w>`, so other users of the server are
+their names, `ivip:<namespace>:<peer>:<role>`, so other users of the server are
 left alone), and a TCP relay between an instance and Redis that the test cuts
 (every connection dropped, new ones refused) and restores.
 """
@@ -622,7 +622,7 @@ async def test_destroy_is_prompt_even_as_a_read_completes(namespace: str) -> Non
     loop = asyncio.get_running_loop()
     for i in range(60):
         ipc = await AsyncIPC(REDIS_URL, namespace=namespace).start()
-        await ipc.notify("n", i)  # its own listener's XREAD BLOCK returns ...
+        await ipc.notify("n", i)  # its own listener's read returns (its own push) ...
         await asyncio.sleep(i % 10 * 0.0001)  # ... and is at one of several steps after that
         started = loop.time()
         await ipc.destroy()

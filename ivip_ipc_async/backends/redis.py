@@ -1,4 +1,5 @@
-"""The Redis backend: the same records, through a Redis stream, for several hosts.
+"""The Redis backend: the same records, stored in a Redis stream and pushed by
+pub/sub, for processes on several hosts.
 
 Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`
 and `unix://`); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
@@ -6,20 +7,23 @@ Works with redis-py 5 to 8, over RESP2 and RESP3 (`protocol=2` or `3`).
 
 Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
 
-    ivip:{ns}:log          a stream: one entry per record, field "r" = the frame
+    ivip:{ns}:log          a stream: one entry per write, field "r" = the frame
+    ivip:{ns}:live         the channel: "<stream id> <frame>" per entry
     ivip:{ns}:c:<topic>\\0<key>   a hash per cache entry: "r" = frame, "v" = version
 
-Why a stream and not pub/sub: `XADD` returning means the record is stored in
-Redis, and each peer reads the stream from the last id it saw, so a peer that
-was disconnected for a moment gets what was sent meanwhile (pub/sub would drop
-it), and one that fell behind the trim window knows it (`XINFO STREAM`).
-Order is the stream's: one total order, so per-sender order holds.
+Why both: `XADD` returning means the record is stored in Redis, and a peer that
+was disconnected catches up from the stream where it was (pub/sub alone would
+drop what was sent meanwhile, and tell nobody); live peers get each record
+pushed, with no read request per record (a stream alone costs every instance a
+read per write, its own included: half the throughput). Each write is one Lua
+script that stores and publishes atomically, so pushes follow the stream's
+order: one total order, so per-sender order holds.
 
-Cache writes go through one Lua script that keeps the entry only if its
-`(hlc, node)` is newer (last writer wins, as in the mirror) and appends the
-record to the stream, atomically. Entries carry their TTL (`PEXPIREAT`); deletes
-are tombstones that expire after `tombstone_ttl`. A joiner notes where the
-stream ends, scans the entries, then reads the stream from the id it noted.
+Cache writes go through a script that keeps the entry only if its `(hlc, node)`
+is newer (last writer wins, as in the mirror), then stores and publishes the
+record. Entries carry their TTL (`PEXPIREAT`); deletes are tombstones that
+expire after `tombstone_ttl`. A joiner notes where the stream ends, scans the
+entries, then subscribes and reads the stream on from the id it noted.
 
 The guarantee, and what a lost connection does:
 
@@ -33,28 +37,28 @@ The guarantee, and what a lost connection does:
   to itself in the last-writer-wins script). What Redis itself loses (a restart
   without persistence, an asynchronous replica promoted) is beyond this
   guarantee, and is reported as a gap (below).
-- **The listener never dies silently.** Any error, and any reconnection of its
+- **A subscribed peer loses nothing**, whatever happens to the stream: Redis
+  pushes it every record. One too slow for Redis's output buffer limit is
+  disconnected by Redis, which is a disconnect like any other.
+- **The listener never dies silently.** Any error, any reconnection of its
   connection (redis-py reconnects some silently: it calls the backend back when
-  it does), counts as a disconnect: `stats()["connected"]` turns False, the
-  cache mirror is dropped (cache reads go to Redis meanwhile), the listener
+  it does), and a PING unanswered (sent after `ping_interval` seconds of
+  silence) count as a disconnect: `stats()["connected"]` turns False, the cache
+  mirror is dropped (cache reads go to Redis meanwhile), the listener
   reconnects with backoff (0.1 s to 5 s, counted in `reconnects` /
-  `connection_errors`, logged), checks for a gap, reloads the cache state from
-  Redis, and reads the stream on from where it was: messages sent while it was
-  away are delivered, in order.
-- **Gaps are reported.** A checked read, a `MULTI` of `XINFO STREAM` and
-  `XREAD`, runs at least once a second while records arrive, once per
-  `block_ms` when idle, and whenever a read comes back full (between them a
-  plain `XREAD BLOCK` delivers news with one round trip: see `_read_forever`
-  for why it cannot skip what the library trims):
-  if entries after the reader's position were trimmed before it read them (a
-  reader that fell `stream_maxlen` records behind, connected or not: the oldest
-  entry left is past its position and `entries-added` says more were added
-  after it than are left; Redis 7+, on Redis 6 a full stream past the position
-  counts), or deleted (`max-deleted-entry-id`), or the server restarted (its
-  `run_id` changed), or the stream was deleted, the backend logs a warning,
-  emits `ivip:gap` (`{"peer": "redis", "lost": n}`, `n` the stream entries
-  lost, 0 when unknown), counts `gaps` / `records_lost`, drops the mirror and
-  reloads it from Redis, then reads on from the oldest entry left.
+  `connection_errors`, logged), subscribes, reloads the cache state from Redis,
+  and catches up from the stream where it was: messages sent while it was away
+  are delivered, in order.
+- **Gaps are reported.** The catch-up reads are checked (a `MULTI` of `XINFO
+  STREAM` and `XREAD`): if entries after the reader's position were trimmed
+  before it read them (the oldest entry left is past its position and
+  `entries-added` says more were added after it than are left; Redis 7+, on
+  Redis 6 a full stream past the position counts), or deleted (the counts, or
+  `max-deleted-entry-id`), or the server restarted (its `run_id` changed), or
+  the stream was deleted, the backend logs a warning, emits `ivip:gap`
+  (`{"peer": "redis", "lost": n}`, `n` the stream entries lost, 0 when
+  unknown), counts `gaps` / `records_lost`, drops the mirror and reloads it
+  from Redis, then reads on from the oldest entry left.
 """
 
 from __future__ import annotations
@@ -231,7 +235,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class RedisBackend:
-    """Records through a Redis stream; cache state in Redis hashes.
+    """Records stored in a Redis stream and pushed by pub/sub; cache state in hashes.
 
     Args:
         url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it).
@@ -245,14 +249,15 @@ class RedisBackend:
             no answer within as long again counts as a lost connection.
         retry_timeout: Seconds a write (or a cache read while the mirror is
             being rebuilt) keeps retrying a lost connection before it raises
-            `ConnectionError` (an attempt begun just before the deadline may
-            run its socket timeout past it).
+            `ConnectionError` (each attempt gets at least 1 s, so the call may
+            end up to a second past it).
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
             a socket timeout above `ping_interval` (it reconnects, and
-            resynchronises, itself). By default the writing connection times out after
-            `retry_timeout` (at least 1 s), and both connections are named
-            `ivip:<namespace>:<peer>:<r|w>` in `CLIENT LIST` (`client_name=None`
+            resynchronises, itself). By default writes time out after
+            `retry_timeout` (at least 1 s), and the connections are named
+            `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST` (role `w` writes,
+            `r` listens, `c` serves the listener's requests; `client_name=None`
             to leave them unnamed).
 
     Example:
