@@ -614,6 +614,8 @@ def test_bad_backend_options_are_refused() -> None:
         RedisBackend(REDIS_URL, stream_maxlen=0)
     with pytest.raises(ValueError, match="ping_interval must be above 0"):
         RedisBackend(REDIS_URL, ping_interval=0)
+    with pytest.raises(ValueError, match="decode_responses must be off"):
+        RedisBackend(REDIS_URL, decode_responses=True)
 
 
 async def test_destroy_is_prompt_even_as_a_read_completes(namespace: str) -> None:

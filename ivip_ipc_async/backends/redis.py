@@ -282,6 +282,8 @@ class RedisBackend:
             raise ValueError("stream_maxlen must be at least 1")
         if not ping_interval > 0:
             raise ValueError("ping_interval must be above 0 seconds")
+        if redis_options.get("decode_responses"):
+            raise ValueError("decode_responses must be off: records are binary frames")
         self.url = url
         self.namespace = namespace
         self.max_record_size = max_record_size
