@@ -242,15 +242,16 @@ async def test_a_reconnection_behind_the_listeners_back_is_noticed(
         AsyncIPC(REDIS_URL, namespace=namespace) as a,
         AsyncIPC(REDIS_URL, namespace=namespace) as b,
     ):
-        listener = f"ivip:{namespace}:{b.stats()['peer']}:r"
+        peer = f"ivip:{namespace}:{b.stats()['peer']}"
+        listener = {f"{peer}:r", f"{peer}:c"}  # its subscription, and its requests
         got: list[int] = []
 
         def kill_my_listener(message: int) -> None:
             got.append(message)
             if message == 1:  # runs inside the listener, between two of its reads
                 admin = redis.Redis.from_url(REDIS_URL)
-                ids = [c["id"] for c in admin.client_list() if c.get("name") == listener]
-                assert ids  # its reading connection, and the one of its checked reads
+                ids = [c["id"] for c in admin.client_list() if c.get("name") in listener]
+                assert len(ids) == 2
                 for client_id in ids:
                     assert admin.execute_command("CLIENT", "KILL", "ID", client_id) == 1
                 admin.close()
