@@ -73,6 +73,21 @@ async def _server_major() -> int:
     return int(str(version).split(".")[0])
 
 
+async def _kill_listener(ipc: AsyncIPC) -> None:
+    """CLIENT KILL the subscription connection of one instance."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    listener = f"ivip:{ipc.stats()['namespace']}:{ipc.stats()['peer']}:r"
+    killed = [
+        await admin.execute_command("CLIENT", "KILL", "ID", client["id"])
+        for client in await admin.client_list()
+        if client.get("name") == listener
+    ]
+    await admin.aclose()
+    assert killed == [1]
+
+
 def _another_process_writes(
     namespace: str, messages: int, cache_set: bool = False, pad: int = 0
 ) -> None:
@@ -193,6 +208,94 @@ async def test_resp2_and_resp3(namespace: str, protocol: int, until: Any) -> Non
         await until(lambda: got == [{"p": protocol}])
         await until(lambda: len(AsyncCache(b)) == 1)
         assert await AsyncCache(b).get("k") == protocol
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_redis_py_health_checks_never_eat_a_push(
+    namespace: str, protocol: int, until: Any
+) -> None:
+    """redis-py's own health check (PING, read the answer) on the subscribed
+    connection would throw a push away (RESP3) or fail on it (RESP2): the
+    listener turns it off on its connection, and PINGs itself."""
+    options = {"protocol": protocol, "health_check_interval": 0.001}
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace, **options) as writer,
+        AsyncIPC(REDIS_URL, namespace=namespace, ping_interval=0.02, **options) as reader,
+    ):
+        got: list[int] = []
+        reader.on("n", got.append)
+        for i in range(150):
+            await writer.notify("n", i)
+            if i % 5 == 0:
+                await asyncio.sleep(0.03)  # silences in which the listener PINGs
+        await until(lambda: len(got) == 150)
+        assert got == list(range(150))
+        assert reader.stats()["reconnects"] == reader.stats()["gaps"] == 0
+
+
+async def test_a_stray_publish_on_the_channel_is_skipped(namespace: str, until: Any) -> None:
+    """Someone else PUBLISHes on the library's channel: counted as garbage, and it
+    moves nothing (a reconnection afterwards catches up from the right place)."""
+    import redis.asyncio as aioredis
+
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace) as writer,
+        AsyncIPC(REDIS_URL, namespace=namespace) as reader,
+    ):
+        got: list[int] = []
+        reader.on("n", got.append)
+        admin = aioredis.Redis.from_url(REDIS_URL)
+        channel = f"ivip:{{{namespace}}}:live"
+        for junk in (b"hello world", b"1-1 not a frame", b"no-id-at-all"):
+            assert await admin.publish(channel, junk) == 2  # both instances hear it
+        await writer.notify("n", 1)
+        await until(lambda: got == [1])
+        assert reader.stats()["garbage_bytes"] > 0
+        await admin.aclose()
+        await _kill_listener(reader)
+        await until(lambda: reader.stats()["reconnects"] == 1)
+        await writer.notify("n", 2)
+        await until(lambda: got == [1, 2])
+        assert reader.stats()["gaps"] == reader.stats()["task_failures"] == 0
+
+
+async def test_what_the_catch_up_reads_is_not_delivered_again_by_a_push(
+    namespace: str, until: Any
+) -> None:
+    """Records stored between the listener's SUBSCRIBE and its catch-up read come
+    both ways: read from the stream and pushed. Each is delivered once, in order,
+    without even reaching the sequence-number check (`duplicates_dropped`)."""
+
+    async with (
+        AsyncIPC(REDIS_URL, namespace=namespace) as writer,
+        AsyncIPC(REDIS_URL, namespace=namespace) as reader,
+    ):
+        got: list[int] = []
+        reader.on("n", got.append)
+        for i in range(10):
+            await writer.notify("n", i)
+        await until(lambda: got == list(range(10)))
+
+        backend: Any = reader._backend
+        catch_up = backend._checked_read
+        armed = True
+
+        async def written_while_catching_up(frame_reader: Any) -> bool:
+            nonlocal armed
+            if armed:  # subscribed already: these are pushed, and in the stream
+                armed = False
+                for i in range(10, 20):
+                    await writer.notify("n", i)
+            return bool(await catch_up(frame_reader))
+
+        backend._checked_read = written_while_catching_up
+        await _kill_listener(reader)
+        await until(lambda: got == list(range(20)) and reader.stats()["connected"])
+        await writer.notify("n", 20)
+        await until(lambda: got[-1:] == [20])
+        assert got == list(range(21))
+        assert not armed  # the catch-up did run while the records were written
+        assert reader.stats()["duplicates_dropped"] == 0
 
 
 async def test_connection_cut_mid_stream_loses_nothing_and_reconnects(
@@ -454,6 +557,14 @@ async def test_a_stuck_reader_loses_nothing_when_the_stream_is_trimmed(
         await until(lambda: after == [1])
         assert gaps == []
         assert reader.stats()["gaps"] == reader.stats()["reconnects"] == 0
+
+        # A reconnection later catches up from the stream made anew, which this
+        # reader followed live: nothing missed, so still no gap.
+        await _kill_listener(reader)
+        await until(lambda: reader.stats()["reconnects"] == 1 and reader.stats()["connected"])
+        await writer.notify("after", 2)
+        await until(lambda: after == [1, 2])
+        assert gaps == []
 
 
 async def test_a_reader_too_slow_for_redis_is_cut_off_and_reports_the_gap(

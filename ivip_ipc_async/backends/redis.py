@@ -78,7 +78,15 @@ from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ..logs import logger, rate_limited
-from ..records import HEADER_SIZE, NODE_OFFSET, FrameReader, Kind, Record, encode_frame
+from ..records import (
+    HEADER_SIZE,
+    MAGIC,
+    NODE_OFFSET,
+    FrameReader,
+    Kind,
+    Record,
+    encode_frame,
+)
 from .base import RecordSink
 
 __all__ = ["RedisBackend"]
@@ -198,6 +206,11 @@ def _is_kind(response: Any, kind: str) -> bool:
     return (
         isinstance(response, list) and len(response) >= 3 and response[0] in (kind, kind.encode())
     )
+
+
+def _is_entry(xrange_reply: Any) -> bool:
+    """Whether an XRANGE reply (or the error in its place) holds an entry."""
+    return isinstance(xrange_reply, list) and bool(xrange_reply)
 
 
 def _messages_op(frames: list[bytes], first_seq: int, node: int) -> _Op:
@@ -347,7 +360,7 @@ class RedisBackend:
         if role == "r":
             # The listener must see every disconnect (to check for a gap and
             # resynchronise), and must not wait forever on a half-open connection.
-            for name in ("retry_on_error", "retry_on_timeout"):
+            for name in ("retry_on_error", "retry_on_timeout", "health_check_interval"):
                 options.pop(name, None)
             options["retry"] = Retry(NoBackoff(), 0)
             options["single_connection_client"] = True  # one reader: no pool per read
@@ -434,11 +447,12 @@ class RedisBackend:
         return run_id.decode() if isinstance(run_id, bytes) else run_id
 
     async def _note_reader_connection(self) -> None:
-        """Connect the listener, and have redis-py say when it reconnects it.
+        """Connect the listener, and have redis-py say if it ever reconnects it.
 
-        redis-py reopens a connection found closed without raising anything: a
-        reconnection the listener would not otherwise see (nothing read from the
-        stream is lost by it, but the server may have restarted meanwhile).
+        redis-py reopens a connection found closed, when it sends, without
+        raising anything. The listener only sends on a connection it has just
+        read from, so this is a guard: a reconnection behind its back would lose
+        the subscription silently.
         """
         client = self._reader_client
         await client.ping()  # connects the listener's single connection
@@ -446,6 +460,11 @@ class RedisBackend:
         if connection is not None:
             # Held weakly by redis-py: a bound method of this backend.
             connection.register_connect_callback(self._on_reader_connect)
+            # redis-py's own health check would PING, and read the answer, on the
+            # subscribed connection, throwing away a push that came first (RESP3)
+            # or failing on it (RESP2); `ping_interval` does that job. (A URL's
+            # `?health_check_interval=` overrides options, hence here.)
+            connection.health_check_interval = 0
         self._reader_reconnected = False
 
     async def _drop_reader_connection(self) -> None:
@@ -747,7 +766,12 @@ class RedisBackend:
         logger.info("reconnected to Redis")
 
     def _check_gap(
-        self, info: _StreamInfo | None, *, restarted: bool = False, unread: int | None = None
+        self,
+        info: _StreamInfo | None,
+        *,
+        restarted: bool = False,
+        unread: int | None = None,
+        at_position: bool = False,
     ) -> bool:
         """Whether records may have gone before this reader read them; if so, report
         it and move the position past what is gone. (The caller reloads the state.)
@@ -758,7 +782,10 @@ class RedisBackend:
         were ever added after it (`entries-added`, Redis 7+). `unread`, when
         known, is how many entries the stream holds after the position: then
         any entry added after the position and no longer there shows in the
-        counts, wherever it was (Redis 7+).
+        counts, wherever it was (Redis 7+). `at_position`: the entry at the
+        position is still there, so the stream is the one this reader read (a
+        count that went backwards then only says that the stream was made anew
+        earlier, while this reader followed it live, and is righted silently).
         """
         position = _id_tuple(self._last_id)
         gap = restarted
@@ -795,7 +822,7 @@ class RedisBackend:
             # (deleted, or lost when the stream was made anew: counts that went
             # backwards). Righted here, so a gap is reported once.
             gone = info.added - self._added - unread
-            if gone != 0:
+            if gone > 0 or (gone < 0 and not at_position):
                 gap, lost = True, (gone if gone > 0 else None)
             self._added = info.added - unread
         elif (
@@ -864,11 +891,21 @@ class RedisBackend:
             if _is_kind(response, "message"):
                 self._deliver_push(response[2], reader)
 
-    def _deliver_push(self, payload: bytes, reader: FrameReader) -> None:
+    def _deliver_push(self, payload: Any, reader: FrameReader) -> None:
         """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
+        if not isinstance(payload, bytes):
+            return  # not ours (a stray PUBLISH)
         entry_id, _, frame = payload.partition(b" ")
+        try:
+            position = _id_tuple(entry_id)
+        except ValueError:
+            position = None
+        if position is None or not frame.startswith(MAGIC):
+            # Someone else's PUBLISH on the channel: it must not move the position.
+            self._garbage(len(payload), "a message on the channel that is not a record")
+            return
         if self._replayed is not None:  # the first pushes may repeat the catch-up's end
-            if _id_tuple(entry_id) <= self._replayed:
+            if position <= self._replayed:
                 return
             self._replayed = None  # pushes come in stream order: the rest are new
         if frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
@@ -887,7 +924,8 @@ class RedisBackend:
         pipe = self._client.pipeline(transaction=True)
         pipe.xinfo_stream(self.stream_key)
         pipe.xread({self.stream_key: self._last_id}, count=_READ_COUNT)
-        raw_info, response = await pipe.execute(raise_on_error=False)
+        pipe.xrange(self.stream_key, self._last_id, self._last_id)
+        raw_info, response, at_position = await pipe.execute(raise_on_error=False)
         if isinstance(response, Exception):
             raise response
         if isinstance(raw_info, Exception) and not _is_no_such_key(raw_info):
@@ -895,7 +933,8 @@ class RedisBackend:
         info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
         entries = _stream_entries(response)
         full = len(entries) == _READ_COUNT
-        if self._check_gap(info, unread=None if full else len(entries)):
+        unread = None if full else len(entries)
+        if self._check_gap(info, unread=unread, at_position=_is_entry(at_position)):
             self._sink.mirror_ready(False)
             await self._load_state()
             self._sink.mirror_ready(True)
