@@ -41,10 +41,10 @@ The guarantee, and what a lost connection does:
   pushes it every record. One too slow for Redis's output buffer limit is
   disconnected by Redis, which is a disconnect like any other.
 - **The listener never dies silently.** Any error, any reconnection of its
-  connection (a guard: redis-py can reopen one silently when sending, and
-  would call the backend back), and a PING unanswered (sent after
-  `ping_interval` seconds of silence) count as a disconnect: `stats()["connected"]` turns False, the cache
-  mirror is dropped (cache reads go to Redis meanwhile), the listener
+  connection (a guard: redis-py can reopen one silently when sending, and would
+  call the backend back), and a PING unanswered (sent after `ping_interval`
+  seconds of silence) count as a disconnect: `stats()["connected"]` turns False,
+  the cache mirror is dropped (cache reads go to Redis meanwhile), the listener
   reconnects with backoff (0.1 s to 5 s, counted in `reconnects` /
   `connection_errors`, logged), subscribes, reloads the cache state from Redis,
   and catches up from the stream where it was: messages sent while it was away
