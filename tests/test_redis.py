@@ -195,19 +195,33 @@ async def test_url_selects_the_redis_backend(namespace: str) -> None:
         assert ipc.health()["healthy"] is True
 
 
+@pytest.mark.parametrize("parser", ["default", "pure-python"])
 @pytest.mark.parametrize("protocol", [2, 3])
-async def test_resp2_and_resp3(namespace: str, protocol: int, until: Any) -> None:
+async def test_resp2_and_resp3(namespace: str, protocol: int, parser: str, until: Any) -> None:
+    """Both protocols, with hiredis (when installed) and redis-py's own parsers;
+    the listener's PINGs (every 20 ms of silence here) included."""
+    options: dict[str, Any] = {"protocol": protocol}
+    if parser == "pure-python":
+        try:
+            from redis._parsers import _AsyncRESP2Parser, _AsyncRESP3Parser
+        except ImportError as exc:  # a private name: may move in a future redis-py
+            pytest.skip(f"redis-py's pure-Python parsers are not where expected: {exc}")
+        options["parser_class"] = _AsyncRESP3Parser if protocol == 3 else _AsyncRESP2Parser
     async with (
-        AsyncIPC(REDIS_URL, namespace=namespace, protocol=protocol) as a,
-        AsyncIPC(REDIS_URL, namespace=namespace, protocol=protocol) as b,
+        AsyncIPC(REDIS_URL, namespace=namespace, **options) as a,
+        AsyncIPC(REDIS_URL, namespace=namespace, ping_interval=0.02, **options) as b,
     ):
         got: list[Any] = []
         b.on("e", got.append)
-        await a.notify("e", {"p": protocol})
+        for i in range(5):
+            await a.notify("e", {"p": protocol, "i": i, "pad": "x" * (i * 50_000)})
+            await asyncio.sleep(0.05)  # silence: b PINGs, and reads the answer
         await AsyncCache(a).set("k", protocol)
-        await until(lambda: got == [{"p": protocol}])
+        await until(lambda: len(got) == 5)
+        assert [m["i"] for m in got] == list(range(5))
         await until(lambda: len(AsyncCache(b)) == 1)
         assert await AsyncCache(b).get("k") == protocol
+        assert b.stats()["reconnects"] == 0
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
