@@ -208,11 +208,6 @@ def _is_kind(response: Any, kind: str) -> bool:
     )
 
 
-def _is_entry(xrange_reply: Any) -> bool:
-    """Whether an XRANGE reply (or the error in its place) holds an entry."""
-    return isinstance(xrange_reply, list) and bool(xrange_reply)
-
-
 def _messages_op(frames: list[bytes], first_seq: int, node: int) -> _Op:
     """Message frames (sequence numbers from `first_seq` on) as one stream entry: a
     BATCH frame when there are several (readers get all or none; one XADD)."""
@@ -662,8 +657,10 @@ class RedisBackend:
 
     @staticmethod
     async def _load_scripts(client: Any) -> None:
+        pipe = client.pipeline(transaction=False)  # both in one round trip
         for script in (_APPEND, _SET_IF_NEWER):
-            await client.script_load(script)
+            pipe.script_load(script)
+        await pipe.execute()
 
     def _script_call(self, op: _Op) -> tuple[Any, ...]:
         """EVALSHA's arguments (sha, number of keys, keys, args) that store and
@@ -908,12 +905,6 @@ class RedisBackend:
             if position <= self._replayed:
                 return
             self._replayed = None  # pushes come in stream order: the rest are new
-        if frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
-            # This process's own record (Redis pushes it here too): just move past it.
-            self._last_id = entry_id
-            if self._added is not None:
-                self._added += 1
-            return
         self._deliver([(entry_id, frame)], reader)
 
     async def _checked_read(self, reader: FrameReader) -> bool:
@@ -933,8 +924,8 @@ class RedisBackend:
         info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
         entries = _stream_entries(response)
         full = len(entries) == _READ_COUNT
-        unread = None if full else len(entries)
-        if self._check_gap(info, unread=unread, at_position=_is_entry(at_position)):
+        at_position = isinstance(at_position, list) and bool(at_position)  # (or an error)
+        if self._check_gap(info, unread=None if full else len(entries), at_position=at_position):
             self._sink.mirror_ready(False)
             await self._load_state()
             self._sink.mirror_ready(True)
@@ -958,13 +949,11 @@ class RedisBackend:
         seen = self._seen
         for entry_id, frame in entries:
             self._last_id = entry_id
-            if not frame:
-                continue
+            if not frame or frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
+                continue  # this process's own write (Redis pushes it here too): not parsed
             records = reader.feed(frame)
             self.counters["garbage_bytes"] += reader.discard_pending()
             for record in records:
-                if record.node == self.node:
-                    continue
                 last = seen.get(record.node)
                 if last is not None and record.seq <= last:
                     self.counters["duplicates_dropped"] += 1  # a retried write
