@@ -33,6 +33,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +311,7 @@ class DirectoryBackend:
         """Open the directory, announce this peer, load the present, start watching."""
         self._sink = sink
         self._loop = asyncio.get_running_loop()
+        _started.add(self)
         try:
             self._open_directories()
             self._announce()
@@ -358,6 +360,34 @@ class DirectoryBackend:
                 task.cancel()
         self._tasks.clear()
         self._release()
+
+    def _drop_inherited(self) -> None:
+        """In a forked child: close the parent's descriptors, touch nothing else.
+
+        The child must hold none of the parent's locks (a plain helper forked by
+        `multiprocessing` would otherwise keep a killed parent "alive" to its
+        peers), and must not unlink the parent's files or settle its futures.
+        """
+        self._closing = True
+        self._tasks.clear()
+        self._pending = None
+        self._loop = None
+        socks = [self._bell, *self._ringers.values()]
+        self._bell = None
+        self._ringers.clear()
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+        fds = [w.fd for w in self._writers.values()]
+        fds += [self._seg_fd, self._snapshot_lock_fd, self._lock_fd, *self._fds.values()]
+        for w in self._writers.values():
+            w.fd = None
+        self._seg_fd = self._snapshot_lock_fd = self._lock_fd = None
+        self._fds.clear()
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _release(self) -> None:
         loop = self._loop
@@ -1047,16 +1077,27 @@ class DirectoryBackend:
 
     async def _maintain(self) -> None:
         rounds = 0
-        while not self._closing:
-            await asyncio.sleep(self.rescan_interval)
-            rounds += 1
-            self._safety_rescan(full=rounds % 10 == 0)
-            self._supervise_watcher()
-            if rounds % 3 == 0:
-                self._peers_wanted = True
-                self._check_peers()
-                self._enforce_retention()
-            self._maybe_snapshot()
+        try:
+            while not self._closing:
+                await asyncio.sleep(self.rescan_interval)
+                rounds += 1
+                self._safety_rescan(full=rounds % 10 == 0)
+                self._supervise_watcher()
+                if rounds % 3 == 0:
+                    self._peers_wanted = True
+                    self._check_peers()
+                    self._enforce_retention()
+                self._maybe_snapshot()
+        except asyncio.CancelledError:
+            if not self._closing:
+                # Not cancelled by close(): the event loop is ending (asyncio.run
+                # cancels every task before it closes the loop). Let go of the
+                # locks now; once the loop is gone nothing would, and peers would
+                # wait forever on a process that is alive but no longer serving.
+                logger.info("the event loop of peer %s ended without destroy()", self.peer)
+                self._flush()
+                self.abandon()
+            raise
 
     def _safety_rescan(self, full: bool) -> None:
         """Look for records whose wake-up was lost, as cheaply as possible.
@@ -1386,6 +1427,19 @@ class DirectoryBackend:
             **self.counters,
         }
 
+
+# Started backends of this process, so that a forked child can let go of their
+# descriptors at once (see `_drop_inherited`).
+_started: weakref.WeakSet[DirectoryBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_started):
+        backend._drop_inherited()
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # The one place records are written; tests replace it to inject disk faults.
 _write_to_segment = os.write
