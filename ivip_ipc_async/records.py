@@ -133,34 +133,108 @@ class FrameReader:
         ['ping']
     """
 
-    __slots__ = ("_buffer", "max_body", "on_garbage", "skipped_bytes")
+    __slots__ = (
+        "_batch",
+        "_batch_len",
+        "_buffer",
+        "_more",
+        "max_body",
+        "on_garbage",
+        "skipped_bytes",
+    )
 
     def __init__(self, max_body: int, on_garbage: Callable[[int, str], None] | None = None) -> None:
         self._buffer = b""
+        self._batch: FrameReader | None = None  # a BATCH frame given out in parts
+        self._batch_len = 0  # bytes of that frame
+        self._more = False
         self.max_body = max_body
         self.skipped_bytes = 0
         self.on_garbage = on_garbage
 
     @property
     def pending(self) -> int:
-        """Bytes held back as an incomplete frame."""
-        return len(self._buffer)
+        """Bytes held back: an incomplete frame, complete frames not yet given out
+        (see `backlog`), and the whole of a BATCH frame given out in part."""
+        return len(self._buffer) + self._batch_len
+
+    @property
+    def backlog(self) -> bool:
+        """True when the last `feed` stopped at its `limit`: call it again."""
+        return self._more
 
     def discard_pending(self) -> int:
         """Drop the incomplete tail (a dead writer's torn record); returns its size."""
-        dropped = len(self._buffer)
+        dropped = self.pending
         self._buffer = b""
+        self._batch, self._batch_len, self._more = None, 0, False
         return dropped
 
-    def feed(self, data: bytes) -> list[Record]:
-        """Add `data` and return every record now complete."""
-        buf = self._buffer + data if self._buffer else data
+    def salvage(self) -> list[Record]:
+        """Give up on the incomplete frame at the head of the held bytes (its
+        length was corrupted or forged while whole frames kept arriving behind
+        it) and return the records that follow it. A genuine frame still
+        arriving after them stays pending; the skipped bytes count as garbage.
+
+        Example:
+            >>> reader = FrameReader(max_body=1 << 20)
+            >>> good = encode_frame(Record(Kind.MESSAGE, "ping", b"", b"1"), seq=1)
+            >>> forged = encode_frame(Record(Kind.MESSAGE, "x", b"", b"y" * 5000), seq=9)[:52]
+            >>> reader.feed(forged + good), reader.pending
+            ([], 109)
+            >>> [r.topic for r in reader.salvage()], reader.pending, reader.skipped_bytes
+            (['ping'], 0, 52)
+        """
+        buf = self._buffer
+        if self._batch is not None or not buf:
+            return []
+        nxt = buf.find(MAGIC, 1)
+        skipped = nxt if nxt >= 0 else len(buf)
+        self.skipped_bytes += skipped
+        if self.on_garbage is not None:
+            self.on_garbage(skipped, "a frame whose body never came: corrupted or forged length")
+        self._buffer = b""
+        return self.feed(buf[nxt:]) if nxt >= 0 else []
+
+    def feed(self, data: bytes = b"", limit: int = 0) -> list[Record]:
+        """Add `data` and return the records now complete: all of them, or at most
+        `limit` (0: no limit). While `backlog` is True, `feed()` gives the rest:
+        a caller on an event loop takes a slice at a time, so that no callback
+        parses and dispatches a huge batch in one go.
+
+        Example:
+            >>> frames = b"".join(
+            ...     encode_frame(Record(Kind.MESSAGE, "t", b"", b"%d" % i), i) for i in range(5)
+            ... )
+            >>> reader = FrameReader(max_body=1024)
+            >>> len(reader.feed(frames, limit=2)), reader.backlog
+            (2, True)
+            >>> len(reader.feed(limit=2)), len(reader.feed(limit=2)), reader.backlog
+            (2, 1, False)
+        """
+        self._more = False
         out: list[Record] = []
+        batch = self._batch
+        if batch is not None:
+            out = batch.feed(b"", limit)
+            if batch._more or (limit and len(out) >= limit):
+                self._more = batch._more
+                if not batch._more:
+                    self._batch, self._batch_len = None, 0
+                    self._more = True
+                if data:
+                    self._buffer += data
+                return out
+            self._batch, self._batch_len = None, 0
+        buf = self._buffer + data if self._buffer else data
         pos = 0
         end = len(buf)
         unpack = _HEADER.unpack_from
         crc32 = zlib.crc32
         while end - pos >= HEADER_SIZE:
+            if limit and len(out) >= limit:
+                self._more = True
+                break
             if buf[pos : pos + 2] != MAGIC:
                 pos = self._resync(buf, pos + 1, "bad magic")
                 continue
@@ -200,9 +274,12 @@ class FrameReader:
                 pos = self._resync(buf, pos + 1, "bad topic")
                 continue
             if kind == 5:  # Kind.BATCH: its frames are complete by construction
-                out.extend(
-                    FrameReader(self.max_body, self.on_garbage).feed(body[topic_len + key_len :])
-                )
+                inner = FrameReader(self.max_body, self.on_garbage)
+                out.extend(inner.feed(body[topic_len + key_len :], limit and limit - len(out)))
+                if inner._more:  # given out in parts: the frame stays pending
+                    self._batch, self._batch_len, self._more = inner, stop - pos, True
+                    pos = stop
+                    break
                 pos = stop
                 continue
             out.append(

@@ -60,8 +60,9 @@ _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SOCKET_PATH_MAX: Final = 107
 _SNAPSHOT: Final = "snapshot.bin"
-_READ_CHUNK: Final = 1 << 20
-_PASS_BUDGET: Final = 4 << 20  # bytes read per loop callback before yielding
+_READ_CHUNK: Final = 256 << 10
+_SLICE: Final = 0.003  # seconds of reading and dispatch per loop callback, then yield
+_STEP: Final = 256  # records parsed and dispatched between two looks at the clock
 _WRITE_THROUGH_PER_TICK: Final = 16
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
 _RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
@@ -172,6 +173,9 @@ class _Writer:
     dead: bool = False
     refused: bool = False  # a segment could not be opened safely (warned once)
     last_read: float = 0.0  # monotonic time of the last bytes read
+    cause: str = ""  # why records may be missing next: named in the gap report
+    stuck_at: int = -1  # offset of an incomplete frame seen at the last safety re-scan
+    stuck_offset: int = 0  # the read offset then
 
 
 @dataclass(slots=True)
@@ -279,6 +283,9 @@ class DirectoryBackend:
         self._last_snapshot_version = -1
         self._last_snapshot_at = 0.0
         self._snapshot_positions: dict[str, tuple[int, int, int]] = {}
+        self._snapshot_written: tuple[int, int, int] | None = None  # (ino, size, mtime)
+        self._snapshot_suspect = False  # the snapshot loaded at start was damaged
+        self._snapshot_seen: tuple[int, int, int] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -298,6 +305,7 @@ class DirectoryBackend:
                 "peers_collected",
                 "segments_deleted",
                 "snapshots_written",
+                "snapshots_damaged",
                 "write_errors",
                 "task_failures",
                 "watcher_restarts",
@@ -316,7 +324,8 @@ class DirectoryBackend:
             self._open_directories()
             self._announce()
             self._open_segment(1)
-            await self._load_snapshot()
+            self._snapshot_suspect = not await self._load_snapshot()
+            self._snapshot_seen = self._snapshot_identity()
             self._scan()
             await self._restore_log()
             self._start_watcher()
@@ -470,10 +479,24 @@ class DirectoryBackend:
             0o600,
             dir_fd=peers,
         )
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        info = {"pid": os.getpid(), "started": time.time(), "node": self.node}
-        os.write(fd, json.dumps(info).encode())
-        os.rename(tmp, f"{self.peer}.lock", src_dir_fd=peers, dst_dir_fd=peers)
+        try:
+            # Nobody else can hold it (peers never lock a young .tmp), but a
+            # start() must not fail if one does for a moment: wait a little.
+            for _ in range(100):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.001)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            info = {"pid": os.getpid(), "started": time.time(), "node": self.node}
+            os.write(fd, json.dumps(info).encode())
+            os.rename(tmp, f"{self.peer}.lock", src_dir_fd=peers, dst_dir_fd=peers)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp, peers)
+            raise
         self._lock_fd = fd
         if self.use_doorbell:
             self._bind_doorbell()
@@ -515,12 +538,8 @@ class DirectoryBackend:
             present.add(peer)
             if peer in self._ringers:
                 continue
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            try:
-                sock.connect(str(self.path / "peers" / name))
-            except OSError:
-                sock.close()
+            sock = _connect_doorbell(name, peers_fd)
+            if sock is None:
                 continue
             self._ringers[peer] = sock
             if ring_new:
@@ -762,16 +781,14 @@ class DirectoryBackend:
             self._full_scan_wanted = False
             self._scan()
             self._dirty.update(self._writers)
-        budget = _PASS_BUDGET
+        deadline = time.perf_counter() + _SLICE
         dirty, self._dirty = self._dirty, set()
         for peer in dirty:
             w = self._writers.get(peer)
             if w is None:
                 continue
-            if budget <= 0:
-                self._dirty.add(peer)
-                continue
-            budget -= self._read_writer(w, budget)
+            if time.perf_counter() > deadline or not self._read_writer(w, deadline):
+                self._dirty.add(peer)  # the rest in a later callback: the loop breathes
         if self._dirty:
             self._schedule_read()
 
@@ -817,6 +834,9 @@ class DirectoryBackend:
     def _garbage_reporter(self, peer: str) -> Callable[[int, str], None]:
         def report(skipped: int, why: str) -> None:
             self.counters["garbage_bytes"] += skipped
+            w = self._writers.get(peer)
+            if w is not None:
+                w.cause = f"corruption ({why}: {skipped} unreadable bytes in its segment)"
             rate_limited(
                 logging.WARNING,
                 ("garbage", peer),
@@ -828,50 +848,59 @@ class DirectoryBackend:
 
         return report
 
-    def _read_writer(self, w: _Writer, budget: int) -> int:
-        """Read what is new from one writer, in order; returns bytes read."""
-        used = 0
+    def _read_writer(self, w: _Writer, deadline: float) -> bool:
+        """Read and hand on what is new from one writer, in order, until
+        `deadline` (`time.perf_counter()`); True once everything is read."""
         log_fd = self._fds.get("log")
         if log_fd is None:
-            return 0
-        while used < budget:
+            return True
+        reader = w.reader
+        while True:
+            if reader.backlog:
+                self._take(w, reader.feed(limit=_STEP))
+                if time.perf_counter() > deadline:
+                    return False
+                continue
+            if time.perf_counter() > deadline:
+                return False
             if w.fd is None:
                 self._limit_open_segments()
                 try:
-                    w.fd = os.open(
-                        f"{w.peer}-{w.segment:08d}.seg",
-                        os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=log_fd,
-                    )
+                    w.fd = _open_regular(f"{w.peer}-{w.segment:08d}.seg", os.O_RDONLY, log_fd)
                 except FileNotFoundError:
                     if w.segment < w.newest_segment:
-                        w.segment += 1  # deleted before we got to it: the gap shows in seq
+                        # Deleted before we got to it: the gap shows in seq.
+                        w.cause = w.cause or self._deletion_cause(w.peer, w.segment)
+                        w.segment += 1
                         w.offset = 0
                         continue
-                    return used
+                    return True
                 except OSError as exc:
-                    # ELOOP: a symlink where a segment should be. Never follow it.
+                    # A symlink, FIFO or other planted thing where a segment should
+                    # be: never followed nor waited on.
                     if not w.refused:
                         w.refused = True
                         logger.warning("refusing to read %s-%08d.seg: %s", w.peer, w.segment, exc)
                     if w.segment < w.newest_segment:
+                        w.cause = "corruption (a segment was replaced by something unsafe)"
                         w.segment += 1
                         w.offset = 0
                         continue
-                    return used
+                    return True
             try:
                 data = os.pread(w.fd, _READ_CHUNK, w.offset)
             except OSError as exc:
                 logger.error("cannot read segment of peer %s: %s", w.peer, exc)
-                return used
+                return True
             if data:
                 w.last_read = time.monotonic()
                 w.offset += len(data)
-                used += len(data)
                 self.counters["bytes_read"] += len(data)
-                self._take(w, w.reader.feed(data))
+                self._take(w, reader.feed(data, _STEP))
+                if reader.backlog:
+                    continue
                 if len(data) < _READ_CHUNK and w.segment >= w.newest_segment and not w.dead:
-                    return used  # a short read is the end for now: skip the empty pread
+                    return True  # a short read is the end for now: skip the empty pread
                 continue
             if w.segment < w.newest_segment:
                 # The writer made a newer segment after finishing this one: this
@@ -888,8 +917,7 @@ class DirectoryBackend:
                 self._drop_tail(w, "its writer died")
                 os.close(w.fd)
                 w.fd = None
-            return used
-        return used
+            return True
 
     def _limit_open_segments(self) -> None:
         """Close the readers idle the longest when too many segments are open."""
@@ -906,6 +934,15 @@ class DirectoryBackend:
             w.fd = None  # reopened by name, at the same offset, when it has news
 
     def _drop_tail(self, w: _Writer, why: str) -> None:
+        """The end of a segment is final: hand on the records still held, drop the
+        incomplete frame at the end (a torn write: never acknowledged, and its
+        sequence numbers are used again by the writer's next records).
+
+        Whole frames inside a torn BATCH must not be salvaged here: the batch
+        is all or nothing. Records hidden behind a forged length are recovered
+        earlier, while the writer is live (`_unstick`)."""
+        while w.reader.backlog:
+            self._take(w, w.reader.feed())
         dropped = w.reader.discard_pending()
         if dropped:
             self.counters["torn_tails"] += 1
@@ -930,13 +967,19 @@ class DirectoryBackend:
                 lost = rec.seq - w.last_seq - 1
                 self.counters["gaps"] += 1
                 self.counters["records_lost"] += lost
+                cause = w.cause or self._deletion_cause(w.peer, w.segment - 1)
+                w.cause = ""
+                key = cause.split(" ", 1)[0]
+                self.counters[f"records_lost_{key}"] = (
+                    self.counters.get(f"records_lost_{key}", 0) + lost
+                )
                 rate_limited(
                     logging.WARNING,
                     ("gap", w.peer),
-                    "gap in the records of peer %s: %d records were deleted before this "
-                    "process read them (it fell more than the retention window behind)",
+                    "gap in the records of peer %s: %d records were lost to this process: %s",
                     w.peer,
                     lost,
+                    cause,
                 )
                 if w.live and self._sink is not None:
                     self._sink.gap(w.peer, lost)
@@ -952,13 +995,43 @@ class DirectoryBackend:
         else:
             self._sink.restore(fresh)
 
+    def _deletion_cause(self, peer: str, segment: int) -> str:
+        """Why a segment of `peer` is gone: the size cap (its writer says so in
+        its lock file) or the retention window."""
+        if segment <= self._capped_through(peer):
+            return (
+                "cap (its writer deleted them to keep the namespace under max_footprint "
+                "before this process read them)"
+            )
+        return (
+            "retention (they were deleted before this process read them: it fell more "
+            "than the retention window behind)"
+        )
+
+    def _capped_through(self, peer: str) -> int:
+        """The last segment `peer` deleted under the size cap (0: none)."""
+        peers_fd = self._fds.get("peers")
+        if peers_fd is None:
+            return 0
+        try:
+            fd = _open_regular(f"{peer}.lock", os.O_RDONLY, peers_fd)
+        except OSError:
+            return 0
+        try:
+            note = json.loads(os.pread(fd, 4096, 0))
+            return int(note.get("capped_through", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+        finally:
+            os.close(fd)
+
     async def _restore_log(self) -> None:
         """At start: read the retained log as state only, then go live."""
         for w in list(self._writers.values()):
-            while True:
-                if self._read_writer(w, _PASS_BUDGET) < _PASS_BUDGET:
-                    break
-                await asyncio.sleep(0)
+            done = False
+            while not done:
+                done = self._read_writer(w, time.perf_counter() + _SLICE)
+                await asyncio.sleep(0)  # a slice at a time: the loop breathes
             w.live = True
         self._live = True
         self._dirty.clear()
@@ -981,7 +1054,7 @@ class DirectoryBackend:
     async def _replay_segment(self, name: str, stop: int | None, sink: RecordSink) -> None:
         """Feed the cache records of one segment (up to `stop`) to `sink.restore`."""
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["log"])
+            fd = _open_regular(name, os.O_RDONLY, self._fds["log"])
         except OSError:
             return  # deleted meanwhile: the snapshot covers it
         try:
@@ -993,8 +1066,7 @@ class DirectoryBackend:
                 if not data:
                     break
                 offset += len(data)
-                sink.restore([r for r in reader.feed(data) if r.kind is not Kind.MESSAGE])
-                await asyncio.sleep(0)
+                await _restore_sliced(reader, data, sink)
         finally:
             os.close(fd)
 
@@ -1088,6 +1160,7 @@ class DirectoryBackend:
                     self._check_peers()
                     self._enforce_retention()
                 self._maybe_snapshot()
+                self._maybe_reload_snapshot()
         except asyncio.CancelledError:
             if not self._closing:
                 # Not cancelled by close(): the event loop is ending (asyncio.run
@@ -1118,10 +1191,39 @@ class DirectoryBackend:
             if w.fd is None:
                 continue  # a dead writer read to its end
             with contextlib.suppress(OSError):
-                if os.fstat(w.fd).st_size > w.offset:
+                size = os.fstat(w.fd).st_size
+                if size < w.offset:
+                    self._truncated(w)
+                if size != w.offset:
                     self._dirty.add(w.peer)
+            self._unstick(w)
         if self._dirty or self._full_scan_wanted:
             self._schedule_read()
+
+    def _truncated(self, w: _Writer) -> None:
+        """A segment shrank under this reader (someone truncated it): read it
+        again from the start; what was delivered is skipped by sequence number."""
+        logger.warning("segment %s-%08d was truncated: reading it again", w.peer, w.segment)
+        w.cause = "truncation (its segment was cut short before this process read it)"
+        w.reader.discard_pending()
+        w.offset = 0
+        w.stuck_at = -1
+
+    def _unstick(self, w: _Writer) -> None:
+        """An incomplete frame that stays incomplete from one safety re-scan to
+        the next, while bytes keep arriving behind it, has a corrupted or forged
+        length (a real write lands whole within microseconds): give it up and
+        hand on the records it hid, instead of losing them at the next rotation."""
+        reader = w.reader
+        if not reader.pending or reader.backlog:
+            w.stuck_at = -1
+            return
+        at = w.offset - reader.pending
+        if at != w.stuck_at or w.offset == w.stuck_offset:
+            w.stuck_at, w.stuck_offset = at, w.offset
+            return
+        w.stuck_at = -1
+        self._take(w, reader.salvage())
 
     def _check_peers(self) -> None:
         """Find dead peers by their released flock; collect them after retention."""
@@ -1134,26 +1236,21 @@ class DirectoryBackend:
         alive = {self.peer}
         for name in names:
             m = _LOCK_RE.match(name)
-            tmp = name.startswith(".") and name.endswith(".lock.tmp")
-            if m is None and not tmp:
+            if m is None:
+                if name.startswith(".") and name.endswith(".lock.tmp"):
+                    self._collect_announce_leftover(name, peers_fd, now)
                 continue
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=peers_fd)
+                fd = _open_regular(name, os.O_RDONLY, peers_fd)
             except OSError:
                 continue
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    if m is not None:
-                        alive.add(m.group(1))
+                    alive.add(m.group(1))
                     continue
                 # We hold its lock: that peer is gone.
-                if tmp:
-                    if now - os.fstat(fd).st_mtime > self.retention:
-                        _unlink(name, peers_fd)
-                    continue
-                assert m is not None
                 self._collect(m.group(1), fd, now)
             finally:
                 os.close(fd)
@@ -1164,6 +1261,48 @@ class DirectoryBackend:
                 self._dirty.add(peer)
                 self._schedule_read()
         self._collect_orphans(alive, now)
+        self._forget_gone_writers()
+
+    def _forget_gone_writers(self) -> None:
+        """Drop dead writers whose segments are all deleted, read or not: nothing
+        of theirs can come any more (1,000 short-lived peers leave no trace in a
+        long-lived one, nor in the snapshot header it writes)."""
+        try:
+            names = os.listdir(self._fds["log"])
+        except OSError:
+            return
+        present = {m.group(1) for m in map(_SEGMENT_RE.match, names) if m is not None}
+        for peer in [p for p, w in self._writers.items() if w.dead and p not in present]:
+            w = self._writers.pop(peer)
+            if w.fd is not None:
+                os.close(w.fd)
+
+    @staticmethod
+    def _collect_announce_leftover(name: str, peers_fd: int, now: float) -> None:
+        """Delete `.<peer>.lock.tmp` left by a peer killed while announcing itself.
+
+        Only an old one is even opened: a young one belongs to a peer starting
+        right now, and taking its flock, even for a moment, would make that
+        peer's `start()` fail.
+        """
+        try:
+            st = os.stat(name, dir_fd=peers_fd, follow_symlinks=False)
+        except OSError:
+            return
+        if now - st.st_mtime < 60:
+            return
+        try:
+            fd = _open_regular(name, os.O_RDONLY, peers_fd)
+        except OSError:
+            _unlink(name, peers_fd)  # planted junk: not ours to keep
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        finally:
+            os.close(fd)
+        _unlink(name, peers_fd)
 
     def _collect(self, peer: str, lock_fd: int, now: float) -> None:
         w = self._writers.get(peer)
@@ -1253,12 +1392,11 @@ class DirectoryBackend:
 
     def _maybe_snapshot(self) -> None:
         if self._snapshot_lock_fd is None:
-            fd = os.open(
-                "snapshot.lock",
-                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=self._fds["root"],
-            )
+            try:
+                fd = _open_regular("snapshot.lock", os.O_RDWR | os.O_CREAT, self._fds["root"])
+            except OSError as exc:
+                rate_limited(logging.ERROR, "snapshot.lock", "cannot open snapshot.lock: %s", exc)
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1266,6 +1404,8 @@ class DirectoryBackend:
                 self._read_snapshot_positions()
                 return
             self._snapshot_lock_fd = fd
+            self._last_snapshot_version = -1  # a new holder writes one at once
+            self._collect_snapshot_leftovers()
         sink = self._sink
         if sink is None or (self._snapshot_task is not None and not self._snapshot_task.done()):
             return
@@ -1273,7 +1413,8 @@ class DirectoryBackend:
         due = time.monotonic() - self._last_snapshot_at >= self.snapshot_interval
         own_pos = self._snapshot_positions.get(self.peer, (0, 0, 0))
         moved = own_pos[2] != self._seq and any(s.has_cache for s in self._segments)
-        if due and (version != self._last_snapshot_version or moved):
+        damaged = self._snapshot_damaged()
+        if due and (version != self._last_snapshot_version or moved or damaged):
             self._last_snapshot_at = time.monotonic()
             self._snapshot_task = asyncio.get_running_loop().create_task(
                 self._write_snapshot(version)
@@ -1281,8 +1422,68 @@ class DirectoryBackend:
             self._tasks.add(self._snapshot_task)
             self._snapshot_task.add_done_callback(self._tasks.discard)
 
+    def _snapshot_damaged(self) -> bool:
+        """Whether snapshot.bin is no longer the file this holder wrote (truncated,
+        emptied, replaced or deleted by someone else): then it is written again
+        at once, even while the cache is idle."""
+        if self._snapshot_written is None:
+            return False
+        try:
+            st = os.stat(_SNAPSHOT, dir_fd=self._fds["root"], follow_symlinks=False)
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now == self._snapshot_written:
+            return False
+        self.counters["snapshots_damaged"] += 1
+        logger.warning(
+            "snapshot.bin was changed by someone else (%s): writing it again",
+            "deleted" if now is None else f"{now[1]} bytes, {self._snapshot_written[1]} written",
+        )
+        self._snapshot_written = None
+        return True
+
+    def _snapshot_identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(_SNAPSHOT, dir_fd=self._fds["root"], follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _maybe_reload_snapshot(self) -> None:
+        """A process that started from a damaged snapshot loads the next one its
+        holder writes (last-writer-wins makes loading it again harmless)."""
+        if not self._snapshot_suspect or self._snapshot_lock_fd is not None:
+            return
+        seen = self._snapshot_identity()
+        if seen is None or seen == self._snapshot_seen:
+            return
+        self._snapshot_seen = seen
+
+        async def reload() -> None:
+            if await self._load_snapshot(positions=False):
+                self._snapshot_suspect = False
+
+        self._spawn(reload)
+
+    def _collect_snapshot_leftovers(self) -> None:
+        """Delete the temporary files of snapshot writers killed mid-write (only
+        the holder of snapshot.lock writes one, and that is now this process)."""
+        root = self._fds["root"]
+        with contextlib.suppress(OSError):
+            for name in os.listdir(root):
+                leftover = name.startswith(".snapshot.") and name.endswith(".tmp")
+                if leftover and _unlink(name, root):
+                    logger.info("deleted %s, left by a snapshot writer that died", name)
+
     async def _write_snapshot(self, version: int) -> None:
-        """Write the whole cache state to snapshot.bin, atomically."""
+        """Write the whole cache state to snapshot.bin, atomically, a slice at a time.
+
+        The temporary file has a fresh random name and is created with
+        `O_EXCL`, so nothing planted under it (a link to an outside file) is
+        ever written through. The last frame says how many records came before
+        it, so a truncated snapshot is recognised.
+        """
         assert self._sink is not None
         positions = {
             w.peer: (w.segment, w.offset - w.reader.pending, w.last_seq)
@@ -1290,33 +1491,42 @@ class DirectoryBackend:
         }
         own = self._segments[-1]
         positions[self.peer] = (own.number, own.size, self._seq)
-        records = list(self._sink.state())
         meta = Record(
             Kind.SNAPSHOT_META,
             "",
             b"",
             json.dumps({"taken": time.time(), "by": self.peer, "positions": positions}).encode(),
         )
-        tmp = f".snapshot.{self.peer}.tmp"
         root = self._fds["root"]
+        tmp = f".snapshot.{self.peer}.{secrets.token_hex(4)}.tmp"
 
         def opener(path: str, flags: int) -> int:
-            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
+            return os.open(
+                path, flags | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root
+            )
 
         try:
             async with aiofiles.open(tmp, "wb", opener=opener) as f:
                 chunk: list[bytes] = [encode_frame(meta, 0)]
-                for i, rec in enumerate(records, 1):
+                count = 0
+                deadline = time.perf_counter() + _SLICE
+                for rec in self._sink.state():
                     chunk.append(encode_frame(rec, rec.seq))
-                    if i % 4096 == 0:
-                        await f.write(b"".join(chunk))
+                    count += 1
+                    if count % _STEP == 0 and time.perf_counter() > deadline:
+                        await f.write(b"".join(chunk))  # yields the loop
                         chunk.clear()
+                        deadline = time.perf_counter() + _SLICE
+                end = json.dumps({"records": count}).encode()
+                chunk.append(encode_frame(Record(Kind.SNAPSHOT_META, "", b"", end), 0))
                 await f.write(b"".join(chunk))
             os.replace(tmp, _SNAPSHOT, src_dir_fd=root, dst_dir_fd=root)
+            st = os.stat(_SNAPSHOT, dir_fd=root, follow_symlinks=False)
         except OSError as exc:
             _unlink(tmp, root)
             logger.error("could not write the cache snapshot: %s", exc)
             return
+        self._snapshot_written = (st.st_ino, st.st_size, st.st_mtime_ns)
         self._last_snapshot_version = version
         self._snapshot_positions = positions
         self.counters["snapshots_written"] += 1
@@ -1324,9 +1534,7 @@ class DirectoryBackend:
     def _read_snapshot_positions(self) -> None:
         """Learn what the current snapshot covers (to know what may be deleted)."""
         try:
-            fd = os.open(
-                _SNAPSHOT, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"]
-            )
+            fd = _open_regular(_SNAPSHOT, os.O_RDONLY, self._fds["root"])
         except OSError:
             return
         try:
@@ -1334,41 +1542,71 @@ class DirectoryBackend:
             if mtime == self._snapshot_mtime:
                 return  # unchanged since we last read it
             self._snapshot_mtime = mtime
-            head = os.pread(fd, 1 << 16, 0)
+            head = os.pread(fd, HEADER_SIZE, 0)
+            if len(head) < HEADER_SIZE:
+                return
+            # The header frame is read whole, however many peers it names.
+            size = HEADER_SIZE + int.from_bytes(head[8:12], "little")
+            head += os.pread(fd, min(size, self.max_record_size) - HEADER_SIZE, HEADER_SIZE)
         finally:
             os.close(fd)
         recs = FrameReader(self.max_record_size).feed(head)
         if recs and recs[0].kind is Kind.SNAPSHOT_META:
             self._snapshot_positions = _positions(recs[0].data)
 
-    async def _load_snapshot(self, positions: bool = True) -> None:
-        """Load snapshot.bin (if any) into the sink, without blocking the loop."""
+    async def _load_snapshot(self, positions: bool = True) -> bool:
+        """Load snapshot.bin (if any) into the sink, a slice at a time; False when
+        it is damaged (what it held that was readable is loaded all the same)."""
         root = self._fds["root"]
 
         def opener(path: str, flags: int) -> int:
-            return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+            return _open_regular(path, flags, root)
 
+        sink = self._sink
+        assert sink is not None
+        reader = FrameReader(self.max_record_size, self._garbage_reporter("snapshot"))
+        meta: dict[str, tuple[int, int, int]] | None = None
+        count, end = 0, -1
         try:
             async with aiofiles.open(_SNAPSHOT, "rb", opener=opener) as f:
-                reader = FrameReader(self.max_record_size, self._garbage_reporter("snapshot"))
-                first = True
-                while True:
-                    data = await f.read(_READ_CHUNK)
-                    if not data:
-                        break
-                    recs = reader.feed(data)
-                    if first and recs:
-                        first = False
-                        if recs[0].kind is Kind.SNAPSHOT_META:
-                            if positions:
-                                self._snapshot_positions = _positions(recs[0].data)
-                            recs = recs[1:]
-                    if recs and self._sink is not None:
-                        self._sink.restore(recs)
+                while data := await f.read(_READ_CHUNK):
+                    records = reader.feed(data, _STEP)
+                    deadline = time.perf_counter() + _SLICE
+                    while True:
+                        state = []
+                        for rec in records:
+                            if rec.kind is Kind.SNAPSHOT_META:
+                                if meta is None and count == 0:
+                                    meta = _positions(rec.data)
+                                else:
+                                    end = _snapshot_end(rec.data)
+                            else:
+                                state.append(rec)
+                        count += len(state)
+                        sink.restore(state)
+                        if not reader.backlog:
+                            break
+                        if time.perf_counter() > deadline:
+                            await asyncio.sleep(0)
+                            deadline = time.perf_counter() + _SLICE
+                        records = reader.feed(limit=_STEP)
         except FileNotFoundError:
-            return
+            return True
         except OSError as exc:
             logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
+            return False
+        if meta is None or end != count or reader.pending or reader.skipped_bytes:
+            self.counters["snapshots_damaged"] += 1
+            logger.warning(
+                "snapshot.bin is damaged (%s): loaded the %d records it still holds, and "
+                "the whole retained log; its holder writes it again",
+                "no header" if meta is None else f"{count} records of {end} readable",
+                count,
+            )
+            return False
+        if positions:
+            self._snapshot_positions = meta
+        return True
 
     # -- locks for others (leader election) -------------------------------------------------
 
@@ -1379,12 +1617,7 @@ class DirectoryBackend:
         """
         if "/" in name or name.startswith("."):
             raise ValueError(f"invalid lock name {name!r}")
-        return os.open(
-            name,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=self._fds["root"],
-        )
+        return _open_regular(name, os.O_RDWR | os.O_CREAT, self._fds["root"])
 
     # -- cache reads -----------------------------------------------------------------------
 
@@ -1445,6 +1678,14 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _write_to_segment = os.write
 
 
+def _snapshot_end(data: bytes) -> int:
+    """The record count of a snapshot's closing frame (-1: not one)."""
+    try:
+        return int(json.loads(data)["records"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
 def _positions(data: bytes) -> dict[str, tuple[int, int, int]]:
     try:
         raw = json.loads(data)["positions"]
@@ -1471,6 +1712,75 @@ def _exists(name: str, dir_fd: int) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+class UnsafeFileError(OSError):
+    """A name in the namespace is not a regular file of this user (a FIFO, a
+    device, a directory, a link or another user's file): never opened."""
+
+
+def _open_regular(name: str, flags: int, dir_fd: int, mode: int = 0o600) -> int:
+    """Open `name` only if it is a regular file owned by this user.
+
+    `O_NONBLOCK` keeps a FIFO planted under the name from blocking the open
+    (the loop would freeze), `O_NOFOLLOW` refuses a symlink, and the checks
+    after opening refuse whatever else was planted.
+    """
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        return fd
+    os.close(fd)
+    what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+    raise UnsafeFileError(errno.EPERM, f"refusing {name!r}: {what}")
+
+
+def _connect_doorbell(name: str, peers_fd: int) -> socket.socket | None:
+    """Connect to a peer's doorbell if `name` is a unix socket of this user.
+
+    The socket is opened with `O_PATH | O_NOFOLLOW` and connected through
+    `/proc/self/fd`, so a symlink planted under the name is never followed and
+    nothing can be swapped in between the check and the connect.
+    """
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=peers_fd)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            rate_limited(
+                logging.WARNING,
+                ("doorbell", name),
+                "not ringing %s: it is not a socket of this user",
+                name,
+            )
+            sock.close()
+            return None
+        sock.setblocking(False)
+        sock.connect(f"/proc/self/fd/{fd}")
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(fd)
+    return sock
+
+
+async def _restore_sliced(reader: FrameReader, data: bytes, sink: RecordSink) -> None:
+    """Feed `data` to `sink.restore` a slice at a time, yielding to the loop between."""
+    deadline = time.perf_counter() + _SLICE
+    records = reader.feed(data, _STEP)
+    while True:
+        sink.restore([r for r in records if r.kind is not Kind.MESSAGE])
+        if not reader.backlog:
+            break
+        if time.perf_counter() > deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + _SLICE
+        records = reader.feed(limit=_STEP)
+    await asyncio.sleep(0)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
