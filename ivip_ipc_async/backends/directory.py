@@ -896,9 +896,10 @@ class DirectoryBackend:
                 w.last_read = time.monotonic()
                 w.offset += len(data)
                 self.counters["bytes_read"] += len(data)
-                self._take(w, reader.feed(data, _STEP))
-                if reader.backlog:
-                    continue
+                records = reader.feed(data, _STEP)
+                self._take(w, records)
+                if len(records) == _STEP:
+                    continue  # maybe more held back: given out at the top of the loop
                 if len(data) < _READ_CHUNK and w.segment >= w.newest_segment and not w.dead:
                     return True  # a short read is the end for now: skip the empty pread
                 continue
