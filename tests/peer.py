@@ -6,6 +6,7 @@ Commands arrive as JSON lines on stdin, answers leave as JSON lines on stdout:
 
     {"op": "listen", "event": E}          record messages of E from now on
     {"op": "notify", "event": E, "messages": [...]}   -> {"acked": n} (after each)
+    {"op": "notify_many", "event": E, "count": n}     -> {"acked": n} (one batch)
     {"op": "set", "key": K, "value": V, "ttl": T}      -> {"ok": true}
     {"op": "delete", "key": K}                         -> {"existed": bool}
     {"op": "get", "key": K}                            -> {"value": V, "found": bool}
@@ -82,6 +83,9 @@ async def main() -> None:
                     if command.get("report_each"):
                         say({"acked_one": message})
                 say({"acked": acked})
+            elif op == "notify_many":
+                await ipc.notify_many(command["event"], range(command["count"]))
+                say({"acked": command["count"]})
             elif op == "set":
                 await cache.set(command["key"], command["value"], command.get("ttl"))
                 say({"ok": True})

@@ -175,7 +175,6 @@ class _Writer:
     last_read: float = 0.0  # monotonic time of the last bytes read
     cause: str = ""  # why records may be missing next: named in the gap report
     stuck_at: int = -1  # offset of an incomplete frame seen at the last safety re-scan
-    stuck_offset: int = 0  # the read offset then
 
 
 @dataclass(slots=True)
@@ -1211,20 +1210,40 @@ class DirectoryBackend:
         w.stuck_at = -1
 
     def _unstick(self, w: _Writer) -> None:
-        """An incomplete frame that stays incomplete from one safety re-scan to
-        the next, while bytes keep arriving behind it, has a corrupted or forged
-        length (a real write lands whole within microseconds): give it up and
-        hand on the records it hid, instead of losing them at the next rotation."""
+        """An incomplete frame of a live writer that stays incomplete from one
+        safety re-scan to the next, with bytes behind its header, has a corrupted
+        or forged length (a real write lands whole within microseconds): give it
+        up and hand on the records it hid, instead of losing them at rotation.
+
+        (A writer whose disk filled mid-batch, and that could not even start a
+        new segment, leaves a torn batch that looks the same: its whole inner
+        records are then delivered although the caller got the error.)"""
         reader = w.reader
-        if not reader.pending or reader.backlog:
+        if reader.pending <= HEADER_SIZE or reader.backlog or w.dead:
             w.stuck_at = -1
             return
         at = w.offset - reader.pending
-        if at != w.stuck_at or w.offset == w.stuck_offset:
-            w.stuck_at, w.stuck_offset = at, w.offset
+        if at != w.stuck_at:
+            w.stuck_at = at
             return
+        if not self._holds_lock(w.peer):
+            return  # a dead writer's torn tail: dropped by `_drop_tail` once it is collected
         w.stuck_at = -1
         self._take(w, reader.salvage())
+
+    def _holds_lock(self, peer: str) -> bool:
+        """Whether `peer` is alive: its lock file is there and locked."""
+        try:
+            fd = _open_regular(f"{peer}.lock", os.O_RDONLY, self._fds["peers"])
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def _check_peers(self) -> None:
         """Find dead peers by their released flock; collect them after retention."""
@@ -1410,12 +1429,13 @@ class DirectoryBackend:
         sink = self._sink
         if sink is None or (self._snapshot_task is not None and not self._snapshot_task.done()):
             return
+        if self._snapshot_damaged():
+            self._last_snapshot_version = -1  # written again as soon as it is due
         version = sink.state_version()
         due = time.monotonic() - self._last_snapshot_at >= self.snapshot_interval
         own_pos = self._snapshot_positions.get(self.peer, (0, 0, 0))
         moved = own_pos[2] != self._seq and any(s.has_cache for s in self._segments)
-        damaged = self._snapshot_damaged()
-        if due and (version != self._last_snapshot_version or moved or damaged):
+        if due and (version != self._last_snapshot_version or moved):
             self._last_snapshot_at = time.monotonic()
             self._snapshot_task = asyncio.get_running_loop().create_task(
                 self._write_snapshot(version)
@@ -1627,18 +1647,30 @@ class DirectoryBackend:
         repaired, so the mirror always answers."""
         return None
 
+    def _footprint(self) -> int:
+        """Bytes the namespace holds: segments, snapshots and their leftovers."""
+        total = 0
+        for where in ("log", "root"):
+            fd = self._fds.get(where)
+            if fd is None:
+                continue
+            with contextlib.suppress(OSError):
+                for name in os.listdir(fd):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            total += st.st_size
+        return total
+
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counters, peers, segments and lag of this backend."""
-        footprint = 0
+        footprint = self._footprint()
         segments = 0
         log_fd = self._fds.get("log")
         if log_fd is not None:
-            for name in os.listdir(log_fd):
-                with contextlib.suppress(OSError):
-                    footprint += os.stat(name, dir_fd=log_fd, follow_symlinks=False).st_size
-                    segments += 1
+            segments = len(os.listdir(log_fd))
         lag = 0
         for w in self._writers.values():
             if w.fd is not None and not w.dead:
