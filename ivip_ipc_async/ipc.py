@@ -552,9 +552,7 @@ class _Sink:
     written = restore  # own stored writes: only their state matters here too
 
     def state(self) -> Iterable[Record]:
-        mirror = self._ipc.mirror
-        mirror.compact()
-        return mirror.records()
+        return self._ipc.mirror.records()
 
     def state_version(self) -> int:
         return self._ipc.mirror.version

@@ -130,11 +130,27 @@ class Mirror:
                 del self.caches[name]
         return forgotten
 
-    def records(self) -> Iterator[Record]:
-        """Every entry as a record (live, expired-but-held, and tombstones)."""
-        for entries in self.caches.values():
-            for entry in entries.values():
-                yield entry.record
+    def records(self, now: float | None = None) -> Iterator[Record]:
+        """Every entry as a record, for a snapshot: expired entries as tombstones,
+        tombstones older than `tombstone_ttl` left out (and forgotten).
+
+        It walks copies, so the caches may change while it is consumed a slice
+        at a time: a change it misses is in the log after the snapshot's
+        positions, and last-writer-wins makes one it sees harmless.
+        """
+        now = time.time() if now is None else now
+        horizon_ms = int((now - self.tombstone_ttl) * 1000)
+        for entries in list(self.caches.values()):
+            for key, entry in list(entries.items()):
+                rec = entry.record
+                if rec.kind is Kind.CACHE_DELETE:
+                    if (rec.hlc >> 16) < horizon_ms:
+                        if entries.get(key) is entry:
+                            del entries[key]
+                        continue
+                elif rec.expires != 0.0 and rec.expires <= now:
+                    rec = _as_tombstone(rec)
+                yield rec
 
 
 def _as_tombstone(rec: Record) -> Record:

@@ -398,3 +398,101 @@ async def test_a_huge_batch_is_dispatched_a_slice_at_a_time(ipc_dir: Path, until
     finally:
         writer.close()
     assert len(seen_at) > 20
+
+
+_BURST = """
+    import asyncio, json, sys
+    from ivip_ipc_async import AsyncCache, AsyncIPC
+
+    async def main() -> None:
+        options = json.loads(sys.argv[2])
+        async with AsyncIPC(sys.argv[1], **options) as ipc:
+            print(json.dumps({"ready": True}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            cache = AsyncCache(ipc)
+            n, kind, me = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+            if kind == "notify":
+                await asyncio.gather(*(ipc.notify("e", "x" * 2000) for _ in range(n)))
+            else:
+                for i in range(n):  # the log grows past the cap, the state stays small
+                    await cache.set(f"{me}-{i % 1000}", i, 0)
+            print(json.dumps({"acked": n}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+
+    asyncio.run(main())
+"""
+
+
+def _namespace_bytes(ns: Path) -> int:
+    total = 0
+    for where in (ns, ns / "log"):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(where):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+@pytest.mark.parametrize(("kind", "writers", "count"), [("notify", 1, 20_000), ("set", 3, 30_000)])
+async def test_size_cap_holds_at_every_instant(
+    ipc_dir: Path, until: Any, kind: str, writers: int, count: int
+) -> None:
+    """Sampled every 50 ms from another process, the namespace never holds more
+    than max_footprint plus one segment per writer; every acknowledged cache
+    write reaches a late joiner."""
+    cap, segment = 2 << 20, 256 << 10
+    options = {**FAST, "max_footprint": cap, "segment_bytes": segment, "retention": 30.0}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(_BURST),
+                str(ipc_dir),
+                json.dumps(options),
+                str(count),
+                kind,
+                f"w{n}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(writers)
+    ]
+    ns = ipc_dir / "default"
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert json.loads(await asyncio.to_thread(proc.stdout.readline)) == {"ready": True}
+        samples: list[int] = []
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        async def acked(proc: subprocess.Popen[str]) -> Any:
+            assert proc.stdout is not None
+            return json.loads(await asyncio.to_thread(proc.stdout.readline))
+
+        done = asyncio.gather(*(acked(p) for p in procs))
+        while not done.done():
+            samples.append(await asyncio.to_thread(_namespace_bytes, ns))
+            await asyncio.sleep(0.05)
+        assert await done == [{"acked": count}] * writers
+        samples.append(_namespace_bytes(ns))
+        assert len(samples) > 3
+        assert max(samples) <= cap + writers * segment, max(samples)
+        if kind == "set":
+            async with AsyncIPC(ipc_dir, **options) as joiner:
+                late = AsyncCache(joiner)
+                assert len(await late.keys()) == writers * 1000
+                assert await late.get("w0-7") == count - 1000 + 7
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()

@@ -66,6 +66,14 @@ _STEP: Final = 256  # records parsed and dispatched between two looks at the clo
 _WRITE_THROUGH_PER_TICK: Final = 16
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
 _RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
+_MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
+_ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
+_ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
+
+
+class _NoRoom(Exception):
+    """The write would put this writer over its share of `max_footprint`, and its
+    oldest segment holds cache writes no snapshot covers yet."""
 
 
 # -- where the directory is -----------------------------------------------------
@@ -255,6 +263,13 @@ class DirectoryBackend:
         # own segments
         self._seg_fd: int | None = None
         self._segments: list[_OwnSegment] = []
+        self._own_bytes = 0  # bytes in own segments
+        self._peer_count = 1  # peers with a lock file, dead or alive: they share the cap
+        self._snapshot_bytes = 0
+        self._budget = max_footprint  # own share of the cap; see _update_budget
+        self._segment_limit = segment_bytes
+        self._own_capped_through = 0  # last own segment deleted early, under the cap
+        self._room_since = 0.0  # monotonic time writes started waiting for room
         self._seq = 0
         self._pending: _Pending | None = None
         self._must_rotate = False  # a write failed part-way: continue in a new segment
@@ -305,6 +320,7 @@ class DirectoryBackend:
                 "segments_deleted",
                 "snapshots_written",
                 "snapshots_damaged",
+                "segments_capped",
                 "write_errors",
                 "task_failures",
                 "watcher_restarts",
@@ -529,6 +545,8 @@ class DirectoryBackend:
             names = os.listdir(peers_fd)
         except OSError:
             return
+        self._peer_count = max(1, sum(1 for name in names if _LOCK_RE.match(name)))
+        self._update_budget()
         present = set()
         for name in names:
             if not name.endswith(".sock") or name == f"{self.peer}.sock":
@@ -635,10 +653,19 @@ class DirectoryBackend:
             if not self._tick_scheduled:
                 self._tick_scheduled = True
                 asyncio.get_running_loop().call_soon(self._end_tick)
-            self._write(records)
-            self._unrung = True
-            if time.monotonic() - self._last_ring > _RING_AT_LEAST_EVERY:
-                self._ring()
+            try:
+                self._write(records)
+            except _NoRoom:
+                pass  # waits below, first in line, for a snapshot to make room
+            else:
+                self._unrung = True
+                if time.monotonic() - self._last_ring > _RING_AT_LEAST_EVERY:
+                    self._ring()
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pending = _Pending([(records, waiter)])
+            self._wait_for_room()
+            await waiter
             return
         pending = self._pending
         if pending is None:
@@ -671,19 +698,28 @@ class DirectoryBackend:
         if pending is None:
             return
         calls = [call for call in pending.calls if not call[1].cancelled()]
+        # A group write stays within a segment (the cap counts in segments); one
+        # append's records are one frame whatever its size.
+        room = min(self.max_record_size, self._segment_limit) - HEADER_SIZE
         start = 0
         while start < len(calls):
             # A batch: as many whole appends as fit in one frame.
             stop, size = start, 0
             while stop < len(calls):
                 extra = sum(r.size for r in calls[stop][0])
-                if stop > start and size + extra > self.max_record_size - HEADER_SIZE:
+                if stop > start and size + extra > room:
                     break
                 size += extra
                 stop += 1
             batch = calls[start:stop]
             try:
                 self._write([r for records, _ in batch for r in records])
+            except _NoRoom:
+                # This batch and the later ones wait, in order, ahead of any new
+                # append (the fast path is closed while some are pending).
+                self._pending = _Pending(calls[start:])
+                self._wait_for_room()
+                return
             except OSError as exc:
                 for _, fut in calls[start:]:  # this batch and every later one
                     if not fut.done():
@@ -708,7 +744,6 @@ class DirectoryBackend:
             if self._closing:
                 raise ConnectionAbortedError("the IPC instance is closed")
             self._rotate()
-        seg = self._segments[-1]
         first_seq = self._seq
         count = len(records)
         if count == 1:
@@ -716,9 +751,12 @@ class DirectoryBackend:
         else:
             inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
             data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
+        size = len(data)
+        if self._own_bytes + size > self._budget and not self._make_room(size):
+            raise _NoRoom
+        seg = self._segments[-1]
         fd = self._seg_fd
         assert fd is not None
-        size = len(data)
         written = 0
         try:
             written = _write_to_segment(fd, data)
@@ -732,12 +770,15 @@ class DirectoryBackend:
                 written = max(written, os.fstat(fd).st_size - seg.size)
             if written:
                 seg.size += written
+                self._own_bytes += written
                 self._must_rotate = True
                 with contextlib.suppress(OSError):
                     self._rotate()
             raise
         self._seq = seg.last_seq = first_seq + count
         seg.size += size
+        self._own_bytes += size
+        self._room_since = 0.0
         if count > 1 or records[0].kind is not Kind.MESSAGE:  # a lone message skips this
             state = [r for r in records if r.kind is not Kind.MESSAGE]
             if state:
@@ -748,8 +789,105 @@ class DirectoryBackend:
         counters["records_written"] += count
         counters["batches_written"] += 1
         counters["bytes_written"] += size
-        if seg.size >= self.segment_bytes:
+        if seg.size >= self._segment_limit:
             self._rotate()
+
+    # -- the size cap --------------------------------------------------------------
+
+    def _update_budget(self) -> None:
+        """This writer's share of `max_footprint`: the cap, less room for the
+        snapshot and its next copy, split among every peer with a lock file (the
+        dead ones' segments count until they are collected). Segments shrink so
+        that a share always holds several of them."""
+        room = self.max_footprint - 2 * self._snapshot_bytes
+        share = room // max(1, self._peer_count)
+        self._segment_limit = min(self.segment_bytes, max(_MIN_SEGMENT, share // 4))
+        self._budget = max(2 * self._segment_limit, share)
+
+    def _make_room(self, size: int) -> bool:
+        """Delete own oldest segments until `size` more bytes fit in the share;
+        False when the oldest holds cache writes no snapshot covers yet."""
+        while self._own_bytes + size > self._budget:
+            if len(self._segments) == 1:
+                if self._segments[0].size == 0:
+                    return True  # one record larger than the share: the slack
+                self._rotate()
+                continue
+            seg = self._segments[0]
+            if not self._covered(seg):
+                return False
+            self._delete_own(seg, capped=True)
+        return True
+
+    def _covered(self, seg: _OwnSegment) -> bool:
+        """Whether a closed own segment may go: no cache writes in it, or the
+        snapshot was taken after its last byte was read."""
+        if not seg.has_cache:
+            return True
+        number, offset, _ = self._snapshot_positions.get(self.peer, (0, 0, 0))
+        return seg.number < number or (seg.number == number and offset >= seg.size)
+
+    def _delete_own(self, seg: _OwnSegment, capped: bool) -> None:
+        _unlink(f"{self.peer}-{seg.number:08d}.seg", self._fds["log"])
+        self.counters["segments_deleted"] += 1
+        self._own_bytes -= seg.size
+        self._segments.remove(seg)
+        if capped and seg.number > self._own_capped_through:
+            # Readers that lose records to this deletion read the cause here.
+            self._own_capped_through = seg.number
+            self.counters["segments_capped"] += 1
+            if self._lock_fd is not None:
+                note = {"pid": os.getpid(), "node": self.node, "capped_through": seg.number}
+                with contextlib.suppress(OSError):
+                    os.pwrite(self._lock_fd, json.dumps(note).encode().ljust(128), 0)
+
+    def _wait_for_room(self) -> None:
+        """Writes are pending for room under the cap: ask for a snapshot, try
+        again shortly; after `_ROOM_WAIT` seconds, fail them (never acknowledged,
+        so nothing is lost) with ENOSPC."""
+        now = time.monotonic()
+        if not self._room_since:
+            self._room_since = now
+            rate_limited(
+                logging.WARNING,
+                "room",
+                "writes wait for a snapshot: this writer's share of max_footprint (%d of "
+                "%d bytes) is full of cache writes no snapshot covers yet",
+                self._budget,
+                self.max_footprint,
+            )
+        elif now - self._room_since > _ROOM_WAIT:
+            self._room_since = 0.0
+            pending, self._pending = self._pending, None
+            exc = OSError(
+                errno.ENOSPC,
+                f"the namespace is at its max_footprint ({self.max_footprint} bytes) and no "
+                f"snapshot made room within {_ROOM_WAIT:.0f}s: nothing was written",
+            )
+            for _, fut in pending.calls if pending is not None else ():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self._request_snapshot()
+        if not self._tick_scheduled and self._loop is not None:
+            self._tick_scheduled = True
+            self._loop.call_later(_ROOM_RETRY, self._end_tick)
+
+    def _request_snapshot(self) -> None:
+        """Get a snapshot that covers own segments: write one now as the holder,
+        else learn the newest one's positions."""
+        if self._snapshot_lock_fd is None:
+            self._read_snapshot_positions()
+            return
+        task = self._snapshot_task
+        if self._sink is not None and (task is None or task.done()):
+            self._last_snapshot_at = time.monotonic()
+            version = self._sink.state_version()
+            self._snapshot_task = task = asyncio.get_running_loop().create_task(
+                self._write_snapshot(version)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _rotate(self) -> None:
         """Close the current segment and start the next (it may fail: disk full)."""
@@ -1253,6 +1391,8 @@ class DirectoryBackend:
             names = os.listdir(peers_fd)
         except OSError:
             return
+        self._peer_count = max(1, sum(1 for name in names if _LOCK_RE.match(name)))
+        self._update_budget()
         alive = {self.peer}
         for name in names:
             m = _LOCK_RE.match(name)
@@ -1376,37 +1516,15 @@ class DirectoryBackend:
         return out
 
     def _enforce_retention(self) -> None:
-        """Delete own closed segments past the retention window or the size budget."""
-        closed = self._segments[:-1]
-        if not closed:
-            return
+        """Delete own closed segments past the retention window that no snapshot
+        needs (the size cap is kept on the write path, see `_make_room`)."""
         now = time.time()
-        live_peers = len(self._ringers) + 1 if self.use_doorbell else len(self._writers) + 1
-        budget = max(2 * self.segment_bytes, self.max_footprint // max(1, live_peers))
-        total = sum(s.size for s in self._segments)
-        covered_upto = self._snapshot_positions.get(self.peer, (0, 0, 0))[0]
-        while closed:
-            seg = closed[0]
-            old = now - seg.closed_at > self.retention
-            over = total > budget
-            covered = not seg.has_cache or seg.number < covered_upto
-            if not ((old or over) and covered) and not total > 2 * budget:
+        for seg in self._segments[:-1]:
+            if now - seg.closed_at <= self.retention or not self._covered(seg):
                 break
-            if not covered:
-                rate_limited(
-                    logging.WARNING,
-                    "uncovered",
-                    "deleting segment %d before a snapshot covers it: the directory is "
-                    "over its size cap (%d bytes); a process joining now may miss cache "
-                    "writes from it",
-                    seg.number,
-                    self.max_footprint,
-                )
-            _unlink(f"{self.peer}-{seg.number:08d}.seg", self._fds["log"])
-            self.counters["segments_deleted"] += 1
-            total -= seg.size
-            closed.pop(0)
-            self._segments.pop(0)
+            self._delete_own(seg, capped=False)
+        self._snapshot_bytes = _size_of(_SNAPSHOT, self._fds["root"])
+        self._update_budget()
 
     # -- snapshots -------------------------------------------------------------------
 
@@ -1548,6 +1666,7 @@ class DirectoryBackend:
             logger.error("could not write the cache snapshot: %s", exc)
             return
         self._snapshot_written = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._snapshot_bytes = st.st_size
         self._last_snapshot_version = version
         self._snapshot_positions = positions
         self.counters["snapshots_written"] += 1
@@ -1567,7 +1686,7 @@ class DirectoryBackend:
             if len(head) < HEADER_SIZE:
                 return
             # The header frame is read whole, however many peers it names.
-            size = HEADER_SIZE + int.from_bytes(head[8:12], "little")
+            size = HEADER_SIZE + int.from_bytes(head[4:8], "little")  # body_len
             head += os.pread(fd, min(size, self.max_record_size) - HEADER_SIZE, HEADER_SIZE)
         finally:
             os.close(fd)
@@ -1578,44 +1697,47 @@ class DirectoryBackend:
     async def _load_snapshot(self, positions: bool = True) -> bool:
         """Load snapshot.bin (if any) into the sink, a slice at a time; False when
         it is damaged (what it held that was readable is loaded all the same)."""
-        root = self._fds["root"]
-
-        def opener(path: str, flags: int) -> int:
-            return _open_regular(path, flags, root)
-
         sink = self._sink
         assert sink is not None
         reader = FrameReader(self.max_record_size, self._garbage_reporter("snapshot"))
         meta: dict[str, tuple[int, int, int]] | None = None
         count, end = 0, -1
         try:
-            async with aiofiles.open(_SNAPSHOT, "rb", opener=opener) as f:
-                while data := await f.read(_READ_CHUNK):
-                    records = reader.feed(data, _STEP)
-                    deadline = time.perf_counter() + _SLICE
-                    while True:
-                        state = []
-                        for rec in records:
-                            if rec.kind is Kind.SNAPSHOT_META:
-                                if meta is None and count == 0:
-                                    meta = _positions(rec.data)
-                                else:
-                                    end = _snapshot_end(rec.data)
-                            else:
-                                state.append(rec)
-                        count += len(state)
-                        sink.restore(state)
-                        if not reader.backlog:
-                            break
-                        if time.perf_counter() > deadline:
-                            await asyncio.sleep(0)
-                            deadline = time.perf_counter() + _SLICE
-                        records = reader.feed(limit=_STEP)
+            fd = _open_regular(_SNAPSHOT, os.O_RDONLY, self._fds["root"])
         except FileNotFoundError:
             return True
         except OSError as exc:
             logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
             return False
+        loop = asyncio.get_running_loop()
+        offset = 0
+        try:
+            while data := await loop.run_in_executor(None, os.pread, fd, _READ_CHUNK, offset):
+                offset += len(data)
+                records = reader.feed(data, _STEP)
+                deadline = time.perf_counter() + _SLICE
+                while True:
+                    state = []
+                    for rec in records:
+                        if rec.kind is not Kind.SNAPSHOT_META:
+                            state.append(rec)
+                        elif meta is None and count == 0:
+                            meta = _positions(rec.data)
+                        else:
+                            end = _snapshot_end(rec.data)
+                    count += len(state)
+                    sink.restore(state)
+                    if not reader.backlog:
+                        break
+                    if time.perf_counter() > deadline:
+                        await asyncio.sleep(0)
+                        deadline = time.perf_counter() + _SLICE
+                    records = reader.feed(limit=_STEP)
+        except OSError as exc:
+            logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
+            return False
+        finally:
+            os.close(fd)
         if meta is None or end != count or reader.pending or reader.skipped_bytes:
             self.counters["snapshots_damaged"] += 1
             logger.warning(
@@ -1737,6 +1859,13 @@ def _unlink(name: str, dir_fd: int) -> bool:
     except OSError as exc:
         logger.warning("could not delete %s: %s", name, exc)
         return False
+
+
+def _size_of(name: str, dir_fd: int) -> int:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+    except OSError:
+        return 0
 
 
 def _exists(name: str, dir_fd: int) -> bool:
