@@ -332,3 +332,14 @@ def stall_target(results: Any) -> tuple[str, str, bool | None]:
     measured = f"worst {worst[name]:.1f} ms ({name}); {over} of {len(worst)} over"
     ok = not math.isnan(worst[name]) and worst[name] <= TARGET_MS
     return (f"loop stall <= {TARGET_MS:g} ms in every workload", measured, ok)
+
+
+if __name__ == "__main__":  # one run, printed: python -m benchmarks.loop_stall [--quick]
+    import sys
+
+    from .scenarios import QUICK, Size
+
+    print("worst ms   p99 ms   CPU ms  workload")
+    for name, row in loop_stall(QUICK if "--quick" in sys.argv else Size(), "json").items():
+        gaps = (row[m] for m in ("worst gap ms", "p99 gap ms", "loop CPU in worst gap ms"))
+        print("".join(f"{g:8.1f} " for g in gaps) + f" {name}")
