@@ -8,6 +8,9 @@ import platform
 import sys
 from importlib import metadata
 
+from .loop_stall import WORKLOAD as STALL_WORKLOAD
+from .loop_stall import stall_table, stall_target
+
 Aggregated = dict[str, dict[str, dict[str, tuple[float, float, float]]]]
 
 WORKLOADS = {
@@ -64,6 +67,7 @@ WORKLOADS = {
         "an empty directory; and the same for a late joiner after another process has "
         "set 100,000 keys (it loads the snapshot and the retained log)."
     ),
+    "loop_stall": STALL_WORKLOAD,
 }
 
 TITLES = {
@@ -76,6 +80,7 @@ TITLES = {
     "idle": "7. Idle cost of a waiting process",
     "startup": "9. Start-up",
     "redis_backend": "10. The Redis backend beside plain redis-py",
+    "loop_stall": "11. Loop stalls",
 }
 
 
@@ -322,6 +327,7 @@ def targets(results: Aggregated) -> list[tuple[str, str, bool | None]]:
             f"peak {fmt(rss_peak)}, end {fmt(rss_end)} MiB",
             _ok(rss_end <= rss_peak, rss_peak, rss_end),
         ),
+        stall_target(results),
     ]
 
 
@@ -384,7 +390,7 @@ def write_markdown(
             "",
             f"Workload: {WORKLOADS[key]}",
             "",
-            table(results[key], repeats),
+            (stall_table if key == "loop_stall" else table)(results[key], repeats),
             "",
         ]
     with open(path, "w") as f:

@@ -19,6 +19,7 @@ from .harness import (
     scratch_dir,
     workers,
 )
+from .loop_stall import loop_stall
 
 Result = dict[str, dict[str, float]]
 
@@ -299,4 +300,5 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "idle": idle,
     "startup": startup,
     "redis_backend": redis_backend,
+    "loop_stall": loop_stall,
 }

@@ -552,6 +552,10 @@ def main() -> None:
         asyncio.run(startup(args[0]))
     elif role == "fill-cache":
         asyncio.run(fill_cache(args[0], int(args[1])))
+    elif role.startswith("stall-"):
+        from .loop_stall import run_role
+
+        run_role(role, args)
     else:
         raise SystemExit(f"unknown role {role}")
     resource.getrusage(resource.RUSAGE_SELF)
