@@ -117,12 +117,19 @@ def encode_frame(record: Record, seq: int) -> bytes:
     return head + zlib.crc32(head).to_bytes(4, "little") + body
 
 
+_COLLECT_AT: Final = 256 << 10  # an incomplete frame this large is collected piece by piece
+
+
 class FrameReader:
     """Incremental frame parser for one byte stream (one segment).
 
     Feed it bytes as they arrive; it returns the complete, valid records and keeps
     a partial tail for the next feed. Garbage is skipped up to the next header
     that checks out, and counted in `skipped_bytes`.
+
+    Every feed costs about what it is given: the bytes of a large frame are
+    collected (and checksummed) as they arrive, and a BATCH frame is given out a
+    `limit` at a time, so an event loop never parses megabytes in one callback.
 
     Example:
         >>> reader = FrameReader(max_body=1024)
@@ -136,17 +143,27 @@ class FrameReader:
     __slots__ = (
         "_batch",
         "_batch_len",
+        "_big",
+        "_big_crc",
+        "_big_fill",
+        "_big_head",
         "_buffer",
         "_more",
+        "_pos",
         "max_body",
         "on_garbage",
         "skipped_bytes",
     )
 
     def __init__(self, max_body: int, on_garbage: Callable[[int, str], None] | None = None) -> None:
-        self._buffer = b""
+        self._buffer: bytes | bytearray = b""
+        self._pos = 0  # where parsing resumes in `_buffer`
         self._batch: FrameReader | None = None  # a BATCH frame given out in parts
         self._batch_len = 0  # bytes of that frame
+        self._big: bytearray | None = None  # the body of a large frame being collected
+        self._big_fill = 0
+        self._big_crc = 0
+        self._big_head = b""  # its header
         self._more = False
         self.max_body = max_body
         self.skipped_bytes = 0
@@ -156,7 +173,8 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes held back: an incomplete frame, complete frames not yet given out
         (see `backlog`), and the whole of a BATCH frame given out in part."""
-        return len(self._buffer) + self._batch_len
+        held = len(self._buffer) - self._pos + self._batch_len
+        return held + (HEADER_SIZE + self._big_fill if self._big is not None else 0)
 
     @property
     def backlog(self) -> bool:
@@ -166,9 +184,16 @@ class FrameReader:
     def discard_pending(self) -> int:
         """Drop the incomplete tail (a dead writer's torn record); returns its size."""
         dropped = self.pending
-        self._buffer = b""
+        self._buffer, self._pos = b"", 0
         self._batch, self._batch_len, self._more = None, 0, False
+        self._big, self._big_fill = None, 0
         return dropped
+
+    def _held(self) -> bytes:
+        """The held bytes of an incomplete frame, as one string (rarely needed)."""
+        big = self._big
+        head = self._big_head + bytes(big[: self._big_fill]) if big is not None else b""
+        return head + bytes(self._buffer[self._pos :])
 
     def salvage(self) -> list[Record]:
         """Give up on the incomplete frame at the head of the held bytes (its
@@ -185,15 +210,15 @@ class FrameReader:
             >>> [r.topic for r in reader.salvage()], reader.pending, reader.skipped_bytes
             (['ping'], 0, 52)
         """
-        buf = self._buffer
-        if self._batch is not None or not buf:
+        if self._batch is not None or not self.pending:
             return []
+        buf = self._held()
+        self.discard_pending()
         nxt = buf.find(MAGIC, 1)
         skipped = nxt if nxt >= 0 else len(buf)
         self.skipped_bytes += skipped
         if self.on_garbage is not None:
             self.on_garbage(skipped, "a frame whose body never came: corrupted or forged length")
-        self._buffer = b""
         return self.feed(buf[nxt:]) if nxt >= 0 else []
 
     def feed(self, data: bytes = b"", limit: int = 0) -> list[Record]:
@@ -218,94 +243,172 @@ class FrameReader:
         if batch is not None:
             out = batch.feed(b"", limit)
             if batch._more or (limit and len(out) >= limit):
-                self._more = batch._more
                 if not batch._more:
                     self._batch, self._batch_len = None, 0
-                    self._more = True
+                self._more = True
                 if data:
-                    self._buffer += data
+                    self._append(data)
                 return out
             self._batch, self._batch_len = None, 0
-        buf = self._buffer + data if self._buffer else data
-        pos = 0
+        if self._big is not None:
+            rest = self._collect(data, out, limit)
+            if rest is None:
+                return out
+            data = rest
+        if data:
+            self._append(data)
+        self._parse(out, limit)
+        return out
+
+    def _append(self, data: bytes) -> None:
+        pos = self._pos
+        buf = self._buffer
+        if pos >= len(buf):
+            self._buffer, self._pos = data, 0
+        elif pos:
+            self._buffer, self._pos = buf[pos:] + data, 0
+        else:
+            self._buffer = buf + data
+
+    def _collect(self, data: bytes, out: list[Record], limit: int) -> bytes | None:
+        """Add `data` to the large frame being collected. Once it is complete (and
+        handed out into `out`), returns what is left of `data` to parse; None
+        while there is nothing more to parse now (still incomplete, or a BATCH
+        given out in part: the rest of `data` is kept)."""
+        big = self._big
+        assert big is not None
+        take = len(big) - self._big_fill
+        piece = data[:take]
+        big[self._big_fill : self._big_fill + len(piece)] = piece
+        self._big_fill += len(piece)
+        self._big_crc = zlib.crc32(piece, self._big_crc)
+        if self._big_fill < len(big):
+            return None
+        head = _HEADER.unpack_from(self._big_head)
+        self._big = None
+        self._big_fill = 0
+        if self._big_crc != head[10]:
+            # Not the frame its header claims: garbage from its second byte on.
+            rest = self._big_head + bytes(big) + data[take:]
+            self._buffer, self._pos = b"", 0
+            self._count_garbage(1, "bad body checksum")
+            self._append(rest[1:])
+            return b""
+        self._frame(head, big, 0, out, limit)
+        if self._more:
+            self._append(data[take:])
+            return None
+        return data[take:]
+
+    def _parse(self, out: list[Record], limit: int) -> None:
+        buf = self._buffer
+        pos = self._pos
         end = len(buf)
+        view = memoryview(buf)
         unpack = _HEADER.unpack_from
         crc32 = zlib.crc32
-        while end - pos >= HEADER_SIZE:
-            if limit and len(out) >= limit:
-                self._more = True
-                break
-            if buf[pos : pos + 2] != MAGIC:
-                pos = self._resync(buf, pos + 1, "bad magic")
-                continue
-            (
-                _m,
-                kind,
-                codec,
-                body_len,
-                seq,
+        try:
+            while end - pos >= HEADER_SIZE:
+                if limit and len(out) >= limit:
+                    self._more = True
+                    break
+                if buf[pos] != 0xA9 or buf[pos + 1] != 0x1C:
+                    pos = self._resync(buf, pos + 1, "bad magic")
+                    continue
+                head = unpack(buf, pos)
+                body_len = head[3]
+                if (
+                    crc32(view[pos : pos + _CHECKED]) != head[11]
+                    or body_len > self.max_body
+                    or head[8] + head[9] > body_len
+                    or head[1] not in _KINDS
+                ):
+                    pos = self._resync(buf, pos + 1, "bad header")
+                    continue
+                start = pos + HEADER_SIZE
+                stop = start + body_len
+                if stop > end:
+                    if body_len >= _COLLECT_AT:
+                        # Collect it as it arrives instead of holding (and copying)
+                        # an ever longer buffer.
+                        self._big = bytearray(body_len)
+                        self._big_head = bytes(view[pos:start])
+                        self._big_fill, self._big_crc = 0, 0
+                        pos = end
+                        view.release()
+                        self._buffer, self._pos = b"", 0
+                        self._collect(bytes(buf[start:end]), out, limit)
+                        return
+                    break  # the rest of this frame has not arrived yet
+                if crc32(view[start:stop]) != head[10]:
+                    pos = self._resync(buf, pos + 1, "bad body checksum")
+                    continue
+                if not self._frame(head, buf, start, out, limit):
+                    pos = self._resync(buf, pos + 1, "bad topic")
+                    continue
+                pos = stop
+                if self._batch is not None:
+                    break
+        finally:
+            view.release()
+        if self._big is None:
+            self._buffer, self._pos = (b"", 0) if pos >= end else (buf, pos)
+
+    def _frame(
+        self,
+        head: tuple[Any, ...],
+        buf: bytes | bytearray,
+        start: int,
+        out: list[Record],
+        limit: int,
+    ) -> bool:
+        """Hand out the checked frame whose body starts at `buf[start]`; False if
+        its topic is not UTF-8."""
+        kind, codec, body_len, seq, hlc, node, expires, topic_len, key_len = head[1:10]
+        key_at = start + topic_len
+        data_at = key_at + key_len
+        try:
+            topic = str(buf[start:key_at], "utf-8")
+        except UnicodeDecodeError:
+            return False
+        if kind == 5:  # Kind.BATCH: its frames are complete by construction
+            inner = FrameReader(self.max_body, self.on_garbage)
+            inner._buffer, inner._pos = buf, data_at
+            inner._parse_bounded(start + body_len)
+            out.extend(inner.feed(b"", limit and limit - len(out)))
+            if inner._more:  # given out in parts: the frame stays pending
+                self._batch, self._batch_len, self._more = inner, HEADER_SIZE + body_len, True
+            return True
+        out.append(
+            Record(
+                _KINDS[kind],
+                topic,
+                bytes(buf[key_at:data_at]),
+                bytes(buf[data_at : start + body_len]),
                 hlc,
                 node,
                 expires,
-                topic_len,
-                key_len,
-                body_crc,
-                header_crc,
-            ) = unpack(buf, pos)
-            if (
-                crc32(buf[pos : pos + _CHECKED]) != header_crc
-                or body_len > self.max_body
-                or topic_len + key_len > body_len
-                or kind not in _KINDS
-            ):
-                pos = self._resync(buf, pos + 1, "bad header")
-                continue
-            start = pos + HEADER_SIZE
-            stop = start + body_len
-            if stop > end:
-                break  # the rest of this frame has not arrived yet
-            body = buf[start:stop]
-            if crc32(body) != body_crc:
-                pos = self._resync(buf, pos + 1, "bad body checksum")
-                continue
-            try:
-                topic = body[:topic_len].decode()
-            except UnicodeDecodeError:
-                pos = self._resync(buf, pos + 1, "bad topic")
-                continue
-            if kind == 5:  # Kind.BATCH: its frames are complete by construction
-                inner = FrameReader(self.max_body, self.on_garbage)
-                out.extend(inner.feed(body[topic_len + key_len :], limit and limit - len(out)))
-                if inner._more:  # given out in parts: the frame stays pending
-                    self._batch, self._batch_len, self._more = inner, stop - pos, True
-                    pos = stop
-                    break
-                pos = stop
-                continue
-            out.append(
-                Record(
-                    _KINDS[kind],
-                    topic,
-                    body[topic_len : topic_len + key_len],
-                    body[topic_len + key_len :],
-                    hlc,
-                    node,
-                    expires,
-                    seq,
-                    codec,
-                )
+                seq,
+                codec,
             )
-            pos = stop
-        self._buffer = buf[pos:]
-        return out
+        )
+        return True
 
-    def _resync(self, buf: bytes, start: int, why: str) -> int:
-        found = buf.find(MAGIC, start)
-        nxt = found if found >= 0 else max(start, len(buf) - 1)
-        skipped = nxt - (start - 1)
+    def _parse_bounded(self, end: int) -> None:
+        """Limit this (inner) reader to `_buffer[:end]`: the body of its BATCH."""
+        if end < len(self._buffer):
+            # A BATCH body inside a larger buffer: its own copy, once.
+            self._buffer, self._pos = self._buffer[self._pos : end], 0
+
+    def _count_garbage(self, skipped: int, why: str) -> None:
         self.skipped_bytes += skipped
         if self.on_garbage is not None:
             self.on_garbage(skipped, why)
+
+    def _resync(self, buf: bytes | bytearray, start: int, why: str) -> int:
+        found = buf.find(MAGIC, start)
+        nxt = found if found >= 0 else max(start, len(buf) - 1)
+        self._count_garbage(nxt - (start - 1), why)
         return nxt
 
 
