@@ -44,6 +44,7 @@ from ..errors import UnsafeDirectoryError
 from ..logs import logger, rate_limited
 from ..records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
 from .base import RecordSink
+from .directory_lock import DirectoryLocks
 
 __all__ = [
     "DirectoryBackend",
@@ -279,6 +280,7 @@ class DirectoryBackend:
         self._last_snapshot_at = 0.0
         self._snapshot_positions: dict[str, tuple[int, int, int]] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._locks: DirectoryLocks | None = None  # made by locks() on first use
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "records_written",
@@ -360,6 +362,8 @@ class DirectoryBackend:
         self._release()
 
     def _release(self) -> None:
+        if self._locks is not None:
+            self._locks.abandon()  # closing their files releases the locks held here
         loop = self._loop
         if self._bell is not None:
             if loop is not None and not loop.is_closed():
@@ -1344,6 +1348,12 @@ class DirectoryBackend:
             0o600,
             dir_fd=self._fds["root"],
         )
+
+    def locks(self) -> DirectoryLocks:
+        """The lock capability: `flock`s on files in `locks/` (backends/directory_lock.py)."""
+        if self._locks is None:
+            self._locks = DirectoryLocks(self.path)
+        return self._locks
 
     # -- cache reads -----------------------------------------------------------------------
 
