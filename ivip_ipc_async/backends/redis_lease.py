@@ -64,12 +64,13 @@ end
 return 0
 """
 
-# KEYS: lease, note. ARGV: token, note. 1: set; 0: not ours.
+# KEYS: lease, note. ARGV: token, note. 1: set (and published); 0: not ours.
 _NOTE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then
     redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+    redis.call('PUBLISH', KEYS[1], 'note')
     return 1
   end
 end
