@@ -8,6 +8,8 @@ import platform
 import sys
 from importlib import metadata
 
+from . import coordination
+
 Aggregated = dict[str, dict[str, dict[str, tuple[float, float, float]]]]
 
 WORKLOADS = {
@@ -387,6 +389,7 @@ def write_markdown(
             table(results[key], repeats),
             "",
         ]
+    lines += coordination.section(results, repeats)
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .coordination import SCENARIOS as COORDINATION
 from .harness import (
     Worker,
     fan,
@@ -300,3 +301,4 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "startup": startup,
     "redis_backend": redis_backend,
 }
+SCENARIOS.update(COORDINATION)  # locks and stampede: benchmarks/coordination.py

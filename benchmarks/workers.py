@@ -553,7 +553,10 @@ def main() -> None:
     elif role == "fill-cache":
         asyncio.run(fill_cache(args[0], int(args[1])))
     else:
-        raise SystemExit(f"unknown role {role}")
+        from .coordination import run_role  # the coordination scenarios' roles
+
+        if not run_role(role, args):
+            raise SystemExit(f"unknown role {role}")
     resource.getrusage(resource.RUSAGE_SELF)
 
 

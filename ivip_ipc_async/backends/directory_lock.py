@@ -217,7 +217,6 @@ class _FileContender:
             raise UnsafeDirectoryError(f"refusing lock file {self.name!r}: {problem}")
         self._fd = fd
         _open_here.add(self)
-        self._watch(fd)
         return fd
 
     def _linked(self, fd: int) -> bool:
@@ -275,7 +274,12 @@ class _FileContender:
         return True
 
     async def wait(self, timeout: float) -> None:
-        self._open()
+        fd = self._open()
+        if self._inotify is None and _libc is not None and self._watch(fd):
+            # Watched from now on (only waiters pay for it): a release between the
+            # last try and this watch raised no event for us, so try again at once.
+            await asyncio.sleep(0)
+            return
         wake = self._wake
         if wake is None or self._inotify is None:
             await asyncio.sleep(timeout)
@@ -340,22 +344,21 @@ class _FileContender:
                     os.close(fd)
         self._fd = self._inotify = None
 
-    def _watch(self, fd: int) -> None:
+    def _watch(self, fd: int) -> bool:
+        """Watch the inode `fd` opened; False when inotify is not to be had."""
         if _libc is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
+            return False
+        loop = asyncio.get_running_loop()
         ino = _libc.inotify_init1(_IN_INIT)
         if ino < 0:
-            return  # out of inotify instances: the timer still wakes us
+            return False  # out of inotify instances: the timer still wakes us
         path = f"/proc/self/fd/{fd}".encode()  # the inode this descriptor opened
         if _libc.inotify_add_watch(ino, path, _IN_MASK) < 0:
             os.close(ino)
-            return
+            return False
         self._inotify, self._loop, self._wake = ino, loop, asyncio.Event()
         loop.add_reader(ino, self._on_event)
+        return True
 
     def _on_event(self) -> None:
         if self._inotify is None:
