@@ -214,6 +214,10 @@ class Lock:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        contender = self._contender
+        if contender is None or not contender.held:
+            await self.release()
+            return
         # Shielded: a cancelled `async with` still lets go now, not at lease expiry.
         release = asyncio.ensure_future(self.release())
         try:

@@ -172,6 +172,11 @@ class Leadership:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        contender = self._contender
+        if contender is None or not contender.held:
+            await self.release()
+            return
+        # Shielded: a cancelled `async with` still lets go now, not at lease expiry.
         release = asyncio.ensure_future(self.release())
         try:
             await asyncio.shield(release)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -555,3 +556,37 @@ async def test_memoize_per_process_opt_out_takes_no_lock(make: Make) -> None:  #
     assert sorted(calls) == ["one", "two"]  # once per process, not once in all
     with pytest.raises(ValueError, match="lease"):
         AsyncCache(one).memoize("x", compute, 60, lease=0)
+
+
+async def test_a_lock_held_when_its_event_loop_ends_is_released(make: Make) -> None:  # noqa: F811
+    other = make()
+    loop_ended, checked = threading.Event(), threading.Event()
+
+    def another_loop() -> int:
+        loop = asyncio.new_event_loop()
+        try:
+            lock = other.lock("orphan", lease=30)
+            loop.run_until_complete(lock.acquire())
+            fence = lock.fence
+            # What asyncio.run does at its end: cancel every task left, let them finish.
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop_ended.set()
+            checked.wait(10)
+            loop.run_until_complete(other.destroy())  # only now: its connections
+            return fence
+        finally:
+            loop.close()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(another_loop))
+    assert await asyncio.to_thread(loop_ended.wait, 10)
+    ipc = await make().start()
+    lock = ipc.lock("orphan", lease=30, poll_interval=0.05)
+    try:
+        await lock.acquire(timeout=3)  # well before the 30 s lease
+    finally:
+        checked.set()
+    assert lock.fence > await holder
+    await lock.release()

@@ -115,7 +115,9 @@ class DirectoryLocks:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._dir: int | None = None
-        self._contenders: weakref.WeakSet[_FileContender] = weakref.WeakSet()
+        # Contenders with a file open (strong: a held lock outlives its Lock object
+        # until it is released, the provider closes, or the event loop ends).
+        self._contenders: set[_FileContender] = set()
         self._keeper: asyncio.Task[None] | None = None
         _providers.add(self)
 
@@ -146,9 +148,7 @@ class DirectoryLocks:
 
     def contender(self, name: str, *, lease: float) -> _FileContender:
         """One attempt at lock `name` (`lease` is ignored: the kernel's lock is not lost)."""
-        contender = _FileContender(self, check_lock_name(name))
-        self._contenders.add(contender)
-        return contender
+        return _FileContender(self, check_lock_name(name))
 
     async def close(self) -> None:
         """Release every lock held here (closing a descriptor releases its lock)."""
@@ -167,6 +167,7 @@ class DirectoryLocks:
 
     def _forget(self) -> None:
         self._keeper = None
+        self._contenders.clear()
         fd, self._dir = self._dir, None
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -217,6 +218,7 @@ class _FileContender:
             raise UnsafeDirectoryError(f"refusing lock file {self.name!r}: {problem}")
         self._fd = fd
         _open_here.add(self)
+        self._provider._contenders.add(self)
         return fd
 
     def _linked(self, fd: int) -> bool:
@@ -331,6 +333,7 @@ class _FileContender:
         self._unwatch()
         fd, self._fd = self._fd, None
         _open_here.discard(self)
+        self._provider._contenders.discard(self)
         if fd is not None:
             os.close(fd)  # the last descriptor of the open file: the flock goes with it
 
