@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -41,7 +42,8 @@ WORKLOADS = {
         "`async with` acquire + release of one lock, nothing done inside, awaited one "
         "after the other: `uncontended` by one process (2,000 times; p50/p99 of one "
         "cycle), `contended` by 4 processes at once on the same lock (200 times each; "
-        "p50/p99 of one cycle, waiting included, and cycles/s of all four together). "
+        "p50/p99/max of one cycle, waiting included; cycles/s of all four together; "
+        "`handoffs %`: how often the next holder was another process). "
         'ivip-ipc-async: `ipc.lock("bench")` on a directory in /dev/shm and on Redis. '
         'redis-py: `redis.asyncio.Redis.lock("bench", timeout=10)` (waiters poll every '
         '`sleep=0.1` s, its default). diskcache: `diskcache.Lock(Cache(dir), "bench")` '
@@ -79,63 +81,63 @@ def _append(path: str, line: str) -> None:
     os.close(fd)
 
 
-async def _lock_ivip(target: str, cycles: int) -> list[int]:
+async def _lock_ivip(target: str, cycles: int) -> tuple[list[int], list[int]]:
     async with _open_ipc(target) as ipc:
         async with ipc.lock("warm-up"):  # connections made before the clock starts
             pass
         _emit("ready")
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        out = []
+        out, acquired = [], []
         for _ in range(cycles):
             t = N()
             async with ipc.lock("bench"):
-                pass
+                acquired.append(N())
             out.append(N() - t)
-        return out
+        return out, acquired
 
 
-async def _lock_redis_py(namespace: str, cycles: int) -> list[int]:
+async def _lock_redis_py(namespace: str, cycles: int) -> tuple[list[int], list[int]]:
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(REDIS)
     await client.ping()
     _emit("ready")
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    out = []
+    out, acquired = [], []
     for _ in range(cycles):
         t = N()
         async with client.lock(f"bench-{namespace}", timeout=10):
-            pass
+            acquired.append(N())
         out.append(N() - t)
     await client.aclose()
-    return out
+    return out, acquired
 
 
-def _lock_diskcache(directory: str, cycles: int) -> list[int]:
+def _lock_diskcache(directory: str, cycles: int) -> tuple[list[int], list[int]]:
     import diskcache
 
     with diskcache.Cache(directory) as cache:
         lock = diskcache.Lock(cache, "bench")
         _emit("ready")
         sys.stdin.readline()
-        out = []
+        out, acquired = [], []
         for _ in range(cycles):
             t = N()
             with lock:
-                pass
+                acquired.append(N())
             out.append(N() - t)
-        return out
+        return out, acquired
 
 
 def lock_role(kind: str, target: str, cycles: int) -> None:
     """Print `ready`, wait for `go`, run `cycles` acquire + release, print the times."""
     if kind == "ivip":
-        latencies = asyncio.run(_lock_ivip(target, cycles))
+        latencies, acquired = asyncio.run(_lock_ivip(target, cycles))
     elif kind == "redis-py":
-        latencies = asyncio.run(_lock_redis_py(target, cycles))
+        latencies, acquired = asyncio.run(_lock_redis_py(target, cycles))
     else:
-        latencies = _lock_diskcache(target, cycles)
-    _emit({"latencies_ns": latencies})
+        latencies, acquired = _lock_diskcache(target, cycles)
+    _emit({"latencies_ns": latencies, "acquired_ns": acquired})
 
 
 async def _stampede(kind: str, target: str, key: str, callers: int, log: str) -> list[int]:
@@ -243,6 +245,11 @@ def locks(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
                 if mode == "contended":
                     busy = max(sum(r["latencies_ns"]) for r in got) / 1e9
                     row["contended cycles/s"] = count * n / max(busy, 1e-9)
+                    row["contended max ms"] = summary["max"]
+                    # How often the lock went to another process (100%: every time).
+                    order = sorted((t, i) for i, r in enumerate(got) for t in r["acquired_ns"])
+                    handoffs = sum(a[1] != b[1] for a, b in itertools.pairwise(order))
+                    row["contended handoffs %"] = 100 * handoffs / max(1, len(order) - 1)
                 if medium == "redis":
                     _drop_redis(namespace)
         out[label] = row

@@ -590,3 +590,21 @@ async def test_a_lock_held_when_its_event_loop_ends_is_released(make: Make) -> N
         checked.set()
     assert lock.fence > await holder
     await lock.release()
+
+
+async def test_memoize_leaves_no_lock_behind_per_key(medium: str, make: Make) -> None:  # noqa: F811
+    one, two = await make().start(), await make().start()
+    first = AsyncCache(one, name="m").memoize("sq", lambda x: x * x, 60)
+    second = AsyncCache(two, name="m").memoize("sq", lambda x: x * x, 60)
+    results = await asyncio.gather(*(f(i) for i in range(30) for f in (first, second)))
+    assert sorted(set(results)) == [i * i for i in range(30)]
+    if is_redis(medium):
+        import redis.asyncio as aioredis
+
+        url, namespace = medium.split("#")
+        client = aioredis.Redis.from_url(url)
+        left = await client.keys(f"ivip:{{{namespace}}}:lk:*")
+        await client.aclose()
+    else:
+        left = [p.name for p in (Path(medium) / "default" / "locks").iterdir()]
+    assert left == []  # one lock per memoized key would pile up otherwise

@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from ..logs import logger, rate_limited
@@ -42,6 +42,7 @@ from .directory_lock import check_lock_name
 __all__ = ["RedisLeases"]
 
 _MAX_NOTE: Final = 512
+_KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
 
 # KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
 # Returns {fence, 0} when taken, {0, pttl} when held by another.
@@ -138,6 +139,7 @@ class RedisLeases:
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()
+        self.notices: dict[str, int] = {}  # release notices received, per subscribed key
         self._contenders: weakref.WeakSet[_LeaseContender] = weakref.WeakSet()
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
@@ -179,23 +181,34 @@ class RedisLeases:
 
     def release_later(self, key: str, note_key: str, token: bytes) -> None:
         """Compare-and-delete in the background (a try whose answer was not read)."""
+        self.background(self.run("release", [key, note_key], [token]))
 
-        async def release() -> None:
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task of its own, errors ignored; `close` waits for it."""
+
+        async def quietly() -> None:
             with contextlib.suppress(Exception):
-                await self.run("release", [key, note_key], [token])
+                await work
 
-        with contextlib.suppress(RuntimeError):
-            task = asyncio.get_running_loop().create_task(release())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        try:
+            task = asyncio.get_running_loop().create_task(quietly())
+        except RuntimeError:
+            work.close()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- wake-ups ----------------------------------------------------------------------
 
-    async def watch(self, key: str, wake: asyncio.Event) -> None:
-        """Set `wake` whenever `key` is released (published on its channel)."""
+    async def watch(self, key: str, wake: asyncio.Event) -> bool:
+        """Set `wake` whenever `key` is released (published on its channel).
+
+        True when the channel was subscribed just now (a release before that
+        was not seen: the caller tries again at once).
+        """
         self._waiters.setdefault(key, set()).add(wake)
         if key in self._subscribed:
-            return
+            return False
         if self._pubsub is None:
             self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
         self._subscribed.add(key)
@@ -209,6 +222,7 @@ class RedisLeases:
             self._listener = asyncio.get_running_loop().create_task(
                 self._listen(), name="ivip-ipc-lock-listener"
             )
+        return True
 
     def unwatch(self, key: str, wake: asyncio.Event) -> None:
         waiters = self._waiters.get(key)
@@ -216,8 +230,14 @@ class RedisLeases:
             waiters.discard(wake)
             if not waiters:
                 del self._waiters[key]
-        # Channels stay subscribed (cheap) until close: unsubscribing and
-        # subscribing again for every wait would cost two round trips.
+        # Channels stay subscribed while few (subscribing again for every wait
+        # would cost a round trip); past _KEEP_SUBSCRIBED (say, memoize over many
+        # keys), those nobody waits on are dropped.
+        if key not in self._waiters and len(self._subscribed) > _KEEP_SUBSCRIBED:
+            self._subscribed.discard(key)
+            self.notices.pop(key, None)
+            if self._pubsub is not None and not self._closed:
+                self.background(self._pubsub.unsubscribe(key))
 
     async def _listen(self) -> None:
         pubsub = self._pubsub
@@ -234,8 +254,12 @@ class RedisLeases:
             if message is None or message.get("type") != "message":
                 continue
             channel = message.get("channel")
-            key = channel.decode(errors="replace") if isinstance(channel, bytes) else channel
-            for wake in list(self._waiters.get(str(key), ())):
+            key = str(channel.decode(errors="replace") if isinstance(channel, bytes) else channel)
+            if key in self._subscribed:
+                # Counted even with nobody waiting: a contender whose try crossed
+                # this notice on the wire sees the count move, and tries again.
+                self.notices[key] = self.notices.get(key, 0) + 1
+            for wake in list(self._waiters.get(key, ())):
                 wake.set()
 
     async def _resubscribe(self) -> None:
@@ -315,6 +339,7 @@ class _LeaseContender:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry_in = lease  # the lease's remaining time at the last failed try
         self._wake: asyncio.Event | None = None
+        self._notices = 0  # the provider's count of release notices at the last try
 
     def __repr__(self) -> str:
         return f"<lease {self.name!r} {'held' if self.held else 'free'} fence={self.fence}>"
@@ -331,6 +356,7 @@ class _LeaseContender:
             raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
         await self._stop_renewing()
         loop = asyncio.get_running_loop()
+        self._notices = self._provider.notices.get(self.key, 0)
         token = secrets.token_hex(16).encode()
         ms = max(1, int(self.lease * 1000))
         sent = loop.time()
@@ -397,9 +423,12 @@ class _LeaseContender:
         if wake is None:
             wake = self._wake = asyncio.Event()
             try:
-                await self._provider.watch(self.key, wake)
+                if await self._provider.watch(self.key, wake):
+                    return  # subscribed just now: a release before it went unseen
             except Exception as exc:  # no notices: the timer still wakes us
                 logger.debug("cannot watch lock %r: %s", self.name, exc)
+        if self._provider.notices.get(self.key, 0) != self._notices:
+            return  # released while our last try was on the wire
         delay = min(timeout, self._retry_in + 0.001)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), delay)
