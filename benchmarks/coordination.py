@@ -311,7 +311,20 @@ def section(results: dict[str, Any], repeats: int) -> list[str]:
     parts = [k for k in SCENARIOS if results.get(k)]
     if not parts:
         return []
-    lines = ["## Coordination", ""]
+    lines = [
+        "## Coordination",
+        "",
+        "Locks and single-flight memoize (docs/coordination.md), run alone by "
+        f"`python -m benchmarks.coordination --repeat {repeats}` (or with the full suite).",
+        "",
+        "How to read the lock table: redis-py's and diskcache's waiters poll (every "
+        "100 ms and 1 ms), so the process that has just released takes the lock again "
+        "before they look: many cycles per second, few handoffs, and a waiter can wait "
+        "its whole poll interval or longer (`max ms`). ivip-ipc-async's waiters are woken "
+        "by the release itself (inotify on the directory, a published notice on Redis), "
+        "so the lock changes hands far more often, at the cost of a wake-up per handoff.",
+        "",
+    ]
     for key in parts:
         lines += [
             f"### {TITLES[key]}",
