@@ -41,8 +41,8 @@ AGENT = textwrap.dedent(
             return AsyncIPC(url, namespace=namespace)
         return AsyncIPC(medium)
 
-    def say(**fields):
-        print(json.dumps(fields), flush=True)
+    def say(**fields):  # one write per line: a forked child writes to the same pipe
+        os.write(1, json.dumps(fields).encode() + b"\\n")
 
     def append(path, line):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -90,8 +90,7 @@ AGENT = textwrap.dedent(
                 elif op == "fork":
                     pid = os.fork()
                     if pid == 0:  # the child: the lock is not its to hold
-                        answer = {"child": os.getpid(), "held": lock.held}
-                        os.write(1, json.dumps(answer).encode() + b"\\n")
+                        say(child=os.getpid(), held=lock.held)
                         time.sleep(60)
                         os._exit(0)
                     say(forked=pid)
@@ -182,6 +181,13 @@ def is_redis(medium: str) -> bool:  # noqa: F811
     return "#" in medium
 
 
+def takeover(medium: str, lease: float = 1.0) -> float:  # noqa: F811
+    """Seconds within which a dead holder's lock must be taken over: at once on the
+    directory (1 s allows for a loaded machine; the waiters' timer is 30 s), within
+    the lease on Redis."""
+    return lease + 1.0 if is_redis(medium) else 1.0
+
+
 # -- the lock --------------------------------------------------------------------------------
 
 
@@ -237,7 +243,7 @@ async def test_kill_9_of_the_holder_frees_the_lock(
     await lock.acquire(timeout=10)
     took = time.monotonic() - killed
     # Directory: the kernel released it at death. Redis: within the lease.
-    assert took < (1.0 + 0.5 if is_redis(medium) else 0.5)
+    assert took < takeover(medium)
     assert lock.fence > first["fence"]
     await lock.release()
 
@@ -288,7 +294,7 @@ async def test_a_forked_child_of_the_holder_does_not_hold_the_lock(
         lock = ipc.lock("shared", lease=1.0, poll_interval=30)
         killed = time.monotonic()
         await lock.acquire(timeout=10)  # the child's copies did not keep the lock
-        assert time.monotonic() - killed < (1.5 if is_redis(medium) else 0.5)
+        assert time.monotonic() - killed < takeover(medium)
         await lock.release()
     finally:
         os.kill(child["child"], signal.SIGKILL)
@@ -308,7 +314,7 @@ async def test_a_paused_holder_loses_its_lease_and_its_fence_tells_it(
     lock = ipc.lock("shared", lease=5.0, poll_interval=30)
     stopped = time.monotonic()
     await lock.acquire(timeout=10)
-    assert time.monotonic() - stopped < 1.5  # the lease ran out
+    assert time.monotonic() - stopped < takeover(medium)  # the lease ran out
     assert lock.fence > old["fence"]
     holder.kill(signal.SIGCONT)
     now = await holder.ask(op="check")
@@ -369,7 +375,7 @@ async def test_leadership_is_handed_over_when_the_leader_dies(
     killed = time.monotonic()
     done, _ = await asyncio.wait(reads, timeout=15, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1  # one follower took over
-    assert time.monotonic() - killed < (1.5 if is_redis(medium) else 0.5)
+    assert time.monotonic() - killed < takeover(medium)
     answer = done.pop().result()
     assert answer["fence"] > first_fence
     for pending in reads:
@@ -506,7 +512,7 @@ async def test_memoize_killed_holder_blocks_others_no_longer_than_its_lock(
     holder.kill()
     killed = time.monotonic()
     assert await asyncio.wait_for(waiting, 10) == {"by": os.getpid()}
-    assert time.monotonic() - killed < (1.6 if is_redis(medium) else 0.7)
+    assert time.monotonic() - killed < takeover(medium)
     assert calls == [1]
 
 

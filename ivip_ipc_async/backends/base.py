@@ -7,12 +7,27 @@ through a `RecordSink`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ..records import Record
 
-__all__ = ["Backend", "Contender", "LockProvider", "RecordSink"]
+__all__ = ["Backend", "Contender", "LockProvider", "RecordSink", "check_lock_name"]
+
+LOCK_NAME: Final = re.compile(r"^[a-z]\.[A-Za-z0-9_][A-Za-z0-9._-]{0,159}$")
+
+
+def check_lock_name(name: str) -> str:
+    """Refuse a lock name that is not `<kind>.<name>` (see `LockProvider`).
+
+    Example:
+        >>> check_lock_name("u.reports")
+        'u.reports'
+    """
+    if not isinstance(name, str) or not LOCK_NAME.match(name):
+        raise ValueError(f"invalid lock name {name!r}")
+    return name
 
 
 class RecordSink(Protocol):

@@ -29,7 +29,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import stat
 import weakref
 from pathlib import Path
@@ -37,10 +36,10 @@ from typing import Any, Final
 
 from ..errors import UnsafeDirectoryError
 from ..logs import logger
+from .base import check_lock_name
 
-__all__ = ["DirectoryLocks", "check_lock_name"]
+__all__ = ["DirectoryLocks"]
 
-LOCK_NAME: Final = re.compile(r"^[a-z]\.[A-Za-z0-9_][A-Za-z0-9._-]{0,159}$")
 _SUBDIR: Final = "locks"
 _RECORD_SIZE: Final = 1024
 _MAX_NOTE: Final = 512
@@ -81,18 +80,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def check_lock_name(name: str) -> str:
-    """Refuse a lock name that is not `<kind>.<name>` (see `LockProvider`).
-
-    Example:
-        >>> check_lock_name("u.reports")
-        'u.reports'
-    """
-    if not isinstance(name, str) or not LOCK_NAME.match(name):
-        raise ValueError(f"invalid lock name {name!r}")
-    return name
 
 
 class DirectoryLocks:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from ..logs import logger, rate_limited
-from .directory_lock import check_lock_name
+from .base import check_lock_name
 
 __all__ = ["RedisLeases"]
 
@@ -168,16 +168,25 @@ class RedisLeases:
         from redis.exceptions import NoScriptError
 
         client = self.client()
-        async with asyncio.timeout(self.command_timeout):
-            try:
-                return await client.evalsha(_SHA[script], len(keys), *keys, *args)
-            except NoScriptError:
-                return await client.eval(_SCRIPT[script], len(keys), *keys, *args)
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                try:
+                    return await client.evalsha(_SHA[script], len(keys), *keys, *args)
+                except NoScriptError:
+                    return await client.eval(_SCRIPT[script], len(keys), *keys, *args)
+        except TimeoutError:  # not to be taken for the caller's own timeout
+            raise self._silent() from None
 
     async def get(self, key: str) -> bytes | None:
-        async with asyncio.timeout(self.command_timeout):
-            value: bytes | None = await self.client().get(key)
-            return value
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                value: bytes | None = await self.client().get(key)
+                return value
+        except TimeoutError:
+            raise self._silent() from None
+
+    def _silent(self) -> ConnectionError:
+        return ConnectionError(f"Redis did not answer a lock command in {self.command_timeout} s")
 
     def release_later(self, key: str, note_key: str, token: bytes) -> None:
         """Compare-and-delete in the background (a try whose answer was not read)."""
