@@ -614,3 +614,16 @@ async def test_memoize_leaves_no_lock_behind_per_key(medium: str, make: Make) ->
     else:
         left = [p.name for p in (Path(medium) / "default" / "locks").iterdir()]
     assert left == []  # one lock per memoized key would pile up otherwise
+
+
+async def test_a_lease_is_renewed_while_held(make: Make) -> None:  # noqa: F811
+    one, two = await make().start(), await make().start()
+    async with one.lock("long", lease=0.6) as lock:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2.0  # more than three leases
+        while loop.time() < until:
+            assert not await two.lock("long", lease=0.6).try_acquire()
+            await asyncio.sleep(0.1)
+        assert lock.held
+        assert await lock.verify()
+    assert await two.lock("long").try_acquire()
