@@ -296,11 +296,16 @@ class RedisLeases:
 
     async def close(self) -> None:
         """Release every lease held here, then close the connections."""
-        for contender in list(self._contenders):
-            with contextlib.suppress(Exception):
-                await contender.release()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        # Bounded: with Redis gone, the leases expire by themselves anyway.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.command_timeout):
+                for contender in list(self._contenders):
+                    with contextlib.suppress(Exception):
+                        await contender.release()
+                if self._background:
+                    await asyncio.gather(*self._background, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
         self._shut()
         listener, self._listener = self._listener, None
         if listener is not None:
