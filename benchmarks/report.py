@@ -8,6 +8,7 @@ import platform
 import sys
 from importlib import metadata
 
+from . import coordination
 from .loop_stall import WORKLOAD as STALL_WORKLOAD
 from .loop_stall import stall_table, stall_target
 
@@ -393,6 +394,7 @@ def write_markdown(
             (stall_table if key == "loop_stall" else table)(results[key], repeats),
             "",
         ]
+    lines += coordination.section(results, repeats)
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .coordination import SCENARIOS as COORDINATION
 from .harness import (
     Worker,
     fan,
@@ -302,3 +303,4 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "redis_backend": redis_backend,
     "loop_stall": loop_stall,
 }
+SCENARIOS.update(COORDINATION)  # locks and stampede: benchmarks/coordination.py

@@ -557,7 +557,10 @@ def main() -> None:
 
         run_role(role, args)
     else:
-        raise SystemExit(f"unknown role {role}")
+        from .coordination import run_role  # the coordination scenarios' roles
+
+        if not run_role(role, args):
+            raise SystemExit(f"unknown role {role}")
     resource.getrusage(resource.RUSAGE_SELF)
 
 

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from .cache import AsyncCache
+from .coordination import Lock
 from .emitter import MessageStream, Subscription
 from .errors import IPCClosedError, UnsafeDirectoryError
 from .ipc import AsyncIPC
@@ -22,6 +23,7 @@ __all__ = [
     "Codec",
     "IPCClosedError",
     "JsonCodec",
+    "Lock",
     "MessageStream",
     "OrjsonCodec",
     "Subscription",

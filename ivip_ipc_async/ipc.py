@@ -14,7 +14,7 @@ from asyncio import _get_running_loop
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend
 from .clock import HybridLogicalClock
@@ -23,6 +23,9 @@ from .errors import IPCClosedError
 from .logs import logger
 from .mirror import Mirror
 from .records import HEADER_SIZE, MAX_NAME_BYTES, Codec, Kind, Record, codec_named
+
+if TYPE_CHECKING:
+    from .coordination import Lock
 
 __all__ = ["GAP_EVENT", "AsyncIPC"]
 
@@ -324,6 +327,31 @@ class AsyncIPC:
         stream = self._emitter.stream(event, maxsize)
         stream._before_next = self._ensure
         return stream
+
+    def lock(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        lease: float = 10.0,
+        poll_interval: float = 1.0,
+    ) -> Lock:
+        """A lock shared by every process of this namespace: `async with ipc.lock(name):`.
+
+        See `ivip_ipc_async.coordination.Lock` for the arguments and guarantees.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         async with ipc.lock("migrations", timeout=10) as lock:
+            ...             return lock.held
+            >>> asyncio.run(main())
+            True
+        """
+        from .coordination import Lock
+
+        return Lock(self, name, timeout=timeout, lease=lease, poll_interval=poll_interval)
 
     # -- sending ----------------------------------------------------------------------
 

@@ -7,12 +7,27 @@ through a `RecordSink`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ..records import Record
 
-__all__ = ["Backend", "RecordSink"]
+__all__ = ["Backend", "Contender", "LockProvider", "RecordSink", "check_lock_name"]
+
+LOCK_NAME: Final = re.compile(r"^[a-z]\.[A-Za-z0-9_][A-Za-z0-9._-]{0,159}$")
+
+
+def check_lock_name(name: str) -> str:
+    """Refuse a lock name that is not `<kind>.<name>` (see `LockProvider`).
+
+    Example:
+        >>> check_lock_name("u.reports")
+        'u.reports'
+    """
+    if not isinstance(name, str) or not LOCK_NAME.match(name):
+        raise ValueError(f"invalid lock name {name!r}")
+    return name
 
 
 class RecordSink(Protocol):
@@ -81,3 +96,71 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Counters and health for `AsyncIPC.stats()`."""
+
+    def locks(self) -> LockProvider:
+        """The lock capability of this medium (made on first use, closed with the backend)."""
+
+
+class LockProvider(Protocol):
+    """Locks shared by every process of a namespace (and every host, on Redis).
+
+    A lock name is 3-160 characters: a one-letter kind, a dot, then letters,
+    digits, `.`, `_` or `-` (the kinds keep users' locks, leaderships and
+    memoize's locks apart: `u.`, `l.`, `m.`).
+    """
+
+    leased: bool
+    """True when a holder can lose the lock while it lives (a Redis lease that
+    was not renewed in time); False for kernel locks, held until released or death."""
+
+    def contender(self, name: str, *, lease: float) -> Contender:
+        """One attempt to hold `name`: try, wait for a release, hold, release.
+
+        `lease` (seconds) is how long a leased lock outlives a holder that stopped
+        renewing it (killed, paused, cut off); kernel locks ignore it.
+        """
+
+    async def close(self) -> None:
+        """Release every lock held through this provider and stop its waiters."""
+
+    def abandon(self) -> None:
+        """As `close`, without the event loop (it may be closed already)."""
+
+
+class Contender(Protocol):
+    """One process's attempt at a lock, from waiting through holding to release.
+
+    Not inherited by a forked child: there it holds nothing and waits for nothing.
+    """
+
+    fence: int
+    """The fencing token of the current holding: larger for every later holder of
+    the lock (0 until held). Hand it to a store that refuses smaller tokens."""
+
+    @property
+    def held(self) -> bool:
+        """True while this contender holds the lock, as far as it knows locally
+        (a lease that could not be renewed in time reads False at once)."""
+
+    async def try_acquire(self, note: str = "") -> bool:
+        """Take the lock if it is free, without waiting; `note` is shown to others."""
+
+    async def wait(self, timeout: float) -> None:
+        """Return when the lock may have been released (or its note changed),
+        or after `timeout` seconds: then `try_acquire` again."""
+
+    async def holder_note(self) -> str | None:
+        """The note of the lock's current holder; None when free or unknown."""
+
+    async def set_note(self, note: str) -> None:
+        """Replace the note others see while this contender holds the lock."""
+
+    async def verify(self) -> bool:
+        """Ask the medium whether this contender still holds the lock."""
+
+    async def release(self, *, discard: bool = False) -> None:
+        """Let go of the lock if held, and stop waiting. Safe to repeat.
+
+        `discard`: the lock's name will likely not be used again (a memoized key):
+        drop what the medium keeps for it.
+        """

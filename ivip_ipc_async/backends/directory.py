@@ -45,6 +45,7 @@ from ..errors import UnsafeDirectoryError
 from ..logs import logger, rate_limited
 from ..records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
 from .base import RecordSink
+from .directory_lock import DirectoryLocks
 
 __all__ = [
     "DirectoryBackend",
@@ -301,6 +302,7 @@ class DirectoryBackend:
         self._snapshot_suspect = False  # the snapshot loaded at start was damaged
         self._snapshot_seen: tuple[int, int, int] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._locks: DirectoryLocks | None = None  # made by locks() on first use
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "records_written",
@@ -414,6 +416,8 @@ class DirectoryBackend:
                     os.close(fd)
 
     def _release(self) -> None:
+        if self._locks is not None:
+            self._locks.abandon()  # closing their files releases the locks held here
         loop = self._loop
         if self._bell is not None:
             if loop is not None and not loop.is_closed():
@@ -1761,6 +1765,12 @@ class DirectoryBackend:
         if "/" in name or name.startswith("."):
             raise ValueError(f"invalid lock name {name!r}")
         return _open_regular(name, os.O_RDWR | os.O_CREAT, self._fds["root"])
+
+    def locks(self) -> DirectoryLocks:
+        """The lock capability: `flock`s on files in `locks/` (backends/directory_lock.py)."""
+        if self._locks is None:
+            self._locks = DirectoryLocks(self.path)
+        return self._locks
 
     # -- cache reads -----------------------------------------------------------------------
 

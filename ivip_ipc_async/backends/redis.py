@@ -88,6 +88,7 @@ from ..records import (
     encode_frame,
 )
 from .base import RecordSink
+from .redis_lease import RedisLeases
 
 __all__ = ["RedisBackend"]
 
@@ -323,6 +324,7 @@ class RedisBackend:
         self._writer: asyncio.Future[None] | None = None  # the write under way
         self._queue: list[tuple[Sequence[Record], asyncio.Future[None]]] = []
         self._closing = False
+        self._leases: RedisLeases | None = None  # made by locks() on first use
         self._connected = False
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -400,6 +402,8 @@ class RedisBackend:
         # it may hand the queue to. (`wait`, unlike `gather`, never cancels them.)
         while self._writer is not None and not self._writer.done():
             await asyncio.wait({self._writer})
+        if self._leases is not None:
+            await self._leases.close()  # held leases are released, not left to expire
         self._closing = True
         listener = self._listener
         if listener is not None:
@@ -420,10 +424,18 @@ class RedisBackend:
 
     def abandon(self) -> None:
         """The loop is gone: drop the connections without awaiting."""
+        if self._leases is not None:
+            self._leases.abandon()
         self._closing = True
         if self._listener is not None and not self._listener.get_loop().is_closed():
             self._listener.cancel()
         self._client = self._write_client = self._reader_client = None
+
+    def locks(self) -> RedisLeases:
+        """The lock capability: leases with fencing tokens (backends/redis_lease.py)."""
+        if self._leases is None:
+            self._leases = RedisLeases(lambda: self._make_client("l"), self.namespace)
+        return self._leases
 
     # -- state -------------------------------------------------------------------------
 

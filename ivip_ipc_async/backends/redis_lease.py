@@ -1,0 +1,484 @@
+"""Locks of the Redis backend: leases, renewed while held, with fencing tokens.
+
+Keys of a lock `<name>` in namespace `ns` (the `{ns}` hash tag keeps them in
+one cluster slot):
+
+    ivip:{ns}:lk:<name>      the lease: a random token, `SET NX PX <lease>`
+    ivip:{ns}:lk:<name>:n    the holder's note, with the same expiry
+    ivip:{ns}:lk-fence       the namespace's fencing counter (`INCR`)
+    ivip:{ns}:lk:<name>      also the channel a release is published on
+
+Taking the lock is one script: `SET NX PX`, then `INCR` of the counter for the
+fencing token (so every later holding of any lock of the namespace has a
+larger one). While held, a task renews the lease every third of its length
+with a compare-and-`PEXPIRE` script; releasing is a compare-and-delete script
+that publishes on the lock's channel, so waiters try again at once. A holder
+that is killed, paused (`SIGSTOP`, a long GC, a VM migration) or cut off
+stops renewing, and its lease expires after at most `lease` seconds: then
+another process takes the lock. The paused holder, resumed, reads
+`held == False` at once (its local deadline, renewal time + lease, has
+passed), and a store it writes to can refuse its now smaller fencing token.
+
+Waiters subscribe to the lock's channel on one pub/sub connection per
+provider, and sleep no longer than the lease's remaining time (what `PTTL`
+said at their last try), so a lease that expires wakes them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+from ..logs import logger, rate_limited
+from .base import check_lock_name
+
+__all__ = ["RedisLeases"]
+
+_MAX_NOTE: Final = 512
+_KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
+
+# KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
+# Returns {fence, 0} when taken, {0, pttl} when held by another.
+_ACQUIRE: Final = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local fence = redis.call('INCR', KEYS[3])
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  return {fence, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: lease, note. ARGV: token, lease ms. 1: renewed; 0: not ours any more.
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease, note. ARGV: token, note. 1: set (and published); 0: not ours.
+_NOTE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+    redis.call('PUBLISH', KEYS[1], 'note')
+    return 1
+  end
+end
+return 0
+"""
+
+# KEYS: lease, note. ARGV: token. 1: released (and published); 0: not ours.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('PUBLISH', KEYS[1], 'free')
+  return 1
+end
+return 0
+"""
+
+_SHA: Final = {
+    name: hashlib.sha1(script.encode()).hexdigest()
+    for name, script in (
+        ("acquire", _ACQUIRE),
+        ("renew", _RENEW),
+        ("note", _NOTE),
+        ("release", _RELEASE),
+    )
+}
+_SCRIPT: Final = {"acquire": _ACQUIRE, "renew": _RENEW, "note": _NOTE, "release": _RELEASE}
+
+# Leases held in this process: a forked child holds none of them.
+_held_here: weakref.WeakSet[_LeaseContender] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for contender in list(_held_here):
+        contender._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class RedisLeases:
+    """The `LockProvider` of a Redis namespace: leases with fencing tokens.
+
+    Args:
+        make_client: Makes the redis-py asyncio client the locks use (its own
+            connections; `decode_responses` off).
+        namespace: The namespace's name, as in its other keys.
+        command_timeout: Seconds one lock command may take.
+    """
+
+    leased = True
+
+    def __init__(
+        self,
+        make_client: Callable[[], Any],
+        namespace: str,
+        *,
+        command_timeout: float = 5.0,
+    ) -> None:
+        self._make_client = make_client
+        self.prefix = f"ivip:{{{namespace}}}:lk:"
+        self.fence_key = f"ivip:{{{namespace}}}:lk-fence"
+        self.command_timeout = command_timeout
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._subscribed: set[str] = set()
+        self.notices: dict[str, int] = {}  # release notices received, per subscribed key
+        self._contenders: weakref.WeakSet[_LeaseContender] = weakref.WeakSet()
+        self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    def contender(self, name: str, *, lease: float) -> _LeaseContender:
+        """One attempt at lock `name`, with a lease of `lease` seconds."""
+        if not lease > 0:
+            raise ValueError("lease must be above 0 seconds")
+        contender = _LeaseContender(self, check_lock_name(name), lease)
+        self._contenders.add(contender)
+        return contender
+
+    # -- commands ----------------------------------------------------------------------
+
+    def client(self) -> Any:
+        if self._closed:
+            from ..errors import IPCClosedError
+
+            raise IPCClosedError("the backend of these locks is closed")
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of the scripts (EVALSHA, loading it on NOSCRIPT), with a deadline."""
+        from redis.exceptions import NoScriptError
+
+        client = self.client()
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                try:
+                    return await client.evalsha(_SHA[script], len(keys), *keys, *args)
+                except NoScriptError:
+                    return await client.eval(_SCRIPT[script], len(keys), *keys, *args)
+        except TimeoutError:  # not to be taken for the caller's own timeout
+            raise self._silent() from None
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                value: bytes | None = await self.client().get(key)
+                return value
+        except TimeoutError:
+            raise self._silent() from None
+
+    def _silent(self) -> ConnectionError:
+        return ConnectionError(f"Redis did not answer a lock command in {self.command_timeout} s")
+
+    def release_later(self, key: str, note_key: str, token: bytes) -> None:
+        """Compare-and-delete in the background (a try whose answer was not read)."""
+        self.background(self.run("release", [key, note_key], [token]))
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task of its own, errors ignored; `close` waits for it."""
+
+        async def quietly() -> None:
+            with contextlib.suppress(Exception):
+                await work
+
+        try:
+            task = asyncio.get_running_loop().create_task(quietly())
+        except RuntimeError:
+            work.close()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- wake-ups ----------------------------------------------------------------------
+
+    async def watch(self, key: str, wake: asyncio.Event) -> bool:
+        """Set `wake` whenever `key` is released (published on its channel).
+
+        True when the channel was subscribed just now (a release before that
+        was not seen: the caller tries again at once).
+        """
+        self._waiters.setdefault(key, set()).add(wake)
+        if key in self._subscribed:
+            return False
+        if self._pubsub is None:
+            self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
+        self._subscribed.add(key)
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                await self._pubsub.subscribe(key)
+        except BaseException:
+            self._subscribed.discard(key)
+            raise
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(), name="ivip-ipc-lock-listener"
+            )
+        return True
+
+    def unwatch(self, key: str, wake: asyncio.Event) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.discard(wake)
+            if not waiters:
+                del self._waiters[key]
+        # Channels stay subscribed while few (subscribing again for every wait
+        # would cost a round trip); past _KEEP_SUBSCRIBED (say, memoize over many
+        # keys), those nobody waits on are dropped.
+        if key not in self._waiters and len(self._subscribed) > _KEEP_SUBSCRIBED:
+            self._subscribed.discard(key)
+            self.notices.pop(key, None)
+            if self._pubsub is not None and not self._closed:
+                self.background(self._pubsub.unsubscribe(key))
+
+    async def _listen(self) -> None:
+        pubsub = self._pubsub
+        while pubsub is not None and not self._closed:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A lost subscription: the waiters' timers still wake them.
+                rate_limited(logging.WARNING, "lock-listener", "lock notices interrupted: %s", exc)
+                await self._resubscribe()
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            channel = message.get("channel")
+            key = str(channel.decode(errors="replace") if isinstance(channel, bytes) else channel)
+            if key in self._subscribed:
+                # Counted even with nobody waiting: a contender whose try crossed
+                # this notice on the wire sees the count move, and tries again.
+                self.notices[key] = self.notices.get(key, 0) + 1
+            for wake in list(self._waiters.get(key, ())):
+                wake.set()
+
+    async def _resubscribe(self) -> None:
+        await asyncio.sleep(0.5)
+        old, self._pubsub = self._pubsub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()
+        if self._closed:
+            return
+        keys, self._subscribed = set(self._waiters), set()
+        try:
+            self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
+            if keys:
+                async with asyncio.timeout(self.command_timeout):
+                    await self._pubsub.subscribe(*keys)
+                self._subscribed = keys
+        except Exception as exc:
+            logger.debug("could not subscribe to lock releases again: %s", exc)
+        for waiters in self._waiters.values():
+            for wake in waiters:
+                wake.set()  # something may have been released meanwhile
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Release every lease held here, then close the connections."""
+        # Bounded: with Redis gone, the leases expire by themselves anyway.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.command_timeout):
+                for contender in list(self._contenders):
+                    with contextlib.suppress(Exception):
+                        await contender.release()
+                if self._background:
+                    await asyncio.gather(*self._background, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        self._shut()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        pubsub, self._pubsub = self._pubsub, None
+        client, self._client = self._client, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    def abandon(self) -> None:
+        """The loop is gone: stop renewing; the leases expire by themselves."""
+        self._shut()
+        for contender in list(self._contenders):
+            contender._forget()
+        if self._listener is not None and not self._listener.get_loop().is_closed():
+            self._listener.cancel()
+        self._listener = self._pubsub = self._client = None
+
+    def _shut(self) -> None:
+        self._closed = True
+        for waiters in self._waiters.values():
+            for wake in waiters:
+                wake.set()
+
+
+class _LeaseContender:
+    """One attempt at one lease (see `Contender` in backends/base.py)."""
+
+    def __init__(self, provider: RedisLeases, name: str, lease: float) -> None:
+        self._provider = provider
+        self.name = name
+        self.lease = lease
+        self.key = provider.prefix + name
+        self.note_key = self.key + ":n"
+        self.fence = 0
+        self._token = b""
+        self._deadline = 0.0  # loop time the lease ends at, unless renewed
+        self._lost = True
+        self._renewer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry_in = lease  # the lease's remaining time at the last failed try
+        self._wake: asyncio.Event | None = None
+        self._notices = 0  # the provider's count of release notices at the last try
+
+    def __repr__(self) -> str:
+        return f"<lease {self.name!r} {'held' if self.held else 'free'} fence={self.fence}>"
+
+    @property
+    def held(self) -> bool:
+        loop = self._loop
+        return not self._lost and loop is not None and loop.time() < self._deadline
+
+    async def try_acquire(self, note: str = "") -> bool:
+        if self.held:
+            return True
+        if len(note) > _MAX_NOTE:
+            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        await self._stop_renewing()
+        loop = asyncio.get_running_loop()
+        self._notices = self._provider.notices.get(self.key, 0)
+        token = secrets.token_hex(16).encode()
+        ms = max(1, int(self.lease * 1000))
+        sent = loop.time()
+        try:
+            fence, pttl = await self._provider.run(
+                "acquire", [self.key, self.note_key, self._provider.fence_key], [token, ms, note]
+            )
+        except BaseException:
+            # Cancelled or cut off after sending: the lease may be ours, unknown to us.
+            self._provider.release_later(self.key, self.note_key, token)
+            raise
+        if not fence:
+            pttl = int(pttl)
+            self._retry_in = pttl / 1000 if pttl > 0 else 0.01
+            return False
+        self._token, self.fence = token, int(fence)
+        self._loop, self._deadline, self._lost = loop, sent + self.lease, False
+        _held_here.add(self)
+        self._renewer = loop.create_task(self._renew(), name=f"ivip-ipc-lease:{self.name}")
+        return True
+
+    async def _renew(self) -> None:
+        loop = asyncio.get_running_loop()
+        ms = max(1, int(self.lease * 1000))
+        try:
+            while not self._lost:
+                await asyncio.sleep(self.lease / 3)
+                sent = loop.time()
+                try:
+                    renewed = await self._provider.run(
+                        "renew", [self.key, self.note_key], [self._token, ms]
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # retried until the deadline passes
+                    logger.warning("could not renew the lease of lock %r: %s", self.name, exc)
+                    if loop.time() >= self._deadline:
+                        self._lost = True
+                    continue
+                if renewed:
+                    self._deadline = sent + self.lease
+                else:
+                    self._lost = True
+                    logger.warning(
+                        "the lease of lock %r expired before it was renewed: lost", self.name
+                    )
+        except asyncio.CancelledError:
+            # The loop is shutting down (asyncio.run) while the lock is held: let go.
+            if not self._lost and self._token:
+                self._lost = True
+                with contextlib.suppress(Exception):
+                    await self._provider.run("release", [self.key, self.note_key], [self._token])
+            raise
+
+    async def _stop_renewing(self) -> None:
+        task, self._renewer = self._renewer, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait(self, timeout: float) -> None:
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = asyncio.Event()
+            try:
+                if await self._provider.watch(self.key, wake):
+                    return  # subscribed just now: a release before it went unseen
+            except Exception as exc:  # no notices: the timer still wakes us
+                logger.debug("cannot watch lock %r: %s", self.name, exc)
+        if self._provider.notices.get(self.key, 0) != self._notices:
+            return  # released while our last try was on the wire
+        delay = min(timeout, self._retry_in + 0.001)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), delay)
+        wake.clear()
+
+    async def holder_note(self) -> str | None:
+        raw = await self._provider.get(self.note_key)
+        return None if raw is None else raw.decode(errors="replace")
+
+    async def set_note(self, note: str) -> None:
+        if len(note) > _MAX_NOTE:
+            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        if self.held:
+            await self._provider.run("note", [self.key, self.note_key], [self._token, note])
+
+    async def verify(self) -> bool:
+        if not self._token or self._lost:
+            return False
+        ours = await self._provider.get(self.key) == self._token
+        if not ours:
+            self._lost = True
+        return ours
+
+    async def release(self, *, discard: bool = False) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            self._provider.unwatch(self.key, wake)
+        was_ours = not self._lost and bool(self._token)
+        self._lost = True
+        _held_here.discard(self)
+        await self._stop_renewing()
+        if was_ours:
+            # Compare-and-delete: a lease that expired and was taken meanwhile is left alone.
+            await self._provider.run("release", [self.key, self.note_key], [self._token])
+
+    def _forget(self) -> None:
+        """In a forked child, or with the loop gone: hold nothing, renew nothing."""
+        self._lost = True  # a renewal task still scheduled stops at its next turn
+        self._renewer = self._wake = None
