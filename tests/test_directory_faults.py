@@ -37,15 +37,13 @@ class Script:
             text=True,
         )
 
-    def line(self, timeout: float = 20.0) -> dict[str, Any]:
+    async def line(self, timeout: float = 20.0) -> dict[str, Any]:
+        # A thread per line: Python's buffer may already hold it (no select()).
         assert self.proc.stdout is not None
-        import selectors
-
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                raise AssertionError(f"no line from the script within {timeout}s")
-        text = self.proc.stdout.readline()
+        try:
+            text = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no line from the script within {timeout}s") from None
         if not text:
             raise AssertionError(f"the script ended (exit {self.proc.wait()})")
         out: dict[str, Any] = json.loads(text)
@@ -120,7 +118,7 @@ async def test_locks_do_not_outlive_their_instance(
     keys = 2000
     victim = Script(_WRITER, str(ipc_dir), json.dumps(FAST), str(keys), how)
     scripts.append(victim)
-    info = victim.line()
+    info = await victim.line()
     child = info.get("child")
     try:
         async with AsyncIPC(ipc_dir, **FAST) as survivor:
@@ -129,7 +127,7 @@ async def test_locks_do_not_outlive_their_instance(
                 victim.proc.send_signal(signal.SIGKILL)
                 victim.proc.wait()
             else:
-                assert victim.line() == {"ended": True}
+                assert await victim.line() == {"ended": True}
             namespace = ipc_dir / "default"
             await until(lambda: lockable(namespace / "peers" / f"{info['peer']}.lock"), 5)
             await until(lambda: survivor.stats()["snapshot_holder"], 5)
