@@ -249,7 +249,15 @@ def check_redis_url(url: str) -> None:
 
 
 def _wrap(exc: BaseException, doing: str, url: str) -> Exception:
-    """A redis-py error (or a timeout) as one of the library's documented errors."""
+    """A redis-py error (or a timeout) as one of the library's documented errors,
+    with the original as its `__cause__`."""
+    wrapped = _wrapped(exc, doing, url)
+    if wrapped is not exc:
+        wrapped.__cause__ = exc
+    return wrapped
+
+
+def _wrapped(exc: BaseException, doing: str, url: str) -> Exception:
     from redis import exceptions as rx
 
     where = f"Redis at {_redacted(url)}"
@@ -258,8 +266,10 @@ def _wrap(exc: BaseException, doing: str, url: str) -> Exception:
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
         return BackendPermissionError(f"{where} refused {doing}: {exc}")
     text = str(exc)
-    if isinstance(exc, rx.ResponseError) and re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text):
-        return BackendPermissionError(f"{where} refused {doing}: {exc}")
+    if isinstance(exc, rx.ResponseError) and (
+        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text) or "can't run this command" in text
+    ):
+        return BackendPermissionError(f"{where} refused {doing}: {exc}{_script_command(text)}")
     if isinstance(exc, rx.OutOfMemoryError) or (
         isinstance(exc, rx.ResponseError) and "OOM command not allowed" in text
     ):
@@ -267,6 +277,23 @@ def _wrap(exc: BaseException, doing: str, url: str) -> Exception:
     if isinstance(exc, rx.ConnectionError | rx.TimeoutError | OSError):
         return BackendUnavailableError(f"{where} could not be reached ({doing}): {exc}")
     return BackendError(f"{where} refused {doing}: {exc}")
+
+
+def _script_command(error: str) -> str:
+    """The command of ours at the script line a Redis error names (Redis 7.0 says
+    only "can't run this command ... script: <sha>, on @user_script:<line>")."""
+    found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)
+    if found is None:
+        return ""
+    scripts = dict(
+        zip((_APPEND_SHA, _SET_IF_NEWER_SHA, _KEEP_SHA, _PROBE_SHA), _SCRIPTS, strict=True)
+    )
+    lines = scripts.get(found.group(1), "").splitlines()
+    line = int(found.group(2))
+    command = (
+        re.search(r"redis\.call\('(\w+)'", lines[line - 1]) if 0 < line <= len(lines) else None
+    )
+    return f" (the command refused: {command.group(1)})" if command else ""
 
 
 def _id_tuple(stream_id: bytes | str) -> StreamId:
@@ -569,6 +596,8 @@ class RedisBackend:
     async def _join(self) -> None:
         """`start`'s requests: each checks something the backend needs, in the order
         that stores nothing until every permission is known to be there."""
+        from redis.exceptions import OutOfMemoryError
+
         client = self._client
         await client.ping()
         await self._load_scripts(client)
@@ -577,9 +606,12 @@ class RedisBackend:
         self._info_refused = not info
         self._evicted = int(_field(info, "evicted_keys") or 0) if info else None
         self._warn_if_evicting(info)
-        # Every write command and PUBLISH, on a key that is gone when it ends.
-        await client.evalsha(_PROBE_SHA, 1, self._probe_key, self.channel)
-        await self._keep()  # the marker (GET, SET) and the keys' expiry
+        full = None
+        try:
+            # Every write command and PUBLISH, on a key that is gone when it ends.
+            await client.evalsha(_PROBE_SHA, 1, self._probe_key, self.channel)
+        except OutOfMemoryError as exc:  # a reader may start: writes will say it
+            full = exc
         await self._note_reader_connection()
         await self._subscribe()
         # The reads of the catch-up (a MULTI of XINFO, XREAD, XRANGE): the position.
@@ -593,15 +625,24 @@ class RedisBackend:
                 raise reply
         info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
         self._last_id, self._added = (info.last_raw, info.added) if info else (b"0-0", 0)
+        if full is None:
+            with contextlib.suppress(OutOfMemoryError):
+                await self._keep()  # the marker, and the keys' expiry: the first write
+        if full is not None:
+            logger.warning(
+                "Redis at %s is full (%s): writes fail until it has room",
+                _redacted(self.url),
+                full,
+            )
 
     async def _server_info(self) -> Any:
         """INFO (server, memory, stats ...), or {} when the user may not ask."""
-        from redis.exceptions import ResponseError
+        from redis.exceptions import NoPermissionError, ResponseError
 
         try:
             return await self._client.info()
         except ResponseError as exc:
-            if str(exc).upper().startswith("NOPERM"):
+            if isinstance(exc, NoPermissionError) or "no permissions" in str(exc):
                 return {}
             raise
 
@@ -620,7 +661,9 @@ class RedisBackend:
     async def _keep(self) -> bool:
         """Check the namespace's marker (and refresh the keys' expiry): False when
         Redis lost the namespace's state since the last check."""
-        token = await self._client.evalsha(
+        from redis.exceptions import NoScriptError
+
+        call = (
             _KEEP_SHA,
             2,
             self.marker_key,
@@ -628,6 +671,11 @@ class RedisBackend:
             secrets.token_hex(8),
             int(self.state_ttl * 1000),
         )
+        try:
+            token = await self._client.evalsha(*call)
+        except NoScriptError:  # Redis restarted, or SCRIPT FLUSH
+            await self._load_scripts(self._client)
+            token = await self._client.evalsha(*call)
         token = token if isinstance(token, bytes) else str(token).encode()
         kept = self._marker is None or token == self._marker
         self._marker = token
@@ -1004,7 +1052,7 @@ class RedisBackend:
                         raise
                     raise _wrap(exc, f"a {what}", self.url) from exc
                 self.counters["write_retries" if what == "write" else "connection_errors"] += 1
-                if loop.time() + delay > deadline:
+                if loop.time() >= deadline:
                     raise BackendUnavailableError(
                         f"Redis at {_redacted(self.url)} did not answer for "
                         f"{limit:g}s ({what} not acknowledged): {exc or type(exc).__name__}"
@@ -1018,7 +1066,8 @@ class RedisBackend:
                     limit,
                     interval=5.0,
                 )
-                await asyncio.sleep(delay * (1 + random.random() / 2))
+                pause = delay * (1 + random.random() / 2)
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
                 delay = min(delay * 2, 1.0)
 
     # -- reading -------------------------------------------------------------------------
@@ -1248,7 +1297,9 @@ class RedisBackend:
             pass  # a full read: more to catch up on
         self._replayed = _id_tuple(self._last_id)
         loop = asyncio.get_running_loop()
-        interval, ping = self.state_check_interval, self.ping_interval
+        # (often enough, too, to refresh the keys' expiry well within state_ttl)
+        interval = min(self.state_check_interval, self.state_ttl / 3)
+        ping = self.ping_interval
         silence = loop.time() + ping  # then PING (or, pinged, give up)
         check = loop.time() + interval  # when the namespace's keys are checked next
         pinged = False
