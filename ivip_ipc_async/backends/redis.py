@@ -9,6 +9,7 @@ Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
 
     ivip:{ns}:log          a stream: one entry per write, field "r" = the frame
     ivip:{ns}:live         the channel: "<stream id> <frame>" per entry
+    ivip:{ns}:id           the namespace's marker: a token (see the gaps below)
     ivip:{ns}:c:<topic>\\0<key>   a hash per cache entry: "r" = frame, "v" = version
 
 Why both: `XADD` returning means the record is stored in Redis, and a peer that
@@ -30,13 +31,20 @@ The guarantee, and what a lost connection does:
 - **Acknowledged means stored in Redis.** `notify` / `cache.set` return once
   Redis has the record. A connection that breaks meanwhile (server restart,
   failover, `CLIENT KILL`, network) is retried with backoff for up to
-  `retry_timeout` seconds, then the call raises the built-in `ConnectionError`:
-  that record was not acknowledged, and may or may not have been delivered.
-  Retried writes are never delivered twice nor out of order (readers drop a
-  sender's sequence numbers they have already seen; a retried cache write loses
-  to itself in the last-writer-wins script). What Redis itself loses (a restart
-  without persistence, an asynchronous replica promoted) is beyond this
-  guarantee, and is reported as a gap (below).
+  `retry_timeout` seconds, then the call raises `BackendUnavailableError` (a
+  `ConnectionError`): that record was not acknowledged, and may or may not
+  have been stored. Retried writes are never delivered twice nor out of order
+  (readers drop a sender's sequence numbers they have already seen; a retried
+  cache write loses to itself in the last-writer-wins script). A write whose
+  outcome is unknown and that Redis did store (or runs late, after a freeze)
+  reaches every process, the writer's own mirror included: the writer applies
+  its own records pushed back by Redis for a while after such a failure, and
+  a reconnection reloads the state anyway. A write Redis refuses (`OOM`, an
+  ACL) raises `BackendFullError` / `BackendPermissionError`: nothing stored;
+  in a pipeline of several, the others are stored, acknowledged and applied.
+  What Redis itself loses (a restart without persistence, an asynchronous
+  replica promoted, `FLUSHALL`, eviction) is beyond this guarantee, and is
+  reported as a gap (below).
 - **A subscribed peer loses nothing**, whatever happens to the stream: Redis
   pushes it every record. One too slow for Redis's output buffer limit is
   disconnected by Redis, which is a disconnect like any other.
@@ -44,21 +52,32 @@ The guarantee, and what a lost connection does:
   connection (a guard: redis-py can reopen one silently when sending, and would
   call the backend back), and a PING unanswered (sent after `ping_interval`
   seconds of silence) count as a disconnect: `stats()["connected"]` turns False,
-  the cache mirror is dropped (cache reads go to Redis meanwhile), the listener
-  reconnects with backoff (0.1 s to 5 s, counted in `reconnects` /
-  `connection_errors`, logged), subscribes, reloads the cache state from Redis,
-  and catches up from the stream where it was: messages sent while it was away
-  are delivered, in order.
+  the cache mirror is dropped (cache reads go to Redis meanwhile, and raise
+  `BackendUnavailableError` after `read_timeout`), the listener reconnects with
+  backoff (0.1 s to 5 s, counted in `reconnects` / `connection_errors`,
+  logged), subscribes, reloads the cache state from Redis, and catches up from
+  the stream where it was: messages sent while it was away are delivered, in
+  order.
 - **Gaps are reported.** The catch-up reads are checked (a `MULTI` of `XINFO
   STREAM` and `XREAD`): if entries after the reader's position were trimmed
   before it read them (the oldest entry left is past its position and
   `entries-added` says more were added after it than are left; Redis 7+, on
   Redis 6 a full stream past the position counts), or deleted (the counts, or
-  `max-deleted-entry-id`), or the server restarted (its `run_id` changed), or
-  the stream was deleted, the backend logs a warning, emits `ivip:gap`
-  (`{"peer": "redis", "lost": n}`, `n` the stream entries lost, 0 when
-  unknown), counts `gaps` / `records_lost`, drops the mirror and reloads it
-  from Redis, then reads on from the oldest entry left.
+  `max-deleted-entry-id`), or the server restarted and lost what this reader
+  had read (its `run_id` changed and the stream is behind the position; a
+  restart that kept everything is no gap), or the stream was deleted, the
+  backend logs a warning, emits `ivip:gap` (`{"peer": "redis", "lost": n}`,
+  `n` the stream entries lost, None when unknown), counts `gaps` /
+  `records_lost`, drops the mirror and reloads it from Redis, then reads on
+  from the oldest entry left. Every `state_check_interval` seconds the
+  listener also checks the namespace's marker key (`ivip:{ns}:id`, a token
+  made by the first process) and the server's `evicted_keys`: a marker gone
+  or replaced (FLUSHALL, FLUSHDB, eviction, a failover to a replica without
+  it) or new evictions are a gap of unknown size, and a reload.
+- **Nothing of ours outlives its use.** The stream and the marker expire
+  `state_ttl` seconds after the last process stopped refreshing them; cache
+  entries carry their own TTL (those written without one stay); the stream is
+  trimmed by count (`stream_maxlen`) and by bytes (`stream_max_bytes`).
 """
 
 from __future__ import annotations
@@ -402,18 +421,35 @@ class RedisBackend:
         tombstone_ttl: Seconds a delete is remembered in Redis.
         ping_interval: Seconds of silence after which the listener PINGs Redis;
             no answer within as long again counts as a lost connection.
-        retry_timeout: Seconds a write (or a cache read while the mirror is
-            being rebuilt) keeps retrying a lost connection before it raises
-            `ConnectionError` (each attempt gets at least 1 s, so the call may
-            end up to a second past it).
+        retry_timeout: Seconds a write, or `start()`, keeps retrying a lost
+            connection before it raises `BackendUnavailableError` (a
+            `ConnectionError`; each write attempt gets at least 1 s, so the
+            call may end up to a second past it).
+        read_timeout: Seconds a cache read waits while the mirror is being
+            rebuilt (it goes to Redis, or, for `keys()`, waits for the
+            mirror) before it raises `BackendUnavailableError`.
+        stream_max_bytes: About the most bytes of records the stream keeps
+            (each write trims it to as many entries of its size as fit in
+            half of this; a record larger than that is kept alone).
+        state_ttl: Seconds the namespace's own keys (the stream, its marker)
+            live after the last process stopped refreshing them.
+        state_check_interval: Seconds between checks that Redis still holds
+            the namespace's keys (marker gone or replaced: FLUSHALL, eviction,
+            a failover; or the server's `evicted_keys` grew): then every
+            process reports a gap and reloads.
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
             a socket timeout above `ping_interval` (it reconnects, and
             resynchronises, itself). By default writes time out after
             `retry_timeout` (at least 1 s), and the connections are named
             `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST` (role `w` writes,
-            `r` listens, `c` serves the listener's requests; `client_name=None`
-            to leave them unnamed).
+            `r` listens, `c` serves the listener's requests, `g` reads cache
+            entries while the mirror is rebuilt, and is closed after;
+            `client_name=None` to leave them unnamed). At most these four
+            connections per instance.
+
+    Raises:
+        ValueError: a URL that is not a valid Redis URL, or a bad option.
 
     Example:
         >>> backend = RedisBackend("redis://127.0.0.1:6379/0", namespace="docs")
