@@ -286,8 +286,52 @@ async def test_flushall_is_noticed_and_every_process_reloads(
         await AsyncCache(a).set("after", 1, 0)
         await until(lambda: _mirror_keys(b) == {"after"})
         await asyncio.sleep(0.5)  # a few more checks: reported once
+        # ... and a reconnection later finds nothing more to report.
+        listener = f"ivip:{namespace}:{b.stats()['peer']}:r"
+        for client in admin.client_list():
+            if client.get("name") == listener:
+                admin.execute_command("CLIENT", "KILL", "ID", client["id"])
+        await until(lambda: b.stats()["reconnects"] == 1 and b.stats()["connected"])
+        await AsyncCache(a).set("later", 1, 0)
+        await until(lambda: _mirror_keys(b) == {"after", "later"})
         assert len(gaps["a"]) == len(gaps["b"]) == 1
         admin.close()
+
+
+@needs_redis_server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_flushall_while_away_is_reported_once(
+    server: Server, namespace: str, protocol: int, until: Any
+) -> None:
+    """FLUSHALL while a reader is disconnected, the stream made anew meanwhile or
+    not: back, it reports one gap (not one for the marker and one for the
+    stream), reloads, and gets what is written after."""
+    relay = Relay("127.0.0.1", server.port)
+    port = await relay.start()
+    try:
+        async with (
+            AsyncIPC(server.url, namespace=namespace, protocol=protocol) as writer,
+            AsyncIPC(f"redis://127.0.0.1:{port}/0", namespace=namespace, protocol=protocol) as b,
+        ):
+            gaps: list[Any] = []
+            got: list[int] = []
+            b.on(GAP_EVENT, gaps.append)
+            b.on("n", got.append)
+            await AsyncCache(writer).set("k", 1, 0)
+            await writer.notify("n", 1)
+            await until(lambda: got == [1] and _mirror_keys(b) == {"k"})
+            relay.cut()
+            await until(lambda: not b.stats()["connected"])
+            server.admin().flushall()
+            relay.restore()
+            await until(lambda: gaps != [] and b.stats()["connected"] and b._mirror_ready)
+            assert _mirror_keys(b) == set()
+            await writer.notify("n", 2)
+            await until(lambda: got == [1, 2])
+            await asyncio.sleep(0.3)
+            assert gaps == [{"peer": "redis", "lost": None}]
+    finally:
+        await relay.close()
 
 
 @needs_redis_server

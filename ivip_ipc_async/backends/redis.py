@@ -1155,8 +1155,8 @@ class RedisBackend:
         reported = restarted and self._check_gap(await self._stream_info(), restarted=True)
         if restarted and not reported:
             logger.info("Redis restarted; it kept everything this process had read")
-        if not await self._keep() and not reported:
-            self._lost_state("the namespace's keys are gone from Redis")
+        if await self._marker_lost() and not reported:
+            await self._lost_state("the namespace's keys are gone from Redis")
         if self._own_until:  # own writes of unknown outcome may still be run
             loop = asyncio.get_running_loop()
             self._own_until = max(self._own_until, loop.time() + _OWN_WINDOW)
@@ -1171,13 +1171,17 @@ class RedisBackend:
         await self._close_read_client()
         logger.info("reconnected to Redis")
 
-    def _lost_state(self, why: str) -> None:
+    async def _lost_state(self, why: str) -> None:
         """Redis lost (some of) the namespace's keys: report a gap of unknown size
         (the caller reloads the cache state)."""
         assert self._sink is not None
         self.counters["gaps"] += 1
         self.counters["state_losses"] += 1
-        self._added = None  # the stream's counts are not the ones this reader kept
+        # The stream's counts are not the ones this reader kept. A stream that is
+        # gone is all news when it comes back (reported here, not again later).
+        self._added = None
+        if await self._stream_info() is None:
+            self._last_id, self._added = b"0-0", 0
         logger.warning(
             "records may have been lost before this process read them from Redis "
             "(%s; how many is unknown): reloading the cache state",
@@ -1196,16 +1200,8 @@ class RedisBackend:
         assert self._sink is not None
         await self._close_read_client()
         why = None
-        try:
-            if not await self._keep():
-                why = "the namespace's keys are gone from Redis"
-        except ResponseError as exc:  # (OOM, a read-only replica: the writes say so)
-            rate_limited(
-                logging.WARNING,
-                ("redis-keep", self.stream_key),
-                "Redis refused the namespace check (%s)",
-                exc,
-            )
+        if await self._marker_lost():
+            why = "the namespace's keys are gone from Redis"
         if not self._info_refused:
             try:
                 stats = await self._client.info("stats")
@@ -1218,9 +1214,25 @@ class RedisBackend:
                 self._evicted = evicted
         if why is not None:
             self._sink.mirror_ready(False)
-            self._lost_state(why)
+            await self._lost_state(why)
             await self._load_state()
             self._sink.mirror_ready(True)
+
+    async def _marker_lost(self) -> bool:
+        """`_keep`, with a refusal (OOM, a read-only replica: the writes say so)
+        logged and taken for "not lost"."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return not await self._keep()
+        except ResponseError as exc:
+            rate_limited(
+                logging.WARNING,
+                ("redis-keep", self.stream_key),
+                "Redis refused the namespace check (%s)",
+                exc,
+            )
+            return False
 
     def _check_gap(
         self,
