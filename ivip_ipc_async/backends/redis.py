@@ -202,6 +202,7 @@ StreamId = tuple[int, int]
 # and the cache record it carries (None: messages).
 _Op = tuple[bytes, bytes | None, str, int, Record | None]
 _OWN_WINDOW: Final = 30.0  # seconds own pushes are applied after an unknown outcome
+_STORED: Final[list[Exception | None]] = [None]  # `_send`'s answer for one op, stored
 
 
 class _Reconnected(ConnectionError):
@@ -500,6 +501,8 @@ class RedisBackend:
         self.read_timeout = read_timeout
         self.stream_max_bytes = stream_max_bytes
         self.state_ttl = state_ttl
+        self._ttl_ms = int(state_ttl * 1000)
+        self._half_bytes = stream_max_bytes >> 1
         self.state_check_interval = state_check_interval
         self.redis_options = redis_options
         self.node = secrets.randbits(63) or 1
@@ -915,9 +918,10 @@ class RedisBackend:
             try:
                 ops = self._encode(records)
                 errors = await self._retrying(functools.partial(self._send, ops), "write")
-                failed = next((error for error in errors if error is not None), None)
-                if failed is not None:
-                    raise failed
+                if errors is not _STORED:
+                    failed = next((error for error in errors if error is not None), None)
+                    if failed is not None:
+                        raise failed
                 self.counters["records_written"] += len(records)
             finally:
                 if not done.done():
@@ -1026,7 +1030,7 @@ class RedisBackend:
         try:
             if len(ops) == 1:
                 await client.evalsha(*self._script_call(ops[0]))
-                return [None]
+                return _STORED
             pipe = client.pipeline(transaction=False)
             for op in ops:
                 pipe.evalsha(*self._script_call(op))
@@ -1059,8 +1063,8 @@ class RedisBackend:
         # stream_max_bytes: each write trims it to as many entries of its own
         # size as fit in half of that (so a run of small entries after large
         # ones can hold the large ones and fill the other half, no more).
-        maxlen = min(self.stream_maxlen, max(1, (self.stream_max_bytes >> 1) // len(frame)))
-        ttl_ms = int(self.state_ttl * 1000)
+        maxlen = min(self.stream_maxlen, max(1, self._half_bytes // len(frame)))
+        ttl_ms = self._ttl_ms
         if entry_key is None:
             return _APPEND_SHA, 1, self.stream_key, frame, maxlen, self.channel, ttl_ms
         return (
@@ -1348,11 +1352,11 @@ class RedisBackend:
         # (often enough, too, to refresh the keys' expiry well within state_ttl)
         interval = min(self.state_check_interval, self.state_ttl / 3)
         ping = self.ping_interval
-        silence = loop.time() + ping  # then PING (or, pinged, give up)
-        check = loop.time() + interval  # when the namespace's keys are checked next
+        now = loop.time()
+        silence = now + ping  # then PING (or, pinged, give up)
+        check = now + interval  # when the namespace's keys are checked next
         pinged = False
         while not self._closing:
-            now = loop.time()
             if now >= check:
                 await self._check_state()
                 now = loop.time()
@@ -1362,18 +1366,21 @@ class RedisBackend:
             if self._reader_reconnected:
                 raise _Reconnected("the listener's connection to Redis was re-established")
             if response is None:  # silence
-                if loop.time() < silence:
+                now = loop.time()
+                if now < silence:
                     continue  # (time for the check)
                 if pinged:
                     raise TimeoutError(f"Redis did not answer a PING in {ping:g}s")
                 await connection.send_command("PING")
                 pinged = True
-                silence = loop.time() + ping
+                now = loop.time()
+                silence = now + ping
                 continue
             pinged = False
             if _is_kind(response, "message"):
                 self._deliver_push(response[2], reader)
-            silence = loop.time() + ping
+            now = loop.time()
+            silence = now + ping
 
     def _deliver_push(self, payload: Any, reader: FrameReader) -> None:
         """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
