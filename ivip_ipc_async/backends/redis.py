@@ -553,6 +553,7 @@ class RedisBackend:
                 "resyncs",
                 "garbage_bytes",
                 "task_failures",
+                "state_checks",
                 "state_losses",
             ),
             0,
@@ -664,6 +665,7 @@ class RedisBackend:
                 raise reply
         info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
         self._last_id, self._added = (info.last_raw, info.added) if info else (b"0-0", 0)
+        await client.scan(0, match=self.entry_prefix + b"*", count=1)  # (the reload's)
         if full is None:
             with contextlib.suppress(OutOfMemoryError):
                 await self._keep()  # the marker, and the keys' expiry: the first write
@@ -1202,6 +1204,7 @@ class RedisBackend:
         from redis.exceptions import ResponseError
 
         assert self._sink is not None
+        self.counters["state_checks"] += 1
         await self._close_read_client()
         why = None
         if await self._marker_lost():
@@ -1213,14 +1216,33 @@ class RedisBackend:
                 self._info_refused = True
             else:
                 evicted = int(_field(stats, "evicted_keys") or 0)
-                if self._evicted is not None and evicted > self._evicted and why is None:
-                    why = f"Redis evicted {evicted - self._evicted} keys; ours may be among them"
-                self._evicted = evicted
+                before, self._evicted = self._evicted, evicted
+                if before is not None and evicted > before and why is None:
+                    missing = await self._entries_missing()
+                    if missing:
+                        why = f"Redis evicted {missing} or more of this namespace's cache entries"
         if why is not None:
             self._sink.mirror_ready(False)
             await self._lost_state(why)
             await self._load_state()
             self._sink.mirror_ready(True)
+
+    async def _entries_missing(self) -> int:
+        """How many of the mirror's live entries (not about to expire) Redis no
+        longer has: after evictions, whether ours were among them (a cost in
+        this namespace's size, where a reload would scan the whole database)."""
+        assert self._sink is not None
+        soon = time.time() + 1.0
+        keys = [
+            self._entry_key(record.topic, record.key)
+            for record in self._sink.state()
+            if record.kind is Kind.CACHE_SET and (not record.expires or record.expires > soon)
+        ]
+        missing = 0
+        for at in range(0, len(keys), 1000):
+            chunk = keys[at : at + 1000]
+            missing += len(chunk) - int(await self._client.exists(*chunk))
+        return missing
 
     async def _marker_lost(self) -> bool:
         """`_keep`, with a refusal (OOM, a read-only replica: the writes say so)
