@@ -73,7 +73,8 @@ The guarantee, and what a lost connection does:
   listener also checks the namespace's marker key (`ivip:{ns}:id`, a token
   made by the first process) and the server's `evicted_keys`: a marker gone
   or replaced (FLUSHALL, FLUSHDB, eviction, a failover to a replica without
-  it) or new evictions are a gap of unknown size, and a reload.
+  it), or after evictions an entry of the mirror gone from Redis, is a gap of
+  unknown size, and a reload.
 - **Nothing of ours outlives its use.** The stream and the marker expire
   `state_ttl` seconds after the last process stopped refreshing them; cache
   entries carry their own TTL (those written without one stay); the stream is
@@ -436,8 +437,8 @@ class RedisBackend:
             live after the last process stopped refreshing them.
         state_check_interval: Seconds between checks that Redis still holds
             the namespace's keys (marker gone or replaced: FLUSHALL, eviction,
-            a failover; or the server's `evicted_keys` grew): then every
-            process reports a gap and reloads.
+            a failover; or, after the server's `evicted_keys` grew, entries
+            of the mirror gone): then every process reports a gap and reloads.
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
             a socket timeout above `ping_interval` (it reconnects, and
@@ -692,9 +693,9 @@ class RedisBackend:
         if policy and policy != "noeviction":
             logger.warning(
                 "Redis at %s has maxmemory-policy %s: when full it may evict this "
-                "library's keys; every process then reports a gap and reloads its "
-                "cache, on every eviction on that server. Use noeviction (writes "
-                "then fail with BackendFullError when Redis is full)",
+                "library's keys (every process then reports a gap and reloads its "
+                "cache). Use noeviction (writes then fail with BackendFullError "
+                "when Redis is full)",
                 _redacted(self.url),
                 policy,
             )
