@@ -483,6 +483,31 @@ async def test_start_errors_are_documented_and_prompt() -> None:
 
 @needs_redis_server
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_start_waits_for_a_server_that_comes_up_in_time(
+    namespace: str, protocol: int, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`start()` while Redis is down retries, and succeeds once it is up within
+    `retry_timeout`."""
+    server = Server()
+    try:
+        with caplog.at_level(logging.INFO, logger="ivip_ipc_async"):
+            ipc = AsyncIPC(server.url, namespace=namespace, protocol=protocol, retry_timeout=10)
+            starting = asyncio.create_task(ipc.start())
+            await until(lambda: "Redis not available yet" in caplog.text)
+            assert not starting.done()
+            server.start()
+            await asyncio.wait_for(starting, 10)
+        try:
+            assert ipc.health()["healthy"] is True
+            await ipc.notify("n", 1)
+        finally:
+            await ipc.destroy()
+    finally:
+        server.close()
+
+
+@needs_redis_server
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize(
     ("acl", "refused"),
     [
