@@ -968,6 +968,15 @@ class RedisBackend:
             # these cache records, so this process must too, whether or not their
             # callers are still waiting (one cancelled while on the wire was
             # stored all the same), and whether or not the rest of their append was.
+            if not any(errors):  # all stored: the usual case, without the bookkeeping
+                state = [op[4] for op in ops if op[4] is not None]
+                if state and self._sink is not None:
+                    self._sink.written(state)
+                self.counters["records_written"] += sum(len(records) for records, _ in batch)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+                continue
             state = [
                 op[4]
                 for op, error in zip(ops, errors, strict=True)
