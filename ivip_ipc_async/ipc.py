@@ -352,6 +352,9 @@ class AsyncIPC:
         Raises:
             TypeError: `message` cannot be encoded (nothing was written).
             ValueError: the record is larger than `max_record_size`.
+            BackendError: Redis refused or could not store it; for
+                `BackendUnavailableError` it may have been stored anyway (see
+                docs/api.md, "Errors").
 
         Example:
             >>> import asyncio, tempfile
@@ -389,6 +392,7 @@ class AsyncIPC:
         Raises:
             TypeError: a message cannot be encoded (nothing was written).
             ValueError: one message alone is larger than `max_record_size`.
+            BackendError: as for `notify` (parts already sent stay sent).
 
         Example:
             >>> import asyncio, tempfile
