@@ -3,6 +3,8 @@
 
     python -m tests.redis_fault_table            # needs redis-server on PATH
 
+On an older checkout, copy this file and tests/redis_server.py into its tests/.
+
 Each fault runs on a private `redis-server` on a free port (never the shared
 one), and prints one line: the fault, what the writer saw, what readers saw,
 what was lost, and how long recovery took.
@@ -21,8 +23,8 @@ from ivip_ipc_async import AsyncCache, AsyncIPC
 from ivip_ipc_async.backends.redis import RedisBackend
 from ivip_ipc_async.ipc import GAP_EVENT
 
+from .redis_server import Server, entry_keys
 from .test_redis import Relay
-from .test_redis_faults import Server, _entry_keys
 
 logging.disable(logging.CRITICAL)
 OPTIONS = set(inspect.signature(RedisBackend.__init__).parameters)
@@ -66,7 +68,7 @@ async def oom() -> str:
                 *(AsyncCache(w).set(f"k{i}", "x" * 20_000, 0) for i in range(200)),
                 return_exceptions=True,
             )
-            stored = _entry_keys(admin, "t")
+            stored = entry_keys(admin, "t")
             await wait(lambda: keys(r) == stored, 3)
             raised = sum(r is not None for r in results)
             kind = {type(r).__name__ for r in results if r is not None}
@@ -143,7 +145,7 @@ async def evicted() -> str:
             for i in range(400):
                 admin.set(f"other:{i}", "o" * 10_000)
             seen = await wait(lambda: gaps and a._mirror_ready, 10)
-            left = _entry_keys(admin, "t")
+            left = entry_keys(admin, "t")
             return (
                 f"allkeys-lru eviction by another app | - | gap after {secs(seen)}; mirror "
                 f"{len(keys(a))} entries, Redis {len(left)} | {50 - len(left)} entries "

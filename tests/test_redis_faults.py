@@ -11,14 +11,7 @@ Outages of one instance go through a TCP relay the test cuts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,80 +29,16 @@ from ivip_ipc_async.errors import (
 )
 from ivip_ipc_async.ipc import GAP_EVENT
 
+from .redis_server import REDIS_SERVER, Server, entry_keys, free_port
 from .test_backends import REDIS_URL, needs_redis
 from .test_redis import Relay
 
 pytestmark = needs_redis
 
-REDIS_SERVER = shutil.which("redis-server")
 needs_redis_server = pytest.mark.skipif(
     REDIS_SERVER is None, reason="no redis-server binary to start a private server"
 )
 PROTOCOLS = [pytest.param(2, id="resp2"), pytest.param(3, id="resp3")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """A private `redis-server` on a free port, in its own directory."""
-
-    def __init__(self, *config: str) -> None:
-        self.port = _free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="ivip-redis-", dir="/dev/shm"))
-        self.config = [
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "no", "--protected-mode", "no", *config,
-        ]  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, *self.config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Stop it as a restart would (SIGTERM: with AOF, everything is kept)."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def admin(self) -> Any:
-        import redis
-
-        return redis.Redis.from_url(self.url)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -142,20 +71,6 @@ async def shared_namespace() -> AsyncIterator[str]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
-
-
-def _entry_keys(admin: Any, namespace: str) -> set[Any]:
-    """The cache keys Redis holds (live entries; tombstones left out)."""
-    from ivip_ipc_async.records import FrameReader, Kind, decode_key
-
-    prefix = f"ivip:{{{namespace}}}:c:default\x00".encode()
-    keys = set()
-    for key in admin.scan_iter(match=prefix + b"*", count=1000):
-        frame = admin.hget(key, "r")
-        records = FrameReader(1 << 24, lambda *_: None).feed(frame) if frame else []
-        if records and records[0].kind is Kind.CACHE_SET:
-            keys.add(decode_key(key[len(prefix) :]))
-    return keys
 
 
 def _mirror_keys(ipc: AsyncIPC) -> set[Any]:
@@ -201,7 +116,7 @@ async def test_writes_refused_for_memory_leave_every_mirror_as_redis(
         failed = {f"k{i}" for i, r in enumerate(results) if r is not None}
         assert all(isinstance(r, BackendFullError) for r in results if r is not None)
         assert all(isinstance(r.__cause__, OutOfMemoryError) for r in results if r is not None)
-        stored = _entry_keys(admin, namespace)
+        stored = entry_keys(admin, namespace)
         assert 0 < len(stored) < 200, "the burst must be cut by maxmemory midway"
         assert stored == {f"k{i}" for i in range(200)} - failed  # success means stored
         assert _mirror_keys(writer) == stored  # the writer's own mirror too
@@ -236,7 +151,7 @@ async def test_a_write_run_after_its_timeout_reaches_the_writers_mirror(
         finally:
             server.thaw()
         admin = server.admin()
-        await until(lambda: "x" in _entry_keys(admin, namespace))
+        await until(lambda: "x" in entry_keys(admin, namespace))
         admin.close()
         await until(lambda: "x" in _mirror_keys(reader), timeout=10)
         await until(lambda: "x" in _mirror_keys(writer), timeout=10)
@@ -277,7 +192,7 @@ async def test_flushall_is_noticed_and_every_process_reloads(
             "b": [{"peer": "redis", "lost": None}],
         }
         await until(lambda: a._mirror_ready and b._mirror_ready)
-        assert _mirror_keys(a) == _mirror_keys(b) == set() == _entry_keys(admin, namespace)
+        assert _mirror_keys(a) == _mirror_keys(b) == set() == entry_keys(admin, namespace)
         health = a.health()
         assert health["healthy"] is False
         assert any("an unknown number of records" in p for p in health["problems"])
@@ -372,7 +287,7 @@ async def test_evictions_are_noticed_and_warned_about(
             assert gaps[0]["lost"] is None
             # (Redis may evict more while over the limit, even on reads: each is
             # noticed in turn, and the mirror ends up as Redis.)
-            await until(lambda: _mirror_keys(ipc) == _entry_keys(admin, namespace), timeout=5)
+            await until(lambda: _mirror_keys(ipc) == entry_keys(admin, namespace), timeout=5)
             assert len(_mirror_keys(ipc)) < 50
             admin.close()
 
@@ -404,7 +319,7 @@ async def test_evictions_of_other_keys_are_no_gap(
         await until(lambda: ipc.stats()["state_checks"] >= checks + 3)
         assert gaps == []
         assert ipc.stats()["gaps"] == 0
-        assert _entry_keys(admin, namespace) == _mirror_keys(ipc) == set(range(20))
+        assert entry_keys(admin, namespace) == _mirror_keys(ipc) == set(range(20))
         admin.close()
 
 
@@ -458,7 +373,7 @@ async def test_start_errors_are_documented_and_prompt() -> None:
     silent = await asyncio.start_server(never_answers, "127.0.0.1", 0)
     silent_port = silent.sockets[0].getsockname()[1]
     cases = [
-        (f"redis://127.0.0.1:{_free_port()}/0", BackendUnavailableError),
+        (f"redis://127.0.0.1:{free_port()}/0", BackendUnavailableError),
         ("redis://no-such-host.invalid:6379/0", BackendUnavailableError),
         (f"redis://127.0.0.1:{silent_port}/0", BackendUnavailableError),
         (REDIS_URL.rsplit("/", 1)[0] + "/99999", BackendError),
