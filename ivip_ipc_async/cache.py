@@ -148,8 +148,7 @@ class AsyncCache(Generic[V]):
 
     async def clear(self) -> int:
         """Delete every key of this cache everywhere; returns how many there were."""
-        await self.ipc._ensure()
-        keys = self.ipc.mirror.live_keys(self.name)
+        keys = await self.keys()
         for key in keys:
             await self._write(Kind.CACHE_DELETE, encode_key(key), b"", 0.0)
         return len(keys)
@@ -279,8 +278,14 @@ class AsyncCache(Generic[V]):
         return entry is not None and entry.live(time.time())
 
     async def keys(self) -> list[CacheKey]:
-        """The keys present and not expired, in no particular order."""
+        """The keys present and not expired, in no particular order.
+
+        While the mirror is being reloaded (Redis reconnecting), waits for it up
+        to the backend's `read_timeout`, then raises `BackendUnavailableError`.
+        """
         await self.ipc._ensure()
+        if not self.ipc._mirror_ready:
+            await self.ipc._wait_mirror()
         return self.ipc.mirror.live_keys(self.name)
 
     async def clean_up(self) -> int:
@@ -301,7 +306,13 @@ class AsyncCache(Generic[V]):
         return self.ipc.mirror.expire(self.name)
 
     def __len__(self) -> int:
-        """Keys present and not expired in this process's mirror (0 before start)."""
+        """Keys present and not expired in this process's mirror (0 before start).
+
+        Raises `BackendUnavailableError` while the mirror is being reloaded
+        (Redis reconnecting), where it would count nothing.
+        """
+        if not self.ipc._mirror_ready:
+            raise self.ipc._mirror_unavailable()
         return len(self.ipc.mirror.live_keys(self.name))
 
     # -- memoize -----------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import time
 from asyncio import _get_running_loop
 from collections.abc import Iterable, Sequence
 from functools import partial
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import Backend
 from .clock import HybridLogicalClock
 from .emitter import Emitter, Handler, MessageStream, Subscription
-from .errors import IPCClosedError
+from .errors import BackendUnavailableError, IPCClosedError
 from .logs import logger
 from .mirror import Mirror
 from .records import HEADER_SIZE, MAX_NAME_BYTES, Codec, Kind, Record, codec_named
@@ -31,8 +33,11 @@ __all__ = ["GAP_EVENT", "AsyncIPC"]
 
 GAP_EVENT = "ivip:gap"
 """Local event emitted when records were lost to this process (it fell more than
-the retention window behind): the message is `{"peer": id, "lost": count}`. The
-cache reloads itself from the snapshot; `stats()` counts `gaps` and `records_lost`."""
+the retention window behind; on Redis, also when Redis lost the namespace's
+keys): the message is `{"peer": id, "lost": count}`, `count` None when how many
+is unknown (maybe none). The cache reloads itself (from the snapshot, or from
+Redis); `stats()` counts `gaps` and `records_lost`; `health()` is unhealthy for
+`AsyncIPC.unhealthy_after_gap` seconds."""
 
 
 # Bumped in a forked child, so an instance notices that its files belong to the
@@ -70,6 +75,10 @@ class AsyncIPC:
         [{'name': 'Ana'}]
     """
 
+    unhealthy_after_gap: float = 60.0
+    """Seconds `health()` stays unhealthy after a gap (then healthy again, if
+    nothing else is wrong). Set it on the class or on one instance."""
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -86,6 +95,8 @@ class AsyncIPC:
             check_namespace(namespace)
         if max_record_size < 1024:
             raise ValueError("max_record_size must be at least 1024 bytes")
+        if isinstance(path, str):
+            _check_url(path)
         self._path = path
         self._namespace = namespace
         self._given_backend = backend
@@ -103,6 +114,8 @@ class AsyncIPC:
         self._starting: asyncio.Future[None] | None = None
         self._foreign_codec_warned: set[int] = set()
         self._mirror_ready = True  # False: cache reads go to the backend (see RecordSink)
+        self._ready_waiters: list[asyncio.Future[None]] = []  # for the mirror to be ready
+        self._last_gap: tuple[float, int | None] | None = None  # (monotonic time, lost)
         self._sink = _Sink(self)
 
     # -- life ---------------------------------------------------------------------
@@ -175,8 +188,10 @@ class AsyncIPC:
             namespace = self._namespace or default_namespace()
         else:
             text = os.fspath(raw)
+            _check_url(text)
             if "://" in text:
                 scheme, _, rest = text.partition("://")
+                scheme = scheme.lower()
                 if scheme in ("redis", "rediss", "unix"):
                     # Imported only when used: redis-py is an optional extra.
                     from .backends.redis import RedisBackend
@@ -365,6 +380,9 @@ class AsyncIPC:
         Raises:
             TypeError: `message` cannot be encoded (nothing was written).
             ValueError: the record is larger than `max_record_size`.
+            BackendError: Redis refused or could not store it; for
+                `BackendUnavailableError` it may have been stored anyway (see
+                docs/api.md, "Errors").
 
         Example:
             >>> import asyncio, tempfile
@@ -402,6 +420,7 @@ class AsyncIPC:
         Raises:
             TypeError: a message cannot be encoded (nothing was written).
             ValueError: one message alone is larger than `max_record_size`.
+            BackendError: as for `notify` (parts already sent stay sent).
 
         Example:
             >>> import asyncio, tempfile
@@ -498,12 +517,13 @@ class AsyncIPC:
         return out
 
     def health(self) -> dict[str, Any]:
-        """Is this instance well? A summary of `stats()` with the problems named.
+        """Is this instance well now? A summary of `stats()` with the problems named.
 
         `healthy` is True when the instance is started, its maintenance task
-        (or Redis listener) runs and is connected, and nothing was lost;
-        `problems` says what is wrong otherwise (a watcher that stopped means
-        slower wake-ups, not lost records).
+        (or Redis listener) runs and is connected, and no gap happened in the
+        last `unhealthy_after_gap` seconds (60 by default); `problems` says what
+        is wrong otherwise (a watcher that stopped means slower wake-ups, not
+        lost records). Past gaps stay counted in `errors["gaps"]`.
 
         Example:
             >>> import asyncio, tempfile
@@ -515,6 +535,7 @@ class AsyncIPC:
         """
         stats = self.stats()
         problems: list[str] = []
+        recent_gap = False
         if not stats["started"]:
             problems.append("not started")
         else:
@@ -527,20 +548,27 @@ class AsyncIPC:
                     "not connected to Redis (reconnecting; cache reads go to Redis, "
                     "writes are retried)"
                 )
-            if stats.get("gaps"):
-                why = (
-                    "trimmed or deleted from the stream, or lost by a Redis restart"
-                    if stats.get("backend") == "redis"
-                    else "this process fell behind the retention window"
-                )
-                problems.append(
-                    f"{stats['records_lost']} records were lost in {stats['gaps']} gaps ({why})"
-                )
+            if self._last_gap is not None:
+                at, lost = self._last_gap
+                age = time.monotonic() - at
+                recent_gap = age < self.unhealthy_after_gap
+                if recent_gap:
+                    why = (
+                        "trimmed or deleted from the stream, or lost by Redis"
+                        if stats.get("backend") == "redis"
+                        else "this process fell behind the retention window"
+                    )
+                    count = "an unknown number of records" if lost is None else f"{lost} records"
+                    problems.append(
+                        f"{count} may have been lost in a gap {age:.0f}s ago ({why}; the "
+                        f"cache was reloaded; healthy again {self.unhealthy_after_gap:g}s "
+                        "after the gap)"
+                    )
         return {
             "healthy": stats["started"]
             and stats.get("maintenance_alive", True)
             and stats.get("connected", True)
-            and not stats.get("gaps"),
+            and not recent_gap,
             "problems": problems,
             "peers": len(stats.get("peers", [])),
             "lag_bytes": stats.get("lag_bytes", 0),
@@ -556,6 +584,29 @@ class AsyncIPC:
                 )
             },
         }
+
+    async def _wait_mirror(self) -> None:
+        """Wait for the mirror to be current again (the backend reconnecting), for
+        the backend's `read_timeout`; `BackendUnavailableError` past it."""
+        if self._mirror_ready:
+            return
+        timeout = float(getattr(self._backend, "read_timeout", 5.0))
+        waiter = asyncio.get_running_loop().create_future()
+        self._ready_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise self._mirror_unavailable(timeout) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._ready_waiters.remove(waiter)
+
+    def _mirror_unavailable(self, timeout: float | None = None) -> BackendUnavailableError:
+        waited = f" for {timeout:g}s" if timeout is not None else ""
+        return BackendUnavailableError(
+            f"the cache is being reloaded from the backend (not connected{waited}): "
+            "its keys cannot be listed until it is"
+        )
 
 
 class _Sink:
@@ -590,10 +641,33 @@ class _Sink:
         if not ready and ipc._mirror_ready:
             ipc.mirror = Mirror()  # dropped: rebuilt from the backend before ready again
         ipc._mirror_ready = ready
+        if ready:
+            waiters, ipc._ready_waiters = ipc._ready_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
-    def gap(self, peer: str, lost: int) -> None:
+    def gap(self, peer: str, lost: int | None) -> None:
         # Local only: tell this process's listeners; the cache is being reloaded.
+        self._ipc._last_gap = (time.monotonic(), lost)
         self._ipc._emitter.emit(GAP_EVENT, lambda: {"peer": peer, "lost": lost})
+
+
+def _check_url(text: str) -> None:
+    """Refuse what looks like a Redis URL but is not a valid one (`ValueError`
+    naming the problem), rather than take it for a directory path."""
+    match = re.match(r"(?i)(rediss?|unix):", text)
+    if match is None:
+        return
+    if not text[match.end() :].startswith("//"):
+        raise ValueError(
+            f"bad Redis URL {text!r}: {match.group(1).lower()}: must be followed by "
+            f"// (as in {match.group(1).lower()}://host:6379/0); for a directory "
+            "path that starts like this, use file:// or ./"
+        )
+    from .backends.redis import check_redis_url
+
+    check_redis_url(text)
 
 
 def _check_name(name: object, what: str) -> int:

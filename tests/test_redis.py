@@ -520,16 +520,16 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
         await until(lambda: reader.stats()["gaps"] >= 1, timeout=20)
         await until(lambda: reader.stats()["connected"] and reader._mirror_ready, timeout=20)
         await until(lambda: gaps != [])
-        lost = 21 if await _server_major() >= 7 else 0  # counted from XINFO on Redis 7+
+        lost = 21 if await _server_major() >= 7 else None  # counted from XINFO on Redis 7+
         assert gaps == [{"peer": "redis", "lost": lost}]
-        assert reader.stats()["records_lost"] == lost
+        assert reader.stats()["records_lost"] == (lost or 0)
         assert reader.stats()["reconnects"] >= 1
         assert await AsyncCache(reader).get("kept") == "yes"
         assert await AsyncCache(reader).get("missed") == "while away"  # only a reload has it
         health = reader.health()
         assert health["healthy"] is False
         assert health["errors"]["gaps"] == 1
-        assert any("lost by a Redis restart" in p for p in health["problems"])
+        assert any("lost by Redis" in p for p in health["problems"])
 
         after: list[int] = []
         reader.on("after", after.append)
@@ -698,7 +698,7 @@ async def test_a_stream_deleted_and_made_anew_is_reported(
         await writer.notify("x", 4)  # the first entry of a new stream
         cut.restore()
         await until(lambda: gaps != [], timeout=20)
-        assert gaps == [{"peer": "redis", "lost": 0}]  # how many is unknown
+        assert gaps == [{"peer": "redis", "lost": None}]  # how many is unknown
         await until(lambda: got[-1:] == [4])
         assert got == [0, 1, 2, 4]
         await writer.notify("x", 5)
@@ -717,12 +717,12 @@ async def test_destroy_sends_every_write_already_accepted(namespace: str, until:
         send = backend._send
         calls = 0
 
-        async def slow_after_the_first(ops: Any) -> None:
+        async def slow_after_the_first(ops: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls > 1:  # the writer task's batch: still on its way as close() runs
                 await asyncio.sleep(0.2)
-            await send(ops)
+            return await send(ops)
 
         backend._send = slow_after_the_first
         tasks = [asyncio.create_task(sender.notify("n", i)) for i in range(50)]
@@ -794,9 +794,9 @@ async def test_cancelled_sets_leave_every_mirror_equal(namespace: str, until: An
         on_wire = asyncio.Event()
         send = backend._send
 
-        async def send_and_signal(ops: Any) -> None:
+        async def send_and_signal(ops: Any) -> Any:
             on_wire.set()  # the waiting test resumes before the reply is handled
-            await send(ops)
+            return await send(ops)
 
         backend._send = send_and_signal
         tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(200, 400)]

@@ -62,8 +62,9 @@ class RecordSink(Protocol):
         is being re-established and records may have been missed), cache reads go
         to `Backend.fetch` instead of the mirror."""
 
-    def gap(self, peer: str, lost: int) -> None:
-        """`lost` records of `peer` were gone before they could be read.
+    def gap(self, peer: str, lost: int | None) -> None:
+        """`lost` records of `peer` were gone before they could be read (None: an
+        unknown number, maybe none).
 
         The backend reloads the cache state (snapshot, then retained log) right
         after telling the sink; the sink tells the application.

@@ -9,6 +9,7 @@ Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
 
     ivip:{ns}:log          a stream: one entry per write, field "r" = the frame
     ivip:{ns}:live         the channel: "<stream id> <frame>" per entry
+    ivip:{ns}:id           the namespace's marker: a token (see the gaps below)
     ivip:{ns}:c:<topic>\\0<key>   a hash per cache entry: "r" = frame, "v" = version
 
 Why both: `XADD` returning means the record is stored in Redis, and a peer that
@@ -30,13 +31,20 @@ The guarantee, and what a lost connection does:
 - **Acknowledged means stored in Redis.** `notify` / `cache.set` return once
   Redis has the record. A connection that breaks meanwhile (server restart,
   failover, `CLIENT KILL`, network) is retried with backoff for up to
-  `retry_timeout` seconds, then the call raises the built-in `ConnectionError`:
-  that record was not acknowledged, and may or may not have been delivered.
-  Retried writes are never delivered twice nor out of order (readers drop a
-  sender's sequence numbers they have already seen; a retried cache write loses
-  to itself in the last-writer-wins script). What Redis itself loses (a restart
-  without persistence, an asynchronous replica promoted) is beyond this
-  guarantee, and is reported as a gap (below).
+  `retry_timeout` seconds, then the call raises `BackendUnavailableError` (a
+  `ConnectionError`): that record was not acknowledged, and may or may not
+  have been stored. Retried writes are never delivered twice nor out of order
+  (readers drop a sender's sequence numbers they have already seen; a retried
+  cache write loses to itself in the last-writer-wins script). A write whose
+  outcome is unknown and that Redis did store (or runs late, after a freeze)
+  reaches every process, the writer's own mirror included: the writer applies
+  its own records pushed back by Redis for a while after such a failure, and
+  a reconnection reloads the state anyway. A write Redis refuses (`OOM`, an
+  ACL) raises `BackendFullError` / `BackendPermissionError`: nothing stored;
+  in a pipeline of several, the others are stored, acknowledged and applied.
+  What Redis itself loses (a restart without persistence, an asynchronous
+  replica promoted, `FLUSHALL`, eviction) is beyond this guarantee, and is
+  reported as a gap (below).
 - **A subscribed peer loses nothing**, whatever happens to the stream: Redis
   pushes it every record. One too slow for Redis's output buffer limit is
   disconnected by Redis, which is a disconnect like any other.
@@ -44,21 +52,33 @@ The guarantee, and what a lost connection does:
   connection (a guard: redis-py can reopen one silently when sending, and would
   call the backend back), and a PING unanswered (sent after `ping_interval`
   seconds of silence) count as a disconnect: `stats()["connected"]` turns False,
-  the cache mirror is dropped (cache reads go to Redis meanwhile), the listener
-  reconnects with backoff (0.1 s to 5 s, counted in `reconnects` /
-  `connection_errors`, logged), subscribes, reloads the cache state from Redis,
-  and catches up from the stream where it was: messages sent while it was away
-  are delivered, in order.
+  the cache mirror is dropped (cache reads go to Redis meanwhile, and raise
+  `BackendUnavailableError` after `read_timeout`), the listener reconnects with
+  backoff (0.1 s to 5 s, counted in `reconnects` / `connection_errors`,
+  logged), subscribes, reloads the cache state from Redis, and catches up from
+  the stream where it was: messages sent while it was away are delivered, in
+  order.
 - **Gaps are reported.** The catch-up reads are checked (a `MULTI` of `XINFO
   STREAM` and `XREAD`): if entries after the reader's position were trimmed
   before it read them (the oldest entry left is past its position and
   `entries-added` says more were added after it than are left; Redis 7+, on
   Redis 6 a full stream past the position counts), or deleted (the counts, or
-  `max-deleted-entry-id`), or the server restarted (its `run_id` changed), or
-  the stream was deleted, the backend logs a warning, emits `ivip:gap`
-  (`{"peer": "redis", "lost": n}`, `n` the stream entries lost, 0 when
-  unknown), counts `gaps` / `records_lost`, drops the mirror and reloads it
-  from Redis, then reads on from the oldest entry left.
+  `max-deleted-entry-id`), or the server restarted and lost what this reader
+  had read (its `run_id` changed and the stream is behind the position; a
+  restart that kept everything is no gap), or the stream was deleted, the
+  backend logs a warning, emits `ivip:gap` (`{"peer": "redis", "lost": n}`,
+  `n` the stream entries lost, None when unknown), counts `gaps` /
+  `records_lost`, drops the mirror and reloads it from Redis, then reads on
+  from the oldest entry left. Every `state_check_interval` seconds the
+  listener also checks the namespace's marker key (`ivip:{ns}:id`, a token
+  made by the first process) and the server's `evicted_keys`: a marker gone
+  or replaced (FLUSHALL, FLUSHDB, eviction, a failover to a replica without
+  it), or after evictions an entry of the mirror gone from Redis, is a gap of
+  unknown size, and a reload.
+- **Nothing of ours outlives its use.** The stream and the marker expire
+  `state_ttl` seconds after the last process stopped refreshing them; cache
+  entries carry their own TTL (those written without one stay); the stream is
+  trimmed by count (`stream_maxlen`) and by bytes (`stream_max_bytes`).
 """
 
 from __future__ import annotations
@@ -75,8 +95,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from ..errors import (
+    BackendError,
+    BackendFullError,
+    BackendPermissionError,
+    BackendUnavailableError,
+)
 from ..logs import logger, rate_limited
 from ..records import (
     HEADER_SIZE,
@@ -90,7 +116,7 @@ from ..records import (
 from .base import RecordSink
 from .redis_lease import RedisLeases
 
-__all__ = ["RedisBackend"]
+__all__ = ["RedisBackend", "check_redis_url"]
 
 _T = TypeVar("_T")
 
@@ -100,6 +126,9 @@ _T = TypeVar("_T")
 _APPEND: Final = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[1])
 redis.call('PUBLISH', ARGV[3], id .. ' ' .. ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 return id
 """
 
@@ -117,18 +146,65 @@ else
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
 redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
+if redis.call('PTTL', KEYS[2]) == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
 return 1
 """
 
-_APPEND_SHA: Final = hashlib.sha1(_APPEND.encode()).hexdigest()
-_SET_IF_NEWER_SHA: Final = hashlib.sha1(_SET_IF_NEWER.encode()).hexdigest()
+# The namespace's marker: a token made by the first process; a process that finds
+# it gone, or another token in its place, knows that Redis lost the namespace's
+# state (FLUSHALL, eviction, a failover) and reloads. It also keeps the stream and
+# itself expiring `state_ttl` after the last process stopped refreshing them.
+_KEEP: Final = """
+local ttl = tonumber(ARGV[2])
+local token = redis.call('GET', KEYS[1])
+if not token then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  token = ARGV[1]
+end
+for _, key in ipairs(KEYS) do
+  local left = redis.call('PTTL', key)
+  if left == -1 or (left >= 0 and left < ttl / 2) then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return token
+"""
+
+# Every write command the backend sends, on a key of the namespace that is gone
+# when the script ends, and a PUBLISH of nothing (readers skip it): a user that
+# lacks one of them is refused at start, before anything is stored.
+_PROBE: Final = """
+redis.call('HSET', KEYS[1], 'v', '')
+redis.call('HGET', KEYS[1], 'v')
+redis.call('PERSIST', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], 60000)
+redis.call('PTTL', KEYS[1])
+redis.call('PEXPIREAT', KEYS[1], 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1, '*', 'r', '')
+redis.call('PEXPIREAT', KEYS[1], 1)
+redis.call('SET', KEYS[1], '', 'PX', 60000)
+redis.call('GET', KEYS[1])
+redis.call('PEXPIREAT', KEYS[1], 1)
+redis.call('PUBLISH', ARGV[1], '')
+return 1
+"""
+
+_SCRIPTS: Final = (_APPEND, _SET_IF_NEWER, _KEEP, _PROBE)
+_APPEND_SHA, _SET_IF_NEWER_SHA, _KEEP_SHA, _PROBE_SHA = (
+    hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS
+)
 
 _READ_COUNT: Final = 1000  # stream entries per catch-up read
 _SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
 
 StreamId = tuple[int, int]
-# An encoded write: frame, cache entry key (None: messages), version, expiry ms.
-_Op = tuple[bytes, bytes | None, str, int]
+# An encoded write: frame, cache entry key (None: messages), version, expiry ms,
+# and the cache record it carries (None: messages).
+_Op = tuple[bytes, bytes | None, str, int, Record | None]
+_OWN_WINDOW: Final = 30.0  # seconds own pushes are applied after an unknown outcome
+_STORED: Final[list[Exception | None]] = [None]  # `_send`'s answer for one op, stored
 
 
 class _Reconnected(ConnectionError):
@@ -152,6 +228,94 @@ def _redacted(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse, with a `ValueError` naming the problem, a Redis URL that redis-py
+    would misread (a missing host, a database that is not a number, ...).
+
+    Example:
+        >>> check_redis_url("redis://cache.internal:6379/2")
+        >>> check_redis_url("redis://cache/abc")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad Redis URL 'redis://cache/abc': the database must be a number, not 'abc'
+    """
+    shown = _redacted(url) if "://" in url else url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"bad Redis URL {shown!r}: {problem}")
+
+    if scheme not in ("redis", "rediss", "unix") or not url[len(scheme) :].startswith("://"):
+        raise bad("it must start with redis://, rediss:// or unix://")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise bad(f"the port must be a number from 1 to 65535 ({exc})") from None
+    query = parse_qs(parts.query)
+    db_texts = [parts.path.strip("/")] if scheme != "unix" else []
+    db_texts += query.get("db", [])
+    if scheme == "unix":
+        if not parts.path:
+            raise bad("no socket path (unix:///path/to/redis.sock)")
+    else:
+        if not parts.hostname:
+            raise bad("no host (redis://host:6379/0)")
+        if port == 0:
+            raise bad("the port must be a number from 1 to 65535")
+    for text in db_texts:
+        if text and not (text.isascii() and text.isdigit()):
+            raise bad(f"the database must be a number, not {text!r}")
+
+
+def _wrap(exc: BaseException, doing: str, url: str) -> Exception:
+    """A redis-py error (or a timeout) as one of the library's documented errors,
+    with the original as its `__cause__`."""
+    wrapped = _wrapped(exc, doing, url)
+    if wrapped is not exc:
+        wrapped.__cause__ = exc
+    return wrapped
+
+
+def _wrapped(exc: BaseException, doing: str, url: str) -> Exception:
+    from redis import exceptions as rx
+
+    where = f"Redis at {_redacted(url)}"
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
+        return BackendPermissionError(f"{where} refused {doing}: {exc}")
+    text = str(exc)
+    if isinstance(exc, rx.ResponseError) and (
+        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text) or "can't run this command" in text
+    ):
+        return BackendPermissionError(f"{where} refused {doing}: {exc}{_script_command(text)}")
+    if isinstance(exc, rx.OutOfMemoryError) or (
+        isinstance(exc, rx.ResponseError) and "OOM command not allowed" in text
+    ):
+        return BackendFullError(f"{where} is out of memory and refused {doing}: {exc}")
+    if isinstance(exc, rx.ConnectionError | rx.TimeoutError | OSError):
+        return BackendUnavailableError(f"{where} could not be reached ({doing}): {exc}")
+    return BackendError(f"{where} refused {doing}: {exc}")
+
+
+def _script_command(error: str) -> str:
+    """The command of ours at the script line a Redis error names (Redis 7.0 says
+    only "can't run this command ... script: <sha>, on @user_script:<line>")."""
+    found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)
+    if found is None:
+        return ""
+    scripts = dict(
+        zip((_APPEND_SHA, _SET_IF_NEWER_SHA, _KEEP_SHA, _PROBE_SHA), _SCRIPTS, strict=True)
+    )
+    lines = scripts.get(found.group(1), "").splitlines()
+    line = int(found.group(2))
+    command = (
+        re.search(r"redis\.call\('(\w+)'", lines[line - 1]) if 0 < line <= len(lines) else None
+    )
+    return f" (the command refused: {command.group(1)})" if command else ""
 
 
 def _id_tuple(stream_id: bytes | str) -> StreamId:
@@ -213,9 +377,9 @@ def _messages_op(frames: list[bytes], first_seq: int, node: int) -> _Op:
     """Message frames (sequence numbers from `first_seq` on) as one stream entry: a
     BATCH frame when there are several (readers get all or none; one XADD)."""
     if len(frames) == 1:
-        return frames[0], None, "", 0
+        return frames[0], None, "", 0, None
     batch = Record(Kind.BATCH, "", b"", b"".join(frames), node=node)
-    return encode_frame(batch, first_seq), None, "", 0
+    return encode_frame(batch, first_seq), None, "", 0, None
 
 
 def _id_before(stream_id: StreamId) -> bytes:
@@ -226,20 +390,24 @@ def _id_before(stream_id: StreamId) -> bytes:
     return f"{ms - 1}-{(1 << 64) - 1}".encode() if ms else b"0-0"
 
 
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
+
+
 def _is_no_such_key(exc: BaseException) -> bool:
     return "no such key" in str(exc).lower()
 
 
 def _retryable(exc: BaseException) -> bool:
     """An error that a reconnection can cure (the request may have been executed)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ReadOnlyError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis import exceptions as rx
 
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | BackendError):
+        return False  # (redis-py's auth errors are ConnectionErrors; no retry cures them)
     # ReadOnlyError: connected to a replica after a failover; NoScriptError: the
     # server restarted between loading the script and running it.
     return isinstance(
-        exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | NoScriptError | OSError
+        exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError | rx.NoScriptError | OSError
     )
 
 
@@ -256,18 +424,35 @@ class RedisBackend:
         tombstone_ttl: Seconds a delete is remembered in Redis.
         ping_interval: Seconds of silence after which the listener PINGs Redis;
             no answer within as long again counts as a lost connection.
-        retry_timeout: Seconds a write (or a cache read while the mirror is
-            being rebuilt) keeps retrying a lost connection before it raises
-            `ConnectionError` (each attempt gets at least 1 s, so the call may
-            end up to a second past it).
+        retry_timeout: Seconds a write, or `start()`, keeps retrying a lost
+            connection before it raises `BackendUnavailableError` (a
+            `ConnectionError`; each write attempt gets at least 1 s, so the
+            call may end up to a second past it).
+        read_timeout: Seconds a cache read waits while the mirror is being
+            rebuilt (it goes to Redis, or, for `keys()`, waits for the
+            mirror) before it raises `BackendUnavailableError`.
+        stream_max_bytes: About the most bytes of records the stream keeps
+            (each write trims it to as many entries of its size as fit in
+            half of this; a record larger than that is kept alone).
+        state_ttl: Seconds the namespace's own keys (the stream, its marker)
+            live after the last process stopped refreshing them.
+        state_check_interval: Seconds between checks that Redis still holds
+            the namespace's keys (marker gone or replaced: FLUSHALL, eviction,
+            a failover; or, after the server's `evicted_keys` grew, entries
+            of the mirror gone): then every process reports a gap and reloads.
         **redis_options: Passed to `redis.asyncio.Redis.from_url` (e.g. `protocol=2`).
             The listener's connection always has redis-py's own retries off and
             a socket timeout above `ping_interval` (it reconnects, and
             resynchronises, itself). By default writes time out after
             `retry_timeout` (at least 1 s), and the connections are named
             `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST` (role `w` writes,
-            `r` listens, `c` serves the listener's requests; `client_name=None`
-            to leave them unnamed).
+            `r` listens, `c` serves the listener's requests, `g` reads cache
+            entries while the mirror is rebuilt, and is closed after;
+            `client_name=None` to leave them unnamed). At most these four
+            connections per instance.
+
+    Raises:
+        ValueError: a URL that is not a valid Redis URL, or a bad option.
 
     Example:
         >>> backend = RedisBackend("redis://127.0.0.1:6379/0", namespace="docs")
@@ -285,12 +470,27 @@ class RedisBackend:
         tombstone_ttl: float = 120.0,
         ping_interval: float = 10.0,
         retry_timeout: float = 10.0,
+        read_timeout: float = 5.0,
+        stream_max_bytes: int = 64 << 20,
+        state_ttl: float = 3600.0,
+        state_check_interval: float = 2.0,
         **redis_options: Any,
     ) -> None:
+        check_redis_url(url)
         if stream_maxlen < 1:
             raise ValueError("stream_maxlen must be at least 1")
+        if stream_max_bytes < 1:
+            raise ValueError("stream_max_bytes must be at least 1")
         if not ping_interval > 0:
             raise ValueError("ping_interval must be above 0 seconds")
+        for name, value in (
+            ("retry_timeout", retry_timeout),
+            ("read_timeout", read_timeout),
+            ("state_ttl", state_ttl),
+            ("state_check_interval", state_check_interval),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be above 0 seconds")
         if redis_options.get("decode_responses"):
             raise ValueError("decode_responses must be off: records are binary frames")
         self.url = url
@@ -300,13 +500,30 @@ class RedisBackend:
         self.tombstone_ttl = tombstone_ttl
         self.ping_interval = ping_interval
         self.retry_timeout = retry_timeout
+        self.read_timeout = read_timeout
+        self.stream_max_bytes = stream_max_bytes
+        self.state_ttl = state_ttl
+        self._ttl_ms = int(state_ttl * 1000)
+        self._half_bytes = stream_max_bytes >> 1
+        self.state_check_interval = state_check_interval
         self.redis_options = redis_options
         self.node = secrets.randbits(63) or 1
         self._node_bytes = self.node.to_bytes(8, "little")  # as in a frame's header
         self.stream_key = f"ivip:{{{namespace}}}:log"
         self.channel = f"ivip:{{{namespace}}}:live"
         self.entry_prefix = f"ivip:{{{namespace}}}:c:".encode()
+        self.marker_key = f"ivip:{{{namespace}}}:id"
+        self._probe_key = f"ivip:{{{namespace}}}:probe:{self.node:016x}"
         self._client: Any = None  # the listener's requests (control)
+        self._read_client: Any = None  # cache reads while the mirror is rebuilt (lazy)
+        self._reads = 0  # cache reads under way on it
+        self._subscribed = False  # the listener's connection is subscribed
+        self._marker: bytes | None = None  # the namespace's token, as last seen
+        self._evicted: int | None = None  # the server's evicted_keys, as last seen
+        self._info_refused = False  # INFO refused (an ACL): evictions go unnoticed
+        # Until then (loop time), this process's own cache records pushed back by
+        # Redis are applied here too: a write whose outcome is unknown may be run.
+        self._own_until = 0.0
         self._write_client: Any = None
         self._reader_client: Any = None  # the subscription
         self._sink: RecordSink | None = None
@@ -339,6 +556,8 @@ class RedisBackend:
                 "resyncs",
                 "garbage_bytes",
                 "task_failures",
+                "state_checks",
+                "state_losses",
             ),
             0,
         )
@@ -372,29 +591,139 @@ class RedisBackend:
             # command on Python 3.11).
             timeout = max(self.retry_timeout, 1.0) if role == "c" else None
             options.setdefault("socket_timeout", timeout)
+            if role == "g":  # cache reads during a rebuild: one connection, serialised
+                options["single_connection_client"] = True
         return aioredis.Redis.from_url(self.url, **options)
 
     async def start(self, sink: RecordSink) -> None:
-        """Connect, load the cache state, and start the listener task."""
+        """Connect, check what the backend needs, load the cache state, and start
+        the listener task.
+
+        A connection refused, lost or unanswered is retried for `retry_timeout`
+        seconds; anything else fails at once.
+
+        Raises:
+            BackendUnavailableError: Redis could not be reached in time.
+            BackendPermissionError: the credentials, or a command, key or
+                channel the backend needs, were refused (nothing was stored).
+            BackendError: any other refusal (say, `DB index is out of range`).
+        """
         self._sink = sink
-        self._client = self._make_client("c")
-        self._write_client = self._make_client("w")
-        self._reader_client = self._make_client("r")
-        try:
-            await self._client.ping()
-            await self._load_scripts(self._client)
-            self._run_id = await self._server_run_id()
-            await self._note_reader_connection()
-            info = await self._stream_info()
-            self._last_id, self._added = (info.last_raw, info.added) if info else (b"0-0", 0)
-            await self._load_state()
-        except BaseException:
-            await self._close_clients()
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout
+        delay = 0.1
+        while True:
+            self._client = self._make_client("c")
+            self._write_client = self._make_client("w")
+            self._reader_client = self._make_client("r")
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
+                    await self._join()
+                await self._load_state()  # (its own requests time out; no overall limit)
+                break
+            except Exception as exc:
+                await self._close_clients()
+                if not _retryable(exc) or loop.time() + delay > deadline:
+                    if isinstance(exc, TimeoutError) and not str(exc):
+                        exc = TimeoutError(f"no answer in {self.retry_timeout:g}s")
+                    raise _wrap(exc, "the start", self.url) from exc
+                logger.info("Redis not available yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except BaseException:
+                await self._close_clients()
+                raise
         self._connected = True
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(), name="ivip-ipc-redis-listener"
+        self._listener = loop.create_task(self._listen(), name="ivip-ipc-redis-listener")
+
+    async def _join(self) -> None:
+        """`start`'s requests: each checks something the backend needs, in the order
+        that stores nothing until every permission is known to be there."""
+        from redis.exceptions import OutOfMemoryError
+
+        client = self._client
+        await client.ping()
+        await self._load_scripts(client)
+        info = await self._server_info()
+        self._run_id = _text(_field(info, "run_id"))
+        self._info_refused = not info
+        self._evicted = int(_field(info, "evicted_keys") or 0) if info else None
+        self._warn_if_evicting(info)
+        full = None
+        try:
+            # Every write command and PUBLISH, on a key that is gone when it ends.
+            await client.evalsha(_PROBE_SHA, 1, self._probe_key, self.channel)
+        except OutOfMemoryError as exc:  # a reader may start: writes will say it
+            full = exc
+        await self._note_reader_connection()
+        await self._subscribe()
+        # The reads of the catch-up (a MULTI of XINFO, XREAD, XRANGE): the position.
+        pipe = client.pipeline(transaction=True)
+        pipe.xinfo_stream(self.stream_key)
+        pipe.xread({self.stream_key: b"0-0"}, count=1)
+        pipe.xrange(self.stream_key, b"-", b"+", count=1)
+        raw_info, *rest = await pipe.execute(raise_on_error=False)
+        for reply in (raw_info, *rest):
+            if isinstance(reply, Exception) and not _is_no_such_key(reply):
+                raise reply
+        info = None if isinstance(raw_info, Exception) else _parse_info(raw_info)
+        self._last_id, self._added = (info.last_raw, info.added) if info else (b"0-0", 0)
+        await client.scan(0, match=self.entry_prefix + b"*", count=1)  # (the reload's)
+        if full is None:
+            with contextlib.suppress(OutOfMemoryError):
+                await self._keep()  # the marker, and the keys' expiry: the first write
+        if full is not None:
+            logger.warning(
+                "Redis at %s is full (%s): writes fail until it has room",
+                _redacted(self.url),
+                full,
+            )
+
+    async def _server_info(self) -> Any:
+        """INFO (server, memory, stats ...), or {} when the user may not ask."""
+        from redis.exceptions import NoPermissionError, ResponseError
+
+        try:
+            return await self._client.info()
+        except ResponseError as exc:
+            if isinstance(exc, NoPermissionError) or "no permissions" in str(exc):
+                return {}
+            raise
+
+    def _warn_if_evicting(self, info: Any) -> None:
+        policy = _text(_field(info, "maxmemory_policy"))
+        if policy and policy != "noeviction":
+            logger.warning(
+                "Redis at %s has maxmemory-policy %s: when full it may evict this "
+                "library's keys (every process then reports a gap and reloads its "
+                "cache). Use noeviction (writes then fail with BackendFullError "
+                "when Redis is full)",
+                _redacted(self.url),
+                policy,
+            )
+
+    async def _keep(self) -> bool:
+        """Check the namespace's marker (and refresh the keys' expiry): False when
+        Redis lost the namespace's state since the last check."""
+        from redis.exceptions import NoScriptError
+
+        call = (
+            _KEEP_SHA,
+            2,
+            self.marker_key,
+            self.stream_key,
+            secrets.token_hex(8),
+            int(self.state_ttl * 1000),
         )
+        try:
+            token = await self._client.evalsha(*call)
+        except NoScriptError:  # Redis restarted, or SCRIPT FLUSH
+            await self._load_scripts(self._client)
+            token = await self._client.evalsha(*call)
+        token = token if isinstance(token, bytes) else str(token).encode()
+        kept = self._marker is None or token == self._marker
+        self._marker = token
+        return kept
 
     async def close(self) -> None:
         """Stop the listener and close the connections."""
@@ -416,11 +745,13 @@ class RedisBackend:
         await self._close_clients()
 
     async def _close_clients(self) -> None:
-        for client in (self._client, self._write_client, self._reader_client):
+        clients = (self._client, self._write_client, self._reader_client, self._read_client)
+        self._client = self._write_client = self._reader_client = self._read_client = None
+        self._subscribed = False
+        for client in clients:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
-        self._client = self._write_client = self._reader_client = None
 
     def abandon(self) -> None:
         """The loop is gone: drop the connections without awaiting."""
@@ -429,7 +760,7 @@ class RedisBackend:
         self._closing = True
         if self._listener is not None and not self._listener.get_loop().is_closed():
             self._listener.cancel()
-        self._client = self._write_client = self._reader_client = None
+        self._client = self._write_client = self._reader_client = self._read_client = None
 
     def locks(self) -> RedisLeases:
         """The lock capability: leases with fencing tokens (backends/redis_lease.py)."""
@@ -450,8 +781,7 @@ class RedisBackend:
             info = await self._client.info("server")
         except ResponseError:
             return None
-        run_id = _field(info, "run_id")
-        return run_id.decode() if isinstance(run_id, bytes) else run_id
+        return _text(_field(info, "run_id"))
 
     async def _note_reader_connection(self) -> None:
         """Connect the listener, and have redis-py say if it ever reconnects it.
@@ -474,9 +804,18 @@ class RedisBackend:
             connection.health_check_interval = 0
         self._reader_reconnected = False
 
+    async def _subscribe(self) -> None:
+        """SUBSCRIBE the listener's connection to the channel (a refusal raises)."""
+        connection = self._reader_client.connection
+        await connection.send_command("SUBSCRIBE", self.channel)
+        while not _is_kind(await connection.read_response(push_request=True), "subscribe"):
+            pass  # (a stale PING answer)
+        self._subscribed = True
+
     async def _drop_reader_connection(self) -> None:
         """Close the listener's connection (subscribed, maybe half-read): the
         resync opens a fresh one."""
+        self._subscribed = False
         connection = self._reader_client.connection if self._reader_client else None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -524,17 +863,39 @@ class RedisBackend:
                 break
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
-        """One cache entry, read from Redis (while the mirror is being rebuilt)."""
-        client = self._write_client
-        if client is None:
+        """One cache entry, read from Redis (while the mirror is being rebuilt).
+
+        Reads share one connection, opened for the rebuild and closed after it.
+
+        Raises:
+            BackendUnavailableError: no answer within `read_timeout` seconds.
+        """
+        if self._closing or self._write_client is None:
             return None
-        frame = await self._retrying(
-            lambda: client.hget(self._entry_key(topic, key), "r"), "cache read"
-        )
+        if self._read_client is None:
+            self._read_client = self._make_client("g")
+        client = self._read_client
+        self._reads += 1
+        try:
+            frame = await self._retrying(
+                lambda: client.hget(self._entry_key(topic, key), "r"),
+                "cache read",
+                self.read_timeout,
+            )
+        finally:
+            self._reads -= 1
         if not frame:
             return None
         records = FrameReader(self.max_record_size, self._garbage).feed(frame)
         return records[0] if records else None
+
+    async def _close_read_client(self) -> None:
+        """Close the cache reads' connection once the mirror serves them again."""
+        client = self._read_client
+        if client is not None and not self._reads:
+            self._read_client = None
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     def _garbage(self, size: int, why: str) -> None:
         self.counters["garbage_bytes"] += size
@@ -570,7 +931,12 @@ class RedisBackend:
             # stored (to apply it here too), which the writer task sees through.
             self._writer = done = asyncio.get_running_loop().create_future()
             try:
-                await self._retrying(functools.partial(self._send, self._encode(records)), "write")
+                ops = self._encode(records)
+                errors = await self._retrying(functools.partial(self._send, ops), "write")
+                if errors is not _STORED:
+                    failed = next((error for error in errors if error is not None), None)
+                    if failed is not None:
+                        raise failed
                 self.counters["records_written"] += len(records)
             finally:
                 if not done.done():
@@ -592,27 +958,55 @@ class RedisBackend:
             self._queue = []
             if not batch:
                 continue
+            # Framed once: a retry resends the same sequence numbers, which is
+            # how readers recognise (and drop) what an attempt already stored.
+            # Each append is encoded alone, so its messages share one entry.
+            encoded = [self._encode(records) for records, _ in batch]
+            ops = [op for part in encoded for op in part]
             try:
-                # Framed once: a retry resends the same sequence numbers, which is
-                # how readers recognise (and drop) what an attempt already stored.
-                # Each append is encoded alone, so its messages share one entry.
-                ops = [op for records, _ in batch for op in self._encode(records)]
-                await self._retrying(functools.partial(self._send, ops), "write")
+                errors = await self._retrying(functools.partial(self._send, ops), "write")
+                if len(errors) != len(ops):  # (never: a guard, so no caller waits forever)
+                    raise RuntimeError(f"{len(errors)} answers to {len(ops)} writes")
             except Exception as exc:
+                # Unknown outcome: Redis may have run (or may yet run) any of them.
+                # What it stores it pushes back here too: applied for a while.
+                if any(op[4] is not None for op in ops):
+                    self._own_until = asyncio.get_running_loop().time() + _OWN_WINDOW
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self.counters["records_written"] += sum(len(records) for records, _ in batch)
-            # Stored: the peers apply these cache records, so this process must too,
-            # whether or not their callers are still waiting (one cancelled while
-            # on the wire was stored all the same).
-            state = [r for records, _ in batch for r in records if r.kind is not Kind.MESSAGE]
+            # Stored (each op for which Redis answered no error): the peers apply
+            # these cache records, so this process must too, whether or not their
+            # callers are still waiting (one cancelled while on the wire was
+            # stored all the same), and whether or not the rest of their append was.
+            if not any(errors):  # all stored: the usual case, without the bookkeeping
+                state = [op[4] for op in ops if op[4] is not None]
+                if state and self._sink is not None:
+                    self._sink.written(state)
+                self.counters["records_written"] += sum(len(records) for records, _ in batch)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+                continue
+            state = [
+                op[4]
+                for op, error in zip(ops, errors, strict=True)
+                if error is None and op[4] is not None
+            ]
             if state and self._sink is not None:
                 self._sink.written(state)
-            for _, fut in batch:
+            at = 0
+            for (records, fut), part in zip(batch, encoded, strict=True):
+                failed = next((e for e in errors[at : at + len(part)] if e is not None), None)
+                at += len(part)
+                if failed is None:
+                    self.counters["records_written"] += len(records)
                 if not fut.done():
-                    fut.set_result(None)
+                    if failed is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(failed)
 
     def _encode(self, records: Sequence[Record]) -> list[_Op]:
         """`(frame, entry key, version, expiry ms)` per record (key None: a message)."""
@@ -638,14 +1032,18 @@ class RedisBackend:
             else:
                 expires_ms = now_ms + int(self.tombstone_ttl * 1000)
             version = f"{record.hlc:020d}{record.node:020d}"
-            ops.append((frame, self._entry_key(record.topic, record.key), version, expires_ms))
+            ops.append(
+                (frame, self._entry_key(record.topic, record.key), version, expires_ms, record)
+            )
         if messages:
             ops.append(_messages_op(messages, self._seq + 1 - len(messages), self.node))
         return ops
 
-    async def _send(self, ops: list[_Op]) -> None:
+    async def _send(self, ops: list[_Op]) -> list[Exception | None]:
         """Store and publish: messages through `_APPEND`, cache records through the
-        last-writer-wins script; several in one pipeline."""
+        last-writer-wins script; several in one pipeline. Returns, per op, None
+        (stored) or the documented error Redis answered (nothing stored); raises
+        what a retry may cure."""
         from redis.exceptions import NoScriptError
 
         client = self._write_client
@@ -656,53 +1054,72 @@ class RedisBackend:
         try:
             if len(ops) == 1:
                 await client.evalsha(*self._script_call(ops[0]))
-            else:
-                pipe = client.pipeline(transaction=False)
-                for op in ops:
-                    pipe.evalsha(*self._script_call(op))
-                await pipe.execute()
+                return _STORED
+            pipe = client.pipeline(transaction=False)
+            for op in ops:
+                pipe.evalsha(*self._script_call(op))
+            replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception) and _retryable(reply):
+                    raise reply  # resent whole: readers drop what was stored twice
         except NoScriptError:
             # Redis lost the scripts (a restart, SCRIPT FLUSH): load them, and let
             # `_retrying` send again (readers drop what was already stored).
             await self._load_scripts(client)
             raise
+        return [
+            _wrap(reply, "a write", self.url) if isinstance(reply, Exception) else None
+            for reply in replies
+        ]
 
     @staticmethod
     async def _load_scripts(client: Any) -> None:
-        pipe = client.pipeline(transaction=False)  # both in one round trip
-        for script in (_APPEND, _SET_IF_NEWER):
+        pipe = client.pipeline(transaction=False)  # all in one round trip
+        for script in _SCRIPTS:
             pipe.script_load(script)
         await pipe.execute()
 
     def _script_call(self, op: _Op) -> tuple[Any, ...]:
         """EVALSHA's arguments (sha, number of keys, keys, args) that store and
         publish one encoded op."""
-        frame, entry_key, version, expires_ms = op
+        frame, entry_key, version, expires_ms, _ = op
+        # The stream holds at most stream_maxlen entries, and about
+        # stream_max_bytes: each write trims it to as many entries of its own
+        # size as fit in half of that (so a run of small entries after large
+        # ones can hold the large ones and fill the other half, no more).
+        maxlen = min(self.stream_maxlen, max(1, self._half_bytes // len(frame)))
+        ttl_ms = self._ttl_ms
         if entry_key is None:
-            return _APPEND_SHA, 1, self.stream_key, frame, self.stream_maxlen, self.channel
+            return _APPEND_SHA, 1, self.stream_key, frame, maxlen, self.channel, ttl_ms
         return (
             _SET_IF_NEWER_SHA, 2, entry_key, self.stream_key,
-            frame, version, expires_ms, self.stream_maxlen, self.channel,
+            frame, version, expires_ms, maxlen, self.channel, ttl_ms,
         )  # fmt: skip
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str) -> _T:
-        """`attempt()`, again after connection errors, for up to `retry_timeout` s."""
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[_T]], what: str, timeout: float | None = None
+    ) -> _T:
+        """`attempt()`, again after connection errors, for up to `timeout` seconds
+        (`retry_timeout` by default); Redis's errors raised as the documented ones."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_timeout
+        limit = self.retry_timeout if timeout is None else timeout
+        deadline = loop.time() + limit
         delay = 0.05
         while True:
             try:
                 # The attempt's own time limit (the connection has no socket timeout).
-                async with asyncio.timeout(max(deadline - loop.time(), 1.0)):
+                async with asyncio.timeout(max(deadline - loop.time(), min(limit, 1.0))):
                     return await attempt()
             except Exception as exc:
                 if not _retryable(exc) or self._client is None:
-                    raise
+                    if isinstance(exc, ConnectionAbortedError):
+                        raise
+                    raise _wrap(exc, f"a {what}", self.url) from exc
                 self.counters["write_retries" if what == "write" else "connection_errors"] += 1
-                if loop.time() + delay > deadline:
-                    raise ConnectionError(
+                if loop.time() >= deadline:
+                    raise BackendUnavailableError(
                         f"Redis at {_redacted(self.url)} did not answer for "
-                        f"{self.retry_timeout:g}s ({what} not acknowledged): {exc}"
+                        f"{limit:g}s ({what} not acknowledged): {exc or type(exc).__name__}"
                     ) from exc
                 rate_limited(
                     logging.WARNING,
@@ -710,10 +1127,11 @@ class RedisBackend:
                     "Redis %s failed (%s); retrying for up to %gs",
                     what,
                     exc,
-                    self.retry_timeout,
+                    limit,
                     interval=5.0,
                 )
-                await asyncio.sleep(delay * (1 + random.random() / 2))
+                pause = delay * (1 + random.random() / 2)
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
                 delay = min(delay * 2, 1.0)
 
     # -- reading -------------------------------------------------------------------------
@@ -762,8 +1180,14 @@ class RedisBackend:
         restarted = None not in (run_id, self._run_id) and run_id != self._run_id
         self._run_id = run_id
         await self._note_reader_connection()
-        if restarted:
-            self._check_gap(await self._stream_info(), restarted=True)
+        reported = restarted and self._check_gap(await self._stream_info(), restarted=True)
+        if restarted and not reported:
+            logger.info("Redis restarted; it kept everything this process had read")
+        if await self._marker_lost() and not reported:
+            await self._lost_state("the namespace's keys are gone from Redis")
+        if self._own_until:  # own writes of unknown outcome may still be run
+            loop = asyncio.get_running_loop()
+            self._own_until = max(self._own_until, loop.time() + _OWN_WINDOW)
         # Anything may have been missed while away: rebuild the mirror from Redis
         # (it was dropped), then read the stream on from where this reader was (the
         # catch-up's checked reads find, and count, what was trimmed or deleted).
@@ -772,7 +1196,91 @@ class RedisBackend:
         self.counters["reconnects"] += 1
         self._connected = True
         self._sink.mirror_ready(True)
+        await self._close_read_client()
         logger.info("reconnected to Redis")
+
+    async def _lost_state(self, why: str) -> None:
+        """Redis lost (some of) the namespace's keys: report a gap of unknown size
+        (the caller reloads the cache state)."""
+        assert self._sink is not None
+        self.counters["gaps"] += 1
+        self.counters["state_losses"] += 1
+        # The stream's counts are not the ones this reader kept. A stream that is
+        # gone is all news when it comes back (reported here, not again later).
+        self._added = None
+        if await self._stream_info() is None:
+            self._last_id, self._added = b"0-0", 0
+        logger.warning(
+            "records may have been lost before this process read them from Redis "
+            "(%s; how many is unknown): reloading the cache state",
+            why,
+        )
+        self._sink.gap("redis", None)
+
+    async def _check_state(self) -> None:
+        """The periodic check (from the listener): did Redis lose the namespace's
+        keys (the marker gone or made anew: FLUSHALL, FLUSHDB, eviction, a
+        failover) or evict keys (ours may be among them)? Then report a gap and
+        reload. Also refreshes the keys' expiry, and closes the connection of
+        cache reads once the mirror serves them again."""
+        from redis.exceptions import ResponseError
+
+        assert self._sink is not None
+        self.counters["state_checks"] += 1
+        await self._close_read_client()
+        why = None
+        if await self._marker_lost():
+            why = "the namespace's keys are gone from Redis"
+        if not self._info_refused:
+            try:
+                stats = await self._client.info("stats")
+            except ResponseError:  # INFO refused (an ACL): evictions go unnoticed
+                self._info_refused = True
+            else:
+                evicted = int(_field(stats, "evicted_keys") or 0)
+                before, self._evicted = self._evicted, evicted
+                if before is not None and evicted > before and why is None:
+                    missing = await self._entries_missing()
+                    if missing:
+                        why = f"Redis evicted {missing} or more of this namespace's cache entries"
+        if why is not None:
+            self._sink.mirror_ready(False)
+            await self._lost_state(why)
+            await self._load_state()
+            self._sink.mirror_ready(True)
+
+    async def _entries_missing(self) -> int:
+        """How many of the mirror's live entries (not about to expire) Redis no
+        longer has: after evictions, whether ours were among them (a cost in
+        this namespace's size, where a reload would scan the whole database)."""
+        assert self._sink is not None
+        soon = time.time() + 1.0
+        keys = [
+            self._entry_key(record.topic, record.key)
+            for record in self._sink.state()
+            if record.kind is Kind.CACHE_SET and (not record.expires or record.expires > soon)
+        ]
+        missing = 0
+        for at in range(0, len(keys), 1000):
+            chunk = keys[at : at + 1000]
+            missing += len(chunk) - int(await self._client.exists(*chunk))
+        return missing
+
+    async def _marker_lost(self) -> bool:
+        """`_keep`, with a refusal (OOM, a read-only replica: the writes say so)
+        logged and taken for "not lost"."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return not await self._keep()
+        except ResponseError as exc:
+            rate_limited(
+                logging.WARNING,
+                ("redis-keep", self.stream_key),
+                "Redis refused the namespace check (%s)",
+                exc,
+            )
+            return False
 
     def _check_gap(
         self,
@@ -797,7 +1305,7 @@ class RedisBackend:
         earlier, while this reader followed it live, and is righted silently).
         """
         position = _id_tuple(self._last_id)
-        gap = restarted
+        gap = False  # (a restart that kept the stream lost nothing: the checks below)
         lost: int | None = None  # None: how many is unknown
         if info is None:  # no stream: deleted, or a restarted server without persistence
             if position == (0, 0):
@@ -856,7 +1364,7 @@ class RedisBackend:
             f"{lost} records" if lost is not None else "how many is unknown",
         )
         assert self._sink is not None
-        self._sink.gap("redis", lost or 0)
+        self._sink.gap("redis", lost)
         return True
 
     async def _read_forever(self) -> None:
@@ -877,33 +1385,51 @@ class RedisBackend:
         again counts as a lost connection.
         """
         assert self._reader_client is not None
+        if not self._subscribed:
+            await self._subscribe()
         connection = self._reader_client.connection
-        await connection.send_command("SUBSCRIBE", self.channel)
-        while not _is_kind(await connection.read_response(push_request=True), "subscribe"):
-            pass  # (a stale PING answer)
         reader = FrameReader(self.max_record_size, self._garbage)
         while await self._checked_read(reader):
             pass  # a full read: more to catch up on
         self._replayed = _id_tuple(self._last_id)
+        loop = asyncio.get_running_loop()
+        # (often enough, too, to refresh the keys' expiry well within state_ttl)
+        interval = min(self.state_check_interval, self.state_ttl / 3)
+        ping = self.ping_interval
+        now = loop.time()
+        silence = now + ping  # then PING (or, pinged, give up)
+        check = now + interval  # when the namespace's keys are checked next
         pinged = False
         while not self._closing:
-            response = await connection.read_response(timeout=self.ping_interval, push_request=True)
+            if now >= check:
+                await self._check_state()
+                now = loop.time()
+                check = now + interval
+            timeout = max(min(check, silence) - now, 0.001)
+            response = await connection.read_response(timeout=timeout, push_request=True)
             if self._reader_reconnected:
                 raise _Reconnected("the listener's connection to Redis was re-established")
-            if response is None:  # silence for ping_interval
+            if response is None:  # silence
+                now = loop.time()
+                if now < silence:
+                    continue  # (time for the check)
                 if pinged:
-                    raise TimeoutError(f"Redis did not answer a PING in {self.ping_interval:g}s")
+                    raise TimeoutError(f"Redis did not answer a PING in {ping:g}s")
                 await connection.send_command("PING")
                 pinged = True
+                now = loop.time()
+                silence = now + ping
                 continue
             pinged = False
             if _is_kind(response, "message"):
                 self._deliver_push(response[2], reader)
+            now = loop.time()
+            silence = now + ping
 
     def _deliver_push(self, payload: Any, reader: FrameReader) -> None:
         """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
-        if not isinstance(payload, bytes):
-            return  # not ours (a stray PUBLISH)
+        if not isinstance(payload, bytes) or not payload:
+            return  # not ours (a stray PUBLISH), or the permission check at a start
         entry_id, _, frame = payload.partition(b" ")
         try:
             position = _id_tuple(entry_id)
@@ -961,8 +1487,14 @@ class RedisBackend:
         seen = self._seen
         for entry_id, frame in entries:
             self._last_id = entry_id
-            if not frame or frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
-                continue  # this process's own write (Redis pushes it here too): not parsed
+            if not frame:
+                continue
+            if frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
+                # This process's own write (Redis pushes it here too): not parsed,
+                # unless a write of unknown outcome may be in it (then applied).
+                if self._own_until and not self._own_write(frame):
+                    self._own_until = 0.0
+                continue
             records = reader.feed(frame)
             self.counters["garbage_bytes"] += reader.discard_pending()
             for record in records:
@@ -978,6 +1510,17 @@ class RedisBackend:
         if fresh:
             self.counters["records_read"] += len(fresh)
             self._sink.deliver(fresh)
+
+    def _own_write(self, frame: bytes) -> bool:
+        """Apply the cache records of an own write pushed back by Redis, while a
+        write of unknown outcome may be run late; False once that window is over."""
+        if asyncio.get_running_loop().time() > self._own_until:
+            return False
+        state = FrameReader(self.max_record_size, self._garbage).feed(frame)
+        state = [record for record in state if record.kind is not Kind.MESSAGE]
+        if state and self._sink is not None:
+            self._sink.written(state)
+        return True
 
     # -- stats ---------------------------------------------------------------------------
 
