@@ -349,7 +349,7 @@ async def test_short_lived_peers_leave_nothing_behind(ipc_dir: Path, until: Any)
 async def test_start_never_fails_because_a_peer_looked_at_its_lock(
     ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ivip_ipc_async.backends import directory
+    from ivip_ipc_async.backends.directory import peers
 
     real = fcntl.flock
     calls = 0
@@ -361,7 +361,7 @@ async def test_start_never_fails_because_a_peer_looked_at_its_lock(
             raise BlockingIOError
         real(fd, op)
 
-    monkeypatch.setattr(directory.fcntl, "flock", busy_once)
+    monkeypatch.setattr(peers.fcntl, "flock", busy_once)
     async with AsyncIPC(ipc_dir, **FAST) as ipc:
         assert ipc.started
     assert calls >= 2

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.backends import directory
+from ivip_ipc_async.backends.directory import reader, segments
 from ivip_ipc_async.ipc import GAP_EVENT
 
 
@@ -25,18 +25,18 @@ async def test_disk_full_raises_to_the_caller_and_recovers(
     got: list[Any] = []
     peer_ipc.on("e", got.append)
     await ipc.notify("e", "before")
-    real_write = directory._write_to_segment
+    real_write = segments._write_to_segment
 
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(directory, "_write_to_segment", full)
+    monkeypatch.setattr(segments, "_write_to_segment", full)
     with pytest.raises(OSError, match="No space left"):
         await ipc.notify("e", "lost")
     with pytest.raises(OSError, match="No space left"):
         await AsyncCache(ipc).set("k", "lost")
     assert await AsyncCache(ipc).get("k") is None  # not applied locally either
-    monkeypatch.setattr(directory, "_write_to_segment", real_write)
+    monkeypatch.setattr(segments, "_write_to_segment", real_write)
     await ipc.notify("e", "after")
     await until(lambda: got == ["before", "after"])
     assert ipc.stats()["write_errors"] == 2
@@ -47,7 +47,7 @@ async def test_half_written_batch_is_never_delivered(
 ) -> None:
     got: list[Any] = []
     peer_ipc.on("e", got.append)
-    real_write = directory._write_to_segment
+    real_write = segments._write_to_segment
     calls = 0
 
     def half_then_full(fd: int, data: bytes) -> int:
@@ -57,10 +57,10 @@ async def test_half_written_batch_is_never_delivered(
             return real_write(fd, data[: len(data) // 2])  # a short write ...
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
-    monkeypatch.setattr(directory, "_write_to_segment", half_then_full)
+    monkeypatch.setattr(segments, "_write_to_segment", half_then_full)
     with pytest.raises(OSError, match="No space left"):
         await ipc.notify("e", "x" * 1000)
-    monkeypatch.setattr(directory, "_write_to_segment", real_write)
+    monkeypatch.setattr(segments, "_write_to_segment", real_write)
     await ipc.notify("e", "next")
     await until(lambda: got == ["next"])
     # The torn half is skipped (the writer moved on to a new segment), never
@@ -96,16 +96,16 @@ async def test_maintenance_task_that_dies_is_logged_and_restarted(
     ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     failures = 0
-    real = directory.DirectoryBackend._safety_rescan
+    real = reader.LogReader.safety_rescan
 
-    def flaky(self: directory.DirectoryBackend, full: bool) -> None:
+    def flaky(self: reader.LogReader, full: bool) -> None:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RuntimeError("injected")
         real(self, full)
 
-    monkeypatch.setattr(directory.DirectoryBackend, "_safety_rescan", flaky)
+    monkeypatch.setattr(reader.LogReader, "safety_rescan", flaky)
     with caplog.at_level(logging.ERROR, logger="ivip_ipc_async"):
         async with AsyncIPC(ipc_dir, rescan_interval=0.02) as ipc:
             await until(lambda: ipc.stats()["task_failures"] == 1)
@@ -478,7 +478,7 @@ async def test_a_batch_is_all_or_nothing(
 ) -> None:
     got: list[Any] = []
     peer_ipc.on("e", got.append)
-    real_write = directory._write_to_segment
+    real_write = segments._write_to_segment
     failing = True
 
     def torn_batches(fd: int, data: bytes) -> int:
@@ -487,7 +487,7 @@ async def test_a_batch_is_all_or_nothing(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(directory, "_write_to_segment", torn_batches)
+    monkeypatch.setattr(segments, "_write_to_segment", torn_batches)
     results = await asyncio.gather(
         *(ipc.notify("e", i) for i in range(200)), return_exceptions=True
     )
