@@ -69,6 +69,7 @@ class OwnSegments:
         self.budget = ns.max_footprint  # own share of the cap; see update_budget
         self.segment_limit = ns.segment_bytes
         self._capped_through = 0  # last own segment deleted early, under the cap
+        self.room_since = 0.0  # monotonic time writes started waiting for room under the cap
 
     def connect(self, peers: Peers, snapshots: Snapshots) -> None:
         self._peers = peers
@@ -136,6 +137,7 @@ class OwnSegments:
         self.seq = seg.last_seq = first_seq + count
         seg.size += size
         self.own_bytes += size
+        self.room_since = 0.0
         if count > 1 or records[0].kind is not Kind.MESSAGE:  # a lone message skips this
             state = [r for r in records if r.kind is not Kind.MESSAGE]
             if state:
@@ -242,7 +244,6 @@ class GroupCommit:
         self.pending: _Pending | None = None
         self._tick_writes = 0  # appends written at once in this loop iteration
         self._tick_scheduled = False
-        self._room_since = 0.0  # monotonic time writes started waiting for room
 
     def connect(self, segments: OwnSegments, wakeups: Wakeups, snapshots: Snapshots) -> None:
         self._segments = segments
@@ -266,7 +267,7 @@ class GroupCommit:
                 self._tick_scheduled = True
                 asyncio.get_running_loop().call_soon(self._end_tick)
             try:
-                self._write(records)
+                self._segments.write(records)
             except NoRoom:
                 pass  # waits below, first in line, for a snapshot to make room
             else:
@@ -286,14 +287,6 @@ class GroupCommit:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.calls.append((records, fut))
         await fut
-
-    def _write(self, records: Sequence[Record]) -> None:
-        seq = self._segments.seq
-        try:
-            self._segments.write(records)
-        finally:
-            if self._segments.seq != seq:  # stored (a rotation after it may have failed)
-                self._room_since = 0.0
 
     def _end_tick(self) -> None:
         """End of a loop iteration: write the batch, ring the peers once."""
@@ -330,7 +323,7 @@ class GroupCommit:
                 stop += 1
             batch = calls[start:stop]
             try:
-                self._write([r for records, _ in batch for r in records])
+                self._segments.write([r for records, _ in batch for r in records])
             except NoRoom:
                 # This batch and the later ones wait, in order, ahead of any new
                 # append (the fast path is closed while some are pending).
@@ -352,19 +345,20 @@ class GroupCommit:
         """Writes are pending for room under the cap: ask for a snapshot, try
         again shortly; after `_ROOM_WAIT` seconds, fail them (never acknowledged,
         so nothing is lost) with ENOSPC."""
+        segments = self._segments
         now = time.monotonic()
-        if not self._room_since:
-            self._room_since = now
+        if not segments.room_since:
+            segments.room_since = now
             rate_limited(
                 logging.WARNING,
                 "room",
                 "writes wait for a snapshot: this writer's share of max_footprint (%d of "
                 "%d bytes) is full of cache writes no snapshot covers yet",
-                self._segments.budget,
+                segments.budget,
                 self._ns.max_footprint,
             )
-        elif now - self._room_since > _ROOM_WAIT:
-            self._room_since = 0.0
+        elif now - segments.room_since > _ROOM_WAIT:
+            segments.room_since = 0.0
             pending, self.pending = self.pending, None
             exc = OSError(
                 errno.ENOSPC,
