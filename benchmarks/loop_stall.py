@@ -108,15 +108,15 @@ async def wait_until(condition: Any, seconds: float, what: str) -> None:
 
 def snapshot_covers(ipc: Any) -> bool:
     """Has this process (the snapshot holder) written a snapshot of its whole cache?"""
-    return bool(ipc._backend._last_snapshot_version >= ipc.mirror.version)
+    return bool(ipc._backend._snapshots.last_version >= ipc.mirror.version)
 
 
 def snapshot_running(ipc: Any) -> bool:
     """Is a snapshot being written? (True throughout if the backend changed its ways.)"""
-    backend = ipc._backend
-    if not hasattr(backend, "_snapshot_task"):
+    snapshots = getattr(ipc._backend, "_snapshots", None)
+    if snapshots is None:
         return True
-    task = backend._snapshot_task
+    task = snapshots.task
     return task is not None and not task.done()
 
 

@@ -511,7 +511,7 @@ async def fill_cache(path: str, keys: int) -> None:
         # wait for a snapshot that holds everything
         while time.monotonic() < deadline:
             backend: Any = ipc._backend
-            if backend._last_snapshot_version >= version:
+            if backend._snapshots.last_version >= version:
                 break
             await asyncio.sleep(0.05)
         emit("ready")

@@ -34,9 +34,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Final
 
-from ..errors import UnsafeDirectoryError
-from ..logs import logger
-from .base import check_lock_name
+from ...errors import UnsafeDirectoryError
+from ...logs import logger
+from ..base import check_lock_name
+from .layout import secure_directory
 
 __all__ = ["DirectoryLocks"]
 
@@ -124,8 +125,6 @@ class DirectoryLocks:
 
     def _dir_fd(self) -> int:
         if self._dir is None:
-            from .directory import secure_directory  # directory.py imports this module
-
             root = secure_directory(self.path)
             try:
                 self._dir = secure_directory(_SUBDIR, dir_fd=root)

@@ -1,0 +1,23 @@
+"""The shared-directory backend: one module per concern (see docs/design.md).
+
+- `layout`: where the directory is, file names, safe opening, the shared `Namespace`
+- `segments`: own segments, group commit, rotation, the size cap, retention
+- `reader`: reading the other writers in order, a slice at a time; the safety re-scan
+- `recovery`: torn, stuck and truncated frames; gaps: their cause, report, cache resync
+- `wakeups`: doorbells and the watchfiles thread
+- `peers`: this peer's lock file, liveness and collection of the dead
+- `snapshots`: snapshot.bin written, checked, loaded
+- `backend`: `DirectoryBackend`, composing them: life, maintenance, stats
+"""
+
+from .backend import DirectoryBackend
+from .layout import UnsafeFileError as UnsafeFileError
+from .layout import check_namespace as check_namespace
+from .layout import default_namespace, default_root, secure_directory
+
+__all__ = [
+    "DirectoryBackend",
+    "default_namespace",
+    "default_root",
+    "secure_directory",
+]

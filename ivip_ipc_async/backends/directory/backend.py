@@ -1,0 +1,326 @@
+"""The shared-directory backend: its life, composed of one part per concern.
+
+Every process writes only its own segments. A write is one `os.write` of a
+whole batch (group commit), then a one-byte-ish datagram to every peer's
+doorbell. Readers keep an offset per segment and a sequence number per writer;
+doorbells, watchfiles events and a periodic re-scan only say "look", so a lost
+wake-up costs latency, never a record.
+
+`DirectoryBackend` implements `backends.base.Backend`: it wires the parts
+(layout, segments, reader, recovery, wake-ups, peers, snapshots), starts and stops
+them, runs the maintenance round, and reports stats. Each part keeps its own
+state; see docs/design.md for the map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from ...logs import logger
+from ...records import Record
+from ..base import RecordSink
+from .layout import Namespace
+from .locks import DirectoryLocks
+from .peers import Peers
+from .reader import LogReader
+from .recovery import FrameRecovery, Gaps
+from .segments import GroupCommit, OwnSegments
+from .snapshots import Snapshots
+from .wakeups import Wakeups
+
+T = TypeVar("T")
+
+
+class _Shared(Generic[T]):
+    """An attribute of `DirectoryBackend` kept in its `Namespace`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, obj: DirectoryBackend, owner: type | None = None) -> T:
+        value: T = getattr(obj._ns, self._name)
+        return value
+
+    def __set__(self, obj: DirectoryBackend, value: T) -> None:
+        setattr(obj._ns, self._name, value)
+
+
+class DirectoryBackend:
+    """Records through a shared directory on the local machine.
+
+    Args:
+        path: The namespace directory (created 0700 when missing).
+        max_record_size: Largest record accepted, in bytes (`ValueError` above).
+        segment_bytes: A segment is closed and a new one started past this size.
+        retention: Seconds a closed segment is kept for slow readers and joiners.
+        max_footprint: Bytes the namespace may use on disk, all peers together.
+        rescan_interval: Seconds between full re-scans (the safety net).
+        snapshot_interval: Seconds between snapshots of a changing cache.
+        watch_step: watchfiles' polling step in ms (its idle cost; it is not
+            the fast path, doorbells are).
+        doorbell: Ring peers' sockets after each write (off: rely on watchfiles).
+
+    Example:
+        >>> import tempfile
+        >>> backend = DirectoryBackend(tempfile.mkdtemp() + "/ns")
+        >>> backend.max_record_size
+        16777216
+    """
+
+    # The options and names, kept (and shared with the parts) in the `Namespace`.
+    path: _Shared[Path] = _Shared()
+    max_record_size: _Shared[int] = _Shared()
+    segment_bytes: _Shared[int] = _Shared()
+    retention: _Shared[float] = _Shared()
+    max_footprint: _Shared[int] = _Shared()
+    rescan_interval: _Shared[float] = _Shared()
+    snapshot_interval: _Shared[float] = _Shared()
+    watch_step: _Shared[int] = _Shared()
+    use_doorbell: _Shared[bool] = _Shared()
+    node: _Shared[int] = _Shared()
+    peer: _Shared[str] = _Shared()
+    counters: _Shared[dict[str, int]] = _Shared()
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_record_size: int = 16 << 20,
+        segment_bytes: int = 2 << 20,
+        retention: float = 15.0,
+        max_footprint: int = 64 << 20,
+        rescan_interval: float = 2.0,
+        snapshot_interval: float = 1.0,
+        watch_step: int = 150,
+        doorbell: bool = True,
+        node: int | None = None,
+    ) -> None:
+        ns = self._ns = Namespace(
+            path,
+            max_record_size=max_record_size,
+            segment_bytes=segment_bytes,
+            retention=retention,
+            max_footprint=max_footprint,
+            rescan_interval=rescan_interval,
+            snapshot_interval=snapshot_interval,
+            watch_step=watch_step,
+            doorbell=doorbell,
+            node=node,
+        )
+        # The parts, each with its own state, wired to the ones it talks to.
+        self._segments = OwnSegments(ns)
+        self._writer = GroupCommit(ns)
+        self._reader = LogReader(ns)
+        self._recovery = FrameRecovery(ns)
+        self._gaps = Gaps(ns)
+        self._wakeups = Wakeups(ns)
+        self._peers = Peers(ns)
+        self._snapshots = Snapshots(ns)
+        self._segments.connect(self._peers, self._snapshots)
+        self._writer.connect(self._segments, self._wakeups, self._snapshots)
+        self._reader.connect(self._wakeups, self._snapshots, self._recovery, self._gaps)
+        self._recovery.connect(self._reader, self._peers)
+        self._gaps.connect(self._reader, self._peers, self._snapshots)
+        self._wakeups.connect(self._reader, self._segments)
+        self._peers.connect(self._reader, self._segments, self._wakeups)
+        self._snapshots.connect(self._reader, self._segments)
+        self._locks: DirectoryLocks | None = None  # made by locks() on first use
+        # The hot path: `append` is the group commit's own, one coroutine per
+        # call instead of two (the method below says what it does).
+        self.append = self._writer.append  # type: ignore[method-assign]
+
+    # -- life -------------------------------------------------------------------
+
+    async def start(self, sink: RecordSink) -> None:
+        """Open the directory, announce this peer, load the present, start watching."""
+        ns = self._ns
+        ns.sink = sink
+        ns.loop = asyncio.get_running_loop()
+        _started.add(self)
+        try:
+            ns.open_directories()
+            self._peers.announce()
+            self._segments.open_segment(1)
+            await self._snapshots.load_at_start()
+            self._reader.scan()
+            await self._reader.restore_log()
+            self._wakeups.start_watcher()
+            ns.spawn(self._maintain, restart=True)
+            self._wakeups.refresh_peers(ring_new=True)
+        except BaseException:
+            self.abandon()
+            raise
+
+    async def append(self, records: Sequence[Record]) -> None:
+        """Write records; when this returns they are in the segment file.
+
+        The first 16 appends of a loop iteration are written at once; later
+        ones join one batch written at the end of the iteration (group commit).
+        """
+        await self._writer.append(records)
+
+    async def close(self) -> None:
+        """Flush what was accepted, stop every task and thread, release files."""
+        ns = self._ns
+        if ns.closing:
+            return
+        self._writer.flush()
+        self._wakeups.ring_if_unrung()
+        ns.closing = True
+        self._wakeups.stop_watcher()
+        snapshot = self._snapshots.task
+        if snapshot is not None and not snapshot.done():
+            # Let a snapshot being written finish: cancelling aiofiles mid-call
+            # can leave its file open in the worker thread.
+            await asyncio.wait([snapshot], timeout=5)
+        for task in list(ns.tasks):
+            task.cancel()
+        if ns.tasks:
+            await asyncio.gather(*ns.tasks, return_exceptions=True)
+        await self._wakeups.wait_watcher()
+        self._release()
+
+    def abandon(self) -> None:
+        """Release everything without the event loop (it may be closed already)."""
+        ns = self._ns
+        ns.closing = True
+        self._wakeups.stop_watcher()
+        for task in list(ns.tasks):
+            if not task.get_loop().is_closed():
+                task.cancel()
+        ns.tasks.clear()
+        self._release()
+
+    def _release(self) -> None:
+        """Close every file and socket, let go of the locks, fail waiting appends."""
+        if self._locks is not None:
+            self._locks.abandon()  # closing their files releases the locks held here
+        self._wakeups.close()
+        self._reader.close()
+        self._segments.close()
+        self._snapshots.close()
+        self._peers.close()  # closing releases the flock: we are now "dead" to peers
+        for fd in self._ns.fds.values():
+            os.close(fd)
+        self._ns.fds.clear()
+        self._writer.abort()
+
+    def _drop_inherited(self) -> None:
+        """In a forked child: close the parent's descriptors, touch nothing else.
+
+        The child must hold none of the parent's locks (a plain helper forked by
+        `multiprocessing` would otherwise keep a killed parent "alive" to its
+        peers), and must not unlink the parent's files or settle its futures.
+        """
+        ns = self._ns
+        ns.closing = True
+        ns.tasks.clear()
+        self._writer.pending = None
+        ns.loop = None
+        self._wakeups.drop_inherited()
+        self._reader.drop_inherited()
+        fds = [self._segments.seg_fd, self._snapshots.lock_fd, self._peers.lock_fd]
+        fds += ns.fds.values()
+        self._segments.seg_fd = self._snapshots.lock_fd = self._peers.lock_fd = None
+        ns.fds.clear()
+        for fd in fds:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- maintenance: re-scan, liveness, collection, retention, snapshots ----------
+
+    async def _maintain(self) -> None:
+        ns = self._ns
+        rounds = 0
+        try:
+            while not ns.closing:
+                await asyncio.sleep(ns.rescan_interval)
+                rounds += 1
+                self._reader.safety_rescan(full=rounds % 10 == 0)
+                self._wakeups.supervise_watcher()
+                if rounds % 3 == 0:
+                    self._wakeups.peers_wanted = True
+                    self._peers.check()
+                    self._segments.enforce_retention()
+                self._snapshots.maybe_write()
+                self._snapshots.maybe_reload()
+        except asyncio.CancelledError:
+            if not ns.closing:
+                # Not cancelled by close(): the event loop is ending (asyncio.run
+                # cancels every task before it closes the loop). Let go of the
+                # locks now; once the loop is gone nothing would, and peers would
+                # wait forever on a process that is alive but no longer serving.
+                logger.info("the event loop of peer %s ended without destroy()", ns.peer)
+                self._writer.flush()
+                self.abandon()
+            raise
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def locks(self) -> DirectoryLocks:
+        """The lock capability: `flock`s on files in `locks/` (locks.py)."""
+        if self._locks is None:
+            self._locks = DirectoryLocks(self._ns.path)
+        return self._locks
+
+    # -- cache reads -----------------------------------------------------------------------
+
+    async def fetch(self, topic: str, key: bytes) -> Record | None:
+        """Never needed: the directory is read in order, with gaps detected and
+        repaired, so the mirror always answers."""
+        return None
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, peers, segments and lag of this backend."""
+        ns = self._ns
+        footprint = ns.footprint()
+        segments = 0
+        log_fd = ns.fds.get("log")
+        if log_fd is not None:
+            segments = len(os.listdir(log_fd))
+        writers = self._reader.writers
+        lag = 0
+        for w in writers.values():
+            if w.fd is not None and not w.dead:
+                with contextlib.suppress(OSError):
+                    lag += max(0, os.fstat(w.fd).st_size - w.offset)
+        thread = self._wakeups.watch_thread
+        return {
+            "backend": "directory",
+            "path": str(ns.path),
+            "peer": ns.peer,
+            "peers": self._wakeups.peers if ns.use_doorbell else sorted(writers),
+            "writers": len(writers),
+            "segments": segments,
+            "footprint_bytes": footprint,
+            "lag_bytes": lag,
+            "snapshot_holder": self._snapshots.lock_fd is not None,
+            "watcher_alive": thread is not None and thread.is_alive(),
+            "maintenance_alive": any(
+                t.get_name() == "ivip-ipc_maintain" and not t.done() for t in ns.tasks
+            ),
+            **ns.counters,
+        }
+
+
+# Started backends of this process, so that a forked child can let go of their
+# descriptors at once (see `_drop_inherited`).
+_started: weakref.WeakSet[DirectoryBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_started):
+        backend._drop_inherited()
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

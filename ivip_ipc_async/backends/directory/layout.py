@@ -1,0 +1,328 @@
+"""Where the directory is, what its files are called, and how they are opened safely.
+
+Layout of one namespace (see docs/design.md for the reasons)::
+
+    <root>/<namespace>/              0700, owned by the user, never a symlink
+        log/<peer>-<segment>.seg     append-only records of one writer (0600)
+        peers/<peer>.lock            held with flock(LOCK_EX) for the peer's life
+        peers/<peer>.sock            the peer's doorbell (unix datagram socket)
+        snapshot.lock                flock of the one peer that writes snapshots
+        snapshot.bin                 cache state, replaced atomically
+
+`Namespace` is what every part of one started backend shares: the directory's
+fds, this peer's name, the options, the counters and the background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+from ...errors import UnsafeDirectoryError
+from ...logs import logger
+from ..base import RecordSink
+
+SEGMENT_RE: Final = re.compile(r"^([0-9a-f]{16})-(\d{8})\.seg$")
+LOCK_RE: Final = re.compile(r"^([0-9a-f]{16})\.lock$")
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+SNAPSHOT: Final = "snapshot.bin"
+READ_CHUNK: Final = 256 << 10
+# A ticker on the loop sees up to two slices between its wake-ups (one ends its
+# iteration, the next starts it), so a slice stays well under half of 10 ms.
+SLICE: Final = 0.002  # seconds of reading and dispatch per loop callback, then yield
+STEP: Final = 64  # records parsed and dispatched between two looks at the clock
+GROUP_WRITE: Final = 1 << 20  # bytes of independent appends joined in one frame
+
+COUNTERS: Final = (
+    "records_written",
+    "batches_written",
+    "bytes_written",
+    "records_read",
+    "bytes_read",
+    "doorbells_sent",
+    "doorbells_received",
+    "watch_events",
+    "rescans",
+    "gaps",
+    "records_lost",
+    "garbage_bytes",
+    "torn_tails",
+    "peers_collected",
+    "segments_deleted",
+    "snapshots_written",
+    "snapshots_damaged",
+    "segments_capped",
+    "write_errors",
+    "task_failures",
+    "watcher_restarts",
+)
+
+
+# -- where the directory is -----------------------------------------------------
+
+
+def default_root() -> Path:
+    """The per-user base directory used when no path is given.
+
+    `$XDG_RUNTIME_DIR/ivip-ipc` when the session has one, else
+    `/dev/shm/ivip-ipc-<uid>` (memory-backed), else `<tmp>/ivip-ipc-<uid>`.
+
+    Example:
+        >>> default_root().name.startswith("ivip-ipc")
+        True
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "ivip-ipc"
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return Path("/dev/shm") / f"ivip-ipc-{os.geteuid()}"
+    return Path(tempfile.gettempdir()) / f"ivip-ipc-{os.geteuid()}"
+
+
+def default_namespace(cwd: str | None = None) -> str:
+    """The namespace of an application that names none: one per working directory.
+
+    Example:
+        >>> default_namespace("/srv/app") == default_namespace("/srv/app")
+        True
+        >>> default_namespace("/srv/app") == default_namespace("/srv/other")
+        False
+    """
+    where = os.path.realpath(cwd if cwd is not None else os.getcwd())
+    return "app-" + hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
+def check_namespace(namespace: str) -> str:
+    """Refuse namespaces that are not a plain directory name."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be str, not {type(namespace).__name__}")
+    if not _NAMESPACE_RE.match(namespace):
+        raise ValueError(
+            f"invalid namespace {namespace!r}: use 1-100 characters from "
+            "letters, digits, '.', '_' and '-', not starting with '.' or '-'"
+        )
+    return namespace
+
+
+def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
+    """Create (0700) or open a directory the current user may trust; returns its fd.
+
+    Refuses, with `UnsafeDirectoryError`, a symlink, a directory owned by another
+    user, or one that group or others can write. With `dir_fd`, `path` is a name
+    relative to that directory, so no symlink can be swapped in between.
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     fd = secure_directory(os.path.join(tmp, "ipc"))
+        ...     oct(os.fstat(fd).st_mode & 0o777)
+        ...     os.close(fd)
+        '0o700'
+    """
+    path = os.fspath(path)
+    if dir_fd is None:
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeDirectoryError(
+                f"refusing {path!r}: it is a symlink or not a directory"
+            ) from None
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if st.st_uid != os.geteuid():
+        problem = f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"group or others can write to it (mode {stat.filemode(st.st_mode)})"
+    if problem:
+        os.close(fd)
+        raise UnsafeDirectoryError(f"refusing shared directory {path!r}: {problem}")
+    return fd
+
+
+# -- opening what may have been planted -------------------------------------------
+
+
+class UnsafeFileError(OSError):
+    """A name in the namespace is not a regular file of this user (a FIFO, a
+    device, a directory, a link or another user's file): never opened."""
+
+
+def open_regular(name: str, flags: int, dir_fd: int, mode: int = 0o600) -> int:
+    """Open `name` only if it is a regular file owned by this user.
+
+    `O_NONBLOCK` keeps a FIFO planted under the name from blocking the open
+    (the loop would freeze), `O_NOFOLLOW` refuses a symlink, and the checks
+    after opening refuse whatever else was planted.
+    """
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+        return fd
+    os.close(fd)
+    what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+    raise UnsafeFileError(errno.EPERM, f"refusing {name!r}: {what}")
+
+
+def unlink(name: str, dir_fd: int) -> bool:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.warning("could not delete %s: %s", name, exc)
+        return False
+
+
+def size_of(name: str, dir_fd: int) -> int:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+    except OSError:
+        return 0
+
+
+def exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def segment_name(peer: str, number: int) -> str:
+    """The file name of segment `number` of `peer` in log/."""
+    return f"{peer}-{number:08d}.seg"
+
+
+# -- what every part of one started backend shares --------------------------------
+
+
+class Namespace:
+    """One namespace as this backend sees it: where it is, who we are in it, the
+    options, the counters, the directory fds and the background tasks.
+
+    Example:
+        >>> import tempfile
+        >>> ns = Namespace(tempfile.mkdtemp() + "/ns", node=1)
+        >>> ns.peer
+        '0000000000000001'
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_record_size: int = 16 << 20,
+        segment_bytes: int = 2 << 20,
+        retention: float = 15.0,
+        max_footprint: int = 64 << 20,
+        rescan_interval: float = 2.0,
+        snapshot_interval: float = 1.0,
+        watch_step: int = 150,
+        doorbell: bool = True,
+        node: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_record_size = max_record_size
+        self.segment_bytes = segment_bytes
+        self.retention = retention
+        self.max_footprint = max_footprint
+        self.rescan_interval = rescan_interval
+        self.snapshot_interval = snapshot_interval
+        self.watch_step = watch_step
+        self.use_doorbell = doorbell
+        self.node = node if node is not None else (secrets.randbits(63) or 1)
+        self.peer = f"{self.node:016x}"
+        self.sink: RecordSink | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.fds: dict[str, int] = {}  # "root", "log", "peers"
+        self.closing = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    def open_directories(self) -> None:
+        # The directory given (or the default root) and the namespace inside it
+        # are both checked; the namespace is opened through the root's fd.
+        base = secure_directory(self.path.parent)
+        try:
+            root = secure_directory(self.path.name, dir_fd=base)
+        finally:
+            os.close(base)
+        self.fds["root"] = root
+        for name in ("log", "peers"):
+            self.fds[name] = secure_directory(name, dir_fd=root)
+
+    def spawn(
+        self, factory: Callable[[], Coroutine[Any, Any, None]], restart: bool = False
+    ) -> None:
+        """Run a background task; one that dies is logged loudly (and restarted)."""
+        name = factory.__name__
+        task = asyncio.get_running_loop().create_task(factory(), name=f"ivip-ipc{name}")
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self.tasks.discard(t)
+            if t.cancelled() or self.closing:
+                return
+            exc = t.exception()
+            if exc is None:
+                return
+            self.counters["task_failures"] += 1
+            again = ", restarting it" if restart else ""
+            logger.error("background task %s died%s", name, again, exc_info=exc)
+            if restart:
+                self.spawn(factory, restart=True)
+
+        task.add_done_callback(done)
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep `task` among the background tasks until it is done."""
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def segments_of(self, peer: str, newer_than: float | None = None) -> list[str]:
+        out = []
+        for name in os.listdir(self.fds["log"]):
+            if not name.startswith(peer + "-"):
+                continue
+            if newer_than is not None:
+                try:
+                    st = os.stat(name, dir_fd=self.fds["log"], follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime <= newer_than:
+                    continue
+            out.append(name)
+        return out
+
+    def footprint(self) -> int:
+        """Bytes the namespace holds: segments, snapshots and their leftovers."""
+        total = 0
+        for where in ("log", "root"):
+            fd = self.fds.get(where)
+            if fd is None:
+                continue
+            with contextlib.suppress(OSError):
+                for name in os.listdir(fd):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            total += st.st_size
+        return total

@@ -1,0 +1,389 @@
+"""This process's own segments: the write path, rotation, the size cap, retention.
+
+`OwnSegments` owns the files this process writes (`log/<peer>-<n>.seg`): it
+appends one frame at a time, rotates, and keeps the namespace under
+`max_footprint` on the write path (`make_room`) and within `retention` in the
+maintenance round. `GroupCommit` sits in front of it: the first appends of a
+loop iteration are written at once, the rest join one batch written at the end
+of the iteration; writes that find no room wait for a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from ...logs import rate_limited
+from ...records import HEADER_SIZE, Kind, Record, encode_frame
+from .layout import GROUP_WRITE, Namespace, segment_name, unlink
+
+if TYPE_CHECKING:
+    from .peers import Peers
+    from .snapshots import Snapshots
+    from .wakeups import Wakeups
+
+_WRITE_THROUGH_PER_TICK: Final = 16
+_MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
+_ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
+_ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
+
+
+class NoRoom(Exception):
+    """The write would put this writer over its share of `max_footprint`, and its
+    oldest segment holds cache writes no snapshot covers yet."""
+
+
+@dataclass(slots=True)
+class OwnSegment:
+    number: int
+    size: int = 0
+    has_cache: bool = False
+    closed_at: float = 0.0
+    last_seq: int = 0
+
+
+class OwnSegments:
+    """The segments this process writes, and its share of the size cap.
+
+    Example:
+        >>> import tempfile
+        >>> OwnSegments(Namespace(tempfile.mkdtemp() + "/ns")).seq
+        0
+    """
+
+    def __init__(self, ns: Namespace) -> None:
+        self._ns = ns
+        self.seg_fd: int | None = None
+        self.segments: list[OwnSegment] = []
+        self.own_bytes = 0  # bytes in own segments
+        self.seq = 0  # sequence number of the last record written
+        self.must_rotate = False  # a write failed part-way: continue in a new segment
+        self.peer_count = 1  # peers with a lock file, dead or alive: they share the cap
+        self.budget = ns.max_footprint  # own share of the cap; see update_budget
+        self.segment_limit = ns.segment_bytes
+        self._capped_through = 0  # last own segment deleted early, under the cap
+        self.room_since = 0.0  # monotonic time writes started waiting for room under the cap
+
+    def connect(self, peers: Peers, snapshots: Snapshots) -> None:
+        self._peers = peers
+        self._snapshots = snapshots
+
+    def open_segment(self, number: int) -> None:
+        self.seg_fd = os.open(
+            segment_name(self._ns.peer, number),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=self._ns.fds["log"],
+        )
+        self.segments.append(OwnSegment(number))
+
+    def close(self) -> None:
+        if self.seg_fd is not None:
+            os.close(self.seg_fd)
+            self.seg_fd = None
+
+    def write(self, records: Sequence[Record]) -> None:
+        """Append records as one frame (several are wrapped in a BATCH frame).
+
+        A write either delivers all of its records or none: readers only see
+        whole frames. After a failed write, whatever part of it reached the file
+        is left as a torn tail and the writer moves on to a new segment (readers
+        drop a torn tail once its writer has moved on). Truncating instead would
+        race with a reader that has already read the partial bytes.
+        """
+        if self.seg_fd is None or self.must_rotate:
+            if self._ns.closing:
+                raise ConnectionAbortedError("the IPC instance is closed")
+            self.rotate()
+        first_seq = self.seq
+        count = len(records)
+        if count == 1:
+            data = encode_frame(records[0], first_seq + 1)
+        else:
+            inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
+            data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
+        size = len(data)
+        if self.own_bytes + size > self.budget and not self.make_room(size):
+            raise NoRoom
+        seg = self.segments[-1]
+        fd = self.seg_fd
+        assert fd is not None
+        counters = self._ns.counters
+        written = 0
+        try:
+            written = _write_to_segment(fd, data)
+            while written < size:  # a short write: rare, but allowed
+                written += _write_to_segment(fd, data[written:])
+        except OSError:
+            counters["write_errors"] += 1
+            # The file says what reached it (more than `written` if the failing
+            # call wrote part of its buffer before failing).
+            with contextlib.suppress(OSError):
+                written = max(written, os.fstat(fd).st_size - seg.size)
+            if written:
+                seg.size += written
+                self.own_bytes += written
+                self.must_rotate = True
+                with contextlib.suppress(OSError):
+                    self.rotate()
+            raise
+        self.seq = seg.last_seq = first_seq + count
+        seg.size += size
+        self.own_bytes += size
+        self.room_since = 0.0
+        if count > 1 or records[0].kind is not Kind.MESSAGE:  # a lone message skips this
+            state = [r for r in records if r.kind is not Kind.MESSAGE]
+            if state:
+                seg.has_cache = True
+                if self._ns.sink is not None:
+                    self._ns.sink.written(state)  # stored: applies here, as in every peer
+        counters["records_written"] += count
+        counters["batches_written"] += 1
+        counters["bytes_written"] += size
+        if seg.size >= self.segment_limit:
+            self.rotate()
+
+    def rotate(self) -> None:
+        """Close the current segment and start the next (it may fail: disk full)."""
+        seg = self.segments[-1]
+        if self.seg_fd is not None:
+            os.close(self.seg_fd)
+            self.seg_fd = None
+            seg.closed_at = time.time()
+        self.open_segment(seg.number + 1)
+        self.must_rotate = False
+
+    # -- the size cap --------------------------------------------------------------
+
+    def set_peer_count(self, count: int) -> None:
+        """`count` peers have a lock file (dead or alive): they share the cap."""
+        self.peer_count = count
+        self.update_budget()
+
+    def update_budget(self) -> None:
+        """This writer's share of `max_footprint`: the cap, less room for the
+        snapshot and its next copy, split among every peer with a lock file (the
+        dead ones' segments count until they are collected). Segments shrink so
+        that a share always holds several of them."""
+        room = self._ns.max_footprint - 2 * self._snapshots.bytes
+        share = room // max(1, self.peer_count)
+        self.segment_limit = min(self._ns.segment_bytes, max(_MIN_SEGMENT, share // 4))
+        self.budget = max(2 * self.segment_limit, share)
+
+    def make_room(self, size: int) -> bool:
+        """Delete own oldest segments until `size` more bytes fit in the share;
+        False when the oldest holds cache writes no snapshot covers yet."""
+        while self.own_bytes + size > self.budget:
+            if len(self.segments) == 1:
+                if self.segments[0].size == 0:
+                    return True  # one record larger than the share: the slack
+                self.rotate()
+                continue
+            seg = self.segments[0]
+            if not self.covered(seg):
+                return False
+            self.delete(seg, capped=True)
+        return True
+
+    def covered(self, seg: OwnSegment) -> bool:
+        """Whether a closed own segment may go: no cache writes in it, or the
+        snapshot was taken after its last byte was read."""
+        if not seg.has_cache:
+            return True
+        number, offset, _ = self._snapshots.positions.get(self._ns.peer, (0, 0, 0))
+        return seg.number < number or (seg.number == number and offset >= seg.size)
+
+    def delete(self, seg: OwnSegment, capped: bool) -> None:
+        unlink(segment_name(self._ns.peer, seg.number), self._ns.fds["log"])
+        self._ns.counters["segments_deleted"] += 1
+        self.own_bytes -= seg.size
+        self.segments.remove(seg)
+        if capped and seg.number > self._capped_through:
+            # Readers that lose records to this deletion read the cause here.
+            self._capped_through = seg.number
+            self._ns.counters["segments_capped"] += 1
+            self._peers.note_capped(seg.number)
+
+    def enforce_retention(self) -> None:
+        """Delete own closed segments past the retention window that no snapshot
+        needs (the size cap is kept on the write path, see `make_room`)."""
+        now = time.time()
+        for seg in self.segments[:-1]:
+            if now - seg.closed_at <= self._ns.retention or not self.covered(seg):
+                break
+            self.delete(seg, capped=False)
+        self._snapshots.measure()
+        self.update_budget()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Appends waiting for the end-of-iteration group write: (records, waiter)."""
+
+    calls: list[tuple[Sequence[Record], asyncio.Future[None]]] = field(default_factory=list)
+
+
+class GroupCommit:
+    """Appends, written at once or as one batch at the end of a loop iteration.
+
+    Example:
+        >>> import tempfile
+        >>> GroupCommit(Namespace(tempfile.mkdtemp() + "/ns")).pending is None
+        True
+    """
+
+    def __init__(self, ns: Namespace) -> None:
+        self._ns = ns
+        self.pending: _Pending | None = None
+        self._tick_writes = 0  # appends written at once in this loop iteration
+        self._tick_scheduled = False
+
+    def connect(self, segments: OwnSegments, wakeups: Wakeups, snapshots: Snapshots) -> None:
+        self._segments = segments
+        self._wakeups = wakeups
+        self._snapshots = snapshots
+
+    async def append(self, records: Sequence[Record]) -> None:
+        """Write records; when this returns they are in the segment file.
+
+        The first few appends of a loop iteration are written at once (one
+        `os.write` costs about 1 us; a wait for the next iteration costs more);
+        past `_WRITE_THROUGH_PER_TICK` in one iteration, appends join one batch
+        written at the end of the iteration (group commit), which also lets a
+        tight `await notify()` loop yield to the other tasks now and then.
+        """
+        if self._ns.closing:
+            raise ConnectionAbortedError("the IPC instance is closed")
+        if self.pending is None and self._tick_writes < _WRITE_THROUGH_PER_TICK:
+            self._tick_writes += 1
+            if not self._tick_scheduled:
+                self._tick_scheduled = True
+                asyncio.get_running_loop().call_soon(self._end_tick)
+            try:
+                self._segments.write(records)
+            except NoRoom:
+                pass  # waits below, first in line, for a snapshot to make room
+            else:
+                self._wakeups.written(ring_if_due=True)
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.pending = _Pending([(records, waiter)])
+            self._wait_for_room()
+            await waiter
+            return
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = _Pending()
+            if not self._tick_scheduled:
+                self._tick_scheduled = True
+                asyncio.get_running_loop().call_soon(self._end_tick)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending.calls.append((records, fut))
+        await fut
+
+    def _end_tick(self) -> None:
+        """End of a loop iteration: write the batch, ring the peers once."""
+        self._tick_scheduled = False
+        self._tick_writes = 0
+        self.flush()
+        self._wakeups.ring_if_unrung()
+
+    def flush(self) -> None:
+        """Write the queued appends: one `os.write` per batch of up to
+        `max_record_size` bytes (group commit), each batch all-or-nothing.
+
+        An append whose caller was cancelled while it waited is not written: a
+        cancelled `notify` or cache `set` then never happened anywhere, instead of
+        reaching the peers while the caller (and its own cache mirror) believe
+        it failed.
+        """
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        calls = [call for call in pending.calls if not call[1].cancelled()]
+        # A group write stays within a segment (the cap counts in segments) and
+        # within 1 MiB (a reader checks and copies a frame in one go); one
+        # append's records are one frame whatever its size.
+        room = min(self._ns.max_record_size, self._segments.segment_limit, GROUP_WRITE)
+        room -= HEADER_SIZE
+        start = 0
+        while start < len(calls):
+            # A batch: as many whole appends as fit in one frame.
+            stop, size = start, 0
+            while stop < len(calls):
+                extra = sum(r.size for r in calls[stop][0])
+                if stop > start and size + extra > room:
+                    break
+                size += extra
+                stop += 1
+            batch = calls[start:stop]
+            try:
+                self._segments.write([r for records, _ in batch for r in records])
+            except NoRoom:
+                # This batch and the later ones wait, in order, ahead of any new
+                # append (the fast path is closed while some are pending).
+                self.pending = _Pending(calls[start:])
+                self._wait_for_room()
+                return
+            except OSError as exc:
+                for _, fut in calls[start:]:  # this batch and every later one
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            self._wakeups.written(ring_if_due=False)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            start = stop
+
+    def _wait_for_room(self) -> None:
+        """Writes are pending for room under the cap: ask for a snapshot, try
+        again shortly; after `_ROOM_WAIT` seconds, fail them (never acknowledged,
+        so nothing is lost) with ENOSPC."""
+        segments = self._segments
+        now = time.monotonic()
+        if not segments.room_since:
+            segments.room_since = now
+            rate_limited(
+                logging.WARNING,
+                "room",
+                "writes wait for a snapshot: this writer's share of max_footprint (%d of "
+                "%d bytes) is full of cache writes no snapshot covers yet",
+                segments.budget,
+                self._ns.max_footprint,
+            )
+        elif now - segments.room_since > _ROOM_WAIT:
+            segments.room_since = 0.0
+            pending, self.pending = self.pending, None
+            exc = OSError(
+                errno.ENOSPC,
+                f"the namespace is at its max_footprint ({self._ns.max_footprint} bytes) and "
+                f"no snapshot made room within {_ROOM_WAIT:.0f}s: nothing was written",
+            )
+            for _, fut in pending.calls if pending is not None else ():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self._snapshots.request()
+        if not self._tick_scheduled and self._ns.loop is not None:
+            self._tick_scheduled = True
+            self._ns.loop.call_later(_ROOM_RETRY, self._end_tick)
+
+    def abort(self) -> None:
+        """Fail the appends still waiting: the instance is being released."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            for _, fut in pending.calls:
+                if not fut.done() and not fut.get_loop().is_closed():
+                    fut.set_exception(ConnectionAbortedError("the IPC instance was closed"))
+
+
+# The one place records are written; tests replace it to inject disk faults.
+_write_to_segment = os.write

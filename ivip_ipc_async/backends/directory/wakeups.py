@@ -1,0 +1,343 @@
+"""Wake-ups: doorbells rung after each write, and the watchfiles thread.
+
+A wake-up only says "look": the reader finds what is new from its offsets, so a
+lost wake-up costs latency, never a record. Doorbells (one unix datagram socket
+per peer, `peers/<peer>.sock`) are the fast path; watchfiles, in its own thread,
+notices peers joining and leaving (and watches `log/` when there is no
+doorbell); the safety re-scan of the maintenance round catches the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from ...logs import logger, rate_limited
+from .layout import LOCK_RE, Namespace
+
+if TYPE_CHECKING:
+    from .reader import LogReader
+    from .segments import OwnSegments
+
+_SOCKET_PATH_MAX: Final = 107
+_RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
+
+
+class Wakeups:
+    """This peer's doorbell, the ringers of the others', and the watcher thread.
+
+    Example:
+        >>> import tempfile
+        >>> Wakeups(Namespace(tempfile.mkdtemp() + "/ns")).peers_wanted
+        False
+    """
+
+    def __init__(self, ns: Namespace) -> None:
+        self._ns = ns
+        self.bell: socket.socket | None = None
+        self._ringers: dict[str, socket.socket] = {}
+        self._peers_mtime = 0  # st_mtime_ns of peers/ when the ringers were last refreshed
+        self.peers_wanted = False  # peers/ changed: refresh the ringers at the next read
+        self._unrung = False  # written since the peers were last rung
+        self._last_ring = 0.0
+        self.watch_thread: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._watch_done: asyncio.Future[None] | None = None
+        self._watch_error: BaseException | None = None
+        self._watch_backoff = 0.0
+        self._watch_retry_at = 0.0
+
+    def connect(self, reader: LogReader, segments: OwnSegments) -> None:
+        self._reader = reader
+        self._segments = segments
+
+    @property
+    def peers(self) -> list[str]:
+        """The peers this one rings."""
+        return sorted(self._ringers)
+
+    # -- doorbells ---------------------------------------------------------------------
+
+    def bind_doorbell(self) -> None:
+        ns = self._ns
+        path = str(ns.path / "peers" / f"{ns.peer}.sock")
+        if len(path.encode()) > _SOCKET_PATH_MAX:
+            logger.warning(
+                "shared directory path is too long for a unix socket (%d bytes > %d): "
+                "no doorbell, wake-ups come from watchfiles (slower)",
+                len(path.encode()),
+                _SOCKET_PATH_MAX,
+            )
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(path)
+        os.chmod(f"{ns.peer}.sock", 0o600, dir_fd=ns.fds["peers"])
+        self.bell = sock
+        assert ns.loop is not None
+        ns.loop.add_reader(sock.fileno(), self._on_doorbell)
+
+    def refresh_peers_if_wanted(self) -> None:
+        if self.peers_wanted:
+            self.refresh_peers()
+
+    def refresh_peers(self, ring_new: bool = False) -> None:
+        """Re-read peers/: connect a ringer to each new doorbell, drop the gone."""
+        self.peers_wanted = False
+        ns = self._ns
+        if ns.closing or not ns.use_doorbell:
+            return
+        peers_fd = ns.fds["peers"]
+        try:
+            names = os.listdir(peers_fd)
+        except OSError:
+            return
+        self._segments.set_peer_count(max(1, sum(1 for name in names if LOCK_RE.match(name))))
+        present = set()
+        for name in names:
+            if not name.endswith(".sock") or name == f"{ns.peer}.sock":
+                continue
+            peer = name[:-5]
+            present.add(peer)
+            if peer in self._ringers:
+                continue
+            sock = _connect_doorbell(name, peers_fd)
+            if sock is None:
+                continue
+            self._ringers[peer] = sock
+            if ring_new:
+                self._ring_one(peer, sock, b"P")
+        for peer in set(self._ringers) - present:
+            self._ringers.pop(peer).close()
+
+    def written(self, ring_if_due: bool) -> None:
+        """Records were written: ring at the end of the loop iteration, or at
+        once (`ring_if_due`) if the last ring is older than `_RING_AT_LEAST_EVERY`."""
+        self._unrung = True
+        if ring_if_due and time.monotonic() - self._last_ring > _RING_AT_LEAST_EVERY:
+            self.ring()
+
+    def ring_if_unrung(self) -> None:
+        if self._unrung:
+            self.ring()
+
+    def ring(self) -> None:
+        self._unrung = False
+        self._last_ring = time.monotonic()
+        self._notice_new_peers()
+        if not self._ringers:
+            return
+        msg = b"S" + self._ns.peer.encode() + b"%08d" % self._segments.segments[-1].number
+        for peer, sock in list(self._ringers.items()):
+            self._ring_one(peer, sock, msg)
+
+    def _notice_new_peers(self) -> None:
+        """Refresh the ringers if peers/ changed: a peer that has just started must
+        get the doorbell for the very next write, not after the next re-scan."""
+        peers_fd = self._ns.fds.get("peers")
+        if peers_fd is None or not self._ns.use_doorbell:
+            return
+        mtime = os.fstat(peers_fd).st_mtime_ns
+        # Directory timestamps are coarse (a clock tick): while the last change is
+        # recent, a second change may not have moved the timestamp, so look again.
+        if mtime != self._peers_mtime or time.time_ns() - mtime < 50_000_000:
+            self._peers_mtime = mtime
+            self.refresh_peers()
+
+    def _ring_one(self, peer: str, sock: socket.socket, msg: bytes) -> None:
+        try:
+            sock.send(msg)
+            self._ns.counters["doorbells_sent"] += 1
+        except BlockingIOError:
+            pass  # its queue is full: it has wake-ups pending already
+        except OSError:
+            # ECONNREFUSED: the peer died; it is collected by the liveness check.
+            self._ringers.pop(peer, None)
+            sock.close()
+
+    def _on_doorbell(self) -> None:
+        bell = self.bell
+        if bell is None:
+            return
+        while True:
+            try:
+                msg = bell.recv(64)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            self._ns.counters["doorbells_received"] += 1
+            if msg[:1] == b"S" and len(msg) == 25:
+                peer = msg[1:17].decode("ascii", "replace")
+                self._reader.news(peer, msg[17:25])
+            elif msg[:1] == b"P":
+                self.peers_wanted = True
+                self._reader.full_scan_wanted = True
+        self._reader.read_now()
+
+    # -- the watcher thread ------------------------------------------------------------
+
+    def start_watcher(self) -> None:
+        ns = self._ns
+        loop = asyncio.get_running_loop()
+        self._watch_done = loop.create_future()
+        self._watch_stop.clear()
+        # With doorbells, watch peers/ only: every append to a watched segment
+        # would cost each watching process an inotify event (measured: a 1 us
+        # write became 9 us with two watchers). Without doorbells, log/ too.
+        paths = [str(ns.path / "peers")]
+        if self.bell is None:
+            paths.append(str(ns.path / "log"))
+        own = f"{ns.peer}-"
+
+        def keep(_change: Any, path: str) -> bool:
+            name = os.path.basename(path)
+            return not name.startswith(own) and name.endswith((".seg", ".sock", ".lock"))
+
+        def run() -> None:
+            try:
+                import watchfiles
+
+                for changes in watchfiles.watch(
+                    *paths,
+                    watch_filter=keep,
+                    step=ns.watch_step,
+                    debounce=ns.watch_step * 4,
+                    stop_event=self._watch_stop,
+                    rust_timeout=0,
+                    raise_interrupt=False,
+                    recursive=False,
+                    ignore_permission_denied=True,
+                ):
+                    _call_soon(loop, self._on_watch, changes)
+            except Exception as exc:
+                _call_soon(loop, self._watch_failed, exc)
+            finally:
+                _call_soon(loop, _resolve, self._watch_done)
+
+        self.watch_thread = threading.Thread(target=run, name="ivip-ipc-watch", daemon=True)
+        self.watch_thread.start()
+
+    def _watch_failed(self, exc: BaseException) -> None:
+        if not self._ns.closing:
+            self._watch_error = exc
+            logger.warning(
+                "watchfiles stopped (%s): falling back to doorbells plus a re-scan every "
+                "%.1fs until it can be restarted",
+                exc,
+                self._ns.rescan_interval,
+            )
+
+    def supervise_watcher(self) -> None:
+        """Restart a watcher thread that died, with a growing pause between tries."""
+        thread = self.watch_thread
+        if self._ns.closing or thread is None or thread.is_alive():
+            return
+        now = time.monotonic()
+        if now < self._watch_retry_at:
+            return
+        self._watch_backoff = min(60.0, max(1.0, self._watch_backoff * 2))
+        self._watch_retry_at = now + self._watch_backoff
+        self._ns.counters["watcher_restarts"] += 1
+        logger.warning("restarting the watcher thread (it stopped: %s)", self._watch_error)
+        self.start_watcher()
+
+    def _on_watch(self, changes: set[tuple[Any, str]]) -> None:
+        self._ns.counters["watch_events"] += len(changes)
+        for _change, path in changes:
+            if path.endswith(".seg"):
+                self._reader.full_scan_wanted = True
+            else:
+                self.peers_wanted = True
+        self._reader.schedule_read()
+
+    # -- the end -----------------------------------------------------------------------
+
+    def stop_watcher(self) -> None:
+        """Tell the watcher thread to stop (it does within one `watch_step`)."""
+        self._watch_stop.set()
+
+    async def wait_watcher(self) -> None:
+        """Wait for the watcher thread to end."""
+        if self._watch_done is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._watch_done)
+        if self.watch_thread is not None:
+            self.watch_thread.join(1.0)  # it has said it is done: this is its last breath
+
+    def close(self) -> None:
+        """Close the doorbell (and delete its socket file) and every ringer."""
+        ns = self._ns
+        loop = ns.loop
+        if self.bell is not None:
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self.bell.fileno())
+            self.bell.close()
+            self.bell = None
+            if "peers" in ns.fds:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{ns.peer}.sock", dir_fd=ns.fds["peers"])
+        for sock in self._ringers.values():
+            sock.close()
+        self._ringers.clear()
+
+    def drop_inherited(self) -> None:
+        """In a forked child: close the parent's sockets, unlink nothing."""
+        socks = [self.bell, *self._ringers.values()]
+        self.bell = None
+        self._ringers.clear()
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+
+
+def _connect_doorbell(name: str, peers_fd: int) -> socket.socket | None:
+    """Connect to a peer's doorbell if `name` is a unix socket of this user.
+
+    The socket is opened with `O_PATH | O_NOFOLLOW` and connected through
+    `/proc/self/fd`, so a symlink planted under the name is never followed and
+    nothing can be swapped in between the check and the connect.
+    """
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=peers_fd)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            rate_limited(
+                logging.WARNING,
+                ("doorbell", name),
+                "not ringing %s: it is not a socket of this user",
+                name,
+            )
+            sock.close()
+            return None
+        sock.setblocking(False)
+        sock.connect(f"/proc/self/fd/{fd}")
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(fd)
+    return sock
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _resolve(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)

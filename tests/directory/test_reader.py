@@ -1,0 +1,87 @@
+"""Reading other writers' segments: garbage, foreign files, a slice at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.records import encode_key
+
+from .helpers import FAST, Peer, message, write_segment
+
+FAKE_PEER = "00000000deadbeef"
+
+
+async def test_garbage_in_a_segment_is_skipped_and_delivery_continues(
+    ipc: AsyncIPC, ipc_dir: Path, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[Any] = []
+    ipc.on("e", got.append)
+    seg = write_segment(ipc_dir, f"{FAKE_PEER}-00000001.seg", b"")
+    with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+        with seg.open("ab") as f:
+            f.write(message("e", b"1", 1) + os.urandom(300) + b"\xa9\x1c" * 10)
+            f.write(message("e", b"2", 2))
+        await until(lambda: got == [1, 2])
+        assert ipc.stats()["garbage_bytes"] >= 300
+    assert "unreadable bytes" in caplog.text
+
+
+async def test_files_that_are_not_segments_are_ignored(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, ipc_dir: Path, until: Any
+) -> None:
+    log = ipc_dir / "default" / "log"
+    (log / "notes.txt").write_text("hello")
+    (log / "zz-1.seg").write_bytes(os.urandom(100))
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    await ipc.notify("e", 1)
+    await until(lambda: got == [1])
+
+
+async def test_cache_record_encoding_roundtrip_through_directory(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    raw = encode_key("k")
+    assert raw == b"sk"
+    await AsyncCache(ipc, name="n").set("k", [1, 2], 0)
+    await until(lambda: peer_ipc.mirror.lookup("n", "k") is not None)
+
+
+async def test_a_huge_batch_is_dispatched_a_slice_at_a_time(ipc_dir: Path, until: Any) -> None:
+    """One notify_many of 100,000 messages from another process reaches the
+    handler over many loop iterations, never in one callback."""
+    writer = Peer(ipc_dir)
+    ticks = 0
+    seen_at: set[int] = set()
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    try:
+        async with AsyncIPC(ipc_dir, **FAST) as reader:
+            got = 0
+
+            def handler(message: Any) -> None:
+                nonlocal got
+                got += 1
+                seen_at.add(ticks)
+
+            reader.on("e", handler)
+            ticker = asyncio.get_running_loop().create_task(tick())
+            script = {"op": "notify_many", "event": "e", "count": 100_000}
+            assert await writer.ask(**script) == {"acked": 100_000}
+            await until(lambda: got == 100_000, 20)
+            ticker.cancel()
+    finally:
+        writer.close()
+    assert len(seen_at) > 20

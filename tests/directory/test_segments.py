@@ -1,0 +1,323 @@
+"""Own segments: the write path, group commit, torn and failed writes, the size cap,
+retention."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.backends.directory import segments
+
+from .helpers import FAST, namespace_bytes
+
+
+async def test_retention_deletes_old_segments_and_keeps_footprint(
+    ipc_dir: Path, until: Any
+) -> None:
+    async with AsyncIPC(
+        ipc_dir,
+        segment_bytes=64 * 1024,
+        max_footprint=512 * 1024,
+        retention=0.0,
+        rescan_interval=0.02,
+    ) as ipc:
+        payload = "x" * 1000
+        for _ in range(1000):
+            await ipc.notify("bulk", payload)
+        # a maintenance round later, only the budget remains
+        await until(lambda: ipc.stats()["footprint_bytes"] <= 512 * 1024)
+        stats = ipc.stats()
+        assert stats["segments_deleted"] > 0
+        assert stats["footprint_bytes"] <= 512 * 1024
+
+
+async def test_disk_full_raises_to_the_caller_and_recovers(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    await ipc.notify("e", "before")
+    real_write = segments._write_to_segment
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments, "_write_to_segment", full)
+    with pytest.raises(OSError, match="No space left"):
+        await ipc.notify("e", "lost")
+    with pytest.raises(OSError, match="No space left"):
+        await AsyncCache(ipc).set("k", "lost")
+    assert await AsyncCache(ipc).get("k") is None  # not applied locally either
+    monkeypatch.setattr(segments, "_write_to_segment", real_write)
+    await ipc.notify("e", "after")
+    await until(lambda: got == ["before", "after"])
+    assert ipc.stats()["write_errors"] == 2
+
+
+async def test_half_written_batch_is_never_delivered(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    real_write = segments._write_to_segment
+    calls = 0
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real_write(fd, data[: len(data) // 2])  # a short write ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(segments, "_write_to_segment", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        await ipc.notify("e", "x" * 1000)
+    monkeypatch.setattr(segments, "_write_to_segment", real_write)
+    await ipc.notify("e", "next")
+    await until(lambda: got == ["next"])
+    # The torn half is skipped (the writer moved on to a new segment), never
+    # parsed as garbage nor delivered.
+    assert peer_ipc.stats()["garbage_bytes"] == 0
+    assert ipc.stats()["write_errors"] == 1
+
+
+async def test_a_batch_is_all_or_nothing(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    real_write = segments._write_to_segment
+    failing = True
+
+    def torn_batches(fd: int, data: bytes) -> int:
+        if failing and len(data) > 5000:  # only the group write of a batch is this big
+            real_write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segments, "_write_to_segment", torn_batches)
+    results = await asyncio.gather(
+        *(ipc.notify("e", i) for i in range(200)), return_exceptions=True
+    )
+    acked = [i for i, r in enumerate(results) if r is None]
+    failed = [i for i, r in enumerate(results) if isinstance(r, OSError)]
+    assert acked
+    assert failed
+    assert len(acked) + len(failed) == 200
+    failing = False
+    await ipc.notify("e", "next")
+    await until(lambda: got[-1:] == ["next"])
+    assert got == [*acked, "next"]  # no record of the torn batch was delivered
+
+
+async def test_notify_cancelled_while_batched_leaves_no_partial_record(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    got: list[Any] = []
+    peer_ipc.on("c", got.append)
+    # Many concurrent notifies: the tail joins a batch; cancel some of them.
+    tasks = [asyncio.create_task(ipc.notify("c", i)) for i in range(200)]
+    await asyncio.sleep(0)
+    for task in tasks[100:150]:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    acknowledged = [i for i, r in enumerate(results) if r is None]
+    await until(lambda: set(acknowledged) <= set(got))
+    await ipc.notify("c", "end")
+    await until(lambda: got[-1:] == ["end"])
+    assert got[:-1] == sorted(got[:-1])  # in order, whole records only
+    assert peer_ipc.stats()["garbage_bytes"] == 0
+
+
+async def test_cancelled_sets_leave_every_mirror_equal(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
+    # 200 concurrent sets of one key: the tail waits in a batch; cancel some of it.
+    tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(200)]
+    await asyncio.sleep(0)
+    for task in tasks[100:]:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    acknowledged = [i for i, r in enumerate(results) if r is None]
+    cancelled = [i for i, r in enumerate(results) if isinstance(r, asyncio.CancelledError)]
+    assert cancelled  # the test cancelled some while they waited
+    assert await mine.get("k") == acknowledged[-1]
+    await until(lambda: peer_ipc.stats()["records_read"] >= len(acknowledged))
+    await mine.set("marker", 1)
+    await until(lambda: peer_ipc.mirror.lookup("default", "marker") is not None)
+    # A cancelled set happened nowhere: the peer holds what this process holds.
+    assert await theirs.get("k") == await mine.get("k") == acknowledged[-1]
+    assert peer_ipc.stats()["records_read"] == len(acknowledged) + 1
+
+
+async def test_a_set_cancelled_after_its_write_still_applies_here(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
+    # 40 concurrent sets: past the first 16, they wait for the group write at the
+    # end of the loop iteration. Once it is written, and before their tasks resume,
+    # cancel them: each caller gets CancelledError, though its write is stored.
+    tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(40)]
+    await asyncio.sleep(0)  # the tasks run: 16 written at once, 24 queued
+    await asyncio.sleep(0)  # the end-of-iteration write: the 24 futures resolve
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[-1], asyncio.CancelledError)  # cancelled, yet written
+    assert await mine.get("k") == 39  # this process applied it ...
+    await until(lambda: peer_ipc.stats()["records_read"] == 40)
+    assert await theirs.get("k") == 39  # ... as every peer did
+
+
+FILE_SIZE_LIMITED = textwrap.dedent(
+    """
+    import asyncio, resource, signal, sys
+    from ivip_ipc_async import AsyncIPC
+
+    async def main():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying
+        async with AsyncIPC(sys.argv[1], segment_bytes=1 << 20) as ipc:
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+            acked = 0
+            try:
+                while True:
+                    await ipc.notify("fill", {"n": acked, "pad": "x" * 1000})
+                    acked += 1
+            except OSError as exc:
+                print(f"error {exc.errno} after {acked}", flush=True)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is back
+            await ipc.notify("fill", {"n": "after"})
+            print("recovered", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_file_size_limit_gives_a_clear_error_and_recovers(ipc_dir: Path, until: Any) -> None:
+    async with AsyncIPC(ipc_dir) as reader:
+        got: list[Any] = []
+        reader.on("fill", lambda m: got.append(m["n"]))
+        child = subprocess.Popen(
+            [sys.executable, "-c", FILE_SIZE_LIMITED, str(ipc_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdin is not None
+            first = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+            assert first.startswith(f"error {errno.EFBIG} after "), first
+            acked = int(first.split()[-1])
+            assert acked > 10
+            line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 30)
+            assert line.strip() == "recovered"
+            await until(lambda: got[-1:] == ["after"])
+            assert got == [*range(acked), "after"]  # nothing half-written got through
+            assert reader.stats()["garbage_bytes"] == 0
+        finally:
+            if child.stdin is not None:
+                child.stdin.close()
+            child.wait(timeout=10)
+            if child.stdout is not None:
+                child.stdout.close()
+
+
+_BURST = """
+    import asyncio, json, sys
+    from ivip_ipc_async import AsyncCache, AsyncIPC
+
+    async def main() -> None:
+        options = json.loads(sys.argv[2])
+        async with AsyncIPC(sys.argv[1], **options) as ipc:
+            print(json.dumps({"ready": True}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+            cache = AsyncCache(ipc)
+            n, kind, me = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+            if kind == "notify":
+                await asyncio.gather(*(ipc.notify("e", "x" * 2000) for _ in range(n)))
+            else:
+                for i in range(n):  # the log grows past the cap, the state stays small
+                    await cache.set(f"{me}-{i % 1000}", i, 0)
+            print(json.dumps({"acked": n}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("kind", "writers", "count"), [("notify", 1, 20_000), ("set", 3, 30_000)])
+async def test_size_cap_holds_at_every_instant(
+    ipc_dir: Path, until: Any, kind: str, writers: int, count: int
+) -> None:
+    """Sampled every 50 ms from another process, the namespace never holds more
+    than max_footprint plus one segment per writer; every acknowledged cache
+    write reaches a late joiner."""
+    cap, segment = 2 << 20, 256 << 10
+    options = {**FAST, "max_footprint": cap, "segment_bytes": segment, "retention": 30.0}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(_BURST),
+                str(ipc_dir),
+                json.dumps(options),
+                str(count),
+                kind,
+                f"w{n}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(writers)
+    ]
+    ns = ipc_dir / "default"
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert json.loads(await asyncio.to_thread(proc.stdout.readline)) == {"ready": True}
+        samples: list[int] = []
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        async def acked(proc: subprocess.Popen[str]) -> Any:
+            assert proc.stdout is not None
+            return json.loads(await asyncio.to_thread(proc.stdout.readline))
+
+        done = asyncio.gather(*(acked(p) for p in procs))
+        while not done.done():
+            samples.append(await asyncio.to_thread(namespace_bytes, ns))
+            await asyncio.sleep(0.05)
+        assert await done == [{"acked": count}] * writers
+        samples.append(namespace_bytes(ns))
+        assert len(samples) > 3
+        assert max(samples) <= cap + writers * segment, max(samples)
+        if kind == "set":
+            async with AsyncIPC(ipc_dir, **options) as joiner:
+                late = AsyncCache(joiner)
+                assert len(await late.keys()) == writers * 1000
+                assert await late.get("w0-7") == count - 1000 + 7
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()

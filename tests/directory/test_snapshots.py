@@ -1,0 +1,100 @@
+"""Snapshots: late joiners, damage detected and repaired, planted links, leftovers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+
+from .helpers import FAKE, FAST, Peer
+
+
+async def test_late_joiner_loads_snapshot_and_log(ipc_dir: Path, until: Any) -> None:
+    async with AsyncIPC(ipc_dir, snapshot_interval=0.05, rescan_interval=0.05) as writer:
+        cache = AsyncCache(writer)
+        for i in range(200):
+            await cache.set(i, {"i": i}, 0)
+        await cache.delete(5)
+        await until(lambda: writer.stats()["snapshots_written"] >= 1)
+        await cache.set("after-snapshot", True, 0)
+        async with AsyncIPC(ipc_dir) as joiner:
+            late = AsyncCache(joiner)
+            assert len(late) == 200
+            assert await late.get(199) == {"i": 199}
+            assert await late.get(5) is None
+            assert await late.get("after-snapshot") is True
+
+
+async def test_corrupt_snapshot_falls_back_to_the_log(
+    ipc_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with AsyncIPC(ipc_dir) as writer:
+        await AsyncCache(writer).set("k", "v", 0)
+        snap = ipc_dir / "default" / "snapshot.bin"
+        snap.write_bytes(os.urandom(1000))
+        os.chmod(snap, 0o600)
+        with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+            async with AsyncIPC(ipc_dir) as joiner:
+                assert await AsyncCache(joiner).get("k") == "v"
+
+
+async def test_snapshot_never_writes_through_a_planted_link(ipc_dir: Path, until: Any) -> None:
+    victim = ipc_dir / "victim.txt"
+    victim.write_text("precious")
+    async with AsyncIPC(ipc_dir, **FAST) as ipc:
+        peer = ipc.stats()["peer"]
+        os.link(victim, ipc_dir / "default" / f".snapshot.{peer}.tmp")
+        cache = AsyncCache(ipc)
+        for i in range(3):
+            await cache.set(f"k{i}", i)
+            written = ipc.stats()["snapshots_written"]
+            await until(lambda: ipc.stats()["snapshots_written"] > written, 5)  # noqa: B023
+    assert victim.read_text() == "precious"
+
+
+async def test_damaged_snapshot_is_detected_and_rewritten_while_idle(
+    ipc_dir: Path, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = Peer(ipc_dir)
+    try:
+        for i in range(300):
+            await holder.ask(op="set", key=f"k{i}", value=i)
+        snapshot = ipc_dir / "default" / "snapshot.bin"
+
+        def complete() -> bool:
+            # The holder's snapshot holds all 300 keys (and its closing count).
+            return snapshot.exists() and b'{"records": 300}' in snapshot.read_bytes()
+
+        await until(complete, 10)
+        for damage in (
+            lambda: os.truncate(snapshot, snapshot.stat().st_size // 2),
+            lambda: os.truncate(snapshot, 0),
+        ):
+            damage()
+            async with AsyncIPC(ipc_dir, **FAST) as joiner:
+                late = AsyncCache(joiner)
+                await until(lambda: len(late) == 300, 10)  # noqa: B023
+                assert joiner.stats()["snapshots_damaged"] >= 1
+            await until(complete, 10)  # rewritten by its holder, although idle
+        assert "damaged" in caplog.text
+    finally:
+        holder.close()
+
+
+async def test_snapshot_leftovers_are_counted_then_collected(ipc_dir: Path, until: Any) -> None:
+    ns = ipc_dir / "default"
+    ns.mkdir(mode=0o700)
+    leftover = ns / f".snapshot.{FAKE}.1234abcd.tmp"
+    leftover.write_bytes(b"\0" * 1_500_000)
+    async with AsyncIPC(ipc_dir, **FAST) as ipc:
+        await until(lambda: not leftover.exists(), 5)
+        assert ipc.stats()["footprint_bytes"] < 1_500_000
+        # A second peer (not the holder) counts one in the footprint meanwhile.
+        leftover.write_bytes(b"\0" * 1_500_000)
+        async with AsyncIPC(ipc_dir, **{**FAST, "rescan_interval": 60}) as other:
+            assert other.stats()["footprint_bytes"] >= 1_500_000

@@ -1,0 +1,78 @@
+"""Wake-ups: doorbells and the watchfiles thread."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncIPC
+
+from .helpers import FAKE, FAST, as_nobody, needs_root
+
+
+async def test_doorbell_never_follows_a_symlink(ipc_dir: Path, until: Any, tmp_path: Path) -> None:
+    import socket
+
+    outside = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    outside.bind(str(tmp_path / "outside.sock"))
+    outside.setblocking(False)
+    try:
+        async with AsyncIPC(ipc_dir, **FAST) as a, AsyncIPC(ipc_dir, **FAST) as b:
+            os.symlink(tmp_path / "outside.sock", ipc_dir / "default" / "peers" / f"{FAKE}.sock")
+            got: list[Any] = []
+            b.on("e", got.append)
+            await asyncio.sleep(0.1)  # the planted name is seen by the next refresh
+            for i in range(5):
+                await a.notify("e", i)
+            await until(lambda: len(got) == 5)
+            assert a.stats()["doorbells_sent"] > 0
+        with pytest.raises(BlockingIOError):
+            outside.recv(64)
+    finally:
+        outside.close()
+
+
+async def test_watcher_that_cannot_start_falls_back_with_a_warning(
+    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import watchfiles
+
+    def no_inotify(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EMFILE, "inotify instance limit reached")
+
+    monkeypatch.setattr(watchfiles, "watch", no_inotify)
+    with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+        async with (
+            AsyncIPC(ipc_dir, rescan_interval=0.05) as a,
+            AsyncIPC(ipc_dir, rescan_interval=0.05) as b,
+        ):
+            got: list[Any] = []
+            b.on("e", got.append)
+            await a.notify("e", 1)
+            await until(lambda: got == [1])
+            await until(lambda: a.stats()["watcher_restarts"] >= 1)
+    assert "inotify instance limit" in caplog.text
+    assert "falling back" in caplog.text
+
+
+@needs_root
+async def test_another_user_cannot_ring_a_doorbell(ipc: AsyncIPC, ipc_dir: Path) -> None:
+    os.chmod(ipc_dir, 0o755)
+    sock = next((ipc_dir / "default" / "peers").glob("*.sock"))
+    result = as_nobody(
+        f"""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"P", {str(sock)!r})
+            print("ALLOWED")
+        except PermissionError:
+            print("denied")
+        """
+    )
+    assert result.stdout.strip() == "denied", result.stderr
