@@ -26,19 +26,3 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0
-
-
-def test_readme_quick_start_runs(ipc_dir: Path) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    env = {**os.environ, "IVIP_IPC_DIR": str(ipc_dir)}
-    done = subprocess.run(
-        [sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
-        "valor",
-        "default",
-        "{'id': 7}",
-        "{'order': 1}",
-    ]
