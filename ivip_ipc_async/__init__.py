@@ -30,7 +30,30 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-IPC = AsyncIPC()
+
+class _Misconfigured(AsyncIPC):
+    """The default instance when `$IVIP_IPC_CODEC` names no usable codec.
+
+    Importing the package (and `ivip-ipc --help`) must not fail on a bad
+    environment: the error is raised where the instance is used instead.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(codec="json")
+        self._error = error
+
+    async def start(self) -> AsyncIPC:
+        raise ValueError(f"$IVIP_IPC_CODEC: {self._error}") from self._error
+
+
+def _default_ipc() -> AsyncIPC:
+    try:
+        return AsyncIPC()
+    except (ValueError, ImportError) as exc:  # only the codec is read at construction
+        return _Misconfigured(exc)
+
+
+IPC = _default_ipc()
 """The default instance: `$IVIP_IPC_DIR`, or the per-application default directory.
 
 Register handlers at import time with `IPC.on(...)`; it starts itself on first
