@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import os
 import pkgutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
