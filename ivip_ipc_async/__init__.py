@@ -59,7 +59,21 @@ IPC = _default_ipc()
 Register handlers at import time with `IPC.on(...)`; it starts itself on first
 use in a running loop (`notify`, `wait_for`, `subscribe`, any cache call). A
 program that only listens calls `await IPC.start()` or uses `async with IPC:`.
+It restarts itself in a new event loop and after `fork()`.
+
+Example:
+    >>> from ivip_ipc_async import IPC, AsyncIPC
+    >>> isinstance(IPC, AsyncIPC), IPC.started  # creating it touched nothing
+    (True, False)
+    >>> sub = IPC.on("user:updated", print)  # fine at import time
+    >>> sub.stop()
 """
 
 Cache = AsyncCache(IPC)
-"""The default cache (name "default", 60 s default TTL) on the default `IPC`."""
+"""The default cache (name "default", 60 s default TTL) on the default `IPC`.
+
+Example:
+    >>> from ivip_ipc_async import IPC, Cache
+    >>> Cache.ipc is IPC, Cache.name, Cache.default_ttl
+    (True, 'default', 60.0)
+"""
