@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import doctest
 import importlib
 import inspect
+import os
 import pkgutil
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import ivip_ipc_async
+from ivip_ipc_async import AsyncIPC
 
 MODULES = sorted(
     m.name
@@ -127,3 +133,100 @@ def test_the_reference_renders_every_public_name() -> None:
         for name in names:
             assert f"{module_name}.{name}" in rendered, name
     assert "ivip_ipc_async.integrations.pytest_plugin" in rendered
+
+
+# -- the pages' code, run as printed -------------------------------------------------------
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def md_blocks(path: Path, lang: str) -> list[str]:
+    """The fenced code blocks of a markdown file in one language, in order."""
+    return re.findall(rf"^```{lang}\n(.*?)^```", path.read_text(), flags=re.M | re.S)
+
+
+def write_test_files(pytester: pytest.Pytester) -> None:
+    for block in md_blocks(DOCS / "testing.md", "python"):
+        name = block.split("\n", 1)[0].removeprefix("# ").strip()
+        assert re.fullmatch(r"test_\w+\.py", name), name
+        pytester.path.joinpath(name).write_text(block)
+
+
+@pytest.mark.parametrize("config", ["toml", "ini"])
+def test_testing_page_examples_pass_with_its_configuration(
+    pytester: pytest.Pytester, config: str
+) -> None:
+    page = DOCS / "testing.md"
+    if config == "toml":
+        (toml,) = md_blocks(page, "toml")
+        pytester.makepyprojecttoml(toml)
+    else:
+        (ini,) = md_blocks(page, "ini")
+        pytester.path.joinpath("pytest.ini").write_text(ini)
+    write_test_files(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=5)
+
+
+def test_testing_page_is_right_that_async_tests_need_the_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.path.joinpath("pytest.ini").write_text("[pytest]\n")
+    write_test_files(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(["*async def functions are not natively supported*"])
+
+
+def run_program(code: str, ipc_dir: Path, timeout: float = 30) -> list[str]:
+    env = {**os.environ, "IVIP_IPC_DIR": str(ipc_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout.splitlines()
+
+
+def test_getting_started_is_the_readme_quick_start() -> None:
+    """The README's quick start is run twice at once by tests/test_readme.py."""
+    from .test_readme import README, quick_start, shown_outputs
+
+    index = DOCS / "index.md"
+    assert md_blocks(index, "python")[0] == quick_start()
+    assert [b.splitlines() for b in md_blocks(index, "text")] == shown_outputs()
+    assert len(md_blocks(README, "text")) == 2
+
+
+async def test_index_listen_only_program(ipc_dir: Path) -> None:
+    code = md_blocks(DOCS / "index.md", "python")[1]
+    listener = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code,
+        env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with AsyncIPC(ipc_dir) as ipc:
+            deadline = time.monotonic() + 10
+            while not ipc.stats()["peers"]:  # it listens once it is a live peer
+                assert time.monotonic() < deadline, "the listener did not join"
+                await asyncio.sleep(0.01)
+            await ipc.notify_many("ticks", [1, "last"])
+            out, err = await asyncio.wait_for(listener.communicate(), 10)
+    finally:
+        if listener.returncode is None:
+            listener.kill()
+            await listener.wait()
+    assert listener.returncode == 0, err
+    assert out.decode().splitlines() == ["tick 1", "tick last"]
+
+
+def test_index_own_instances_program(ipc_dir: Path) -> None:
+    code = md_blocks(DOCS / "index.md", "python")[2]
+    assert run_program(code, ipc_dir) == ["{'status': 'paid'}", "no order shipped yet"]
+    assert len(md_blocks(DOCS / "index.md", "python")) == 3  # a new block needs a test
+
+
+def test_api_page_imports(ipc_dir: Path) -> None:
+    (block,) = md_blocks(DOCS / "api.md", "python")
+    assert run_program(block, ipc_dir) == []
