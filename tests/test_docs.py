@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import doctest
 import importlib
 import inspect
 import os
 import pkgutil
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 import ivip_ipc_async
@@ -230,3 +235,137 @@ def test_index_own_instances_program(ipc_dir: Path) -> None:
 def test_api_page_imports(ipc_dir: Path) -> None:
     (block,) = md_blocks(DOCS / "api.md", "python")
     assert run_program(block, ipc_dir) == []
+
+
+def fastapi_page_app(index: int) -> Any:
+    """The `app` of a python block of docs/fastapi.md, run as a module."""
+    code = md_blocks(DOCS / "fastapi.md", "python")[index]
+    namespace: dict[str, Any] = {"__name__": f"fastapi_md_{index}"}
+    exec(compile(code, f"docs/fastapi.md block {index}", "exec"), namespace)
+    return namespace["app"]
+
+
+@pytest.fixture
+def docs_env(ipc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("IVIP_IPC_DIR", str(ipc_dir))
+    return ipc_dir
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn in this event loop; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert not task.done(), "the server did not start"
+            assert time.monotonic() < deadline, "the server did not start"
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def test_fastapi_page_lifespan_app(docs_env: Path) -> None:
+    async with serve(fastapi_page_app(0)) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.put("/users/7", json={"name": "Ana"})).json() == {"ok": True}
+        assert (await client.get("/users/7")).json() == {"name": "Ana"}
+        assert (await client.post("/invalidate")).json() == {"ok": True}
+
+
+async def test_fastapi_page_starlette_endpoint(docs_env: Path) -> None:
+    from ivip_ipc_async import Cache
+
+    async with serve(fastapi_page_app(1)) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/cache/k")).json() is None
+        await Cache.set("k", {"v": 1})  # the same default Cache, in this loop
+        assert (await client.get("/cache/k")).json() == {"v": 1}
+
+
+async def test_fastapi_page_own_lifespan(docs_env: Path) -> None:
+    async with serve(fastapi_page_app(2)) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/state")).json() == {"ipc": True, "http": True}
+    assert (docs_env / "shop").is_dir()  # its own instance, namespace "shop"
+
+
+async def test_fastapi_page_fan_out(docs_env: Path) -> None:
+    from httpx_ws import aconnect_ws
+
+    async with serve(fastapi_page_app(3)) as url, httpx.AsyncClient(base_url=url) as client:
+        async with aconnect_ws(f"{url}/ws/news", client) as ws:
+            assert (await client.post("/publish/news", json={"n": 1})).json() == {"ok": True}
+            assert await asyncio.wait_for(ws.receive_json(), 10) == {"n": 1}
+        async with client.stream("GET", "/sse/news") as events:
+            lines = events.aiter_lines()
+            assert (await client.post("/publish/news", json={"n": 2})).json() == {"ok": True}
+            assert await asyncio.wait_for(anext(lines), 10) == 'data: {"n": 2}'
+
+
+@pytest.mark.parametrize("limit", [None, "1"])
+def test_fastapi_page_on_open_sse_streams_at_shutdown(
+    limit: str | None, ipc_dir: Path, tmp_path: Path
+) -> None:
+    """What the page says: an open event stream holds uvicorn's shutdown forever,
+    unless `--timeout-graceful-shutdown` is given."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "uvicorn", "examples.fastapi_app:app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
+    ]  # fmt: skip
+    if limit is not None:
+        command += ["--timeout-graceful-shutdown", limit]
+        assert (
+            f"--timeout-graceful-shutdown {limit.replace('1', '5')}"
+            in (DOCS / "fastapi.md").read_text()
+        )
+    log_path = tmp_path / "uvicorn.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            command,
+            cwd=DOCS.parent,
+            env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert time.monotonic() < deadline, log_path.read_text()
+            try:
+                httpx.get(f"{url}/pid", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        # A plain HTTP/1.1 client, as curl is.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET /sse/news HTTP/1.1\r\nHost: app\r\nAccept: */*\r\n\r\n")
+            received = b""
+            while b"data: " not in received:
+                chunk = client.recv(4096)
+                assert chunk, received
+                received += chunk
+            server.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            if limit is None:
+                with pytest.raises(subprocess.TimeoutExpired):
+                    server.wait(3)  # "Waiting for connections to close", for ever
+                assert "Waiting for connections to close" in log_path.read_text()
+            else:
+                server.wait(10)
+                assert time.monotonic() - stopped < 1 + 5
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
