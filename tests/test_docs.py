@@ -8,6 +8,7 @@ import contextlib
 import doctest
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import re
@@ -24,7 +25,7 @@ import httpx
 import pytest
 
 import ivip_ipc_async
-from ivip_ipc_async import AsyncIPC
+from ivip_ipc_async import AsyncCache, AsyncIPC
 
 MODULES = sorted(
     m.name
@@ -369,3 +370,27 @@ def test_fastapi_page_on_open_sse_streams_at_shutdown(
         if server.poll() is None:
             server.kill()
         server.wait()
+
+
+async def square(x: int) -> int:
+    return x * x
+
+
+async def test_api_page_memoize_key_formula(ipc_dir: Path) -> None:
+    text = " ".join((DOCS / "api.md").read_text().split())
+    formula = (
+        'name + ":" + json.dumps([args, kwargs], sort_keys=True, separators=(",", ":"), '
+        "ensure_ascii=False)"
+    )
+    assert formula in text
+    assert "`slow:[[1],{}]`" in text
+    given = {"json": json, "name": "slow", "args": (1,), "kwargs": {}}
+    assert eval(formula, given) == "slow:[[1],{}]"
+    async with AsyncIPC(ipc_dir) as ipc:
+        cache: AsyncCache[Any] = AsyncCache(ipc)
+        slow = cache.memoize("slow", square, 30)
+        assert await slow(1) == 1
+        assert await cache.keys() == ["slow:[[1],{}]"]
+        await cache.clear()
+        assert await cache.memoize(ttl=30)(square)(2, **{}) == 4
+        assert await cache.keys() == [f"{__name__}.square:[[2],{{}}]"]  # module.qualname
