@@ -163,3 +163,15 @@ def test_readme_commands_are_the_ones_ci_runs() -> None:
         "pip install -e '.[test]' && pytest\n",
     ]
     assert "pip install -e '.[test]'" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_supported_pythons_are_the_ones_ci_runs() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    prefix = "Programming Language :: Python :: 3."
+    classified = [c.rsplit(" ", 1)[1] for c in project["classifiers"] if c.startswith(prefix)]
+    assert classified == ["3.11", "3.12", "3.13"]
+    assert project["requires-python"] == ">=3.11"
+    assert "versions=(3.11 3.12 3.13)" in (ROOT / ".ci" / "run").read_text()
+    assert "Python 3.11, 3.12 or 3.13" in README.read_text()
