@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request
 
 import ivip_ipc_async
 from ivip_ipc_async import AsyncCache, AsyncIPC
@@ -394,3 +395,27 @@ async def test_api_page_memoize_key_formula(ipc_dir: Path) -> None:
         await cache.clear()
         assert await cache.memoize(ttl=30)(square)(2, **{}) == 4
         assert await cache.keys() == [f"{__name__}.square:[[2],{{}}]"]  # module.qualname
+
+
+async def test_fastapi_page_run_once(docs_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = fastapi_page_app(4)
+
+    @app.get("/ran")
+    async def ran(request: Request) -> Any:
+        return request.state.ran_migrations
+
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/ran")).json() is True  # the only worker: it ran the job
+    assert capsys.readouterr().out == "migrating\n"
+
+
+async def test_fastapi_page_leadership(docs_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with serve(fastapi_page_app(5)):
+        deadline = time.monotonic() + 10
+        while "running the due jobs" not in capsys.readouterr().out:  # this worker leads
+            assert time.monotonic() < deadline, "the scheduler did not run"
+            await asyncio.sleep(0.01)
+
+
+def test_every_fastapi_page_block_is_run() -> None:
+    assert len(md_blocks(DOCS / "fastapi.md", "python")) == 6  # a new block needs a test
