@@ -133,7 +133,12 @@ class Emitter:
     async def drain(self) -> None:
         """Wait for the async handlers already started (cancelled ones included)."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            tasks = list(self._tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Their done callbacks (which also drop them) may not have run yet, and on
+            # Python 3.12+ gather over finished tasks returns without yielding: drop
+            # them here, or this loop would spin for ever.
+            self._tasks.difference_update(tasks)
 
     def stream(self, event: str, maxsize: int = 10_000) -> MessageStream:
         """A bounded buffered stream of the messages of `event` (see `MessageStream`)."""

@@ -175,3 +175,25 @@ def test_supported_pythons_are_the_ones_ci_runs() -> None:
     assert project["requires-python"] == ">=3.11"
     assert "versions=(3.11 3.12 3.13)" in (ROOT / ".ci" / "run").read_text()
     assert "Python 3.11, 3.12 or 3.13" in README.read_text()
+
+
+async def test_destroy_right_after_an_async_handler_wakes_main(ipc_dir: Path) -> None:
+    """The quick start's shape in one process: an async handler sets an event and
+    returns; main wakes and destroys at once, before the handler task's done
+    callbacks have run. On Python 3.12+ (where gather over finished tasks does not
+    yield) destroy() used to spin for ever there: the first copy of hello.py hung."""
+    import asyncio
+
+    from ivip_ipc_async import AsyncIPC
+
+    async with AsyncIPC(ipc_dir) as sender:
+        receiver = await AsyncIPC(ipc_dir).start()
+        met = asyncio.Event()
+
+        async def on_hello(message: object) -> None:
+            met.set()
+
+        receiver.on("hello", on_hello)
+        await sender.notify("hello", 1)
+        await asyncio.wait_for(met.wait(), 10)
+        await asyncio.wait_for(receiver.destroy(), 5)
