@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,8 +36,15 @@ MODULES = sorted(
 )
 
 
+@pytest.fixture
+def temp_in_ipc_dir(ipc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The examples' `tempfile.mkdtemp()` directories go into `ipc_dir`, removed after."""
+    monkeypatch.setattr(tempfile, "tempdir", str(ipc_dir))
+    return ipc_dir
+
+
 @pytest.mark.parametrize("name", ["ivip_ipc_async", *MODULES])
-def test_docstring_examples(name: str) -> None:
+def test_docstring_examples(name: str, temp_in_ipc_dir: Path) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0
@@ -120,7 +128,7 @@ def test_every_public_name_has_an_example() -> None:
         ("ivip_ipc_async.integrations.starlette", "get_cache"),
     ],
 )
-def test_attribute_docstring_examples(module_name: str, name: str) -> None:
+def test_attribute_docstring_examples(module_name: str, name: str, temp_in_ipc_dir: Path) -> None:
     """doctest does not see the docstring of an instance or a constant: run it here."""
     module = importlib.import_module(module_name)
     doc, line = attribute_docstrings(module_name)[name]
