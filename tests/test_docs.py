@@ -12,6 +12,7 @@ import json
 import os
 import pkgutil
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -427,3 +428,47 @@ async def test_fastapi_page_leadership(docs_env: Path, capsys: pytest.CaptureFix
 
 def test_every_fastapi_page_block_is_run() -> None:
     assert len(md_blocks(DOCS / "fastapi.md", "python")) == 6  # a new block needs a test
+
+
+def test_index_command_line_session(ipc_dir: Path, tmp_path: Path) -> None:
+    """docs/index.md's commands, run as printed from one application directory."""
+    lines = [
+        shlex.split(line, comments=True)
+        for line in md_blocks(DOCS / "index.md", "sh")[2].splitlines()
+    ]
+    assert [line[:2] for line in lines] == [
+        ["ivip-ipc", "listen"],
+        ["ivip-ipc", "notify"],
+        ["ivip-ipc", "cache"],
+        ["ivip-ipc", "peers"],
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IVIP_IPC")}
+    env["XDG_RUNTIME_DIR"] = str(ipc_dir)
+    cli = [sys.executable, "-m", "ivip_ipc_async"]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli + args[1:], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+        )
+
+    listener = subprocess.Popen(
+        cli + lines[0][1:], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None
+        assert listener.stderr is not None
+        assert "listening on user:updated in directory" in listener.stderr.readline()
+        peers = run(lines[3])
+        assert peers.returncode == 0
+        assert len(peers.stdout.split()) == 1  # the listener
+        sent = run(lines[1])
+        assert sent.returncode == 0
+        assert "(1 live peer(s))" in sent.stderr
+        assert listener.stdout.readline() == 'user:updated: {"id": 7}\n'
+        missing = run(lines[2])  # nothing set it: "not found", exit 1
+        assert missing.returncode == 1
+        assert "'user:7': not found in cache 'default'" in missing.stderr
+    finally:
+        listener.terminate()
+        listener.communicate(timeout=10)
