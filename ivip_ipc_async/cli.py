@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -154,6 +155,13 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
                 f"unsupported URL scheme {scheme!r} in {_redact(raw)!r}: use a directory "
                 "path, file://, redis://, rediss:// or unix://"
             )
+        if scheme != "file":
+            try:
+                importlib.import_module("redis")
+            except ImportError:
+                raise UsageError(
+                    f"{_redact(raw)} needs redis-py: pip install 'ivip-ipc-async[redis]'"
+                ) from None
     return args.dir, namespace
 
 

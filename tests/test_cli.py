@@ -290,6 +290,19 @@ def test_redis_password_is_not_printed() -> None:
     assert "user:***@127.0.0.1" in line
 
 
+def test_redis_without_redis_py_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None  # as if redis-py were not installed\n"
+        "from ivip_ipc_async.cli import main\n"
+        "sys.exit(main(['peers', '--dir', 'redis://127.0.0.1:6379/0']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    line = one_line_error(done, 2)
+    assert line == (
+        "ivip-ipc: redis://127.0.0.1:6379/0 needs redis-py: pip install 'ivip-ipc-async[redis]'"
+    )
+
+
 @needs_redis
 def test_redis_db_out_of_range_is_one_line_exit_1() -> None:
     url = REDIS_URL.rsplit("/", 1)[0] + "/99999"
