@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -229,9 +230,10 @@ async def _listen(args: argparse.Namespace, ipc: AsyncIPC) -> int:
 
 
 async def _notify(args: argparse.Namespace, ipc: AsyncIPC) -> int:
+    heard = ""  # counted before sending: a listener may leave once it has the message
+    with contextlib.suppress(Exception):  # a hint only: e.g. CLIENT LIST may be refused
+        heard = f" ({len(await _peer_ids(args, ipc))} live peer(s))"
     await ipc.notify(args.event, args.value)
-    peers = ipc.stats().get("peers")
-    heard = "" if peers is None else f" ({len(peers)} live peer(s))"
     _say(args, f"sent {args.event}: {json.dumps(args.value)} to {_where(args, ipc)}{heard}")
     return EXIT_OK
 
@@ -267,13 +269,16 @@ async def _stats(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     return EXIT_OK
 
 
-async def _peers(args: argparse.Namespace, ipc: AsyncIPC) -> int:
+async def _peer_ids(args: argparse.Namespace, ipc: AsyncIPC) -> list[str]:
     stats = ipc.stats()
     if stats.get("backend") == "redis":
         url = args.dir if args.dir is not None else os.environ.get("IVIP_IPC_DIR", "")
-        peers = await _redis_peers(ipc, url, str(stats["namespace"]))
-    else:
-        peers = [str(p) for p in stats.get("peers", [])]
+        return await _redis_peers(ipc, url, str(stats["namespace"]))
+    return [str(p) for p in stats.get("peers", [])]
+
+
+async def _peers(args: argparse.Namespace, ipc: AsyncIPC) -> int:
+    peers = await _peer_ids(args, ipc)
     for peer in peers:
         print(peer)
     where = _where(args, ipc)

@@ -262,11 +262,14 @@ def test_peers_and_messages_on_redis(redis_namespace: str) -> None:
     listener = start_listener(*where, "--count", "1", "ev")
     try:
         peers = ivip("peers", *where)
-        assert peers.returncode == 0, peers.stderr
-        assert len(peers.stdout.split()) == 1
+        sent = ivip("notify", *where, "ev", '{"a": 1}')
     finally:
-        assert ivip("notify", *where, "ev", '{"a": 1}').returncode == 0
-        assert finish(listener) == 'ev: {"a": 1}\n'
+        out = finish(listener)
+    assert peers.returncode == 0, peers.stderr
+    assert len(peers.stdout.split()) == 1
+    assert sent.returncode == 0
+    assert "(1 live peer(s))" in sent.stderr
+    assert out == 'ev: {"a": 1}\n'
 
 
 def test_unreachable_redis_is_one_line_exit_1() -> None:
