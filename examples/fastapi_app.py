@@ -4,8 +4,11 @@ Run it with several workers: every worker sees every other's cache writes and
 events, and a WebSocket or SSE client on any worker receives what is published
 through any worker:
 
-    uvicorn examples.fastapi_app:app --workers 4
-    gunicorn -k uvicorn.workers.UvicornWorker -w 4 examples.fastapi_app:app
+    uvicorn examples.fastapi_app:app --workers 4 --timeout-graceful-shutdown 5
+    gunicorn -k uvicorn.workers.UvicornWorker -w 4 --graceful-timeout 5 examples.fastapi_app:app
+
+(An open SSE stream never ends by itself: without the time limit, uvicorn
+waits for it for ever before shutting down; see docs/fastapi.md.)
 
 Workers started from the same directory meet with no configuration; set
 IVIP_IPC_DIR to choose the shared directory. The test suite runs this app with

@@ -32,13 +32,50 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-IPC = AsyncIPC()
+
+class _Misconfigured(AsyncIPC):
+    """The default instance when `$IVIP_IPC_CODEC` names no usable codec.
+
+    Importing the package (and `ivip-ipc --help`) must not fail on a bad
+    environment: the error is raised where the instance is used instead.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(codec="json")
+        self._error = error
+
+    async def start(self) -> AsyncIPC:
+        raise ValueError(f"$IVIP_IPC_CODEC: {self._error}") from self._error
+
+
+def _default_ipc() -> AsyncIPC:
+    try:
+        return AsyncIPC()
+    except (ValueError, ImportError) as exc:  # only the codec is read at construction
+        return _Misconfigured(exc)
+
+
+IPC = _default_ipc()
 """The default instance: `$IVIP_IPC_DIR`, or the per-application default directory.
 
 Register handlers at import time with `IPC.on(...)`; it starts itself on first
 use in a running loop (`notify`, `wait_for`, `subscribe`, any cache call). A
 program that only listens calls `await IPC.start()` or uses `async with IPC:`.
+It restarts itself in a new event loop and after `fork()`.
+
+Example:
+    >>> from ivip_ipc_async import IPC, AsyncIPC
+    >>> isinstance(IPC, AsyncIPC), IPC.started  # creating it touched nothing
+    (True, False)
+    >>> sub = IPC.on("user:updated", print)  # fine at import time
+    >>> sub.stop()
 """
 
 Cache = AsyncCache(IPC)
-"""The default cache (name "default", 60 s default TTL) on the default `IPC`."""
+"""The default cache (name "default", 60 s default TTL) on the default `IPC`.
+
+Example:
+    >>> from ivip_ipc_async import IPC, Cache
+    >>> Cache.ipc is IPC, Cache.name, Cache.default_ttl
+    (True, 'default', 60.0)
+"""

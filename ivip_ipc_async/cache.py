@@ -147,7 +147,21 @@ class AsyncCache(Generic[V]):
         return existed
 
     async def clear(self) -> int:
-        """Delete every key of this cache everywhere; returns how many there were."""
+        """Delete every key of this cache everywhere; returns how many there were.
+
+        Other caches (other names) keep their keys.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache, other = AsyncCache(ipc), AsyncCache(ipc, name="other")
+            ...         await cache.set("a", 1); await cache.set("b", 2); await other.set("a", 3)
+            ...         return await cache.clear(), await cache.keys(), await other.keys()
+            >>> asyncio.run(main())
+            (2, [], ['a'])
+        """
         keys = await self.keys()
         for key in keys:
             await self._write(Kind.CACHE_DELETE, encode_key(key), b"", 0.0)
@@ -282,6 +296,19 @@ class AsyncCache(Generic[V]):
 
         While the mirror is being reloaded (Redis reconnecting), waits for it up
         to the backend's `read_timeout`, then raises `BackendUnavailableError`.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set("user", 1); await cache.set(7, 2)
+            ...         await cache.set("gone", 3, 0.001)
+            ...         await asyncio.sleep(0.01)  # "gone" expires
+            ...         return sorted(await cache.keys(), key=str)
+            >>> asyncio.run(main())
+            [7, 'user']
         """
         await self.ipc._ensure()
         if not self.ipc._mirror_ready:

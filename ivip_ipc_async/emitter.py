@@ -32,15 +32,19 @@ Handler = Callable[[Any], Any]
 
 
 class Subscription:
-    """A registered listener; `stop()` removes it.
+    """A registered listener, as `AsyncIPC.on` and `once` return it; `stop()` removes it.
+
+    Attributes: `event`, `handler`, `once` (True for `once`), `active` (False
+    once stopped, or after a `once` listener ran).
 
     Example:
-        >>> emitter = Emitter()
-        >>> sub = emitter.on("greet", print)
-        >>> emitter.emit("greet", lambda: "hello")
-        hello
-        >>> sub.stop(); sub.active
-        False
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> ipc = AsyncIPC("/tmp/unused")
+        >>> sub = ipc.on("greet", print)
+        >>> sub.event, sub.active, sub.once, ipc.listener_count("greet")
+        ('greet', True, False, 1)
+        >>> sub.stop(); sub.active, ipc.listener_count("greet")
+        (False, 0)
     """
 
     __slots__ = ("_emitter", "active", "event", "handler", "on_stop", "once")
@@ -54,7 +58,16 @@ class Subscription:
         self.on_stop: Callable[[], None] | None = None
 
     def stop(self) -> None:
-        """Remove this listener. Safe to call more than once."""
+        """Remove this listener. Safe to call more than once.
+
+        Example:
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> sub = ipc.on("greet", print)
+            >>> sub.stop(); sub.stop()
+            >>> ipc.listener_count("greet")
+            0
+        """
         if self.active:
             self._emitter._remove(self)
 
@@ -120,7 +133,12 @@ class Emitter:
     async def drain(self) -> None:
         """Wait for the async handlers already started (cancelled ones included)."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            tasks = list(self._tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Their done callbacks (which also drop them) may not have run yet, and on
+            # Python 3.12+ gather over finished tasks returns without yielding: drop
+            # them here, or this loop would spin for ever.
+            self._tasks.difference_update(tasks)
 
     def stream(self, event: str, maxsize: int = 10_000) -> MessageStream:
         """A bounded buffered stream of the messages of `event` (see `MessageStream`)."""
@@ -215,14 +233,16 @@ class MessageStream:
     unsubscribes; so does `close()` or leaving `async with`.
 
     Example:
-        >>> async def demo():
-        ...     emitter = Emitter()
-        ...     async with emitter.stream("tick") as stream:
-        ...         emitter.emit("tick", lambda: 1)
-        ...         message = await stream.get()
-        ...     return message, emitter.listener_count("tick")
-        >>> asyncio.run(demo())
-        (1, 0)
+        >>> import tempfile
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         async with ipc.subscribe("tick") as stream:
+        ...             await ipc.notify_many("tick", [1, 2], include_self=True)
+        ...             got = [await stream.get(), await stream.get()]
+        ...         return got, stream.dropped, ipc.listener_count("tick")
+        >>> asyncio.run(main())
+        ([1, 2], 0, 0)
     """
 
     def __init__(self, emitter: Emitter, event: str, maxsize: int) -> None:
@@ -240,11 +260,34 @@ class MessageStream:
 
     @property
     def closed(self) -> bool:
-        """True once the stream no longer receives messages."""
+        """True once the stream no longer receives messages.
+
+        Example:
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> stream = AsyncIPC("/tmp/unused").subscribe("tick")
+            >>> stream.closed
+            False
+            >>> stream.close(); stream.closed
+            True
+        """
         return not self._sub.active
 
     def close(self) -> None:
-        """Unsubscribe; buffered messages can still be read."""
+        """Unsubscribe; buffered messages can still be read. Safe to repeat.
+
+        Example:
+            >>> import tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         stream = ipc.subscribe("tick")
+            ...         await ipc.notify("tick", 1, include_self=True)
+            ...         stream.close()  # nothing more comes in
+            ...         await ipc.notify("tick", 2, include_self=True)
+            ...         return [message async for message in stream]
+            >>> asyncio.run(main())
+            [1]
+        """
         self._sub.stop()
 
     def _push(self, message: Any) -> None:
@@ -270,7 +313,26 @@ class MessageStream:
             waiter.set_result(None)
 
     async def get(self) -> Any:
-        """The next message; raises `StopAsyncIteration` once closed and drained."""
+        """The next message; raises `StopAsyncIteration` once closed and drained.
+
+        Starts the instance if needed, as `async for` does.
+
+        Example:
+            >>> import tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         stream = ipc.subscribe("price")
+            ...         await ipc.notify("price", 42, include_self=True)
+            ...         first = await asyncio.wait_for(stream.get(), 5)  # with a deadline
+            ...         stream.close()
+            ...         try:
+            ...             await stream.get()
+            ...         except StopAsyncIteration:
+            ...             return first, "closed and drained"
+            >>> asyncio.run(main())
+            (42, 'closed and drained')
+        """
         if self._before_next is not None:
             await self._before_next()
         while not self._buffer:

@@ -37,7 +37,15 @@ the retention window behind; on Redis, also when Redis lost the namespace's
 keys): the message is `{"peer": id, "lost": count}`, `count` None when how many
 is unknown (maybe none). The cache reloads itself (from the snapshot, or from
 Redis); `stats()` counts `gaps` and `records_lost`; `health()` is unhealthy for
-`AsyncIPC.unhealthy_after_gap` seconds."""
+`AsyncIPC.unhealthy_after_gap` seconds.
+
+Example:
+    >>> from ivip_ipc_async.ipc import GAP_EVENT
+    >>> ipc = AsyncIPC("/tmp/unused")
+    >>> sub = ipc.on(GAP_EVENT, lambda gap: print("lost", gap["lost"], "from", gap["peer"]))
+    >>> GAP_EVENT
+    'ivip:gap'
+"""
 
 
 # Bumped in a forked child, so an instance notices that its files belong to the
@@ -122,7 +130,19 @@ class AsyncIPC:
 
     @property
     def started(self) -> bool:
-        """True while started in the running loop of this process."""
+        """True while started in the running loop of this process.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     ipc = AsyncIPC(tempfile.mkdtemp())
+            ...     before = ipc.started
+            ...     async with ipc:
+            ...         during = ipc.started
+            ...     return before, during, ipc.started
+            >>> asyncio.run(main())
+            (False, True, False)
+        """
         return self._ready()
 
     def _ready(self) -> bool:
@@ -225,7 +245,18 @@ class AsyncIPC:
     async def destroy(self) -> None:
         """Stop watching, drop every listener, release every file. Safe to repeat.
 
+        Pending `wait_for` calls raise `IPCClosedError`, `subscribe` loops end.
         The instance may be started again afterwards (with no listeners).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     ipc = await AsyncIPC(tempfile.mkdtemp()).start()
+            ...     ipc.on("greet", print)
+            ...     await ipc.destroy(); await ipc.destroy()
+            ...     return ipc.started, ipc.listener_count()
+            >>> asyncio.run(main())
+            (False, 0)
         """
         self._emitter.clear()
         await self._emitter.drain()
@@ -283,7 +314,14 @@ class AsyncIPC:
         return self._emitter.off(event, handler)
 
     def listener_count(self, event: str | None = None) -> int:
-        """How many listeners `event` has (every event when None)."""
+        """How many listeners `event` has (every event when None).
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> _ = ipc.on("a", print); _ = ipc.once("a", print); _ = ipc.on("b", print)
+            >>> ipc.listener_count("a"), ipc.listener_count()
+            (2, 3)
+        """
         return self._emitter.listener_count(event)
 
     async def wait_for(self, event: str, timeout: float | None = None) -> Any:

@@ -455,14 +455,49 @@ class Codec(Protocol):
 
     `id` is written in every record so that a peer using another codec is
     detected instead of misread. `dumps` must raise `TypeError` for values it
-    cannot encode.
+    cannot encode. Every process of a namespace must use codecs of one id.
+
+    Example:
+        A codec for values that JSON cannot carry as they are (here, sets):
+
+        >>> import json
+        >>> class SetCodec:
+        ...     id = 42  # any number but 1 (JSON); the same in every process
+        ...     def dumps(self, value):
+        ...         if isinstance(value, set):
+        ...             value = {"set": sorted(value)}
+        ...         return json.dumps(value).encode()  # raises TypeError when it cannot
+        ...     def loads(self, data):
+        ...         value = json.loads(data)
+        ...         is_set = isinstance(value, dict) and "set" in value
+        ...         return set(value["set"]) if is_set else value
+        >>> codec: Codec = SetCodec()
+        >>> codec.loads(codec.dumps({3, 1}))
+        {1, 3}
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> AsyncIPC("/tmp/unused", codec=SetCodec()).codec.id
+        42
     """
 
     id: int
 
-    def dumps(self, value: Any) -> bytes: ...
+    def dumps(self, value: Any) -> bytes:
+        """Encode `value`; raise `TypeError` when it cannot be encoded.
 
-    def loads(self, data: bytes) -> Any: ...
+        Example:
+            >>> JsonCodec().dumps([1, "a"])
+            b'[1,"a"]'
+        """
+        ...
+
+    def loads(self, data: bytes) -> Any:
+        """Decode what `dumps` wrote, in any process; never executes anything.
+
+        Example:
+            >>> JsonCodec().loads(b'{"a":1}')
+            {'a': 1}
+        """
+        ...
 
 
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
@@ -491,6 +526,16 @@ class JsonCodec:
         self._decode = json.JSONDecoder().decode
 
     def dumps(self, value: Any) -> bytes:
+        """Compact UTF-8 JSON; `TypeError` for what JSON cannot encode (NaN included).
+
+        Example:
+            >>> JsonCodec().dumps({"name": "Ana", "ids": [1, 2]})
+            b'{"name":"Ana","ids":[1,2]}'
+            >>> JsonCodec().dumps(float("nan"))
+            Traceback (most recent call last):
+            ...
+            TypeError: value cannot be encoded as JSON: Out of range float values ...
+        """
         try:
             if _c_make_encoder is None:
                 return self._encode(value).encode()
@@ -505,6 +550,12 @@ class JsonCodec:
             raise TypeError(f"value cannot be encoded as JSON: {exc}") from exc
 
     def loads(self, data: bytes) -> Any:
+        """Decode JSON bytes.
+
+        Example:
+            >>> JsonCodec().loads(b'{"name":"Ana"}')
+            {'name': 'Ana'}
+        """
         return self._decode(data.decode())
 
 
@@ -531,6 +582,12 @@ class OrjsonCodec:
         self.loads: Callable[[bytes], Any] = orjson.loads
 
     def dumps(self, value: Any) -> bytes:
+        """The JSON bytes `JsonCodec` writes; `TypeError` for what orjson cannot encode.
+
+        Example:
+            >>> OrjsonCodec().dumps({"id": 7}) == JsonCodec().dumps({"id": 7})
+            True
+        """
         return self._orjson_dumps(value, option=self._option)  # its errors are TypeErrors
 
 

@@ -254,6 +254,15 @@ get_ipc: StateDependency[AsyncIPC] = StateDependency(ipc_from, AsyncIPC, "get_ip
 
 `ipc: AsyncIPC = Depends(get_ipc)`, or `Annotated[AsyncIPC, Depends(get_ipc)]`.
 A coroutine function: elsewhere, `ipc_from(conn)` reads it without awaiting.
+
+Example:
+    >>> from typing import Annotated
+    >>> from fastapi import Depends, FastAPI
+    >>> from ivip_ipc_async import AsyncIPC
+    >>> app = FastAPI(lifespan=ipc_lifespan())
+    >>> @app.post("/invalidate")
+    ... async def invalidate(ipc: Annotated[AsyncIPC, Depends(get_ipc)]) -> None:
+    ...     await ipc.notify("invalidate", {"all": True}, include_self=True)
 """
 
 get_cache: StateDependency[AsyncCache[Any]] = StateDependency(cache_from, AsyncCache, "get_cache")
@@ -261,4 +270,13 @@ get_cache: StateDependency[AsyncCache[Any]] = StateDependency(cache_from, AsyncC
 
 `cache: AsyncCache[Any] = Depends(get_cache)`. A coroutine function: elsewhere,
 `cache_from(conn)` reads it without awaiting.
+
+Example:
+    >>> from typing import Annotated, Any
+    >>> from fastapi import Depends, FastAPI
+    >>> from ivip_ipc_async import AsyncCache
+    >>> app = FastAPI(lifespan=ipc_lifespan())
+    >>> @app.get("/users/{uid}")
+    ... async def load(uid: int, cache: Annotated[AsyncCache[Any], Depends(get_cache)]) -> Any:
+    ...     return await cache.get(uid)
 """
