@@ -71,7 +71,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _namespace(text: str) -> str:
-    from .backends.directory import check_namespace
+    from .namespaces import check_namespace
 
     try:
         return check_namespace(text)
@@ -143,7 +143,7 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     if args.app_dir is not None:
         if namespace is not None:
             raise UsageError("give --namespace or --app-dir, not both")
-        from .backends.directory import default_namespace
+        from .namespaces import default_namespace
 
         if not os.path.isdir(args.app_dir):
             raise UsageError(f"--app-dir {args.app_dir!r} is not a directory")

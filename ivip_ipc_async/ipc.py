@@ -98,7 +98,7 @@ class AsyncIPC:
         **backend_options: Any,
     ) -> None:
         if namespace is not None:
-            from .backends.directory import check_namespace
+            from .namespaces import check_namespace
 
             check_namespace(namespace)
         if max_record_size < 1024:
@@ -200,7 +200,8 @@ class AsyncIPC:
     def _make_backend(self) -> Backend:
         if self._given_backend is not None:
             return self._given_backend
-        from .backends.directory import DirectoryBackend, default_namespace, default_root
+        from .backends.directory import DirectoryBackend
+        from .namespaces import default_namespace, default_root
 
         raw = self._path if self._path is not None else os.environ.get("IVIP_IPC_DIR")
         if raw is None:

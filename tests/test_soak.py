@@ -14,6 +14,7 @@ process must be collected by the living.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -150,7 +151,10 @@ async def test_crash_soak(ipc_dir: Path) -> None:
         while True:
             locks = {p.stem for p in (ns / "peers").glob("*.lock")}
             writers = {p.name.split("-")[0] for p in (ns / "log").glob("*.seg")}
-            live_ids = {json.loads((ns / "peers" / f"{x}.lock").read_text())["pid"] for x in locks}
+            live_ids = set()
+            for x in locks:
+                with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                    live_ids.add(json.loads((ns / "peers" / f"{x}.lock").read_text())["pid"])
             if live_ids == {a.proc.pid for a in survivors} and writers <= locks:
                 break
             assert loop.time() < deadline + 30, f"dead peers not collected: {locks}"

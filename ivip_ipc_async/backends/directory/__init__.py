@@ -7,13 +7,18 @@
 - `wakeups`: doorbells and the watchfiles thread
 - `peers`: this peer's lock file, liveness and collection of the dead
 - `snapshots`: snapshot.bin written, checked, loaded
+- `locks`: the lock capability (flock, inotify wake-ups)
 - `backend`: `DirectoryBackend`, composing them: life, maintenance, stats
+
+Where processes meet (`default_root`, `default_namespace`, `check_namespace`) is
+backend-neutral: `ivip_ipc_async/namespaces.py`; re-exported here as before.
 """
 
+from ...namespaces import check_namespace as check_namespace
+from ...namespaces import default_namespace, default_root
 from .backend import DirectoryBackend
 from .layout import UnsafeFileError as UnsafeFileError
-from .layout import check_namespace as check_namespace
-from .layout import default_namespace, default_root, secure_directory
+from .layout import secure_directory
 
 __all__ = [
     "DirectoryBackend",

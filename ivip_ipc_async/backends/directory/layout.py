@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +32,6 @@ from ..base import RecordSink
 
 SEGMENT_RE: Final = re.compile(r"^([0-9a-f]{16})-(\d{8})\.seg$")
 LOCK_RE: Final = re.compile(r"^([0-9a-f]{16})\.lock$")
-_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 SNAPSHOT: Final = "snapshot.bin"
 READ_CHUNK: Final = 256 << 10
@@ -69,50 +66,7 @@ COUNTERS: Final = (
 )
 
 
-# -- where the directory is -----------------------------------------------------
-
-
-def default_root() -> Path:
-    """The per-user base directory used when no path is given.
-
-    `$XDG_RUNTIME_DIR/ivip-ipc` when the session has one, else
-    `/dev/shm/ivip-ipc-<uid>` (memory-backed), else `<tmp>/ivip-ipc-<uid>`.
-
-    Example:
-        >>> default_root().name.startswith("ivip-ipc")
-        True
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "ivip-ipc"
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return Path("/dev/shm") / f"ivip-ipc-{os.geteuid()}"
-    return Path(tempfile.gettempdir()) / f"ivip-ipc-{os.geteuid()}"
-
-
-def default_namespace(cwd: str | None = None) -> str:
-    """The namespace of an application that names none: one per working directory.
-
-    Example:
-        >>> default_namespace("/srv/app") == default_namespace("/srv/app")
-        True
-        >>> default_namespace("/srv/app") == default_namespace("/srv/other")
-        False
-    """
-    where = os.path.realpath(cwd if cwd is not None else os.getcwd())
-    return "app-" + hashlib.sha256(where.encode()).hexdigest()[:16]
-
-
-def check_namespace(namespace: str) -> str:
-    """Refuse namespaces that are not a plain directory name."""
-    if not isinstance(namespace, str):
-        raise TypeError(f"namespace must be str, not {type(namespace).__name__}")
-    if not _NAMESPACE_RE.match(namespace):
-        raise ValueError(
-            f"invalid namespace {namespace!r}: use 1-100 characters from "
-            "letters, digits, '.', '_' and '-', not starting with '.' or '-'"
-        )
-    return namespace
+# -- where the directory is: ivip_ipc_async/namespaces.py (shared with the CLI) --
 
 
 def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
