@@ -675,6 +675,9 @@ class _Sink:
     def state_version(self) -> int:
         return self._ipc.mirror.version
 
+    def state_bytes(self) -> int:
+        return self._ipc.mirror.nbytes
+
     def mirror_ready(self, ready: bool) -> None:
         ipc = self._ipc
         if not ready and ipc._mirror_ready:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from .records import CacheKey, Kind, Record, decode_key
+from .records import HEADER_SIZE, CacheKey, Kind, Record, decode_key
 
 __all__ = ["UNSET", "Entry", "Mirror"]
 
@@ -60,6 +60,7 @@ class Mirror:
         self.caches: dict[str, dict[CacheKey, Entry]] = {}
         self.tombstone_ttl = tombstone_ttl
         self.version = 0  # bumped on every change, so a snapshot knows it is stale
+        self.nbytes = 0  # about what a snapshot of the state takes (the size cap reserves it)
 
     def apply(self, record: Record) -> bool:
         """Apply a cache record; True when it won (changed the state)."""
@@ -82,6 +83,7 @@ class Mirror:
             ):
                 return False
         entries[key] = Entry(record)
+        self.nbytes += _size(record) - (_size(held.record) if held is not None else 0)
         self.version += 1
         return True
 
@@ -109,6 +111,7 @@ class Mirror:
             rec = entry.record
             if rec.kind is Kind.CACHE_SET and rec.expires != 0.0 and rec.expires <= now:
                 entries[key] = Entry(_as_tombstone(rec))
+                self.nbytes -= len(rec.data)
                 removed += 1
         if removed:
             self.version += 1
@@ -125,6 +128,7 @@ class Mirror:
             for key, entry in list(entries.items()):
                 if entry.deleted and (entry.record.hlc >> 16) < horizon_ms:
                     del entries[key]
+                    self.nbytes -= _size(entry.record)
                     forgotten += 1
             if not entries:
                 del self.caches[name]
@@ -149,10 +153,16 @@ class Mirror:
                     if (rec.hlc >> 16) < horizon_ms:
                         if entries.get(key) is entry:
                             del entries[key]
+                            self.nbytes -= _size(rec)
                         continue
                 elif rec.expires != 0.0 and rec.expires <= now:
                     rec = _as_tombstone(rec)
                 yield rec
+
+
+def _size(rec: Record) -> int:
+    """About the bytes `rec` takes in a snapshot (a character of the name as a byte)."""
+    return HEADER_SIZE + len(rec.topic) + len(rec.key) + len(rec.data)
 
 
 def _as_tombstone(rec: Record) -> Record:

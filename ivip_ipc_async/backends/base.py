@@ -57,6 +57,10 @@ class RecordSink(Protocol):
     def state_version(self) -> int:
         """A number that changes whenever `state()` would."""
 
+    def state_bytes(self) -> int:
+        """About the bytes a snapshot of `state()` takes (what a size cap must
+        keep room for, before the snapshot is even written)."""
+
     def mirror_ready(self, ready: bool) -> None:
         """Whether the mirror is current. While False (say, the connection to Redis
         is being re-established and records may have been missed), cache reads go

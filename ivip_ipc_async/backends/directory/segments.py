@@ -67,6 +67,7 @@ class OwnSegments:
         self.must_rotate = False  # a write failed part-way: continue in a new segment
         self.peer_count = 1  # peers with a lock file, dead or alive: they share the cap
         self.budget = ns.max_footprint  # own share of the cap; see update_budget
+        self._state_bytes = 0  # the state's size the budget was computed for
         self.segment_limit = ns.segment_bytes
         self._capped_through = 0  # last own segment deleted early, under the cap
         self.room_since = 0.0  # monotonic time writes started waiting for room under the cap
@@ -110,6 +111,9 @@ class OwnSegments:
             inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
             data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
         size = len(data)
+        sink = self._ns.sink
+        if sink is not None and sink.state_bytes() != self._state_bytes:
+            self.update_budget()  # the state grew or shrank: so does the room kept for it
         if self.own_bytes + size > self.budget and not self.make_room(size):
             raise NoRoom
         seg = self.segments[-1]
@@ -172,7 +176,11 @@ class OwnSegments:
         snapshot and its next copy, split among every peer with a lock file (the
         dead ones' segments count until they are collected). Segments shrink so
         that a share always holds several of them."""
-        room = self._ns.max_footprint - 2 * self._snapshots.bytes
+        sink = self._ns.sink
+        self._state_bytes = sink.state_bytes() if sink is not None else 0
+        # The snapshot, and its next copy while it is written; both as large as
+        # the state now is, even before a snapshot of it exists.
+        room = self._ns.max_footprint - 2 * max(self._snapshots.bytes, self._state_bytes)
         share = room // max(1, self.peer_count)
         self.segment_limit = min(self._ns.segment_bytes, max(_MIN_SEGMENT, share // 4))
         self.budget = max(2 * self.segment_limit, share)
