@@ -115,17 +115,22 @@ def role_sampler(ns: str, interval: float) -> None:
     """Sample the namespace's bytes every `interval` s until told to stop."""
     root = Path(ns)
     samples: list[tuple[float, int]] = []
+    largest: dict[str, int] = {}
     say({"ready": True})
     start = time.monotonic()
     nxt = start
     with selectors.DefaultSelector() as sel:
         sel.register(sys.stdin, selectors.EVENT_READ)
         while True:
-            samples.append((round(time.monotonic() - start, 3), namespace_bytes(root)))
+            parts = namespace_parts(root)
+            total = sum(parts.values())
+            samples.append((round(time.monotonic() - start, 3), total))
+            if total > sum(largest.values()):
+                largest = parts
             nxt += interval
             if sel.select(max(0.0, nxt - time.monotonic())):
                 break
-    say({"samples": samples})
+    say({"samples": samples, "largest": largest})
 
 
 def role_burst(
@@ -485,16 +490,30 @@ ROLES: dict[str, Callable[..., None]] = {
 # -- the orchestrator -----------------------------------------------------------
 
 
-def namespace_bytes(ns: Path) -> int:
-    """Bytes of the regular files in the namespace root and in its log/."""
-    total = 0
+def namespace_parts(ns: Path) -> dict[str, int]:
+    """Bytes of the regular files in the namespace root and in its log/, by kind:
+    "segments" (log/), "snapshot.bin", "snapshot temp files" (.snapshot.*), "other"."""
+    parts: Counter[str] = Counter()
     for where in (ns, ns / "log"):
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(where):
                 with contextlib.suppress(FileNotFoundError):
                     if entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
-    return total
+                        if where != ns:
+                            kind = "segments"
+                        elif entry.name == "snapshot.bin":
+                            kind = entry.name
+                        elif entry.name.startswith(".snapshot."):
+                            kind = "snapshot temp files"
+                        else:
+                            kind = "other"
+                        parts[kind] += entry.stat(follow_symlinks=False).st_size
+    return dict(parts)
+
+
+def namespace_bytes(ns: Path) -> int:
+    """Bytes of the regular files in the namespace root and in its log/."""
+    return sum(namespace_parts(ns).values())
 
 
 class Child:
@@ -640,8 +659,10 @@ def cap_situation(
             under_since = None
         time.sleep(0.1)
     sampler.send("stop")
-    samples = sampler.line(10, "samples")["samples"]
+    sampled = sampler.line(10, "samples")
+    samples = sampled["samples"]
     raw: dict[str, Any] = {"burst_s": round(burst_s, 2), "writers": results}
+    raw["largest_sample"] = sampled["largest"]
     sizes = [s for _, s in samples]
     slack = cap + len(writers) * SEGMENT
     above = [i for i, s in enumerate(sizes) if s > cap]
@@ -654,17 +675,21 @@ def cap_situation(
     )
     acked = sum(r["acked"] for r in results)
     failed = sum(r["failed"] for r in results)
+    largest = ", ".join(f"{k} {mib(v)}" for k, v in sorted(sampled["largest"].items()))
     text = (
         f"max {mib(max(sizes))}; above the cap in {len(above)} of {len(sizes)} samples "
         f"({100 * len(above) / len(sizes):.0f} %, ~{raw['seconds_above_cap']} s), above cap + "
         f"{len(writers)} x {SEGMENT // MiB} MiB in {raw['above_cap_plus_slack']}; "
-        f"{acked:,} acked"
+        f"{acked:,} acked; largest sample: {largest}"
     )
     if failed:
         text += f", {failed:,} failed ({', '.join(k for r in results for k in r['errors'])[:100]})"
     if any(r["timed_out"] for r in results):
         text += f" (deadline {deadline:g} s reached)"
     text += f", burst {burst_s:.1f} s"
+    if any(w["kind"] == "rate" for w in writers):
+        size = writers[0]["size"]
+        text += f" ({acked * size / burst_s / len(writers) / 1e6:.2f} MB/s per writer)"
     if joiner:
         expect = writers[0]["expect_file"]
         j = run.child(
@@ -753,11 +778,11 @@ def locks_situation(run: Run, scratch: Path, how: str) -> dict[str, Any]:
     acked = 1 + wrote["acked"]
 
     def secs(v: float | None) -> str:
-        return f"{v:.2f} s" if v is not None else f"never in {window:g} s"
+        return f"after {v:.2f} s" if v is not None else f"not within {window:g} s"
 
     text = (
-        f"survivor holds snapshot.lock after {secs(took['holder_s'])}, "
-        f"dead peer collected after {secs(took['collected_s'])}; "
+        f"survivor holds snapshot.lock {secs(took['holder_s'])}, "
+        f"dead peer collected {secs(took['collected_s'])}; "
         f"late joiner: {got['keys']:,} of {acked:,} acked keys"
     )
     if wrote["failed"] or wrote["filler_failed"]:
