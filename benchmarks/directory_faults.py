@@ -473,7 +473,15 @@ def role_churn(path: str, options: dict[str, Any], n: int) -> None:
     asyncio.run(main())
 
 
+def role_whoami() -> None:
+    """Say which copy of the library this process imports."""
+    import ivip_ipc_async
+
+    say({"library": os.path.abspath(ivip_ipc_async.__file__)})
+
+
 ROLES: dict[str, Callable[..., None]] = {
+    "whoami": role_whoami,
     "sampler": role_sampler,
     "burst": role_burst,
     "joiner": role_joiner,
@@ -675,21 +683,22 @@ def cap_situation(
     )
     acked = sum(r["acked"] for r in results)
     failed = sum(r["failed"] for r in results)
-    largest = ", ".join(f"{k} {mib(v)}" for k, v in sorted(sampled["largest"].items()))
+    parts = sorted(sampled["largest"].items(), key=lambda kv: -kv[1])
+    largest = ", ".join(f"{k} {mib(v)}" for k, v in parts if v >= MiB // 20)
     text = (
         f"max {mib(max(sizes))}; above the cap in {len(above)} of {len(sizes)} samples "
         f"({100 * len(above) / len(sizes):.0f} %, ~{raw['seconds_above_cap']} s), above cap + "
         f"{len(writers)} x {SEGMENT // MiB} MiB in {raw['above_cap_plus_slack']}; "
-        f"{acked:,} acked; largest sample: {largest}"
+        f"{acked:,} acked in {burst_s:.1f} s"
     )
+    if any(w["kind"] == "rate" for w in writers):
+        size = writers[0]["size"]
+        text += f" ({acked * size / burst_s / len(writers) / 1e6:.2f} MB/s per writer)"
     if failed:
         text += f", {failed:,} failed ({', '.join(k for r in results for k in r['errors'])[:100]})"
     if any(r["timed_out"] for r in results):
         text += f" (deadline {deadline:g} s reached)"
-    text += f", burst {burst_s:.1f} s"
-    if any(w["kind"] == "rate" for w in writers):
-        size = writers[0]["size"]
-        text += f" ({acked * size / burst_s / len(writers) / 1e6:.2f} MB/s per writer)"
+    text += f"; largest sample: {largest}"
     if joiner:
         expect = writers[0]["expect_file"]
         j = run.child(
@@ -1061,7 +1070,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = Run(ns.quick)
     commit = git_commit(run.root)
-    print(f"library: {run.library} (commit {commit})")
+    scratch = Path(tempfile.mkdtemp(prefix="ivip-dfaults-", dir="/dev/shm"))
+    try:
+        children_import = run.child(scratch, "whoami").line(30, "whoami")["library"]
+    finally:
+        run.cleanup()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if children_import != run.library:
+        raise SystemExit(f"children import {children_import}, not {run.library}")
+    print(f"library: {run.library} (commit {commit}); the children import the same")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, quick: {ns.quick}")
     print()
     rows = []
