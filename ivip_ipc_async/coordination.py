@@ -130,6 +130,18 @@ class Lock:
 
         On Redis it turns False as soon as the lease could not be renewed in
         time (say, after this process was paused longer than the lease).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         lock = ipc.lock("report")
+            ...         async with lock:
+            ...             inside = lock.held
+            ...         return inside, lock.held
+            >>> asyncio.run(main())
+            (True, False)
         """
         return self._contender is not None and self._contender.held
 
@@ -137,7 +149,20 @@ class Lock:
     def fence(self) -> int:
         """The fencing token of this holding (0 before the first): every later
         holding of the lock has a larger one. Pass it to a store that refuses
-        writes with a token smaller than the last it saw."""
+        writes with a token smaller than the last it saw.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         async with ipc.lock("report") as first:
+            ...             pass
+            ...         async with ipc.lock("report") as second:
+            ...             return second.fence > first.fence
+            >>> asyncio.run(main())
+            True
+        """
         return 0 if self._contender is None else self._contender.fence
 
     async def _new_contender(self) -> Contender:
@@ -180,6 +205,22 @@ class Lock:
         Raises:
             TimeoutError: the lock was not free within `timeout` seconds.
             RuntimeError: this object holds the lock already.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         holder, waiter = ipc.lock("report"), ipc.lock("report")
+            ...         await holder.acquire()
+            ...         try:
+            ...             await waiter.acquire(timeout=0.05)
+            ...         except TimeoutError:
+            ...             await holder.release()
+            ...         await waiter.acquire(timeout=1)
+            ...         return waiter.held
+            >>> asyncio.run(main())
+            True
         """
         if timeout is not None and timeout < 0:
             timeout = self.timeout
@@ -197,6 +238,16 @@ class Lock:
 
         Always `held` on the directory; on Redis one round trip, which also
         turns `held` False when the lease was lost.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         async with ipc.lock("report") as lock:
+            ...             return await lock.verify()
+            >>> asyncio.run(main())
+            True
         """
         return self._contender is not None and await self._contender.verify()
 
@@ -204,6 +255,18 @@ class Lock:
         """Let go of the lock (a waiter takes it at once). Safe to repeat.
 
         On Redis, a lease that expired and was taken by another is left alone.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         lock = ipc.lock("report")
+            ...         await lock.acquire()
+            ...         await lock.release(); await lock.release()
+            ...         return lock.held, await ipc.lock("report").try_acquire()
+            >>> asyncio.run(main())
+            (False, True)
         """
         contender = self._contender
         if contender is not None:

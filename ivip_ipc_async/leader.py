@@ -114,12 +114,38 @@ class Leadership:
 
     @property
     def is_leader(self) -> bool:
-        """True while this object holds the leadership (on Redis: its lease is current)."""
+        """True while this object holds the leadership (on Redis: its lease is current).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         leadership = Leadership(ipc, "scheduler")
+            ...         before = leadership.is_leader
+            ...         async with leadership:
+            ...             return before, leadership.is_leader
+            >>> asyncio.run(main())
+            (False, True)
+        """
         return self._contender is not None and self._contender.held
 
     @property
     def fence(self) -> int:
-        """The fencing token of this leadership (see `Lock.fence`); 0 before leading."""
+        """The fencing token of this leadership (see `Lock.fence`); 0 before leading.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         leadership = Leadership(ipc, "scheduler")
+            ...         before = leadership.fence
+            ...         async with leadership:
+            ...             return before, leadership.fence > 0
+            >>> asyncio.run(main())
+            (0, True)
+        """
         return 0 if self._contender is None else self._contender.fence
 
     async def _contend(self) -> Contender:
@@ -151,6 +177,22 @@ class Leadership:
         """Wait until this object leads; `TimeoutError` after `timeout` seconds.
 
         Never blocks the event loop; cancellable while waiting.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         first, second = Leadership(ipc, "jobs"), Leadership(ipc, "jobs")
+            ...         await first.acquire()
+            ...         try:
+            ...             await second.acquire(timeout=0.05)
+            ...         except TimeoutError:
+            ...             waited = "timed out"
+            ...         await first.release()
+            ...         return waited
+            >>> asyncio.run(main())
+            'timed out'
         """
         contender = await self._contend()
         try:
@@ -162,7 +204,20 @@ class Leadership:
                 await self.release()
 
     async def release(self) -> None:
-        """Let go: a waiting follower takes over at once. Safe to repeat."""
+        """Let go: a waiting follower takes over at once. Safe to repeat.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         first, second = Leadership(ipc, "jobs"), Leadership(ipc, "jobs")
+            ...         await first.acquire()
+            ...         await first.release(); await first.release()
+            ...         return await second.try_acquire()
+            >>> asyncio.run(main())
+            True
+        """
         contender, self._contender = self._contender, None
         if contender is not None:
             await contender.release()
