@@ -659,8 +659,16 @@ def _check_codec() -> None:
 
 
 def _error_text(exc: BaseException, args: argparse.Namespace) -> str:
+    from .errors import BackendError, BackendUnavailableError
+
     where = _describe(args)
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, BackendError) and exc.__cause__ is not None:
+        # The library's wrapper names the place; redis-py's error says what happened.
+        cause = str(exc.__cause__) or type(exc.__cause__).__name__
+        if isinstance(exc, BackendUnavailableError):
+            return f"cannot reach Redis at {where}: {cause}"
+        return f"Redis at {where} refused: {cause}"
     module = type(exc).__module__
     if module.startswith("redis"):
         if type(exc).__name__ in ("ConnectionError", "TimeoutError"):
