@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import mmap
 import struct
 import zlib
 from collections.abc import Callable
@@ -156,11 +157,14 @@ class FrameReader:
     )
 
     def __init__(self, max_body: int, on_garbage: Callable[[int, str], None] | None = None) -> None:
-        self._buffer: bytes | bytearray = b""
+        self._buffer: bytes | mmap.mmap = b""
         self._pos = 0  # where parsing resumes in `_buffer`
         self._batch: FrameReader | None = None  # a BATCH frame given out in parts
         self._batch_len = 0  # bytes of that frame
-        self._big: bytearray | None = None  # the body of a large frame being collected
+        # The body of a large frame being collected: an anonymous mapping, whose
+        # pages are zeroed by the kernel as they are first written (a bytearray of
+        # 16 MiB is zeroed all at once: milliseconds on the event loop).
+        self._big: mmap.mmap | None = None
         self._big_fill = 0
         self._big_crc = 0
         self._big_head = b""  # its header
@@ -263,6 +267,7 @@ class FrameReader:
     def _append(self, data: bytes) -> None:
         pos = self._pos
         buf = self._buffer
+        assert isinstance(buf, bytes)  # a mapping is only ever a BATCH body, never fed
         if pos >= len(buf):
             self._buffer, self._pos = data, 0
         elif pos:
@@ -331,7 +336,7 @@ class FrameReader:
                     if body_len >= _COLLECT_AT:
                         # Collect it as it arrives instead of holding (and copying)
                         # an ever longer buffer.
-                        self._big = bytearray(body_len)
+                        self._big = mmap.mmap(-1, body_len)
                         self._big_head = bytes(view[pos:start])
                         self._big_fill, self._big_crc = 0, 0
                         pos = end
@@ -357,7 +362,7 @@ class FrameReader:
     def _frame(
         self,
         head: tuple[Any, ...],
-        buf: bytes | bytearray,
+        buf: bytes | mmap.mmap,
         start: int,
         out: list[Record],
         limit: int,
@@ -405,7 +410,7 @@ class FrameReader:
         if self.on_garbage is not None:
             self.on_garbage(skipped, why)
 
-    def _resync(self, buf: bytes | bytearray, start: int, why: str) -> int:
+    def _resync(self, buf: bytes | mmap.mmap, start: int, why: str) -> int:
         found = buf.find(MAGIC, start)
         nxt = found if found >= 0 else max(start, len(buf) - 1)
         self._count_garbage(nxt - (start - 1), why)
