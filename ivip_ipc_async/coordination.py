@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -58,6 +59,22 @@ def check_timing(lease: float, poll_interval: float) -> None:
     for value, what in ((lease, "lease"), (poll_interval, "poll_interval")):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ValueError(f"{what} must be a positive number of seconds, not {value!r}")
+
+
+async def release_on_exit(
+    contender: Contender | None, release: Callable[[], Awaitable[None]]
+) -> None:
+    """Let go at the end of an `async with`: shielded, so that a cancelled block
+    still lets go now, not at the lease's expiry."""
+    if contender is None or not contender.held:
+        await release()
+        return
+    releasing = asyncio.ensure_future(release())
+    try:
+        await asyncio.shield(releasing)
+    except asyncio.CancelledError:
+        await releasing
+        raise
 
 
 class Lock:
@@ -277,14 +294,4 @@ class Lock:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        contender = self._contender
-        if contender is None or not contender.held:
-            await self.release()
-            return
-        # Shielded: a cancelled `async with` still lets go now, not at lease expiry.
-        release = asyncio.ensure_future(self.release())
-        try:
-            await asyncio.shield(release)
-        except asyncio.CancelledError:
-            await release
-            raise
+        await release_on_exit(self._contender, self.release)

@@ -40,7 +40,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .coordination import DEFAULT_LEASE, check_name, check_timing
+from .coordination import DEFAULT_LEASE, check_name, check_timing, release_on_exit
 
 if TYPE_CHECKING:
     from .backends.base import Contender
@@ -227,17 +227,7 @@ class Leadership:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        contender = self._contender
-        if contender is None or not contender.held:
-            await self.release()
-            return
-        # Shielded: a cancelled `async with` still lets go now, not at lease expiry.
-        release = asyncio.ensure_future(self.release())
-        try:
-            await asyncio.shield(release)
-        except asyncio.CancelledError:
-            await release
-            raise
+        await release_on_exit(self._contender, self.release)
 
 
 async def run_once(

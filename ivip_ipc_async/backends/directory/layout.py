@@ -22,12 +22,14 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
+from ...records import FrameReader, Record
 from ..base import RecordSink
 
 SEGMENT_RE: Final = re.compile(r"^([0-9a-f]{16})-(\d{8})\.seg$")
@@ -40,6 +42,23 @@ READ_CHUNK: Final = 256 << 10
 SLICE: Final = 0.002  # seconds of reading and dispatch per loop callback, then yield
 STEP: Final = 64  # records parsed and dispatched between two looks at the clock
 GROUP_WRITE: Final = 1 << 20  # bytes of independent appends joined in one frame
+
+
+async def sliced(reader: FrameReader, data: bytes) -> AsyncIterator[list[Record]]:
+    """The records `data` completes, `STEP` at a time, yielding to the event loop
+    whenever a `SLICE` has passed (a restore or a snapshot load of 100,000 keys
+    never holds the loop in one go)."""
+    deadline = time.perf_counter() + SLICE
+    records = reader.feed(data, STEP)
+    while True:
+        yield records
+        if not reader.backlog:
+            return
+        if time.perf_counter() > deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + SLICE
+        records = reader.feed(limit=STEP)
+
 
 COUNTERS: Final = (
     "records_written",

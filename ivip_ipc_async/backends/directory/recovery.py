@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import TYPE_CHECKING
 
 from ...logs import logger, rate_limited
 from ...records import HEADER_SIZE, FrameReader, Kind
 from ..base import RecordSink
-from .layout import READ_CHUNK, SEGMENT_RE, SLICE, STEP, Namespace, open_regular
+from .layout import READ_CHUNK, SEGMENT_RE, Namespace, open_regular, sliced
 
 if TYPE_CHECKING:
     from .peers import Peers
@@ -186,14 +185,6 @@ class Gaps:
 
 async def _restore_sliced(reader: FrameReader, data: bytes, sink: RecordSink) -> None:
     """Feed `data` to `sink.restore` a slice at a time, yielding to the loop between."""
-    deadline = time.perf_counter() + SLICE
-    records = reader.feed(data, STEP)
-    while True:
+    async for records in sliced(reader, data):
         sink.restore([r for r in records if r.kind is not Kind.MESSAGE])
-        if not reader.backlog:
-            break
-        if time.perf_counter() > deadline:
-            await asyncio.sleep(0)
-            deadline = time.perf_counter() + SLICE
-        records = reader.feed(limit=STEP)
     await asyncio.sleep(0)

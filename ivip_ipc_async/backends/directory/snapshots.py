@@ -23,7 +23,17 @@ import aiofiles
 
 from ...logs import logger, rate_limited
 from ...records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
-from .layout import READ_CHUNK, SLICE, SNAPSHOT, STEP, Namespace, open_regular, size_of, unlink
+from .layout import (
+    READ_CHUNK,
+    SLICE,
+    SNAPSHOT,
+    STEP,
+    Namespace,
+    open_regular,
+    size_of,
+    sliced,
+    unlink,
+)
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -268,9 +278,7 @@ class Snapshots:
         try:
             while data := await loop.run_in_executor(None, os.pread, fd, READ_CHUNK, offset):
                 offset += len(data)
-                records = reader.feed(data, STEP)
-                deadline = time.perf_counter() + SLICE
-                while True:
+                async for records in sliced(reader, data):
                     state = []
                     for rec in records:
                         if rec.kind is not Kind.SNAPSHOT_META:
@@ -281,12 +289,6 @@ class Snapshots:
                             end = _snapshot_end(rec.data)
                     count += len(state)
                     sink.restore(state)
-                    if not reader.backlog:
-                        break
-                    if time.perf_counter() > deadline:
-                        await asyncio.sleep(0)
-                        deadline = time.perf_counter() + SLICE
-                    records = reader.feed(limit=STEP)
         except OSError as exc:
             logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
             return False
