@@ -290,7 +290,7 @@ async def test_what_the_catch_up_reads_is_not_delivered_again_by_a_push(
             await writer.notify("n", i)
         await until(lambda: got == list(range(10)))
 
-        backend: Any = reader._backend
+        backend: Any = reader._backend.listener
         catch_up = backend._checked_read
         armed = True
 
@@ -713,7 +713,7 @@ async def test_destroy_sends_every_write_already_accepted(namespace: str, until:
         got: list[int] = []
         receiver.on("n", got.append)
         sender = await AsyncIPC(REDIS_URL, namespace=namespace).start()
-        backend: Any = sender._backend
+        backend: Any = sender._backend.writer
         send = backend._send
         calls = 0
 
@@ -792,16 +792,16 @@ async def test_cancelled_sets_leave_every_mirror_equal(namespace: str, until: An
 
         # Cancelled while their pipeline is on the wire: stored, so applied here too.
         on_wire = asyncio.Event()
-        send = backend._send
+        send = backend.writer._send
 
         async def send_and_signal(ops: Any) -> Any:
             on_wire.set()  # the waiting test resumes before the reply is handled
             return await send(ops)
 
-        backend._send = send_and_signal
+        backend.writer._send = send_and_signal
         tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(200, 400)]
         await asyncio.wait_for(on_wire.wait(), 10)
-        backend._send = send
+        backend.writer._send = send
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -36,8 +36,8 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from ..logs import logger, rate_limited
-from .base import check_lock_name
+from ...logs import logger, rate_limited
+from ..base import check_lock_name
 
 __all__ = ["RedisLeases"]
 
@@ -156,7 +156,7 @@ class RedisLeases:
 
     def client(self) -> Any:
         if self._closed:
-            from ..errors import IPCClosedError
+            from ...errors import IPCClosedError
 
             raise IPCClosedError("the backend of these locks is closed")
         if self._client is None:
