@@ -88,7 +88,8 @@ docs/design.md, "The Redis backend's files"):
                     retries, redis-py's errors as the library's
     scripts.py      the Lua scripts, loading them, naming a refused command
     writer.py       writes: framing, group commit, outcomes, the own-write window
-    listener.py     subscribe, catch up, pushes, dedupe, PING, reconnect
+    listener.py     subscribe, catch up, pushes, PING, reconnect and resync
+    delivery.py     each sender's records once and in order; own writes
     position.py     the reader's position in the stream, and gap accounting
     state.py        loading the cache entries, the namespace's marker, evictions
     replies.py      what Redis answers, normalised (RESP2 and RESP3)

@@ -14,6 +14,7 @@ from ...logs import logger, rate_limited
 from ...records import FrameReader, Record
 from ..base import RecordSink
 from .connections import Connections, Settings, check_redis_url, redacted, retryable, wrap
+from .delivery import Delivery
 from .leases import RedisLeases
 from .listener import Listener
 from .position import Position
@@ -166,11 +167,13 @@ class RedisBackend:
             settings, self.connections, self.position, self.counters, self._garbage
         )
         self.writer = Writer(settings, self.connections, self.counters)
+        self.delivery = Delivery(settings, self.position, self.writer, self.counters, self._garbage)
         self.listener = Listener(
             settings,
             self.connections,
             self.position,
             self.state,
+            self.delivery,
             self.writer,
             self.counters,
             self._garbage,
@@ -192,7 +195,7 @@ class RedisBackend:
                 channel the backend needs, were refused (nothing was stored).
             BackendError: any other refusal (say, `DB index is out of range`).
         """
-        self.writer.sink = self.state.sink = self.listener.sink = sink
+        self.writer.sink = self.state.sink = self.delivery.sink = self.listener.sink = sink
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout
         delay = 0.1

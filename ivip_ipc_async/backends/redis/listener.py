@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
 from ...logs import logger
-from ...records import MAGIC, NODE_OFFSET, FrameReader, Kind, Record
+from ...records import MAGIC, FrameReader
 from ..base import RecordSink
 from .connections import Connections, Settings
+from .delivery import Delivery
 from .position import Position
 from .replies import (
     StreamId,
@@ -32,7 +32,6 @@ from .writer import OWN_WINDOW, Writer
 __all__ = ["Listener"]
 
 READ_COUNT: Final = 1000  # stream entries per catch-up read
-_SEEN_PEERS: Final = 4096  # senders whose last sequence number is remembered (LRU)
 
 
 class _Reconnected(ConnectionError):
@@ -41,14 +40,15 @@ class _Reconnected(ConnectionError):
 
 class Listener:
     """The reading side of one backend: the task, whether it is connected, and
-    which sequence number of each sender it delivered last.
+    where the last catch-up read up to (the first pushes may repeat it).
 
     Args:
         settings: The backend's settings.
         connections: Its connections (`reader` subscribed, `control` for reads).
         position: Where it is in the stream.
         state: The namespace's state (reloads, the periodic check).
-        writer: The writes (own pushes are applied after an unknown outcome).
+        delivery: Hands what was read to the sink.
+        writer: The writes (the own-write window outlives a reconnection).
         counters: The backend's counters.
         garbage: Called with the size of, and the reason for, bytes skipped.
     """
@@ -59,6 +59,7 @@ class Listener:
         connections: Connections,
         position: Position,
         state: NamespaceState,
+        delivery: Delivery,
         writer: Writer,
         counters: dict[str, int],
         garbage: Callable[[int, str], None],
@@ -67,16 +68,15 @@ class Listener:
         self._connections = connections
         self.position = position
         self._state = state
+        self.delivery = delivery
         self._writer = writer
         self._counters = counters
         self._garbage = garbage
-        self._node_bytes = settings.node.to_bytes(8, "little")  # as in a frame's header
         self.sink: RecordSink | None = None
         self.task: asyncio.Task[None] | None = None
         self.connected = False
         self.closing = False
         self._replayed: StreamId | None = None  # where the last catch-up read up to
-        self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
 
     def start(self) -> None:
         """Start the listener task (the backend has joined: connected and loaded)."""
@@ -270,7 +270,7 @@ class Listener:
             if position <= self._replayed:
                 return
             self._replayed = None  # pushes come in stream order: the rest are new
-        self._deliver([(entry_id, frame)], reader)
+        self.delivery.deliver([(entry_id, frame)], reader)
 
     async def _checked_read(self, reader: FrameReader) -> bool:
         """One catch-up read, checked: a `MULTI` of `XINFO STREAM` and `XREAD` that
@@ -294,57 +294,12 @@ class Listener:
         if self.check_gap(info, unread=None if full else len(entries), at_position=at_position):
             await self._state.reload()
             return True  # read on from the new position
-        self._deliver([(entry_id, field(fields, "r")) for entry_id, fields in entries], reader)
+        self.delivery.deliver(
+            [(entry_id, field(fields, "r")) for entry_id, fields in entries], reader
+        )
         if full:
             return True
         if info is not None and info.last >= id_tuple(position.last_id):
             # Read up to the end: everything up to last-generated-id is seen.
             position.last_id, position.added = info.last_raw, info.added
         return False
-
-    def _deliver(self, entries: list[tuple[Any, bytes | None]], reader: FrameReader) -> None:
-        """Hand the records of `entries` (`(stream id, frame)`, read on from the
-        position) to the sink, and move the position, and the count of entries
-        read, past them."""
-        assert self.sink is not None
-        position = self.position
-        if position.added is not None:
-            position.added += len(entries)
-        fresh: list[Record] = []
-        seen = self._seen
-        for entry_id, frame in entries:
-            position.last_id = entry_id
-            if not frame:
-                continue
-            if frame[NODE_OFFSET : NODE_OFFSET + 8] == self._node_bytes:
-                # This process's own write (Redis pushes it here too): not parsed,
-                # unless a write of unknown outcome may be in it (then applied).
-                if self._writer.own_until and not self._own_write(frame):
-                    self._writer.own_until = 0.0
-                continue
-            records = reader.feed(frame)
-            self._counters["garbage_bytes"] += reader.discard_pending()
-            for record in records:
-                last = seen.get(record.node)
-                if last is not None and record.seq <= last:
-                    self._counters["duplicates_dropped"] += 1  # a retried write
-                    continue
-                seen[record.node] = record.seq
-                seen.move_to_end(record.node)
-                if len(seen) > _SEEN_PEERS:
-                    seen.popitem(last=False)
-                fresh.append(record)
-        if fresh:
-            self._counters["records_read"] += len(fresh)
-            self.sink.deliver(fresh)
-
-    def _own_write(self, frame: bytes) -> bool:
-        """Apply the cache records of an own write pushed back by Redis, while a
-        write of unknown outcome may be run late; False once that window is over."""
-        if asyncio.get_running_loop().time() > self._writer.own_until:
-            return False
-        state = FrameReader(self._settings.max_record_size, self._garbage).feed(frame)
-        state = [record for record in state if record.kind is not Kind.MESSAGE]
-        if state and self.sink is not None:
-            self.sink.written(state)
-        return True
