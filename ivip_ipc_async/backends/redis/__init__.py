@@ -84,8 +84,9 @@ The package's modules, one per concern (the map, with the data flow, is in
 docs/design.md, "The Redis backend's files"):
 
     backend.py      RedisBackend: the parts composed; start, close, fetch, stats
-    connections.py  URL checks, settings and key names, connections by role,
-                    retries, redis-py's errors as the library's
+    settings.py     the settings and key names, counters and sink the parts share
+    connections.py  URL checks, connections by role, the listener connection's
+                    guards, retries, redis-py's errors as the library's
     scripts.py      the Lua scripts, loading them, naming a refused command
     writer.py       writes: framing, group commit, outcomes, the own-write window
     listener.py     subscribe, catch up, pushes, PING, reconnect and resync

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from ...logs import logger, rate_limited
+from ...logs import logger
 from ...records import FrameReader, Record
 from ..base import RecordSink
-from .connections import Connections, Settings, check_redis_url, redacted, retryable, wrap
+from .connections import Connections, check_redis_url, redacted, retryable, wrap
 from .delivery import Delivery
 from .leases import RedisLeases
 from .listener import Listener
 from .position import Position
 from .replies import is_no_such_key, parse_info
 from .scripts import PROBE_SHA, load_scripts
+from .settings import Settings, Shared
 from .state import NamespaceState
 from .writer import Writer
 
@@ -141,42 +141,17 @@ class RedisBackend:
         self.channel = settings.channel
         self.entry_prefix = settings.entry_prefix
         self.marker_key = settings.marker_key
-        self.counters: dict[str, int] = dict.fromkeys(
-            (
-                "records_written",
-                "records_read",
-                "reconnects",
-                "connection_errors",
-                "write_retries",
-                "duplicates_dropped",
-                "gaps",
-                "records_lost",
-                "resyncs",
-                "garbage_bytes",
-                "task_failures",
-                "state_checks",
-                "state_losses",
-            ),
-            0,
-        )
         # The parts, each with its own state (see "The Redis backend's files" in
-        # docs/design.md).
-        self.connections = Connections(settings, self.counters)
+        # docs/design.md), and what they share.
+        self.shared = shared = Shared(settings)
+        self.counters = shared.counters
+        self.connections = Connections(shared)
         self.position = Position(stream_maxlen)
-        self.state = NamespaceState(
-            settings, self.connections, self.position, self.counters, self._garbage
-        )
-        self.writer = Writer(settings, self.connections, self.counters)
-        self.delivery = Delivery(settings, self.position, self.writer, self.counters, self._garbage)
+        self.state = NamespaceState(shared, self.connections, self.position)
+        self.writer = Writer(shared, self.connections)
+        self.delivery = Delivery(shared, self.position, self.writer)
         self.listener = Listener(
-            settings,
-            self.connections,
-            self.position,
-            self.state,
-            self.delivery,
-            self.writer,
-            self.counters,
-            self._garbage,
+            shared, self.connections, self.position, self.state, self.delivery, self.writer
         )
         self._leases: RedisLeases | None = None  # made by locks() on first use
 
@@ -195,7 +170,7 @@ class RedisBackend:
                 channel the backend needs, were refused (nothing was stored).
             BackendError: any other refusal (say, `DB index is out of range`).
         """
-        self.writer.sink = self.state.sink = self.delivery.sink = self.listener.sink = sink
+        self.shared.sink = sink
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout
         delay = 0.1
@@ -311,18 +286,8 @@ class RedisBackend:
         frame = await self.connections.read_entry(self.settings.entry_key(topic, key))
         if not frame:
             return None
-        records = FrameReader(self.max_record_size, self._garbage).feed(frame)
+        records = FrameReader(self.max_record_size, self.shared.garbage).feed(frame)
         return records[0] if records else None
-
-    def _garbage(self, size: int, why: str) -> None:
-        self.counters["garbage_bytes"] += size
-        rate_limited(
-            logging.WARNING,
-            ("redis-garbage", self.stream_key),
-            "skipped %d bytes in Redis (%s)",
-            size,
-            why,
-        )
 
     # -- stats ---------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""Reaching Redis: URL checks, the backend's settings and key names, its
-connections by role, the listener connection's guards, retries with backoff,
-and redis-py's errors wrapped into the library's.
+"""Reaching Redis: URL checks, the backend's connections by role, the listener
+connection's guards, retries with backoff, and redis-py's errors wrapped into
+the library's.
 
 Connections are named `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST`: `c`
 serves the listener's requests (start, catch-up, reload, the periodic check),
@@ -17,7 +17,6 @@ import logging
 import random
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -30,61 +29,11 @@ from ...errors import (
 from ...logs import rate_limited
 from .replies import is_kind
 from .scripts import script_command
+from .settings import Shared
 
-__all__ = ["Connections", "Settings", "check_redis_url", "redacted", "retryable", "wrap"]
+__all__ = ["Connections", "check_redis_url", "redacted", "retryable", "wrap"]
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every part of one Redis backend needs to know: its options (checked
-    by `RedisBackend`), this process's node id, and the namespace's key names.
-
-    Example:
-        >>> Settings("redis://127.0.0.1:6379/0", "docs", node=1).stream_key
-        'ivip:{docs}:log'
-    """
-
-    url: str
-    namespace: str
-    node: int
-    max_record_size: int = 16 << 20
-    stream_maxlen: int = 100_000
-    tombstone_ttl: float = 120.0
-    ping_interval: float = 10.0
-    retry_timeout: float = 10.0
-    read_timeout: float = 5.0
-    stream_max_bytes: int = 64 << 20
-    state_ttl: float = 3600.0
-    state_check_interval: float = 2.0
-    redis_options: dict[str, Any] = field(default_factory=dict)
-
-    stream_key: str = field(init=False)
-    """The stream: one entry per write."""
-    channel: str = field(init=False)
-    """The channel every write is published on: `<stream id> <frame>`."""
-    entry_prefix: bytes = field(init=False)
-    """The prefix of the cache entries' hashes."""
-    marker_key: str = field(init=False)
-    """The namespace's marker (a token: see `NamespaceState.keep`)."""
-    probe_key: str = field(init=False)
-    """The scratch key of the permission check at start (gone when it ends)."""
-
-    def __post_init__(self) -> None:
-        tag = f"ivip:{{{self.namespace}}}"
-        for name, value in (
-            ("stream_key", f"{tag}:log"),
-            ("channel", f"{tag}:live"),
-            ("entry_prefix", f"{tag}:c:".encode()),
-            ("marker_key", f"{tag}:id"),
-            ("probe_key", f"{tag}:probe:{self.node:016x}"),
-        ):
-            object.__setattr__(self, name, value)
-
-    def entry_key(self, topic: str, key: bytes) -> bytes:
-        """The hash holding the cache entry `key` of cache `topic`."""
-        return self.entry_prefix + topic.encode() + b"\x00" + key
 
 
 def redacted(url: str) -> str:
@@ -189,13 +138,12 @@ class Connections:
     """The redis-py clients of one backend, by role, and what guards them.
 
     Args:
-        settings: The backend's settings.
-        counters: The backend's counters (`write_retries`, `connection_errors`).
+        shared: What the backend's parts share (settings, counters).
     """
 
-    def __init__(self, settings: Settings, counters: dict[str, int]) -> None:
-        self._settings = settings
-        self._counters = counters
+    def __init__(self, shared: Shared) -> None:
+        self._settings = shared.settings
+        self._counters = shared.counters
         self.control: Any = None  # the listener's requests (c)
         self.write: Any = None  # writes (w)
         self.reader: Any = None  # the subscription (r)

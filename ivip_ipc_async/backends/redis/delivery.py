@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, Final
 
 from ...records import NODE_OFFSET, FrameReader, Kind, Record
-from ..base import RecordSink
-from .connections import Settings
 from .position import Position
+from .settings import Shared
 from .writer import Writer
 
 __all__ = ["Delivery"]
@@ -26,35 +24,26 @@ class Delivery:
     senders), and what to do with this process's own writes.
 
     Args:
-        settings: The backend's settings.
+        shared: What the backend's parts share (settings, counters, sink).
         position: The listener's position (moved past each entry delivered).
         writer: The writes (own pushes are applied after an unknown outcome).
-        counters: The backend's counters.
-        garbage: Called with the size of, and the reason for, bytes skipped.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        position: Position,
-        writer: Writer,
-        counters: dict[str, int],
-        garbage: Callable[[int, str], None],
-    ) -> None:
-        self._settings = settings
+    def __init__(self, shared: Shared, position: Position, writer: Writer) -> None:
+        self._shared = shared
+        self._settings = shared.settings
         self._position = position
         self._writer = writer
-        self._counters = counters
-        self._garbage = garbage
-        self._node_bytes = settings.node.to_bytes(8, "little")  # as in a frame's header
-        self.sink: RecordSink | None = None
+        self._counters = shared.counters
+        self._garbage = shared.garbage
+        self._node_bytes = shared.settings.node.to_bytes(8, "little")  # as in a frame's header
         self._seen: OrderedDict[int, int] = OrderedDict()  # sender -> last seq delivered
 
     def deliver(self, entries: list[tuple[Any, bytes | None]], reader: FrameReader) -> None:
         """Hand the records of `entries` (`(stream id, frame)`, read on from the
         position) to the sink, and move the position, and the count of entries
         read, past them."""
-        assert self.sink is not None
+        assert self._shared.sink is not None
         position = self._position
         if position.added is not None:
             position.added += len(entries)
@@ -84,7 +73,7 @@ class Delivery:
                 fresh.append(record)
         if fresh:
             self._counters["records_read"] += len(fresh)
-            self.sink.deliver(fresh)
+            self._shared.sink.deliver(fresh)
 
     def _own_write(self, frame: bytes) -> bool:
         """Apply the cache records of an own write pushed back by Redis, while a
@@ -93,6 +82,6 @@ class Delivery:
             return False
         state = FrameReader(self._settings.max_record_size, self._garbage).feed(frame)
         state = [record for record in state if record.kind is not Kind.MESSAGE]
-        if state and self.sink is not None:
-            self.sink.written(state)
+        if state and self._shared.sink is not None:
+            self._shared.sink.written(state)
         return True

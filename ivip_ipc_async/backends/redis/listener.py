@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 from typing import Any, Final
 
 from ...logs import logger
 from ...records import MAGIC, FrameReader
-from ..base import RecordSink
-from .connections import Connections, Settings
+from .connections import Connections
 from .delivery import Delivery
 from .position import Position
 from .replies import (
@@ -26,6 +24,7 @@ from .replies import (
     parse_info,
     stream_entries,
 )
+from .settings import Shared
 from .state import NamespaceState
 from .writer import OWN_WINDOW, Writer
 
@@ -43,36 +42,32 @@ class Listener:
     where the last catch-up read up to (the first pushes may repeat it).
 
     Args:
-        settings: The backend's settings.
+        shared: What the backend's parts share (settings, counters, sink).
         connections: Its connections (`reader` subscribed, `control` for reads).
         position: Where it is in the stream.
         state: The namespace's state (reloads, the periodic check).
         delivery: Hands what was read to the sink.
         writer: The writes (the own-write window outlives a reconnection).
-        counters: The backend's counters.
-        garbage: Called with the size of, and the reason for, bytes skipped.
     """
 
     def __init__(
         self,
-        settings: Settings,
+        shared: Shared,
         connections: Connections,
         position: Position,
         state: NamespaceState,
         delivery: Delivery,
         writer: Writer,
-        counters: dict[str, int],
-        garbage: Callable[[int, str], None],
     ) -> None:
-        self._settings = settings
+        self._shared = shared
+        self._settings = shared.settings
         self._connections = connections
         self.position = position
         self._state = state
         self.delivery = delivery
         self._writer = writer
-        self._counters = counters
-        self._garbage = garbage
-        self.sink: RecordSink | None = None
+        self._counters = shared.counters
+        self._garbage = shared.garbage
         self.task: asyncio.Task[None] | None = None
         self.connected = False
         self.closing = False
@@ -132,8 +127,8 @@ class Listener:
                     logger.error("the Redis listener failed; resynchronising", exc_info=True)
                 if self.connected:
                     self.connected = False
-                    if self.sink is not None:
-                        self.sink.mirror_ready(False)  # reads go to Redis meanwhile
+                    if self._shared.sink is not None:
+                        self._shared.sink.mirror_ready(False)  # reads go to Redis meanwhile
                 await self._connections.drop_reader_connection()
                 resync = True
                 await asyncio.sleep(backoff * (1 + random.random() / 2))
@@ -141,7 +136,7 @@ class Listener:
 
     async def _resync(self) -> None:
         """Back after a disconnect: check for a gap, reload the cache state, read on."""
-        assert self.sink is not None
+        assert self._shared.sink is not None
         state = self._state
         await self._connections.control.ping()
         restarted = await state.server_restarted()
@@ -161,7 +156,7 @@ class Listener:
         await state.load()
         self._counters["reconnects"] += 1
         self.connected = True
-        self.sink.mirror_ready(True)
+        self._shared.sink.mirror_ready(True)
         await self._connections.close_read_client()
         logger.info("reconnected to Redis")
 
@@ -189,8 +184,8 @@ class Listener:
             "the server restarted" if restarted else "trimmed or deleted from the stream",
             f"{lost} records" if lost is not None else "how many is unknown",
         )
-        assert self.sink is not None
-        self.sink.gap("redis", lost)
+        assert self._shared.sink is not None
+        self._shared.sink.gap("redis", lost)
         return True
 
     async def _read_forever(self) -> None:
@@ -276,7 +271,7 @@ class Listener:
         """One catch-up read, checked: a `MULTI` of `XINFO STREAM` and `XREAD` that
         finds a restart, and entries gone before this reader read them (see
         `Position.check`); then deliver. True when it came back full (read again)."""
-        assert self.sink is not None
+        assert self._shared.sink is not None
         stream_key, position = self._settings.stream_key, self.position
         pipe = self._connections.control.pipeline(transaction=True)
         pipe.xinfo_stream(stream_key)

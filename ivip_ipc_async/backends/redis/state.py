@@ -8,16 +8,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ...logs import logger, rate_limited
 from ...records import FrameReader, Kind, Record
-from ..base import RecordSink
-from .connections import Connections, Settings, redacted
+from .connections import Connections, redacted
 from .position import Position
 from .replies import StreamInfo, field, is_no_such_key, parse_info, text
 from .scripts import KEEP_SHA, load_scripts
+from .settings import Shared
 
 __all__ = ["NamespaceState"]
 
@@ -27,27 +26,18 @@ class NamespaceState:
     token, the server's run id and `evicted_keys`, as last seen.
 
     Args:
-        settings: The backend's settings.
+        shared: What the backend's parts share (settings, counters, sink).
         connections: Its connections (requests go on `connections.control`).
         position: The listener's position (a lost stream resets it).
-        counters: The backend's counters (`gaps`, `state_checks`, `state_losses`).
-        garbage: Called with the size of, and the reason for, bytes skipped.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        connections: Connections,
-        position: Position,
-        counters: dict[str, int],
-        garbage: Callable[[int, str], None],
-    ) -> None:
-        self._settings = settings
+    def __init__(self, shared: Shared, connections: Connections, position: Position) -> None:
+        self._shared = shared
+        self._settings = shared.settings
         self._connections = connections
         self._position = position
-        self._counters = counters
-        self._garbage = garbage
-        self.sink: RecordSink | None = None
+        self._counters = shared.counters
+        self._garbage = shared.garbage
         self.marker: bytes | None = None  # the namespace's token, as last seen
         self.evicted: int | None = None  # the server's evicted_keys, as last seen
         self.info_refused = False  # INFO refused (an ACL): evictions go unnoticed
@@ -121,7 +111,7 @@ class NamespaceState:
         """
         client = self._connections.control
         assert client is not None
-        assert self.sink is not None
+        assert self._shared.sink is not None
         reader = FrameReader(self._settings.max_record_size, self._garbage)
         cursor = 0
         pattern = self._settings.entry_prefix + b"*"
@@ -137,16 +127,16 @@ class NamespaceState:
                     if frame:
                         records += reader.feed(frame)
                         reader.discard_pending()  # one frame per entry: never joined
-                self.sink.restore(records)
+                self._shared.sink.restore(records)
             if int(cursor) == 0:
                 break
 
     async def reload(self) -> None:
         """Drop the mirror, load the entries again, and have the mirror serve reads."""
-        assert self.sink is not None
-        self.sink.mirror_ready(False)
+        assert self._shared.sink is not None
+        self._shared.sink.mirror_ready(False)
         await self.load()
-        self.sink.mirror_ready(True)
+        self._shared.sink.mirror_ready(True)
 
     # -- the marker, and losses ----------------------------------------------------------
 
@@ -194,7 +184,7 @@ class NamespaceState:
     async def lost(self, why: str) -> None:
         """Redis lost (some of) the namespace's keys: report a gap of unknown size
         (the caller reloads the cache state)."""
-        assert self.sink is not None
+        assert self._shared.sink is not None
         self._counters["gaps"] += 1
         self._counters["state_losses"] += 1
         # The stream's counts are not the ones this reader kept. A stream that is
@@ -207,7 +197,7 @@ class NamespaceState:
             "(%s; how many is unknown): reloading the cache state",
             why,
         )
-        self.sink.gap("redis", None)
+        self._shared.sink.gap("redis", None)
 
     async def check(self) -> None:
         """The periodic check (from the listener): did Redis lose the namespace's
@@ -217,7 +207,7 @@ class NamespaceState:
         cache reads once the mirror serves them again."""
         from redis.exceptions import ResponseError
 
-        assert self.sink is not None
+        assert self._shared.sink is not None
         self._counters["state_checks"] += 1
         await self._connections.close_read_client()
         why = None
@@ -236,20 +226,20 @@ class NamespaceState:
                     if missing:
                         why = f"Redis evicted {missing} or more of this namespace's cache entries"
         if why is not None:
-            self.sink.mirror_ready(False)
+            self._shared.sink.mirror_ready(False)
             await self.lost(why)
             await self.load()
-            self.sink.mirror_ready(True)
+            self._shared.sink.mirror_ready(True)
 
     async def _entries_missing(self) -> int:
         """How many of the mirror's live entries (not about to expire) Redis no
         longer has: after evictions, whether ours were among them (a cost in
         this namespace's size, where a reload would scan the whole database)."""
-        assert self.sink is not None
+        assert self._shared.sink is not None
         soon = time.time() + 1.0
         keys = [
             self._settings.entry_key(record.topic, record.key)
-            for record in self.sink.state()
+            for record in self._shared.sink.state()
             if record.kind is Kind.CACHE_SET and (not record.expires or record.expires > soon)
         ]
         missing = 0

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
-from ..base import RecordSink
-from .connections import Connections, Settings, retryable, wrap
+from .connections import Connections, retryable, wrap
 from .scripts import APPEND_SHA, SET_IF_NEWER_SHA, load_scripts
+from .settings import Shared
 
 __all__ = ["OWN_WINDOW", "Writer"]
 
@@ -40,18 +40,15 @@ class Writer:
     task, and the window after a write of unknown outcome.
 
     Args:
-        settings: The backend's settings.
+        shared: What the backend's parts share (settings, counters, sink).
         connections: Its connections (writes go on `connections.write`).
-        counters: Its counters (`records_written`).
     """
 
-    def __init__(
-        self, settings: Settings, connections: Connections, counters: dict[str, int]
-    ) -> None:
-        self._settings = settings
+    def __init__(self, shared: Shared, connections: Connections) -> None:
+        self._shared = shared
+        self._settings = settings = shared.settings
         self._connections = connections
-        self._counters = counters
-        self.sink: RecordSink | None = None
+        self._counters = shared.counters
         self._seq = 0
         self._task: asyncio.Future[None] | None = None  # the write under way
         self._queue: list[tuple[Sequence[Record], asyncio.Future[None]]] = []
@@ -139,8 +136,8 @@ class Writer:
             # stored all the same), and whether or not the rest of their append was.
             if not any(errors):  # all stored: the usual case, without the bookkeeping
                 state = [op[4] for op in ops if op[4] is not None]
-                if state and self.sink is not None:
-                    self.sink.written(state)
+                if state and self._shared.sink is not None:
+                    self._shared.sink.written(state)
                 self._counters["records_written"] += sum(len(records) for records, _ in batch)
                 for _, fut in batch:
                     if not fut.done():
@@ -151,8 +148,8 @@ class Writer:
                 for op, error in zip(ops, errors, strict=True)
                 if error is None and op[4] is not None
             ]
-            if state and self.sink is not None:
-                self.sink.written(state)
+            if state and self._shared.sink is not None:
+                self._shared.sink.written(state)
             at = 0
             for (records, fut), part in zip(batch, encoded, strict=True):
                 failed = next((e for e in errors[at : at + len(part)] if e is not None), None)
