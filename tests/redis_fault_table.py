@@ -23,8 +23,7 @@ from ivip_ipc_async import AsyncCache, AsyncIPC
 from ivip_ipc_async.backends.redis import RedisBackend
 from ivip_ipc_async.ipc import GAP_EVENT
 
-from .redis_server import Server, entry_keys
-from .test_redis import Relay
+from .redis_server import Relay, Server, entry_keys
 
 logging.disable(logging.CRITICAL)
 OPTIONS = set(inspect.signature(RedisBackend.__init__).parameters)

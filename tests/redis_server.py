@@ -1,8 +1,10 @@
 """A private `redis-server` for tests and measurements that reconfigure, stop,
-freeze or flush their server (the shared test server is left alone)."""
+freeze or flush their server (the shared test server is left alone), and a TCP
+relay to a server that a test cuts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -95,3 +97,61 @@ def entry_keys(admin: Any, namespace: str) -> set[Any]:
         if records and records[0].kind is Kind.CACHE_SET:
             keys.add(decode_key(key[len(prefix) :]))
     return keys
+
+
+class Relay:
+    """A TCP relay to Redis that a test can cut, restore, or make drop replies."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.up = True
+        self.drop_replies = False  # requests reach Redis, answers never come back
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()  # refused
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer, up_writer}
+        self.writers |= pair
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    if replies and self.drop_replies:
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, RuntimeError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+        self.writers -= pair
+
+    def cut(self) -> None:
+        """Drop every connection, and refuse new ones until `restore()`."""
+        self.up = False
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        self.up = True
+        self.drop_replies = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -13,9 +13,18 @@ from typing import Any, Final, Protocol
 
 from ..records import Record
 
-__all__ = ["Backend", "Contender", "LockProvider", "RecordSink", "check_lock_name"]
+__all__ = [
+    "MAX_LOCK_NOTE",
+    "Backend",
+    "Contender",
+    "LockProvider",
+    "RecordSink",
+    "check_lock_name",
+    "check_lock_note",
+]
 
 LOCK_NAME: Final = re.compile(r"^[a-z]\.[A-Za-z0-9_][A-Za-z0-9._-]{0,159}$")
+MAX_LOCK_NOTE: Final = 512  # characters of a lock holder's note
 
 
 def check_lock_name(name: str) -> str:
@@ -28,6 +37,22 @@ def check_lock_name(name: str) -> str:
     if not isinstance(name, str) or not LOCK_NAME.match(name):
         raise ValueError(f"invalid lock name {name!r}")
     return name
+
+
+def check_lock_note(note: str) -> str:
+    """Refuse a lock holder's note longer than `MAX_LOCK_NOTE` characters.
+
+    Example:
+        >>> check_lock_note("pid 42")
+        'pid 42'
+        >>> check_lock_note("x" * 513)
+        Traceback (most recent call last):
+        ...
+        ValueError: a lock note is at most 512 characters
+    """
+    if len(note) > MAX_LOCK_NOTE:
+        raise ValueError(f"a lock note is at most {MAX_LOCK_NOTE} characters")
+    return note
 
 
 class RecordSink(Protocol):

@@ -36,12 +36,11 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from ..logs import logger, rate_limited
-from .base import check_lock_name
+from ...logs import logger, rate_limited
+from ..base import check_lock_name, check_lock_note
 
 __all__ = ["RedisLeases"]
 
-_MAX_NOTE: Final = 512
 _KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
 
 # KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
@@ -156,7 +155,7 @@ class RedisLeases:
 
     def client(self) -> Any:
         if self._closed:
-            from ..errors import IPCClosedError
+            from ...errors import IPCClosedError
 
             raise IPCClosedError("the backend of these locks is closed")
         if self._client is None:
@@ -366,8 +365,7 @@ class _LeaseContender:
     async def try_acquire(self, note: str = "") -> bool:
         if self.held:
             return True
-        if len(note) > _MAX_NOTE:
-            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        check_lock_note(note)
         await self._stop_renewing()
         loop = asyncio.get_running_loop()
         self._notices = self._provider.notices.get(self.key, 0)
@@ -453,8 +451,7 @@ class _LeaseContender:
         return None if raw is None else raw.decode(errors="replace")
 
     async def set_note(self, note: str) -> None:
-        if len(note) > _MAX_NOTE:
-            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        check_lock_note(note)
         if self.held:
             await self._provider.run("note", [self.key, self.note_key], [self._token, note])
 

@@ -1,0 +1,315 @@
+"""Reaching Redis: URL checks, the backend's connections by role, the listener
+connection's guards, retries with backoff, and redis-py's errors wrapped into
+the library's.
+
+Connections are named `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST`: `c`
+serves the listener's requests (start, catch-up, reload, the periodic check),
+`w` writes, `r` is the subscription, `g` reads cache entries while the mirror
+is rebuilt (made on demand, closed after), `l` serves the locks. At most four
+per instance besides the locks'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from ...errors import (
+    BackendError,
+    BackendFullError,
+    BackendPermissionError,
+    BackendUnavailableError,
+)
+from ...logs import rate_limited
+from .replies import is_kind
+from .scripts import script_command
+from .settings import Shared
+
+__all__ = ["Connections", "check_redis_url", "redacted", "retryable", "wrap"]
+
+_T = TypeVar("_T")
+
+
+def redacted(url: str) -> str:
+    """`url` with its password, if any, shown as `***`.
+
+    Example:
+        >>> redacted("redis://user:secret@host:6379/0")
+        'redis://user:***@host:6379/0'
+    """
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse, with a `ValueError` naming the problem, a Redis URL that redis-py
+    would misread (a missing host, a database that is not a number, ...).
+
+    Example:
+        >>> check_redis_url("redis://cache.internal:6379/2")
+        >>> check_redis_url("redis://cache/abc")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad Redis URL 'redis://cache/abc': the database must be a number, not 'abc'
+    """
+    shown = redacted(url) if "://" in url else url
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"bad Redis URL {shown!r}: {problem}")
+
+    if scheme not in ("redis", "rediss", "unix") or not url[len(scheme) :].startswith("://"):
+        raise bad("it must start with redis://, rediss:// or unix://")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise bad(f"the port must be a number from 1 to 65535 ({exc})") from None
+    query = parse_qs(parts.query)
+    db_texts = [parts.path.strip("/")] if scheme != "unix" else []
+    db_texts += query.get("db", [])
+    if scheme == "unix":
+        if not parts.path:
+            raise bad("no socket path (unix:///path/to/redis.sock)")
+    else:
+        if not parts.hostname:
+            raise bad("no host (redis://host:6379/0)")
+        if port == 0:
+            raise bad("the port must be a number from 1 to 65535")
+    for text in db_texts:
+        if text and not (text.isascii() and text.isdigit()):
+            raise bad(f"the database must be a number, not {text!r}")
+
+
+def wrap(exc: BaseException, doing: str, url: str) -> Exception:
+    """A redis-py error (or a timeout) as one of the library's documented errors,
+    with the original as its `__cause__`."""
+    wrapped = _wrapped(exc, doing, url)
+    if wrapped is not exc:
+        wrapped.__cause__ = exc
+    return wrapped
+
+
+def _wrapped(exc: BaseException, doing: str, url: str) -> Exception:
+    from redis import exceptions as rx
+
+    where = f"Redis at {redacted(url)}"
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
+        return BackendPermissionError(f"{where} refused {doing}: {exc}")
+    text = str(exc)
+    if isinstance(exc, rx.ResponseError) and (
+        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text) or "can't run this command" in text
+    ):
+        return BackendPermissionError(f"{where} refused {doing}: {exc}{script_command(text)}")
+    if isinstance(exc, rx.OutOfMemoryError) or (
+        isinstance(exc, rx.ResponseError) and "OOM command not allowed" in text
+    ):
+        return BackendFullError(f"{where} is out of memory and refused {doing}: {exc}")
+    if isinstance(exc, rx.ConnectionError | rx.TimeoutError | OSError):
+        return BackendUnavailableError(f"{where} could not be reached ({doing}): {exc}")
+    return BackendError(f"{where} refused {doing}: {exc}")
+
+
+def retryable(exc: BaseException) -> bool:
+    """An error that a reconnection can cure (the request may have been executed)."""
+    from redis import exceptions as rx
+
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | BackendError):
+        return False  # (redis-py's auth errors are ConnectionErrors; no retry cures them)
+    # ReadOnlyError: connected to a replica after a failover; NoScriptError: the
+    # server restarted between loading the script and running it.
+    return isinstance(
+        exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError | rx.NoScriptError | OSError
+    )
+
+
+class Connections:
+    """The redis-py clients of one backend, by role, and what guards them.
+
+    Args:
+        shared: What the backend's parts share (settings, counters).
+    """
+
+    def __init__(self, shared: Shared) -> None:
+        self._settings = shared.settings
+        self._counters = shared.counters
+        self.control: Any = None  # the listener's requests (c)
+        self.write: Any = None  # writes (w)
+        self.reader: Any = None  # the subscription (r)
+        self._read: Any = None  # cache reads while the mirror is rebuilt (g, lazy)
+        self._reads = 0  # cache reads under way on it
+        self.subscribed = False  # the listener's connection is subscribed
+        self.reader_reconnected = False  # set by redis-py when it reconnects the listener
+
+    def make(self, role: str) -> Any:
+        """A redis-py client for `role` (see the module's docstring)."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        settings = self._settings
+        options = dict(settings.redis_options)
+        label = re.sub(r"[^!-~]", "_", settings.namespace)  # names allow no spaces
+        options.setdefault("client_name", f"ivip:{label}:{settings.node:016x}:{role}")
+        options.setdefault("socket_connect_timeout", 5.0)
+        if role == "r":
+            # The listener must see every disconnect (to check for a gap and
+            # resynchronise), and must not wait forever on a half-open connection.
+            for name in ("retry_on_error", "retry_on_timeout", "health_check_interval"):
+                options.pop(name, None)
+            options["retry"] = Retry(NoBackoff(), 0)
+            options["single_connection_client"] = True  # one reader: no pool per read
+            timeout = options.get("socket_timeout") or 0.0
+            options["socket_timeout"] = max(float(timeout), settings.ping_interval + 5.0)
+        else:
+            # Writes retry in `retrying` (counted, logged, deduplicated by readers).
+            options.setdefault("retry", Retry(NoBackoff(), 0))
+            # Writes have no socket timeout (redis-py 8 sets 5 s by default):
+            # `retrying` times each attempt, at the cost of one timer, where a
+            # socket timeout wraps every command in `asyncio.wait_for` (a task per
+            # command on Python 3.11).
+            timeout = max(settings.retry_timeout, 1.0) if role == "c" else None
+            options.setdefault("socket_timeout", timeout)
+            if role == "g":  # cache reads during a rebuild: one connection, serialised
+                options["single_connection_client"] = True
+        return aioredis.Redis.from_url(settings.url, **options)
+
+    def open(self) -> None:
+        """Make the clients of the control, write and reader roles (they connect
+        on first use)."""
+        self.control = self.make("c")
+        self.write = self.make("w")
+        self.reader = self.make("r")
+
+    async def close(self) -> None:
+        """Close every client."""
+        clients = (self.control, self.write, self.reader, self._read)
+        self.control = self.write = self.reader = self._read = None
+        self.subscribed = False
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    def drop(self) -> None:
+        """The loop is gone: forget the clients without awaiting."""
+        self.control = self.write = self.reader = self._read = None
+
+    # -- the listener's connection ---------------------------------------------------------
+
+    async def note_reader_connection(self) -> None:
+        """Connect the listener, and have redis-py say if it ever reconnects it.
+
+        redis-py reopens a connection found closed, when it sends, without
+        raising anything. The listener only sends on a connection it has just
+        read from, so this is a guard: a reconnection behind its back would lose
+        the subscription silently.
+        """
+        client = self.reader
+        await client.ping()  # connects the listener's single connection
+        connection = client.connection
+        if connection is not None:
+            # Held weakly by redis-py: a bound method of this object.
+            connection.register_connect_callback(self._on_reader_connect)
+            # redis-py's own health check would PING, and read the answer, on the
+            # subscribed connection, throwing away a push that came first (RESP3)
+            # or failing on it (RESP2); `ping_interval` does that job. (A URL's
+            # `?health_check_interval=` overrides options, hence here.)
+            connection.health_check_interval = 0
+        self.reader_reconnected = False
+
+    async def subscribe(self) -> None:
+        """SUBSCRIBE the listener's connection to the channel (a refusal raises)."""
+        connection = self.reader.connection
+        await connection.send_command("SUBSCRIBE", self._settings.channel)
+        while not is_kind(await connection.read_response(push_request=True), "subscribe"):
+            pass  # (a stale PING answer)
+        self.subscribed = True
+
+    async def drop_reader_connection(self) -> None:
+        """Close the listener's connection (subscribed, maybe half-read): the
+        resync opens a fresh one."""
+        self.subscribed = False
+        connection = self.reader.connection if self.reader else None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+    def _on_reader_connect(self, _connection: Any) -> None:
+        self.reader_reconnected = True
+
+    # -- cache reads while the mirror is rebuilt ---------------------------------------------
+
+    async def read_entry(self, entry_key: bytes) -> Any:
+        """HGET the frame of one cache entry, on the `g` connection (made on first
+        use), retried for `read_timeout` seconds."""
+        if self._read is None:
+            self._read = self.make("g")
+        client = self._read
+        self._reads += 1
+        try:
+            return await self.retrying(
+                lambda: client.hget(entry_key, "r"), "cache read", self._settings.read_timeout
+            )
+        finally:
+            self._reads -= 1
+
+    async def close_read_client(self) -> None:
+        """Close the cache reads' connection once the mirror serves them again."""
+        client = self._read
+        if client is not None and not self._reads:
+            self._read = None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # -- retries -------------------------------------------------------------------------
+
+    async def retrying(
+        self, attempt: Callable[[], Awaitable[_T]], what: str, timeout: float | None = None
+    ) -> _T:
+        """`attempt()`, again after connection errors, for up to `timeout` seconds
+        (`retry_timeout` by default); Redis's errors raised as the documented ones."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        limit = settings.retry_timeout if timeout is None else timeout
+        deadline = loop.time() + limit
+        delay = 0.05
+        while True:
+            try:
+                # The attempt's own time limit (the connection has no socket timeout).
+                async with asyncio.timeout(max(deadline - loop.time(), min(limit, 1.0))):
+                    return await attempt()
+            except Exception as exc:
+                if not retryable(exc) or self.control is None:
+                    if isinstance(exc, ConnectionAbortedError):
+                        raise
+                    raise wrap(exc, f"a {what}", settings.url) from exc
+                self._counters["write_retries" if what == "write" else "connection_errors"] += 1
+                if loop.time() >= deadline:
+                    raise BackendUnavailableError(
+                        f"Redis at {redacted(settings.url)} did not answer for "
+                        f"{limit:g}s ({what} not acknowledged): {exc or type(exc).__name__}"
+                    ) from exc
+                rate_limited(
+                    logging.WARNING,
+                    ("redis-retry", settings.stream_key, what),
+                    "Redis %s failed (%s); retrying for up to %gs",
+                    what,
+                    exc,
+                    limit,
+                    interval=5.0,
+                )
+                pause = delay * (1 + random.random() / 2)
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
+                delay = min(delay * 2, 1.0)

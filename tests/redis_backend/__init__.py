@@ -1,0 +1,1 @@
+"""The Redis backend's tests, one module per concern of backends/redis/."""
