@@ -36,14 +36,13 @@ from typing import Any, Final
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
-from ..base import check_lock_name
+from ..base import check_lock_name, check_lock_note
 from .layout import secure_directory
 
 __all__ = ["DirectoryLocks"]
 
 _SUBDIR: Final = "locks"
 _RECORD_SIZE: Final = 1024
-_MAX_NOTE: Final = 512
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # inotify, through libc (Linux); None where it is missing: waiters poll.
@@ -240,8 +239,7 @@ class _FileContender:
     async def try_acquire(self, note: str = "") -> bool:
         if self._held:
             return True
-        if len(note) > _MAX_NOTE:
-            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        check_lock_note(note)
         for _ in range(8):  # a discarded file is replaced: try the new one
             fd = self._open()
             try:
@@ -292,8 +290,7 @@ class _FileContender:
         return note
 
     async def set_note(self, note: str) -> None:
-        if len(note) > _MAX_NOTE:
-            raise ValueError(f"a lock note is at most {_MAX_NOTE} characters")
+        check_lock_note(note)
         if self._held:
             self._note = note
             self._write()
