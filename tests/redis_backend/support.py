@@ -71,7 +71,7 @@ async def _kill_listener(ipc: AsyncIPC) -> None:
 
 
 def _another_process_writes(
-    namespace: str, messages: int, cache_set: bool = False, pad: int = 0
+    namespace: str, messages: int, cache_set: bool = False, pad: int = 0, url: str = ""
 ) -> None:
     """A separate process notifies `x` 0..messages-1 (with `pad` bytes each, when
     given, as `[i, "xx..."]`) after setting the cache key `missed` when
@@ -88,7 +88,7 @@ def _another_process_writes(
         "            await ipc.notify('x', [i, 'x' * pad] if pad else i)\n"
         "asyncio.run(main())\n"
     )
-    args = [REDIS_URL, namespace, str(messages), str(int(cache_set)), str(pad)]
+    args = [url or REDIS_URL, namespace, str(messages), str(int(cache_set)), str(pad)]
     subprocess.run(
         [sys.executable, "-c", script, *args],
         check=True,
