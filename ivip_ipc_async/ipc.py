@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import Backend
+
+# The default backend, imported with the package: importing it at the first
+# start() would hold a running event loop for ~50-70 ms (the Redis backend, an
+# optional extra, stays imported only when a redis:// URL asks for it).
+from .backends.directory import DirectoryBackend
 from .clock import HybridLogicalClock
 from .emitter import Emitter, Handler, MessageStream, Subscription
 from .errors import BackendUnavailableError, IPCClosedError
@@ -200,7 +205,6 @@ class AsyncIPC:
     def _make_backend(self) -> Backend:
         if self._given_backend is not None:
             return self._given_backend
-        from .backends.directory import DirectoryBackend
         from .namespaces import default_namespace, default_root
 
         raw = self._path if self._path is not None else os.environ.get("IVIP_IPC_DIR")

@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+# Imported with the package, not in the watcher thread: importing it there
+# holds the GIL for ~20 ms, a stall of the event loop at every start.
+import watchfiles
+
 from ...logs import logger, rate_limited
 from .layout import LOCK_RE, Namespace
 
@@ -204,8 +208,6 @@ class Wakeups:
 
         def run() -> None:
             try:
-                import watchfiles
-
                 for changes in watchfiles.watch(
                     *paths,
                     watch_filter=keep,
