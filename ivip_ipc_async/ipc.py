@@ -518,14 +518,16 @@ class AsyncIPC:
     def _dispatch(self, records: Sequence[Record]) -> None:
         codec_id = self.codec.id
         loads = self.codec.loads
-        emitter = self._emitter
+        emit = self._emitter.emit_data
+        listeners = self._emitter._listeners
+        message = Kind.MESSAGE
         for rec in records:
             if rec.codec != codec_id:
                 self._foreign_codec(rec)
                 continue
-            if rec.kind is Kind.MESSAGE:
-                if emitter.has_listeners(rec.topic):
-                    emitter.emit(rec.topic, partial(loads, rec.data))
+            if rec.kind is message:
+                if rec.topic in listeners:
+                    emit(rec.topic, rec.data, loads)
             elif rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE:
                 self.clock.observe(rec.hlc)
                 self.mirror.apply(rec)

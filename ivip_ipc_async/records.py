@@ -55,6 +55,10 @@ _HEADER = struct.Struct("<2sBBIQQQdHHII")
 HEADER_SIZE: Final = _HEADER.size
 NODE_OFFSET: Final = struct.calcsize("<2sBBIQQ")  # the sender's node id in a header (8 bytes)
 _CHECKED = HEADER_SIZE - 4  # bytes covered by header_crc
+_CHECKED_HEADER = struct.Struct("<2sBBIQQQdHHI")  # the header without header_crc
+_U32 = struct.Struct("<I")
+_crc32 = zlib.crc32
+_new_record = tuple.__new__  # builds a Record without NamedTuple's Python-level __new__
 MAX_NAME_BYTES: Final = 0xFFFF
 
 
@@ -99,23 +103,16 @@ def encode_frame(record: Record, seq: int) -> bytes:
         >>> len(frame)
         57
     """
-    topic = record.topic.encode()
-    body = topic + record.key + record.data
-    head = _HEADER.pack(
-        MAGIC,
-        record.kind,
-        record.codec,
-        len(body),
-        seq,
-        record.hlc,
-        record.node,
-        record.expires,
-        len(topic),
-        len(record.key),
-        zlib.crc32(body),
-        0,
-    )[:_CHECKED]
-    return head + zlib.crc32(head).to_bytes(4, "little") + body
+    # The hot path of every write: one unpacking, one pack of the 48 checked
+    # bytes, two concatenations (measured 0.65 us against 0.79 us for packing
+    # all 52 bytes and slicing).
+    kind, topic, key, data, hlc, node, expires, _, codec = record
+    raw = topic.encode()
+    body = raw + key + data if key else raw + data
+    head = _CHECKED_HEADER.pack(
+        MAGIC, kind, codec, len(body), seq, hlc, node, expires, len(raw), len(key), _crc32(body)
+    )
+    return head + _U32.pack(_crc32(head)) + body
 
 
 _COLLECT_AT: Final = 256 << 10  # an incomplete frame this large is collected piece by piece
@@ -311,7 +308,12 @@ class FrameReader:
         end = len(buf)
         view = memoryview(buf)
         unpack = _HEADER.unpack_from
-        crc32 = zlib.crc32
+        crc32 = _crc32
+        append = out.append
+        kinds = _KINDS.get
+        max_body = self.max_body
+        # Every frame of every message read goes through this loop: its common
+        # case (a frame that is not a BATCH) is inlined rather than a call.
         try:
             while end - pos >= HEADER_SIZE:
                 if limit and len(out) >= limit:
@@ -322,11 +324,12 @@ class FrameReader:
                     continue
                 head = unpack(buf, pos)
                 body_len = head[3]
+                kind = kinds(head[1])
                 if (
                     crc32(view[pos : pos + _CHECKED]) != head[11]
-                    or body_len > self.max_body
+                    or body_len > max_body
                     or head[8] + head[9] > body_len
-                    or head[1] not in _KINDS
+                    or kind is None
                 ):
                     pos = self._resync(buf, pos + 1, "bad header")
                     continue
@@ -348,12 +351,39 @@ class FrameReader:
                 if crc32(view[start:stop]) != head[10]:
                     pos = self._resync(buf, pos + 1, "bad body checksum")
                     continue
-                if not self._frame(head, buf, start, out, limit):
+                if kind is Kind.BATCH:
+                    if not self._frame(head, buf, start, out, limit):
+                        pos = self._resync(buf, pos + 1, "bad topic")
+                        continue
+                    pos = stop
+                    if self._batch is not None:
+                        break
+                    continue
+                key_at = start + head[8]
+                data_at = key_at + head[9]
+                try:
+                    topic = str(buf[start:key_at], "utf-8")
+                except UnicodeDecodeError:
                     pos = self._resync(buf, pos + 1, "bad topic")
                     continue
+                # Slices of bytes (or of a mapping) are bytes already.
+                append(
+                    _new_record(
+                        Record,
+                        (
+                            kind,
+                            topic,
+                            buf[key_at:data_at],
+                            buf[data_at:stop],
+                            head[5],
+                            head[6],
+                            head[7],
+                            head[4],
+                            head[2],
+                        ),
+                    )
+                )
                 pos = stop
-                if self._batch is not None:
-                    break
         finally:
             view.release()
         if self._big is None:
@@ -528,7 +558,15 @@ class JsonCodec:
         )
         self._encode = encoder.encode
         self._default = encoder.default
-        self._decode = json.JSONDecoder().decode
+        decoder = json.JSONDecoder()
+        self._decode = decoder.decode
+        self._scan: Callable[[str, int], tuple[Any, int]] = decoder.scan_once  # type: ignore[attr-defined]
+        # C encoders ready for use, each with its own `markers` dict: one is taken
+        # for a call (list.pop and append are atomic, so two threads never share
+        # one) and given back only if the call succeeded, since a failing call
+        # leaves entries in its markers. Making one costs 0.4 us of the 1.5 us
+        # that encoding a small message takes.
+        self._encoders: list[Any] = []
 
     def dumps(self, value: Any) -> bytes:
         """Compact UTF-8 JSON; `TypeError` for what JSON cannot encode (NaN included).
@@ -541,18 +579,26 @@ class JsonCodec:
             ...
             TypeError: value cannot be encoded as JSON: Out of range float values ...
         """
-        try:
-            if _c_make_encoder is None:
+        if _c_make_encoder is None:
+            try:
                 return self._encode(value).encode()
-            # What `JSONEncoder.encode` does, minus its Python layers (a third of
-            # the cost of a small message); a fresh `markers` dict each call, as
-            # it has, since the C encoder leaves entries behind when it fails.
+            except ValueError as exc:  # circular references, NaN
+                raise TypeError(f"value cannot be encoded as JSON: {exc}") from exc
+        # What `JSONEncoder.encode` does, minus its Python layers (a third of the
+        # cost of a small message).
+        encoders = self._encoders
+        try:
+            make = encoders.pop()
+        except IndexError:
             make = _c_make_encoder(
                 {}, self._default, _encode_str, None, ":", ",", False, False, False
             )
-            return "".join(make(value, 0)).encode()
+        try:
+            out = "".join(make(value, 0)).encode()
         except ValueError as exc:  # circular references, NaN
             raise TypeError(f"value cannot be encoded as JSON: {exc}") from exc
+        encoders.append(make)
+        return out
 
     def loads(self, data: bytes) -> Any:
         """Decode JSON bytes.
@@ -561,7 +607,18 @@ class JsonCodec:
             >>> JsonCodec().loads(b'{"name":"Ana"}')
             {'name': 'Ana'}
         """
-        return self._decode(data.decode())
+        text = data.decode()
+        # The C scanner directly (what `json.loads` ends in, minus two regular
+        # expressions and two Python calls: 0.9 us instead of 1.7 us for a small
+        # message); anything but one value with nothing around it (whitespace,
+        # errors) goes through the full decoder, which decides as it always did.
+        try:
+            value, end = self._scan(text, 0)
+        except StopIteration:
+            return self._decode(text)
+        if end != len(text):
+            return self._decode(text)
+        return value
 
 
 class OrjsonCodec:

@@ -95,6 +95,39 @@ async def test_raising_handler_is_logged_and_others_run(
     assert "boom" in caplog.text
 
 
+async def test_a_lone_handler_gets_the_same_treatment(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One listener per event is the common case, and has its own fast path:
+    errors counted and logged, async handlers started, `once` fired once, and a
+    listener added by a handler hears the very next record."""
+    later: list[Any] = []
+    once: list[Any] = []
+    started: list[Any] = []
+
+    def bad(message: Any) -> None:
+        if message == 1:
+            peer_ipc.on("bad", later.append)
+        raise RuntimeError("lone boom")
+
+    async def bad_async(message: Any) -> None:
+        started.append(message)
+        raise RuntimeError("lone async boom")
+
+    peer_ipc.on("bad", bad)
+    peer_ipc.on("async", bad_async)
+    peer_ipc.once("once", once.append)
+    with caplog.at_level(logging.ERROR, logger="ivip_ipc_async"):
+        await ipc.notify_many("bad", [1, 2])
+        await ipc.notify_many("async", [1, 2])
+        await ipc.notify_many("once", [1, 2])
+        await until(lambda: started == [1, 2] and peer_ipc.stats()["handler_errors"] == 4)
+    await until(lambda: once == [1] and later == [2])
+    assert "lone boom" in caplog.text
+    assert "lone async boom" in caplog.text
+    assert peer_ipc.listener_count("once") == 0
+
+
 async def test_async_handler_does_not_block_later_records(
     ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -137,6 +138,30 @@ def test_json_codec() -> None:
     loop["self"] = loop
     with pytest.raises(TypeError):
         codec.dumps(loop)
+
+
+def test_json_codec_fast_paths_say_what_the_stdlib_says() -> None:
+    """`dumps` reuses its C encoders and `loads` calls the C scanner directly:
+    the same values and the same errors as `json`, whatever came before."""
+    codec = JsonCodec()
+    shared = [1, 2]
+    for _ in range(3):  # an encoder is reused only after a call that succeeded
+        loop: list[object] = [shared]
+        loop.append(loop)
+        with pytest.raises(TypeError, match="Circular"):
+            codec.dumps(loop)
+        assert codec.dumps([shared, shared, {"a": shared}]) == b'[[1,2],[1,2],{"a":[1,2]}]'
+        with pytest.raises(TypeError):
+            codec.dumps({"x": object()})
+        assert codec.dumps({"x": shared}) == b'{"x":[1,2]}'
+    for text in (b' {"a": 1} ', b"[1]\n", b"\t2", b'"\xc3\xbc"', b"NaN", b"-0.5e3"):
+        assert codec.loads(text) == json.loads(text) or text == b"NaN"
+    for bad in (b"", b"   ", b"[1] [2]", b'{"a":}', b"[1,", b"tru"):
+        with pytest.raises(json.JSONDecodeError) as ours:
+            codec.loads(bad)
+        with pytest.raises(json.JSONDecodeError) as theirs:
+            json.loads(bad)
+        assert str(ours.value) == str(theirs.value)
 
 
 def test_clock_is_monotonic_and_follows_peers() -> None:
