@@ -13,7 +13,7 @@ import os
 import re
 import time
 from asyncio import _get_running_loop
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,9 @@ from .errors import BackendUnavailableError, IPCClosedError
 from .logs import logger
 from .mirror import Mirror
 from .records import HEADER_SIZE, MAX_NAME_BYTES, Codec, Kind, Record, codec_named
+
+_MESSAGE = Kind.MESSAGE
+_new_record = tuple.__new__  # a Record without NamedTuple's Python-level __new__
 
 if TYPE_CHECKING:
     from .coordination import Lock
@@ -130,6 +133,10 @@ class AsyncIPC:
         self._ready_waiters: list[asyncio.Future[None]] = []  # for the mirror to be ready
         self._last_gap: tuple[float, int | None] | None = None  # (monotonic time, lost)
         self._sink = _Sink(self)
+        # Of the started backend, for `notify`: its node id, and its optional
+        # synchronous write (`DirectoryBackend.write_now`).
+        self._node = 0
+        self._write_now: Callable[[Sequence[Record]], bool] | None = None
 
     # -- life ---------------------------------------------------------------------
 
@@ -188,6 +195,8 @@ class AsyncIPC:
             self._mirror_ready = True
             await backend.start(self._sink)
             self._backend, self._loop, self._pid = backend, loop, _fork_generation[0]
+            self._node = backend.node
+            self._write_now = getattr(backend, "write_now", None)
         finally:
             self._starting = None
             done.set_result(None)
@@ -435,8 +444,10 @@ class AsyncIPC:
             >>> asyncio.run(main())
         """
         topic_len = _check_name(event, "event name")
-        data = self.codec.dumps(message)
-        self._check_size(topic_len, len(data))
+        codec = self.codec
+        data = codec.dumps(message)
+        if HEADER_SIZE + topic_len + len(data) > self.max_record_size:
+            self._check_size(topic_len, len(data))
         backend = self._backend
         # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
         if (
@@ -445,8 +456,14 @@ class AsyncIPC:
             or self._pid != _fork_generation[0]
         ):
             backend = await self._ensure()
-        record = Record(Kind.MESSAGE, event, b"", data, 0, backend.node, 0.0, 0, self.codec.id)
-        await backend.append((record,))
+        records = (
+            _new_record(Record, (_MESSAGE, event, b"", data, 0, self._node, 0.0, 0, codec.id)),
+        )
+        # Written at once when the backend can (no coroutine, no suspension);
+        # else through `append`. Either way, written when this returns.
+        write_now = self._write_now
+        if write_now is None or not write_now(records):
+            await backend.append(records)
         if include_self:
             self._emitter.emit(event, partial(self.codec.loads, data))
 

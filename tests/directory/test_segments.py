@@ -90,8 +90,49 @@ async def test_half_written_batch_is_never_delivered(
     assert ipc.stats()["write_errors"] == 1
 
 
+@pytest.fixture
+def group_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every append joins the end-of-iteration batch. Without this, concurrent
+    tasks each write at once (only a task that writes many times in a row in
+    one loop iteration is made to wait for the batch)."""
+    monkeypatch.setattr(segments, "_WRITE_THROUGH_PER_TICK", 0)
+
+
+async def test_concurrent_tasks_write_at_once_a_tight_loop_yields(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    """Tasks notifying together each write at once (no batch, no suspension);
+    one task notifying in a tight loop is made to wait for the end-of-iteration
+    batch every `_WRITE_THROUGH_PER_TICK` writes, so other tasks get to run."""
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    before = ipc.stats()["batches_written"]
+    await asyncio.gather(*(ipc.notify("e", i) for i in range(100)))
+    assert ipc.stats()["batches_written"] - before == 100  # one write each
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    for i in range(100, 100 + 10 * segments._WRITE_THROUGH_PER_TICK):
+        await ipc.notify("e", i)
+    task.cancel()
+    assert ticks >= 9  # the loop ran between the tight loop's batches
+    await until(lambda: len(got) == 100 + 10 * segments._WRITE_THROUGH_PER_TICK)
+    assert got == list(range(len(got)))
+
+
 async def test_a_batch_is_all_or_nothing(
-    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, monkeypatch: pytest.MonkeyPatch
+    ipc: AsyncIPC,
+    peer_ipc: AsyncIPC,
+    until: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    group_commit: None,
 ) -> None:
     got: list[Any] = []
     peer_ipc.on("e", got.append)
@@ -105,14 +146,14 @@ async def test_a_batch_is_all_or_nothing(
         return real_write(fd, data)
 
     monkeypatch.setattr(segments, "_write_to_segment", torn_batches)
+    for i in range(10):  # small batches: written whole
+        await ipc.notify("e", i)
+    # One batch of 200, torn: none of its records is acknowledged or delivered.
     results = await asyncio.gather(
-        *(ipc.notify("e", i) for i in range(200)), return_exceptions=True
+        *(ipc.notify("e", i) for i in range(10, 210)), return_exceptions=True
     )
-    acked = [i for i, r in enumerate(results) if r is None]
-    failed = [i for i, r in enumerate(results) if isinstance(r, OSError)]
-    assert acked
-    assert failed
-    assert len(acked) + len(failed) == 200
+    assert all(isinstance(r, OSError) for r in results)
+    acked = list(range(10))
     failing = False
     await ipc.notify("e", "next")
     await until(lambda: got[-1:] == ["next"])
@@ -120,7 +161,7 @@ async def test_a_batch_is_all_or_nothing(
 
 
 async def test_notify_cancelled_while_batched_leaves_no_partial_record(
-    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, group_commit: None
 ) -> None:
     got: list[Any] = []
     peer_ipc.on("c", got.append)
@@ -139,7 +180,7 @@ async def test_notify_cancelled_while_batched_leaves_no_partial_record(
 
 
 async def test_cancelled_sets_leave_every_mirror_equal(
-    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, group_commit: None
 ) -> None:
     mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
     # 200 concurrent sets of one key: the tail waits in a batch; cancel some of it.
@@ -161,14 +202,14 @@ async def test_cancelled_sets_leave_every_mirror_equal(
 
 
 async def test_a_set_cancelled_after_its_write_still_applies_here(
-    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any, group_commit: None
 ) -> None:
     mine, theirs = AsyncCache(ipc), AsyncCache(peer_ipc)
-    # 40 concurrent sets: past the first 16, they wait for the group write at the
-    # end of the loop iteration. Once it is written, and before their tasks resume,
-    # cancel them: each caller gets CancelledError, though its write is stored.
+    # 40 concurrent sets wait for the group write at the end of the loop
+    # iteration. Once it is written, and before their tasks resume, cancel
+    # them: each caller gets CancelledError, though its write is stored.
     tasks = [asyncio.create_task(mine.set("k", i, 0)) for i in range(40)]
-    await asyncio.sleep(0)  # the tasks run: 16 written at once, 24 queued
+    await asyncio.sleep(0)  # the tasks run: all 40 queued
     await asyncio.sleep(0)  # the end-of-iteration write: the 24 futures resolve
     for task in tasks:
         task.cancel()

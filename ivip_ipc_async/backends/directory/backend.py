@@ -134,6 +134,7 @@ class DirectoryBackend:
         # The hot path: `append` is the group commit's own, one coroutine per
         # call instead of two (the method below says what it does).
         self.append = self._writer.append  # type: ignore[method-assign]
+        self.write_now = self._writer.write_now  # type: ignore[method-assign]
 
     # -- life -------------------------------------------------------------------
 
@@ -160,10 +161,19 @@ class DirectoryBackend:
     async def append(self, records: Sequence[Record]) -> None:
         """Write records; when this returns they are in the segment file.
 
-        The first 16 appends of a loop iteration are written at once; later
-        ones join one batch written at the end of the iteration (group commit).
+        Written at once, except while a batch is pending or for a task that has
+        just written 16 times in a row in this loop iteration: those join one
+        batch written at the end of the iteration (group commit).
         """
         await self._writer.append(records)
+
+    def write_now(self, records: Sequence[Record]) -> bool:
+        """Write records at once if this loop iteration still may: True when they
+        are in the segment file (as `append` would have them), False when the
+        caller must `await append(records)` instead. Optional for a backend:
+        `AsyncIPC.notify` uses it when present, to complete without suspending.
+        """
+        return self._writer.write_now(records)
 
     async def close(self) -> None:
         """Flush what was accepted, stop every task and thread, release files."""
