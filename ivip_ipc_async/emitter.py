@@ -93,6 +93,7 @@ class Emitter:
         self._listeners: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handler_errors = 0
+        self._wanted: frozenset[bytes] | None = None  # see `wanted`
 
     # -- registration -------------------------------------------------------
 
@@ -118,6 +119,16 @@ class Emitter:
         if event is None:
             return sum(len(v) for v in self._listeners.values())
         return len(self._listeners.get(event, ()))
+
+    def wanted(self) -> frozenset[bytes]:
+        """The events with listeners, UTF-8 encoded (what a reader may skip the
+        others by), made again only after a listener is added or removed."""
+        wanted = self._wanted
+        if wanted is None:
+            wanted = self._wanted = frozenset(
+                event.encode("utf-8", "surrogatepass") for event in self._listeners
+            )
+        return wanted
 
     def has_listeners(self, event: str) -> bool:
         """Whether a message of `event` would reach anyone."""
@@ -151,6 +162,7 @@ class Emitter:
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         sub = Subscription(self, event, handler, once)
         self._listeners.setdefault(event, []).append(sub)
+        self._wanted = None
         return sub
 
     def _remove(self, sub: Subscription) -> None:
@@ -160,6 +172,7 @@ class Emitter:
             subs.remove(sub)
             if not subs:
                 del self._listeners[sub.event]
+                self._wanted = None
         if was_active and sub.on_stop is not None:
             sub.on_stop()
 

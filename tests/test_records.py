@@ -254,3 +254,42 @@ def test_a_batch_frame_yields_all_its_records_or_none(recs: list[Record], cut: i
     assert [r.seq for r in whole] == list(range(1, len(recs) + 1))
     cut = cut % len(batch)
     assert FrameReader(max_body=1 << 20).feed(batch[:cut]) == []
+
+
+def test_a_reader_skips_the_messages_nobody_wants_but_keeps_their_place() -> None:
+    """With `wanted` topics, another topic's message comes out as a SKIPPED
+    record (its sequence number, no body, no body check); cache records and the
+    frames of a BATCH are treated the same way."""
+    recs = [
+        Record(Kind.MESSAGE, "a", b"", b"1"),
+        Record(Kind.MESSAGE, "b", b"", b"2"),
+        Record(Kind.CACHE_SET, "b", b"sk", b"3"),
+    ]
+    frames = b"".join(encode_frame(r, i + 1) for i, r in enumerate(recs))
+    batch = encode_frame(Record(Kind.BATCH, "", b"", frames), 1)
+    for data in (frames, batch):
+        reader = FrameReader(max_body=1024)
+        reader.wanted = {b"a"}
+        out = reader.feed(data)
+        assert [(r.kind, r.seq) for r in out] == [
+            (Kind.MESSAGE, 1),
+            (Kind.SKIPPED, 2),
+            (Kind.CACHE_SET, 3),
+        ]
+        assert out[1].data == b""
+        assert out[0].data == b"1"
+    # A skipped message's body is not checked; a wanted one's still is.
+    damaged = bytearray(frames)
+    second = len(encode_frame(recs[0], 1))
+    damaged[second + HEADER_SIZE + 1] ^= 0xFF  # the body of "b"
+    reader = FrameReader(max_body=1024)
+    reader.wanted = {b"a"}
+    assert [r.kind for r in reader.feed(bytes(damaged))] == [
+        Kind.MESSAGE,
+        Kind.SKIPPED,
+        Kind.CACHE_SET,
+    ]
+    reader = FrameReader(max_body=1024)
+    reader.wanted = {b"b"}
+    assert [r.kind for r in reader.feed(bytes(damaged))] == [Kind.SKIPPED, Kind.CACHE_SET]
+    assert reader.skipped_bytes > 0

@@ -116,3 +116,24 @@ async def test_in_order_reads_deliver_everything_without_gaps(
     await until(lambda: len(got) == 102)
     assert got == list(range(1, 103))
     assert ipc.stats()["gaps"] == 0
+
+
+async def test_messages_nobody_listens_to_are_skipped_without_a_gap(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    """A process reads every writer's records but decodes only the messages of
+    events it listens to; the others still count in the sequence, so no gap."""
+    got: list[Any] = []
+    peer_ipc.on("wanted", got.append)
+    cache = AsyncCache(ipc)
+    for i in range(50):
+        await ipc.notify("unwanted", i)
+        await ipc.notify("wanted", i)
+    await cache.set("k", "v", 0)
+    await until(lambda: len(got) == 50 and peer_ipc.mirror.lookup("default", "k") is not None)
+    assert got == list(range(50))
+    assert peer_ipc.stats()["gaps"] == 0
+    late: list[Any] = []
+    peer_ipc.on("unwanted", late.append)  # listening from now on
+    await ipc.notify("unwanted", "after")
+    await until(lambda: late == ["after"])

@@ -196,6 +196,11 @@ class LogReader:
         if log_fd is None:
             return True
         reader = w.reader
+        wanted = getattr(self._ns.sink, "wanted", None)
+        # Messages of events nobody here listens to are skipped unread (their
+        # sequence numbers still count). Asked again at each read: a listener
+        # added by a handler hears the messages read after it was added.
+        reader.wanted = wanted() if wanted is not None else None
         while True:
             if reader.backlog:
                 self.take(w, reader.feed(limit=STEP))

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .wakeups import Wakeups
 
 _WRITE_THROUGH_PER_TICK: Final = 16
+_MESSAGE: Final = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
 _MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
 _ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
 _ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
@@ -143,8 +144,8 @@ class OwnSegments:
         seg.size += size
         self.own_bytes += size
         self.room_since = 0.0
-        if count > 1 or records[0].kind is not Kind.MESSAGE:  # a lone message skips this
-            state = [r for r in records if r.kind is not Kind.MESSAGE]
+        if count > 1 or records[0].kind is not _MESSAGE:  # a lone message skips this
+            state = [r for r in records if r.kind is not _MESSAGE]
             if state:
                 seg.has_cache = True
                 if self._ns.sink is not None:
