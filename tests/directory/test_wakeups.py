@@ -76,3 +76,29 @@ async def test_another_user_cannot_ring_a_doorbell(ipc: AsyncIPC, ipc_dir: Path)
         """
     )
     assert result.stdout.strip() == "denied", result.stderr
+
+
+async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until: Any) -> None:
+    """A doorbell whose queue is full drops the datagram; the pending ones may
+    name an older segment, so the writer rings again until it is taken: a
+    message in a new segment arrives without waiting for the safety re-scan."""
+    async with AsyncIPC(ipc_dir) as writer, AsyncIPC(ipc_dir, rescan_interval=60) as reader:
+        got: list[Any] = []
+        reader.on("e", got.append)
+        await writer.notify("e", 0)
+        await until(lambda: got == [0])
+        loop = asyncio.get_running_loop()
+        bell = reader._backend._wakeups.bell  # type: ignore[union-attr]
+        assert bell is not None
+        loop.remove_reader(bell.fileno())  # the reader is busy: its queue fills
+        sent = writer.stats()["doorbells_sent"]
+        for i in range(1, 40):
+            await writer.notify("e", i)
+            await asyncio.sleep(0.001)  # each write rings (one ring per 0.5 ms at most)
+        assert writer.stats()["doorbells_sent"] - sent < 39  # some found the queue full
+        writer._backend._segments.rotate()  # type: ignore[union-attr]
+        await writer.notify("e", "new segment")
+        # Drain the stale datagrams the way a busy reader would, and read them.
+        loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
+        await until(lambda: got[-1:] == ["new segment"], timeout=5)
+        assert got == [*range(40), "new segment"]

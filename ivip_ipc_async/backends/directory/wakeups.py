@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 _SOCKET_PATH_MAX: Final = 107
 _RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
+_RETRY_FIRST: Final = 0.001  # seconds before ringing again a peer whose queue was full
+_RETRY_MAX: Final = 0.1
 
 
 class Wakeups:
@@ -52,6 +54,11 @@ class Wakeups:
         self.peers_wanted = False  # peers/ changed: refresh the ringers at the next read
         self._unrung = False  # written since the peers were last rung
         self._last_ring = 0.0
+        self._ring_segment = -1  # the segment `_ring_msg` names
+        self._ring_msg = b""
+        self._owed: set[str] = set()  # peers whose doorbell queue was full
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_FIRST
         self.watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._watch_done: asyncio.Future[None] | None = None
@@ -93,17 +100,19 @@ class Wakeups:
         if self.peers_wanted:
             self.refresh_peers()
 
-    def refresh_peers(self, ring_new: bool = False) -> None:
-        """Re-read peers/: connect a ringer to each new doorbell, drop the gone."""
+    def refresh_peers(self, ring_new: bool = False) -> list[str]:
+        """Re-read peers/: connect a ringer to each new doorbell, drop the gone.
+        Returns the peers new to this one."""
         self.peers_wanted = False
         ns = self._ns
+        new: list[str] = []
         if ns.closing or not ns.use_doorbell:
-            return
+            return new
         peers_fd = ns.fds["peers"]
         try:
             names = os.listdir(peers_fd)
         except OSError:
-            return
+            return new
         self._segments.set_peer_count(max(1, sum(1 for name in names if LOCK_RE.match(name))))
         present = set()
         for name in names:
@@ -117,10 +126,12 @@ class Wakeups:
             if sock is None:
                 continue
             self._ringers[peer] = sock
+            new.append(peer)
             if ring_new:
                 self._ring_one(peer, sock, b"P")
         for peer in set(self._ringers) - present:
             self._ringers.pop(peer).close()
+        return new
 
     def written(self, ring_if_due: bool) -> None:
         """Records were written: ring at the end of the loop iteration, or at
@@ -136,36 +147,72 @@ class Wakeups:
     def ring(self) -> None:
         self._unrung = False
         self._last_ring = time.monotonic()
-        self._notice_new_peers()
-        if not self._ringers:
-            return
-        msg = b"S" + self._ns.peer.encode() + b"%08d" % self._segments.segments[-1].number
+        number = self._segments.segments[-1].number
+        msg = self._ring_msg
+        if number != self._ring_segment:
+            self._ring_segment = number
+            msg = self._ring_msg = b"S" + self._ns.peer.encode() + b"%08d" % number
+        # The known peers first (the wake-up is on the latency path), then a
+        # look for new ones, which are rung at once.
         for peer, sock in list(self._ringers.items()):
             self._ring_one(peer, sock, msg)
+        for peer in self._notice_new_peers():
+            new = self._ringers.get(peer)
+            if new is not None:
+                self._ring_one(peer, new, msg)
 
-    def _notice_new_peers(self) -> None:
+    def _notice_new_peers(self) -> list[str]:
         """Refresh the ringers if peers/ changed: a peer that has just started must
-        get the doorbell for the very next write, not after the next re-scan."""
+        get the doorbell for the very next write, not after the next re-scan.
+        Returns the peers found new."""
         peers_fd = self._ns.fds.get("peers")
         if peers_fd is None or not self._ns.use_doorbell:
-            return
+            return []
         mtime = os.fstat(peers_fd).st_mtime_ns
         # Directory timestamps are coarse (a clock tick): while the last change is
         # recent, a second change may not have moved the timestamp, so look again.
         if mtime != self._peers_mtime or time.time_ns() - mtime < 50_000_000:
             self._peers_mtime = mtime
-            self.refresh_peers()
+            return self.refresh_peers()
+        return []
 
     def _ring_one(self, peer: str, sock: socket.socket, msg: bytes) -> None:
         try:
             sock.send(msg)
             self._ns.counters["doorbells_sent"] += 1
         except BlockingIOError:
-            pass  # its queue is full: it has wake-ups pending already
+            # Its queue is full: it has wake-ups pending already, but they may
+            # name an older segment than this one (a reader that reaches the end
+            # of what it believes is the newest segment stops there). Ring it
+            # again shortly, until it takes the news.
+            self._owed.add(peer)
+            self._retry_later()
         except OSError:
             # ECONNREFUSED: the peer died; it is collected by the liveness check.
             self._ringers.pop(peer, None)
             sock.close()
+
+    def _retry_later(self) -> None:
+        loop = self._ns.loop
+        if self._retry is None and loop is not None and not self._ns.closing:
+            self._retry = loop.call_later(self._retry_delay, self._ring_owed)
+
+    def _ring_owed(self) -> None:
+        """Ring again the peers whose queue was full (every 1 ms, backing off to
+        100 ms while a peer takes nothing: a stopped process costs little)."""
+        self._retry = None
+        owed, self._owed = self._owed, set()
+        if self._ns.closing or not owed:
+            return
+        msg = b"S" + self._ns.peer.encode() + b"%08d" % self._segments.segments[-1].number
+        for peer in owed:
+            sock = self._ringers.get(peer)
+            if sock is not None:
+                self._ring_one(peer, sock, msg)
+        if self._owed:
+            self._retry_delay = min(_RETRY_MAX, self._retry_delay * 2)
+        else:
+            self._retry_delay = _RETRY_FIRST
 
     def _on_doorbell(self) -> None:
         bell = self.bell
@@ -291,12 +338,17 @@ class Wakeups:
         for sock in self._ringers.values():
             sock.close()
         self._ringers.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def drop_inherited(self) -> None:
         """In a forked child: close the parent's sockets, unlink nothing."""
         socks = [self.bell, *self._ringers.values()]
         self.bell = None
         self._ringers.clear()
+        self._retry = None  # of the parent's loop
+        self._owed.clear()
         for sock in socks:
             if sock is not None:
                 sock.close()
