@@ -149,6 +149,7 @@ class FrameReader:
         "_big_fill",
         "_big_head",
         "_buffer",
+        "_checked",
         "_more",
         "_pos",
         "max_body",
@@ -178,6 +179,9 @@ class FrameReader:
         # sequence number only), without checking or copying its body: a
         # process reads every writer's records, and most are not for it.
         self.wanted: Container[bytes] | None = None
+        # False for the frames inside a BATCH, whose bytes the BATCH's own body
+        # checksum has just covered: their checksums are not computed again.
+        self._checked = True
 
     @property
     def pending(self) -> int:
@@ -322,6 +326,7 @@ class FrameReader:
         kinds = _KINDS.get
         max_body = self.max_body
         wanted = self.wanted
+        check = self._checked
         # Every frame of every message read goes through this loop: its common
         # case (a frame that is not a BATCH) is inlined rather than a call.
         try:
@@ -336,7 +341,7 @@ class FrameReader:
                 body_len = head[3]
                 kind = kinds(head[1])
                 if (
-                    crc32(view[pos : pos + _CHECKED]) != head[11]
+                    (check and crc32(view[pos : pos + _CHECKED]) != head[11])
                     or body_len > max_body
                     or head[8] + head[9] > body_len
                     or kind is None
@@ -369,7 +374,7 @@ class FrameReader:
                         self._collect(bytes(buf[start:end]), out, limit)
                         return
                     break  # the rest of this frame has not arrived yet
-                if crc32(view[start:stop]) != head[10]:
+                if check and crc32(view[start:stop]) != head[10]:
                     pos = self._resync(buf, pos + 1, "bad body checksum")
                     continue
                 if kind is _BATCH:
@@ -430,6 +435,7 @@ class FrameReader:
         if kind == 5:  # Kind.BATCH: its frames are complete by construction
             inner = FrameReader(self.max_body, self.on_garbage)
             inner.wanted = self.wanted
+            inner._checked = False  # the BATCH's checksum covered every byte
             inner._buffer, inner._pos = buf, data_at
             inner._parse_bounded(start + body_len)
             out.extend(inner.feed(b"", limit and limit - len(out)))
