@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,59 @@ async def test_a_huge_batch_is_dispatched_a_slice_at_a_time(ipc_dir: Path, until
     finally:
         writer.close()
     assert len(seen_at) > 20
+
+
+@pytest.mark.parametrize("when", ["restore at start", "live"])
+async def test_due_timers_run_between_any_two_slices_of_reading(
+    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A 0.1 ms timer gets its turn after every full slice of reading (restoring
+    the log at start, or reading a huge batch live), not after every second one,
+    as it did when slices yielded with `asyncio.sleep(0)`."""
+    from ivip_ipc_async.backends.directory.layout import SLICE
+    from ivip_ipc_async.backends.directory.reader import LogReader
+
+    events: list[tuple[str, float]] = []
+    read_writer = LogReader._read_writer
+
+    def timed(self: LogReader, w: Any, deadline: float) -> bool:
+        started = time.perf_counter()
+        try:
+            return read_writer(self, w, deadline)
+        finally:
+            events.append(("slice", time.perf_counter() - started))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.0001)
+            events.append(("tick", 0.0))
+
+    monkeypatch.setattr(LogReader, "_read_writer", timed)
+    writer = Peer(ipc_dir)
+    script = {"op": "notify_many", "event": "e", "count": 100_000}
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        if when == "restore at start":
+            assert await writer.ask(**script) == {"acked": 100_000}
+            events.clear()
+            async with AsyncIPC(ipc_dir, **FAST):
+                pass
+        else:
+            async with AsyncIPC(ipc_dir, **FAST) as reader:
+                got = 0
+
+                def handler(message: Any) -> None:
+                    nonlocal got
+                    got += 1
+
+                reader.on("e", handler)
+                events.clear()
+                assert await writer.ask(**script) == {"acked": 100_000}
+                await until(lambda: got == 100_000, 20)
+    finally:
+        ticker.cancel()
+        writer.close()
+    full = [i for i, (what, took) in enumerate(events) if what == "slice" and took >= SLICE]
+    assert len(full) > 10  # the workload is many slices long
+    back_to_back = [i for i in full if i + 1 < len(events) and events[i + 1][0] == "slice"]
+    assert back_to_back == [], f"{len(back_to_back)} of {len(full)} full slices ran back to back"

@@ -11,7 +11,6 @@ retained log as state.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -28,6 +27,8 @@ from .layout import (
     SLICE,
     STEP,
     Namespace,
+    after_timers_due,
+    breathe,
     open_regular,
     segment_name,
 )
@@ -126,8 +127,9 @@ class LogReader:
                 continue
             if time.perf_counter() > deadline or not self._read_writer(w, deadline):
                 self.dirty.add(peer)  # the rest in a later callback: the loop breathes
-        if self.dirty:
-            self.schedule_read()
+        if self.dirty and not self._read_scheduled:
+            self._read_scheduled = True
+            after_timers_due(self.read_pass)  # the rest in a later slice
 
     def scan(self) -> None:
         """List log/ and learn every writer's segments (the safety net)."""
@@ -301,7 +303,7 @@ class LogReader:
             done = False
             while not done:
                 done = self._read_writer(w, time.perf_counter() + SLICE)
-                await asyncio.sleep(0)  # a slice at a time: the loop breathes
+                await breathe()  # a slice at a time: the loop breathes
             w.live = True
         self.live = True
         self.dirty.clear()
