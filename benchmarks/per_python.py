@@ -1,10 +1,11 @@
 """Issue #15's figures on each supported Python: `python -m benchmarks.per_python`.
 
-For each of python3.11, python3.12 and python3.13 found on PATH (or those given with
-`--versions`), makes or reuses a venv under /tmp/ivip-bench-venvs/ (re-installing
-`.[bench]` when pyproject.toml changed), then runs, with that interpreter from this
-checkout, only the scenarios issue #15's targets read (`latency throughput
-many_to_one redis_backend budget`, lean: no watchfiles/inotify/orjson rows) and saves
+For each of Python 3.11, 3.12 and 3.13 found (`python3.X` on PATH if it runs,
+else pyenv's copy; or those given with `--versions`), makes or reuses a venv under
+/tmp/ivip-bench-venvs/ (re-installing `.[bench]` when pyproject.toml changed), then
+runs, with that interpreter from this checkout, only the scenarios issue #15's
+targets read (`latency throughput many_to_one redis_backend budget`, lean: no
+watchfiles/inotify/orjson rows) and saves
 `benchmarks/results/<time>-py3.X.json`. The main page's "Per Python version" table
 reads the newest such file of each version (`section`). About 4 minutes per version
 with 3 repeats on 2 cores.
@@ -36,19 +37,31 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 COMMAND = "python -m benchmarks.per_python"
 
 
+def find_python(version: str) -> str | None:
+    """An interpreter of `version`: `python3.X` on PATH if it runs (a pyenv shim may
+    be on PATH without that version selected), else pyenv's own copy."""
+    candidates = [shutil.which(f"python{version}")]
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(glob.glob(os.path.join(root, "versions", f"{version}*", "bin", "python3")))
+    for path in candidates:
+        if path and subprocess.run([path, "-c", ""], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
 def _pyproject_hash() -> str:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def venv_for(version: str, base: str) -> str:
+def venv_for(version: str, base: str, interpreter: str) -> str:
     """The venv's python for `version`, made or refreshed as needed."""
     venv = os.path.join(base, f"py{version}")
     python = os.path.join(venv, "bin", "python")
     stamp = os.path.join(venv, ".ivip-bench-installed")
     want = _pyproject_hash()
     if not os.path.exists(python):
-        subprocess.run([f"python{version}", "-m", "venv", venv], check=True)
+        subprocess.run([interpreter, "-m", "venv", venv], check=True)
     installed = ""
     if os.path.exists(stamp):
         with open(stamp) as f:
@@ -62,9 +75,9 @@ def venv_for(version: str, base: str) -> str:
     return python
 
 
-def run_one(version: str, base: str, repeat: int, quick: bool) -> str:
+def run_one(version: str, interpreter: str, base: str, repeat: int, quick: bool) -> str:
     """Run the #15 scenarios with one interpreter; the path of its results file."""
-    python = venv_for(version, base)
+    python = venv_for(version, base, interpreter)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = os.path.join(RESULTS, f"{stamp}-py{version}.json")
     page = os.path.join(base, f"page-py{version}", "benchmarks.md")
@@ -143,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(RESULTS, exist_ok=True)
     started = time.monotonic()
     for version in args.versions:
-        if shutil.which(f"python{version}") is None:
-            print(f"python{version}: not on PATH, skipped")
+        interpreter = find_python(version)
+        if interpreter is None:
+            print(f"python{version}: not found (PATH, pyenv), skipped")
             continue
         t0 = time.monotonic()
-        print(f"== Python {version}", flush=True)
-        path = run_one(version, args.venvs, args.repeat, args.quick)
+        print(f"== Python {version}: {interpreter}", flush=True)
+        path = run_one(version, interpreter, args.venvs, args.repeat, args.quick)
         print(f"saved {os.path.relpath(path, ROOT)} in {time.monotonic() - t0:.0f}s", flush=True)
     print(f"all in {time.monotonic() - started:.0f}s\n")
     print("\n".join(section()))
