@@ -58,7 +58,7 @@ def latency(size: Size, codec: str) -> Result:
             [("ivip-sender", (d, n, 100, 0.005, "awaited", codec))],
         )
         out["ivip-ipc-async"] = _lat(got[0])
-    if redis_available():
+    if redis_available() and not size.lean:
         got, _ = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0.005, "awaited"))])
         out["redis pub/sub"] = _lat(got[0])
     out["multiprocessing Pipe"] = latency_summary(pipe_run(n, 100, 0.005)["latencies_ns"])
@@ -105,7 +105,7 @@ def throughput(size: Size, codec: str) -> Result:
                 "rss end MiB": r["rss_kib"][2] / 1024,
             }
     if redis_available():
-        for mode in ("awaited", "pipelined"):
+        for mode in ("pipelined",) if size.lean else ("awaited", "pipelined"):
             got, sent = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0, mode))])
             out[f"redis pub/sub ({mode})"] = {
                 "msg/s": got[0]["rate"],
