@@ -116,9 +116,14 @@ def section(results: T.Aggregated | None = None) -> list[str]:
         "version, a separate run from the tables above.",
         "",
     ]
-    if not found:
+    aggregated = {v: T.aggregate(saved["raw"]) for v, (_, saved) in found.items()}
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if here not in aggregated and results and "throughput" in results:
+        aggregated[here] = results  # this run stands in for its own version
+    if not aggregated:
         return [*lines, f"No per-Python results saved yet: run `{COMMAND}`.", ""]
-    per_version = {v: T.issue15(T.aggregate(saved["raw"])) for v, (_, saved) in found.items()}
+    aggregated = {v: aggregated[v] for v in VERSIONS if v in aggregated}
+    per_version = {v: T.issue15(a) for v, a in aggregated.items()}
     columns = list(per_version)
     lines += [
         "| target | " + " | ".join(f"Python {v}" for v in columns) + " |",
@@ -132,6 +137,12 @@ def section(results: T.Aggregated | None = None) -> list[str]:
             mark = "n/a" if t.met is None else ("met" if t.met else "**not met**")
             cells.append(f"{t.short} {mark}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for label, stage in (
+        ("budget: awaited `notify`, ns", T.b.SENDER_WHOLE),
+        ("budget: receiver CPU per message, ns", T.b.RECEIVER_WHOLE),
+    ):
+        cells = [T.fmt(T.get(a, "budget", stage, T.b.METRIC)) for a in aggregated.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for v, (path, saved) in found.items():
         quick = " (--quick)" if "--quick" in saved.get("command", "") else ""
@@ -140,7 +151,9 @@ def section(results: T.Aggregated | None = None) -> list[str]:
             f"- Python {python}: `benchmarks/results/{os.path.basename(path)}`{quick}, "
             f"`{saved.get('command', '?')}`"
         )
-    missing = [v for v in VERSIONS if v not in found]
+    if here in aggregated and here not in found:
+        lines.append(f"- Python {here}: this run (no `*-py{here}.json` saved)")
+    missing = [v for v in VERSIONS if v not in aggregated]
     if missing:
         lines.append(f"- not measured: Python {', '.join(missing)}")
     return [*lines, ""]
