@@ -77,25 +77,31 @@ class Collector:
         self.bytes = 0
         self.rss_start = rss_kib()
         self.rss_peak = self.rss_start
+        self.cpu_first = self.cpu_last = 0  # process CPU ns at the first and last message
         self.done = asyncio.Event()
 
     def take(self, sent_ns: int, size: int = 0) -> None:
         now = N()
         if self.count == 0:
             self.first_sent = sent_ns
+            self.cpu_first = time.process_time_ns()  # twice per run: not per message
         self.count += 1
         self.bytes += size
         self.latencies.append(now - sent_ns)
         self.last_recv = now
         if self.count % 10_000 == 0:
             self.rss_peak = max(self.rss_peak, rss_kib())
-        if self.count >= self.expected:
+        if self.count >= self.expected and not self.done.is_set():
+            self.cpu_last = time.process_time_ns()
             self.done.set()
 
     def result(self) -> dict[str, Any]:
         elapsed = max(1, self.last_recv - self.first_sent) / 1e9
         return {
             "count": self.count,
+            # CPU (all threads) from the first message to the last, per message after
+            # the first: the receiver's whole cost of one message.
+            "cpu_ns_per_msg": (self.cpu_last - self.cpu_first) / max(1, self.count - 1),
             "latencies_ns": self.latencies,
             "rate": self.count / elapsed,
             "mb_per_s": self.bytes / elapsed / 1e6,
@@ -155,6 +161,32 @@ def pipe_receiver(conn: Any, expected: int, out: Any) -> None:
             "mb_per_s": total / elapsed / 1e6,
         }
     )
+
+
+def pipe_async_receiver(conn: Any, expected: int, out: Any) -> None:
+    """A Pipe whose receiver waits on an asyncio loop (`loop.add_reader` on its fd):
+    the wake-up path of any asyncio receiver, where `pipe_receiver` blocks in a read."""
+
+    async def run() -> dict[str, Any]:
+        col = Collector(expected)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            while conn.poll():  # drain what is there: one wake-up may cover several
+                data = conn.recv_bytes()
+                col.take(int(data[:20]), len(data))
+                if col.count >= expected:
+                    loop.remove_reader(conn.fileno())
+                    return
+
+        loop.add_reader(conn.fileno(), readable)
+        out.send("ready")
+        await asyncio.wait_for(col.done.wait(), 600)
+        return col.result()
+
+    result = asyncio.run(run())
+    del result["rss_kib"]
+    out.send(result)
 
 
 def pipe_sender(conn: Any, count: int, size: int, interval: float, go: Any) -> None:
