@@ -20,8 +20,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
 from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
-from .mirror import MASK as _MASK
-from .mirror import SHARDS
+from .mirror import NO_ENTRIES, SHARDS, new_shards
 from .records import CacheKey, Kind, Record, encode_key
 
 __all__ = ["AsyncCache"]
@@ -222,7 +221,7 @@ class AsyncCache(Generic[V]):
         if not ipc._mirror_ready:
             return await self._get_from_backend(key, default)
         mirror = ipc.mirror
-        shard = hash(key) & _MASK
+        shard = hash(key) % SHARDS
         decoded = mirror.decoded.get(self.name)
         if decoded is not None:
             # Kept current by the mirror (dropped when its key changes).
@@ -266,8 +265,11 @@ class AsyncCache(Generic[V]):
         else:
             return value  # large: decoded afresh on every read (C speed)
         if decoded is None:
-            decoded = mirror.decoded[self.name] = [{} for _ in range(SHARDS)]
-        decoded[shard][key] = (until, value, copier)
+            decoded = mirror.decoded[self.name] = new_shards()
+        memos = decoded[shard]
+        if memos is NO_ENTRIES:
+            memos = decoded[shard] = {}
+        memos[key] = (until, value, copier)
         return value if copier is None else copier(value)
 
     async def _get_from_backend(self, key: CacheKey, default: Any) -> Any:
@@ -526,7 +528,7 @@ class AsyncCache(Generic[V]):
         entry = self.ipc.mirror.lookup(self.name, key)
         if entry is None or not entry.live(time.time()):
             return None
-        return entry.record.data
+        return entry.data
 
     async def _single_flight(
         self, key: str, compute: Callable[[], Awaitable[bytes]], lease: float

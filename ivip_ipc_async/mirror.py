@@ -15,18 +15,23 @@ loads it. Decoded values, which can be containers, are kept apart in
 
 A cache's keys are spread over `SHARDS` dicts by their hash: a dict that grows
 past a power of two copies itself whole, in one step (about 10 ms at 350,000
-keys, 27 ms at 700,000), and a shard is a sixty-fourth of the cache.
+keys, 27 ms at 700,000), and a shard is a sixty-first of the cache. The number
+is prime, so keys that share their low bits (ids that are multiples of 1,024,
+say) still spread; a shard's dict is made when its first key comes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, cast
 
+from .logs import rate_limited
 from .records import HEADER_SIZE, CacheKey, Kind, Record, decode_key
 
-__all__ = ["SHARDS", "Entry", "Mirror", "Shards", "State"]
+__all__ = ["NO_ENTRIES", "SHARDS", "Entry", "Mirror", "Shards", "State", "new_shards"]
 
 State = tuple[float, bytes, int, int, float, int, int, bytes]
 """One key's winning record: `(until, data, hlc, node, expires, seq, codec, raw_key)`.
@@ -46,10 +51,17 @@ Decoded = tuple[float, Any, "Callable[[Any], Any] | None"]
 """A live key's `until`, its decoded value, and how to copy that for a caller
 (None: immutable, shared)."""
 
-SHARDS: Final = 64
-"""Dicts per cache; key `k` lives in `shards[hash(k) & (SHARDS - 1)]`."""
-MASK: Final = SHARDS - 1
+SHARDS: Final = 61
+"""Dicts per cache; key `k` lives in `shards[hash(k) % SHARDS]`."""
+NO_ENTRIES: Final = cast("dict[Any, Any]", MappingProxyType({}))
+"""A shard with no dict yet (read-only: writing into it raises)."""
 Shards = list[dict[CacheKey, State]]
+_new_record = tuple.__new__  # a Record without the keyword handling of Record()
+
+
+def new_shards() -> list[dict[Any, Any]]:
+    """The shards of a new cache (or of its decoded values): none made yet."""
+    return [NO_ENTRIES] * SHARDS
 
 
 def _state(record: Record) -> State:
@@ -96,6 +108,11 @@ class Entry:
         return _record(self.name, self.state)
 
     @property
+    def data(self) -> bytes:
+        """The encoded value (empty for a tombstone)."""
+        return self.state[DATA]
+
+    @property
     def deleted(self) -> bool:
         """A tombstone: the key was deleted (or expired)."""
         return self.state[UNTIL] < 0
@@ -128,15 +145,30 @@ class Mirror:
         self.tombstone_ttl = tombstone_ttl
         self.version = 0  # bumped on every change, so a snapshot knows it is stale
         self.nbytes = 0  # about what a snapshot of the state takes (the size cap reserves it)
+        self.rejected = 0  # cache records ignored: their key was not a cache key
 
     def apply(self, record: Record) -> bool:
         """Apply a cache record; True when it won (changed the state)."""
-        key = decode_key(record.key)
+        try:
+            key = decode_key(record.key)
+        except ValueError:  # forged or corrupted with a valid checksum: not a key
+            self.rejected += 1
+            rate_limited(
+                logging.WARNING,
+                ("bad-cache-key", record.topic),
+                "ignored a cache record whose key %r is not a cache key (cache %r)",
+                record.key[:40],
+                record.topic,
+            )
+            return False
         name = record.topic
         shards = self.caches.get(name)
         if shards is None:
-            shards = self.caches[name] = [{} for _ in range(SHARDS)]
-        entries = shards[hash(key) & MASK]
+            shards = self.caches[name] = new_shards()
+        shard = hash(key) % SHARDS
+        entries = shards[shard]
+        if entries is NO_ENTRIES:
+            entries = shards[shard] = {}
         held = entries.get(key)
         if held is not None:
             mine, theirs = (held[HLC], held[NODE]), (record.hlc, record.node)
@@ -160,7 +192,7 @@ class Mirror:
     def lookup(self, name: str, key: CacheKey) -> Entry | None:
         """The entry for `key` in cache `name`, tombstone or expired included."""
         shards = self.caches.get(name)
-        state = None if shards is None else shards[hash(key) & MASK].get(key)
+        state = None if shards is None else shards[hash(key) % SHARDS].get(key)
         return None if state is None else Entry(name, state)
 
     def count(self) -> int:
@@ -244,7 +276,9 @@ class Mirror:
     def _forget_decoded(self, name: str, key: CacheKey) -> None:
         decoded = self.decoded.get(name)
         if decoded is not None:
-            decoded[hash(key) & MASK].pop(key, None)
+            memos = decoded[hash(key) % SHARDS]
+            if key in memos:
+                del memos[key]
 
 
 def _size(name: str, state: State) -> int:
@@ -258,7 +292,8 @@ def _kind(state: State) -> Kind:
 
 def _record(name: str, state: State) -> Record:
     _, data, hlc, node, expires, seq, codec, raw_key = state
-    return Record(_kind(state), name, raw_key, data, hlc, node, expires, seq, codec)
+    fields = (_kind(state), name, raw_key, data, hlc, node, expires, seq, codec)
+    return _new_record(Record, fields)
 
 
 def _tombstone(state: State) -> State:

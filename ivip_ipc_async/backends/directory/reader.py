@@ -128,8 +128,8 @@ class LogReader:
             if time.perf_counter() > deadline or not self._read_writer(w, deadline):
                 self.dirty.add(peer)  # the rest in a later callback: the loop breathes
         if self.dirty and not self._read_scheduled:
-            self._read_scheduled = True
             after_timers_due(self.read_pass)  # the rest in a later slice
+            self._read_scheduled = True
 
     def scan(self) -> None:
         """List log/ and learn every writer's segments (the safety net)."""
