@@ -134,6 +134,10 @@ def retryable(exc: BaseException) -> bool:
     )
 
 
+async def _as_is(response: Any) -> Any:
+    return response
+
+
 class Connections:
     """The redis-py clients of one backend, by role, and what guards them.
 
@@ -227,6 +231,13 @@ class Connections:
             # or failing on it (RESP2); `ping_interval` does that job. (A URL's
             # `?health_check_interval=` overrides options, hence here.)
             connection.health_check_interval = 0
+            # Pushes handed over as they are (as redis-py's own PubSub sets it): its
+            # default handler formats each one for a debug log, first.
+            set_handler = getattr(
+                getattr(connection, "_parser", None), "set_pubsub_push_handler", None
+            )
+            if set_handler is not None:
+                set_handler(_as_is)
         self.reader_reconnected = False
 
     async def subscribe(self) -> None:
