@@ -67,8 +67,11 @@ WORKLOADS = {
         "namespace=...)`) beside plain redis-py asyncio on the same server, one sender "
         "and one receiver process: latency as in scenario 1 (500 messages 5 ms apart; "
         "plain redis-py: `PUBLISH` to a subscriber); `msg/s (awaited)`: 20,000 messages, "
-        "each awaited; `cache get/s`: `await cache.get` of a small dict (served by the "
-        "mirror) against `GET` + `json.loads` round trips."
+        "each awaited; `redis EVALSHA APPEND (redis-py)`: the floor of this design, plain "
+        "redis-py running the backend's own APPEND script (`XADD` + `PUBLISH` + `PTTL` in "
+        "Lua), the same 20,000 awaited, with a redis-py subscriber receiving; `cache get/s`: "
+        "`await cache.get` of a small dict (served by the mirror) against `GET` + "
+        "`json.loads` round trips."
     ),
     "startup": (
         "Time for a new process from `AsyncIPC()` to the return of its first `notify` on "

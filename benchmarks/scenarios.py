@@ -280,6 +280,9 @@ def redis_backend(size: Size, codec: str) -> Result:
     out["ivip-ipc-async on Redis"]["msg/s (awaited)"] = got[0]["rate"]
     got, _ = fan([("redis-receiver", (m,))], [("redis-sender", (m, 100, 0, "awaited"))])
     out["redis pub/sub (redis-py)"]["msg/s (awaited)"] = got[0]["rate"]
+    # The floor of this design: the backend's own APPEND script through plain redis-py.
+    got, _ = fan([("redis-receiver", (m, "id"))], [("redis-script-sender", (m, 100, 0))])
+    out["redis EVALSHA APPEND (redis-py)"] = {"msg/s (awaited)": got[0]["rate"]}
     if size.lean:
         _drop_redis_namespace(url.partition("#")[2])
         return out

@@ -118,7 +118,9 @@ async def ivip_receiver(path: str, expected: int, codec: str) -> None:
     emit(col.result())
 
 
-async def redis_receiver(expected: int) -> None:
+async def redis_receiver(expected: int, with_id: bool = False) -> None:
+    """A redis-py subscriber; `with_id`: each payload starts with a stream id and a
+    space (what this backend's APPEND script publishes)."""
     import redis.asyncio as aioredis
 
     col = Collector(expected)
@@ -131,6 +133,8 @@ async def redis_receiver(expected: int) -> None:
         if msg is None:
             continue
         data = msg["data"]
+        if with_id:
+            data = data.partition(b" ")[2]
         col.take(int(data[:20]), len(data))
     await pubsub.aclose()
     await client.aclose()
@@ -316,6 +320,34 @@ async def redis_sender(count: int, size: int, interval: float, mode: str) -> Non
             if interval:
                 await asyncio.sleep(interval)
     emit({"sent": count, "send_rate": count / ((N() - started) / 1e9)})
+    await client.aclose()
+
+
+async def redis_script_sender(count: int, size: int, interval: float) -> None:
+    """Plain redis-py `EVALSHA` of the Redis backend's APPEND script (store in a
+    stream, publish with the entry's id, keep the stream expiring), awaited: what
+    one write of that design costs without this library's client-side work."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from ivip_ipc_async.backends.redis.scripts import APPEND, APPEND_SHA
+
+    client = aioredis.Redis()
+    await client.script_load(APPEND)
+    stream = f"bench-stream-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(wait_go)
+    pad = b"x" * max(0, size - 21)
+    started = N()
+    # The backend's defaults: stream_maxlen 100,000, state_ttl 3,600 s.
+    for _ in range(count):
+        await client.evalsha(
+            APPEND_SHA, 1, stream, b"%020d " % N() + pad, 100_000, "bench", 3_600_000
+        )
+        if interval:
+            await asyncio.sleep(interval)
+    emit({"sent": count, "send_rate": count / ((N() - started) / 1e9)})
+    await client.delete(stream)
     await client.aclose()
 
 
@@ -559,9 +591,11 @@ def main() -> None:
             ivip_sender(args[0], int(args[1]), int(args[2]), float(args[3]), args[4], args[5])
         )
     elif role == "redis-receiver":
-        asyncio.run(redis_receiver(int(args[0])))
+        asyncio.run(redis_receiver(int(args[0]), args[1:] == ["id"]))
     elif role == "redis-sender":
         asyncio.run(redis_sender(int(args[0]), int(args[1]), float(args[2]), args[3]))
+    elif role == "redis-script-sender":
+        asyncio.run(redis_script_sender(int(args[0]), int(args[1]), float(args[2])))
     elif role == "inotify-receiver":
         asyncio.run(inotify_receiver(args[0], int(args[1])))
     elif role == "watchfiles-receiver":
