@@ -1,21 +1,24 @@
 """Run the benchmark suite: `python -m benchmarks [--quick] [--repeat N] [--only NAME ...]`.
 
 Writes docs/benchmarks.md, docs/benchmarks.png and benchmarks/results/<time>.json,
-then prints the targets of the performance issue, met or not.
+then prints issue #15's targets (and the kept and earlier ones), met or not, with
+the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Any
 
-from .harness import ROOT, median_of, redis_available
-from .report import plot, targets, write_markdown
+from .harness import ROOT, redis_available
+from .report import plot, write_markdown
 from .scenarios import QUICK, SCENARIOS, Size
+from .targets import aggregate, all_targets
 
 
 def progress(done: int, total: int, what: str, started: float) -> None:
@@ -38,12 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RESULTS_JSON",
         help="write the page again from a saved run (benchmarks/results/*.json), running nothing",
     )
+    parser.add_argument(
+        "--lean", action="store_true", help="only the rows issue #15's targets read"
+    )
+    parser.add_argument("--results", help="where to save the raw results (a .json path)")
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
         return _write(saved["raw"], args.out, saved["command"], saved.get("notes", []))
-    size = QUICK if args.quick else Size()
+    size = dataclasses.replace(QUICK if args.quick else Size(), lean=args.lean)
     names = args.only or list(SCENARIOS)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = []
@@ -61,31 +68,32 @@ def main(argv: list[str] | None = None) -> int:
             done += 1
     progress(done, total, "done", started)
     print()
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json"), "w") as f:
-        json.dump({"command": command.strip(), "raw": raw, "notes": notes}, f)
+    saved = args.results or os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(saved)), exist_ok=True)
+    with open(saved, "w") as f:
+        python = ".".join(map(str, sys.version_info[:3]))
+        json.dump({"command": command.strip(), "python": python, "raw": raw, "notes": notes}, f)
+    print(f"saved {saved}")
     print(f"ran in {time.monotonic() - started:.0f}s")
     return _write(raw, args.out, command.strip(), notes)
 
 
 def _write(raw: dict[str, list[Any]], out: str, command: str, notes: list[str]) -> int:
     """Aggregate the runs (medians), write the page and the plot, print the targets."""
-    aggregated: dict[str, Any] = {}
-    for name, runs in raw.items():
-        aggregated[name] = {
-            contender: median_of([r[contender] for r in runs if contender in r])
-            for contender in runs[0]
-        }
+    aggregated = aggregate(raw)
     repeats = max(len(runs) for runs in raw.values())
     image = plot(os.path.splitext(out)[0] + ".png", aggregated)
     write_markdown(out, aggregated, repeats, command, notes, image)
     print(f"wrote {out}\n")
-    checks = targets(aggregated)
-    width = max(len(t) for t, _, _ in checks)
-    for target, measured, met in checks:
-        mark = " n/a" if met is None else (" yes" if met else "  NO")
-        print(f"{mark}  {target:<{width}}  {measured}")
+    groups = all_targets(aggregated)
+    width = max(len(t.name) for group in groups.values() for t in group)
+    for title, group in groups.items():
+        print(f"{title}:")
+        for t in group:
+            mark = " n/a" if t.met is None else (" yes" if t.met else "  NO")
+            print(f"{mark}  {t.name:<{width}}  {t.measured.replace('**', '')}")
+        print()
     return 0
 
 

@@ -98,15 +98,17 @@ def fan(
         return got, sent
 
 
-def pipe_run(count: int, size: int, interval: float) -> dict[str, Any]:
-    """multiprocessing Pipe: one sender, one blocking receiver (spawned processes)."""
+def pipe_run(count: int, size: int, interval: float, on_loop: bool = False) -> dict[str, Any]:
+    """multiprocessing Pipe: one sender, one receiver (spawned processes) that blocks in
+    `recv_bytes`, or (`on_loop`) waits on an asyncio loop with `loop.add_reader`."""
     from . import workers as w
 
     ctx = multiprocessing.get_context("spawn")
     data_r, data_w = ctx.Pipe(duplex=False)
     out_r, out_w = ctx.Pipe(duplex=False)
     go_r, go_w = ctx.Pipe(duplex=False)
-    recv = ctx.Process(target=w.pipe_receiver, args=(data_r, count, out_w))
+    receiver = w.pipe_async_receiver if on_loop else w.pipe_receiver
+    recv = ctx.Process(target=receiver, args=(data_r, count, out_w))
     send = ctx.Process(target=w.pipe_sender, args=(data_w, count, size, interval, go_r))
     recv.start()
     send.start()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import budget
 from .coordination import SCENARIOS as COORDINATION
 from .harness import (
     Worker,
@@ -36,9 +37,11 @@ class Size:
     visible_writes: int = 200
     idle_seconds: float = 10.0
     late_joiner_keys: int = 100_000
+    batched_messages: int = 500_000  # notify_many: long enough that start-up is noise
+    lean: bool = False  # only the rows issue #15's targets read (per-Python runs)
 
 
-QUICK = Size(200, 20_000, 5_000, 50_000, 100, 3.0, 20_000)
+QUICK = Size(200, 20_000, 5_000, 50_000, 100, 3.0, 20_000, 100_000)
 
 
 def _lat(result: dict[str, Any]) -> dict[str, float]:
@@ -55,10 +58,15 @@ def latency(size: Size, codec: str) -> Result:
             [("ivip-sender", (d, n, 100, 0.005, "awaited", codec))],
         )
         out["ivip-ipc-async"] = _lat(got[0])
-    if redis_available():
+    if redis_available() and not size.lean:
         got, _ = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0.005, "awaited"))])
         out["redis pub/sub"] = _lat(got[0])
     out["multiprocessing Pipe"] = latency_summary(pipe_run(n, 100, 0.005)["latencies_ns"])
+    out["multiprocessing Pipe (asyncio receiver)"] = latency_summary(
+        pipe_run(n, 100, 0.005, on_loop=True)["latencies_ns"]
+    )
+    if size.lean:
+        return out
     for role, label, extra in (
         ("inotify-receiver", "raw inotify (floor)", ()),
         ("watchfiles-receiver", "watchfiles.awatch step=50", (50,)),
@@ -77,24 +85,27 @@ def throughput(size: Size, codec: str) -> Result:
     n = size.throughput_messages
     out: Result = {}
     runs = [("awaited", codec), ("concurrent", codec), ("batched", codec)]
-    if codec == "json":
+    if codec == "json" and not size.lean:
         runs.append(("awaited", "orjson"))  # the opt-in codec, side by side
     for mode, used in runs:
+        count = size.batched_messages if mode == "batched" else n
         with scratch_dir() as d:
             got, sent = fan(
-                [("ivip-receiver", (d, n, used))], [("ivip-sender", (d, n, 100, 0, mode, used))]
+                [("ivip-receiver", (d, count, used))],
+                [("ivip-sender", (d, count, 100, 0, mode, used))],
             )
             r = got[0]
             label = mode if used == codec else f"{mode}, {used}"
             out[f"ivip-ipc-async ({label})"] = {
                 "msg/s": r["rate"],
                 "send msg/s": sent[0]["send_rate"],
+                "receiver CPU us/msg": r["cpu_ns_per_msg"] / 1000,
                 "rss start MiB": r["rss_kib"][0] / 1024,
                 "rss peak MiB": r["rss_kib"][1] / 1024,
                 "rss end MiB": r["rss_kib"][2] / 1024,
             }
     if redis_available():
-        for mode in ("awaited", "pipelined"):
+        for mode in ("pipelined",) if size.lean else ("awaited", "pipelined"):
             got, sent = fan([("redis-receiver", (n,))], [("redis-sender", (n, 100, 0, mode))])
             out[f"redis pub/sub ({mode})"] = {
                 "msg/s": got[0]["rate"],
@@ -269,6 +280,12 @@ def redis_backend(size: Size, codec: str) -> Result:
     out["ivip-ipc-async on Redis"]["msg/s (awaited)"] = got[0]["rate"]
     got, _ = fan([("redis-receiver", (m,))], [("redis-sender", (m, 100, 0, "awaited"))])
     out["redis pub/sub (redis-py)"]["msg/s (awaited)"] = got[0]["rate"]
+    # The floor of this design: the backend's own APPEND script through plain redis-py.
+    got, _ = fan([("redis-receiver", (m, "id"))], [("redis-script-sender", (m, 100, 0))])
+    out["redis EVALSHA APPEND (redis-py)"] = {"msg/s (awaited)": got[0]["rate"]}
+    if size.lean:
+        _drop_redis_namespace(url.partition("#")[2])
+        return out
     with workers() as started:
         w = Worker("ivip-cache", url, size.cache_ops, codec)
         started.append(w)
@@ -302,5 +319,6 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "startup": startup,
     "redis_backend": redis_backend,
     "loop_stall": loop_stall,
+    "budget": budget,
 }
 SCENARIOS.update(COORDINATION)  # locks and stampede: benchmarks/coordination.py

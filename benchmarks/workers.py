@@ -77,25 +77,31 @@ class Collector:
         self.bytes = 0
         self.rss_start = rss_kib()
         self.rss_peak = self.rss_start
+        self.cpu_first = self.cpu_last = 0  # process CPU ns at the first and last message
         self.done = asyncio.Event()
 
     def take(self, sent_ns: int, size: int = 0) -> None:
         now = N()
         if self.count == 0:
             self.first_sent = sent_ns
+            self.cpu_first = time.process_time_ns()  # twice per run: not per message
         self.count += 1
         self.bytes += size
         self.latencies.append(now - sent_ns)
         self.last_recv = now
         if self.count % 10_000 == 0:
             self.rss_peak = max(self.rss_peak, rss_kib())
-        if self.count >= self.expected:
+        if self.count >= self.expected and not self.done.is_set():
+            self.cpu_last = time.process_time_ns()
             self.done.set()
 
     def result(self) -> dict[str, Any]:
         elapsed = max(1, self.last_recv - self.first_sent) / 1e9
         return {
             "count": self.count,
+            # CPU (all threads) from the first message to the last, per message after
+            # the first: the receiver's whole cost of one message.
+            "cpu_ns_per_msg": (self.cpu_last - self.cpu_first) / max(1, self.count - 1),
             "latencies_ns": self.latencies,
             "rate": self.count / elapsed,
             "mb_per_s": self.bytes / elapsed / 1e6,
@@ -112,7 +118,9 @@ async def ivip_receiver(path: str, expected: int, codec: str) -> None:
     emit(col.result())
 
 
-async def redis_receiver(expected: int) -> None:
+async def redis_receiver(expected: int, with_id: bool = False) -> None:
+    """A redis-py subscriber; `with_id`: each payload starts with a stream id and a
+    space (what this backend's APPEND script publishes)."""
     import redis.asyncio as aioredis
 
     col = Collector(expected)
@@ -125,6 +133,8 @@ async def redis_receiver(expected: int) -> None:
         if msg is None:
             continue
         data = msg["data"]
+        if with_id:
+            data = data.partition(b" ")[2]
         col.take(int(data[:20]), len(data))
     await pubsub.aclose()
     await client.aclose()
@@ -155,6 +165,32 @@ def pipe_receiver(conn: Any, expected: int, out: Any) -> None:
             "mb_per_s": total / elapsed / 1e6,
         }
     )
+
+
+def pipe_async_receiver(conn: Any, expected: int, out: Any) -> None:
+    """A Pipe whose receiver waits on an asyncio loop (`loop.add_reader` on its fd):
+    the wake-up path of any asyncio receiver, where `pipe_receiver` blocks in a read."""
+
+    async def run() -> dict[str, Any]:
+        col = Collector(expected)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            while conn.poll():  # drain what is there: one wake-up may cover several
+                data = conn.recv_bytes()
+                col.take(int(data[:20]), len(data))
+                if col.count >= expected:
+                    loop.remove_reader(conn.fileno())
+                    return
+
+        loop.add_reader(conn.fileno(), readable)
+        out.send("ready")
+        await asyncio.wait_for(col.done.wait(), 600)
+        return col.result()
+
+    result = asyncio.run(run())
+    del result["rss_kib"]
+    out.send(result)
 
 
 def pipe_sender(conn: Any, count: int, size: int, interval: float, go: Any) -> None:
@@ -284,6 +320,34 @@ async def redis_sender(count: int, size: int, interval: float, mode: str) -> Non
             if interval:
                 await asyncio.sleep(interval)
     emit({"sent": count, "send_rate": count / ((N() - started) / 1e9)})
+    await client.aclose()
+
+
+async def redis_script_sender(count: int, size: int, interval: float) -> None:
+    """Plain redis-py `EVALSHA` of the Redis backend's APPEND script (store in a
+    stream, publish with the entry's id, keep the stream expiring), awaited: what
+    one write of that design costs without this library's client-side work."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from ivip_ipc_async.backends.redis.scripts import APPEND, APPEND_SHA
+
+    client = aioredis.Redis()
+    await client.script_load(APPEND)
+    stream = f"bench-stream-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(wait_go)
+    pad = b"x" * max(0, size - 21)
+    started = N()
+    # The backend's defaults: stream_maxlen 100,000, state_ttl 3,600 s.
+    for _ in range(count):
+        await client.evalsha(
+            APPEND_SHA, 1, stream, b"%020d " % N() + pad, 100_000, "bench", 3_600_000
+        )
+        if interval:
+            await asyncio.sleep(interval)
+    emit({"sent": count, "send_rate": count / ((N() - started) / 1e9)})
+    await client.delete(stream)
     await client.aclose()
 
 
@@ -527,9 +591,11 @@ def main() -> None:
             ivip_sender(args[0], int(args[1]), int(args[2]), float(args[3]), args[4], args[5])
         )
     elif role == "redis-receiver":
-        asyncio.run(redis_receiver(int(args[0])))
+        asyncio.run(redis_receiver(int(args[0]), args[1:] == ["id"]))
     elif role == "redis-sender":
         asyncio.run(redis_sender(int(args[0]), int(args[1]), float(args[2]), args[3]))
+    elif role == "redis-script-sender":
+        asyncio.run(redis_script_sender(int(args[0]), int(args[1]), float(args[2])))
     elif role == "inotify-receiver":
         asyncio.run(inotify_receiver(args[0], int(args[1])))
     elif role == "watchfiles-receiver":

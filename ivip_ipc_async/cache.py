@@ -20,7 +20,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
 from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
-from .mirror import UNSET
+from .mirror import NO_ENTRIES, SHARDS, new_shards
 from .records import CacheKey, Kind, Record, encode_key
 
 __all__ = ["AsyncCache"]
@@ -220,22 +220,29 @@ class AsyncCache(Generic[V]):
             key = str(key) if isinstance(key, str) else int(key)
         if not ipc._mirror_ready:
             return await self._get_from_backend(key, default)
-        entries = ipc.mirror.caches.get(self.name)
-        if entries is None:
+        mirror = ipc.mirror
+        shard = hash(key) % SHARDS
+        decoded = mirror.decoded.get(self.name)
+        if decoded is not None:
+            # Kept current by the mirror (dropped when its key changes).
+            memo = decoded[shard].get(key)
+            if memo is not None:
+                until, value, copier = memo
+                if until and until <= time.time():
+                    return default
+                return value if copier is None else copier(value)
+        shards = mirror.caches.get(self.name)
+        if shards is None:
             return default
-        entry = entries.get(key)
-        if entry is None:
+        state = shards[shard].get(key)
+        if state is None:
             return default
-        until = entry.until
+        until = state[0]  # mirror.UNTIL
         if until and (until < 0 or until <= time.time()):
             return default
-        rec = entry.record
-        value = entry.value
-        if value is not UNSET:
-            copier = entry.copier
-            return value if copier is None else copier(value)
+        data = state[1]  # mirror.DATA
         try:
-            value = ipc.codec.loads(rec.data)
+            value = ipc.codec.loads(data)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             logger.error(
                 "the value of key %r in cache %r cannot be decoded; treated as missing",
@@ -246,19 +253,24 @@ class AsyncCache(Generic[V]):
             return default
         kind = type(value)
         if kind in _IMMUTABLE:
-            entry.value = value  # safe to share: nobody can mutate it
+            copier = None  # safe to share: nobody can mutate it
         elif kind is dict and all(type(v) in _IMMUTABLE for v in value.values()):
             # A flat dict: a shallow copy is a full copy, and 10x cheaper than decoding.
-            entry.value, entry.copier = value, dict.copy
-            return value.copy()
+            copier = dict.copy
         elif kind is list and all(type(v) in _IMMUTABLE for v in value):
-            entry.value, entry.copier = value, list.copy
-            return value.copy()
-        elif len(rec.data) <= _COPY_BELOW:
+            copier = list.copy
+        elif len(data) <= _COPY_BELOW:
             # Small nested values: copying the tree in Python beats decoding again.
-            entry.value, entry.copier = value, _copy_tree
-            return _copy_tree(value)
-        return value  # large: decoded afresh on every read (C speed)
+            copier = _copy_tree
+        else:
+            return value  # large: decoded afresh on every read (C speed)
+        if decoded is None:
+            decoded = mirror.decoded[self.name] = new_shards()
+        memos = decoded[shard]
+        if memos is NO_ENTRIES:
+            memos = decoded[shard] = {}
+        memos[key] = (until, value, copier)
+        return value if copier is None else copier(value)
 
     async def _get_from_backend(self, key: CacheKey, default: Any) -> Any:
         """Read one key from the shared medium while the mirror may be stale."""
@@ -516,7 +528,7 @@ class AsyncCache(Generic[V]):
         entry = self.ipc.mirror.lookup(self.name, key)
         if entry is None or not entry.live(time.time()):
             return None
-        return entry.record.data
+        return entry.data
 
     async def _single_flight(
         self, key: str, compute: Callable[[], Awaitable[bytes]], lease: float

@@ -578,7 +578,7 @@ class AsyncIPC:
             "started": self.started,
             "listeners": self._emitter.listener_count(),
             "handler_errors": self._emitter.handler_errors,
-            "cache_entries": sum(len(v) for v in self.mirror.caches.values()),
+            "cache_entries": self.mirror.count(),
         }
         if self._backend is not None:
             out.update(self._backend.stats())

@@ -507,10 +507,18 @@ def encode_key(key: CacheKey) -> bytes:
 
 
 def decode_key(raw: bytes) -> CacheKey:
-    """Inverse of `encode_key`."""
-    if raw[:1] == b"i":
+    """Inverse of `encode_key`; `ValueError` for bytes it cannot have made.
+
+    Example:
+        >>> decode_key(b"i1"), decode_key(b"s1")
+        (1, '1')
+    """
+    tag = raw[:1]
+    if tag == b"s":
+        return raw[1:].decode()
+    if tag == b"i":
         return int(raw[1:])
-    return raw[1:].decode()
+    raise ValueError(f"not an encoded cache key: {raw[:40]!r}")
 
 
 # -- codecs ---------------------------------------------------------------------

@@ -37,6 +37,7 @@ async def main() -> None:
     parser.add_argument("dir", nargs="?")
     parser.add_argument("--namespace")
     parser.add_argument("--retention", type=float)
+    parser.add_argument("--snapshot-interval", type=float)
     args = parser.parse_args()
     if args.dir is None:
         ipc = IPC
@@ -46,6 +47,8 @@ async def main() -> None:
             options["rescan_interval"] = 0.1
             if args.retention is not None:
                 options["retention"] = args.retention
+            if args.snapshot_interval is not None:
+                options["snapshot_interval"] = args.snapshot_interval
         ipc = AsyncIPC(args.dir, namespace=args.namespace, **options)
     cache: AsyncCache[Any] = AsyncCache(ipc)
     received: dict[str, list[Any]] = {}

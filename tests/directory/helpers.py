@@ -95,9 +95,9 @@ PEER_SCRIPT = str(Path(__file__).parent.parent / "peer.py")
 class Peer:
     """tests/peer.py in its own process: JSON commands in, JSON answers out."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *options: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, PEER_SCRIPT, str(path)],
+            [sys.executable, PEER_SCRIPT, str(path), *options],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.records import encode_key
+from ivip_ipc_async.records import Kind, Record, encode_frame, encode_key
 
 from .helpers import FAST, Peer, message, write_segment
 
@@ -31,6 +32,28 @@ async def test_garbage_in_a_segment_is_skipped_and_delivery_continues(
         await until(lambda: got == [1, 2])
         assert ipc.stats()["garbage_bytes"] >= 300
     assert "unreadable bytes" in caplog.text
+
+
+async def test_a_cache_record_with_a_forged_key_costs_only_itself(
+    ipc: AsyncIPC, ipc_dir: Path, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache record whose key no process could have encoded, with valid
+    checksums, made the read pass raise: the rest of what was read with it was
+    never delivered. It is ignored (and logged); what follows arrives."""
+    got: list[Any] = []
+    ipc.on("e", got.append)
+    forged = [
+        encode_frame(Record(Kind.CACHE_SET, "default", key, b"1", hlc=1, node=7), seq)
+        for seq, key in enumerate((b"s\xff", b"ix", b"k"), start=2)
+    ]
+    data = message("e", b"1", 1) + b"".join(forged) + message("e", b"2", 5)
+    with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+        write_segment(ipc_dir, f"{FAKE_PEER}-00000001.seg", data)
+        await until(lambda: got == [1, 2])
+        await AsyncCache(ipc).set("after", 1)
+        assert await AsyncCache(ipc).get("after") == 1
+    assert ipc.mirror.rejected == 3
+    assert "is not a cache key" in caplog.text
 
 
 async def test_files_that_are_not_segments_are_ignored(
@@ -137,3 +160,60 @@ async def test_messages_nobody_listens_to_are_skipped_without_a_gap(
     peer_ipc.on("unwanted", late.append)  # listening from now on
     await ipc.notify("unwanted", "after")
     await until(lambda: late == ["after"])
+
+
+@pytest.mark.parametrize("when", ["restore at start", "live"])
+async def test_due_timers_run_between_any_two_slices_of_reading(
+    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A 0.1 ms timer gets its turn after every full slice of reading (restoring
+    the log at start, or reading a huge batch live), not after every second one,
+    as it did when slices yielded with `asyncio.sleep(0)`."""
+    from ivip_ipc_async.backends.directory.layout import SLICE
+    from ivip_ipc_async.backends.directory.reader import LogReader
+
+    events: list[tuple[str, float]] = []
+    read_writer = LogReader._read_writer
+
+    def timed(self: LogReader, w: Any, deadline: float) -> bool:
+        started = time.perf_counter()
+        try:
+            return read_writer(self, w, deadline)
+        finally:
+            events.append(("slice", time.perf_counter() - started))
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.0001)
+            events.append(("tick", 0.0))
+
+    monkeypatch.setattr(LogReader, "_read_writer", timed)
+    # No snapshot from the writer: one would cover its messages, leaving nothing to read.
+    writer = Peer(ipc_dir, "--snapshot-interval", "3600")
+    script = {"op": "notify_many", "event": "e", "count": 100_000}
+    ticker = asyncio.get_running_loop().create_task(tick())
+    try:
+        if when == "restore at start":
+            assert await writer.ask(**script) == {"acked": 100_000}
+            events.clear()
+            async with AsyncIPC(ipc_dir, **FAST) as reader:
+                assert reader.stats()["records_read"] == 100_000
+        else:
+            async with AsyncIPC(ipc_dir, **FAST) as reader:
+                got = 0
+
+                def handler(message: Any) -> None:
+                    nonlocal got
+                    got += 1
+
+                reader.on("e", handler)
+                events.clear()
+                assert await writer.ask(**script) == {"acked": 100_000}
+                await until(lambda: got == 100_000, 20)
+    finally:
+        ticker.cancel()
+        writer.close()
+    full = [i for i, (what, took) in enumerate(events) if what == "slice" and took >= SLICE]
+    assert len(full) > 10  # the workload is many slices long
+    back_to_back = [i for i in full if i + 1 < len(events) and events[i + 1][0] == "slice"]
+    assert back_to_back == [], f"{len(back_to_back)} of {len(full)} full slices ran back to back"

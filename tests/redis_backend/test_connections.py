@@ -269,3 +269,34 @@ def test_errors_have_one_documented_base() -> None:
 
     assert issubclass(IPCClosedError, IPCError)
     assert issubclass(UnsafeDirectoryError, IPCError)
+
+
+async def test_each_attempt_has_a_time_limit_and_cancellation_passes_through(until: Any) -> None:
+    """`retrying` cancels an attempt at its deadline (one watchdog timer for every
+    attempt, not a timer each) and retries or gives up; a cancellation from
+    outside is the caller's, and is not taken for the time limit."""
+    from ivip_ipc_async.backends.redis.backend import RedisBackend
+
+    connections = RedisBackend(REDIS_URL, retry_timeout=0.2).connections
+    connections.control = object()  # as if started: retries go on
+    attempts = 0
+
+    async def hang() -> None:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.Event().wait()
+
+    started = loop_time()
+    with pytest.raises(BackendUnavailableError, match=r"did not answer for 0\.2s"):
+        await connections.retrying("write", hang)
+    assert attempts == 1
+    assert 0.15 < loop_time() - started < 5
+    assert connections._watchdog._guards == set()
+    task = asyncio.create_task(connections.retrying("write", hang, timeout=30))
+    await until(lambda: attempts == 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert connections._watchdog._guards == set()
+    assert await connections.retrying("write", asyncio.sleep, 0, "done") == "done"
+    connections._watchdog.stop()

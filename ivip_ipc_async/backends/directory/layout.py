@@ -55,9 +55,30 @@ async def sliced(reader: FrameReader, data: bytes) -> AsyncIterator[list[Record]
         if not reader.backlog:
             return
         if time.perf_counter() > deadline:
-            await asyncio.sleep(0)
+            await breathe()
             deadline = time.perf_counter() + SLICE
         records = reader.feed(limit=STEP)
+
+
+async def breathe() -> None:
+    """Yield to the event loop between two slices of work, behind the timers due.
+
+    `asyncio.sleep(0)` queues the caller ahead of the timers that fall due while
+    it runs, so a task sleeping 1 ms would wait for two slices; a timer of (next
+    to) no delay is queued behind them, so it waits for one.
+    """
+    await asyncio.sleep(_NEXT_TO_NO_DELAY)
+
+
+def after_timers_due(callback: Callable[[], object]) -> None:
+    """Call `callback` (a slice of work) once the timers due now have run, and
+    the tasks they wake: a timer only wakes a task, which runs one loop turn
+    later, so `callback` is queued one turn later too (see `breathe`)."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(0, loop.call_soon, callback)
+
+
+_NEXT_TO_NO_DELAY: Final = 1e-9  # asyncio.sleep(0) is a plain yield, without a timer
 
 
 COUNTERS: Final = (

@@ -11,7 +11,6 @@ retained log as state.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import operator
@@ -29,6 +28,8 @@ from .layout import (
     SLICE,
     STEP,
     Namespace,
+    after_timers_due,
+    breathe,
     open_regular,
     segment_name,
 )
@@ -128,8 +129,9 @@ class LogReader:
                 continue
             if time.perf_counter() > deadline or not self._read_writer(w, deadline):
                 self.dirty.add(peer)  # the rest in a later callback: the loop breathes
-        if self.dirty:
-            self.schedule_read()
+        if self.dirty and not self._read_scheduled:
+            after_timers_due(self.read_pass)  # the rest in a later slice
+            self._read_scheduled = True
 
     def scan(self) -> None:
         """List log/ and learn every writer's segments (the safety net)."""
@@ -324,7 +326,7 @@ class LogReader:
             done = False
             while not done:
                 done = self._read_writer(w, time.perf_counter() + SLICE)
-                await asyncio.sleep(0)  # a slice at a time: the loop breathes
+                await breathe()  # a slice at a time: the loop breathes
             w.live = True
         self.live = True
         self.dirty.clear()

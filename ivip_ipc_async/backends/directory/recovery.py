@@ -12,7 +12,6 @@ read it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 from ...logs import logger, rate_limited
 from ...records import HEADER_SIZE, FrameReader, Kind
 from ..base import RecordSink
-from .layout import READ_CHUNK, SEGMENT_RE, Namespace, open_regular, sliced
+from .layout import READ_CHUNK, SEGMENT_RE, Namespace, breathe, open_regular, sliced
 
 if TYPE_CHECKING:
     from .peers import Peers
@@ -187,4 +186,4 @@ async def _restore_sliced(reader: FrameReader, data: bytes, sink: RecordSink) ->
     """Feed `data` to `sink.restore` a slice at a time, yielding to the loop between."""
     async for records in sliced(reader, data):
         sink.restore([r for r in records if r.kind is not Kind.MESSAGE])
-    await asyncio.sleep(0)
+    await breathe()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable
@@ -134,6 +135,10 @@ def retryable(exc: BaseException) -> bool:
     )
 
 
+async def _as_is(response: Any) -> Any:
+    return response
+
+
 class Connections:
     """The redis-py clients of one backend, by role, and what guards them.
 
@@ -151,6 +156,7 @@ class Connections:
         self._reads = 0  # cache reads under way on it
         self.subscribed = False  # the listener's connection is subscribed
         self.reader_reconnected = False  # set by redis-py when it reconnects the listener
+        self._watchdog = _Watchdog()  # the time limit of each attempt of `retrying`
 
     def make(self, role: str) -> Any:
         """A redis-py client for `role` (see the module's docstring)."""
@@ -181,8 +187,8 @@ class Connections:
             # command on Python 3.11).
             timeout = max(settings.retry_timeout, 1.0) if role == "c" else None
             options.setdefault("socket_timeout", timeout)
-            if role == "g":  # cache reads during a rebuild: one connection, serialised
-                options["single_connection_client"] = True
+            if role in ("g", "w"):  # one connection, serialised (the writer sends
+                options["single_connection_client"] = True  # on it by hand)
         return aioredis.Redis.from_url(settings.url, **options)
 
     def open(self) -> None:
@@ -196,6 +202,7 @@ class Connections:
         """Close every client."""
         clients = (self.control, self.write, self.reader, self._read)
         self.control = self.write = self.reader = self._read = None
+        self._watchdog.stop()
         self.subscribed = False
         for client in clients:
             if client is not None:
@@ -227,6 +234,13 @@ class Connections:
             # or failing on it (RESP2); `ping_interval` does that job. (A URL's
             # `?health_check_interval=` overrides options, hence here.)
             connection.health_check_interval = 0
+            # Pushes handed over as they are (as redis-py's own PubSub sets it): its
+            # default handler formats each one for a debug log, first.
+            set_handler = getattr(
+                getattr(connection, "_parser", None), "set_pubsub_push_handler", None
+            )
+            if set_handler is not None:
+                set_handler(_as_is)
         self.reader_reconnected = False
 
     async def subscribe(self) -> None:
@@ -260,7 +274,7 @@ class Connections:
         self._reads += 1
         try:
             return await self.retrying(
-                lambda: client.hget(entry_key, "r"), "cache read", self._settings.read_timeout
+                "cache read", client.hget, entry_key, "r", timeout=self._settings.read_timeout
             )
         finally:
             self._reads -= 1
@@ -276,40 +290,128 @@ class Connections:
     # -- retries -------------------------------------------------------------------------
 
     async def retrying(
-        self, attempt: Callable[[], Awaitable[_T]], what: str, timeout: float | None = None
+        self,
+        what: str,
+        attempt: Callable[..., Awaitable[_T]],
+        *args: Any,
+        timeout: float | None = None,
     ) -> _T:
-        """`attempt()`, again after connection errors, for up to `timeout` seconds
-        (`retry_timeout` by default); Redis's errors raised as the documented ones."""
+        """`attempt(*args)`, again after connection errors, for up to `timeout`
+        seconds (`retry_timeout` by default); Redis's errors raised as the
+        documented ones."""
         settings = self._settings
         loop = asyncio.get_running_loop()
         limit = settings.retry_timeout if timeout is None else timeout
         deadline = loop.time() + limit
         delay = 0.05
         while True:
+            # The attempt's own time limit (the connection has no socket timeout).
+            guard = self._watchdog.arm(max(deadline, loop.time() + min(limit, 1.0)))
             try:
-                # The attempt's own time limit (the connection has no socket timeout).
-                async with asyncio.timeout(max(deadline - loop.time(), min(limit, 1.0))):
-                    return await attempt()
-            except Exception as exc:
-                if not retryable(exc) or self.control is None:
-                    if isinstance(exc, ConnectionAbortedError):
-                        raise
-                    raise wrap(exc, f"a {what}", settings.url) from exc
-                self._counters["write_retries" if what == "write" else "connection_errors"] += 1
-                if loop.time() >= deadline:
-                    raise BackendUnavailableError(
-                        f"Redis at {redacted(settings.url)} did not answer for "
-                        f"{limit:g}s ({what} not acknowledged): {exc or type(exc).__name__}"
-                    ) from exc
-                rate_limited(
-                    logging.WARNING,
-                    ("redis-retry", settings.stream_key, what),
-                    "Redis %s failed (%s); retrying for up to %gs",
-                    what,
-                    exc,
-                    limit,
-                    interval=5.0,
-                )
-                pause = delay * (1 + random.random() / 2)
-                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
-                delay = min(delay * 2, 1.0)
+                return await attempt(*args)
+            except asyncio.CancelledError as cancelled:
+                if not self._watchdog.expired(guard):
+                    raise
+                exc: Exception = TimeoutError(f"no answer in {guard.when - guard.armed:.3g}s")
+                exc.__cause__ = cancelled
+            except Exception as error:
+                exc = error
+            finally:
+                self._watchdog.disarm(guard)
+            if not retryable(exc) or self.control is None:
+                if isinstance(exc, ConnectionAbortedError):
+                    raise exc
+                raise wrap(exc, f"a {what}", settings.url) from exc
+            self._counters["write_retries" if what == "write" else "connection_errors"] += 1
+            if loop.time() >= deadline:
+                raise BackendUnavailableError(
+                    f"Redis at {redacted(settings.url)} did not answer for "
+                    f"{limit:g}s ({what} not acknowledged): {exc or type(exc).__name__}"
+                ) from exc
+            rate_limited(
+                logging.WARNING,
+                ("redis-retry", settings.stream_key, what),
+                "Redis %s failed (%s); retrying for up to %gs",
+                what,
+                exc,
+                limit,
+                interval=5.0,
+            )
+            pause = delay * (1 + random.random() / 2)
+            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
+            delay = min(delay * 2, 1.0)
+
+
+class _Guard:
+    """One attempt under the watchdog: its task, when it started, its deadline, and
+    whether the watchdog cancelled it."""
+
+    __slots__ = ("armed", "cancelling", "fired", "task", "when")
+
+    def __init__(self, task: asyncio.Task[Any], armed: float, when: float) -> None:
+        self.task = task
+        self.armed = armed
+        self.when = when
+        self.cancelling = task.cancelling()
+        self.fired = False
+
+
+class _Watchdog:
+    """Deadlines for many attempts on one timer: what `asyncio.timeout` does, without
+    a timer (scheduled, then cancelled) per attempt, which was a twentieth of an
+    awaited `notify`. The timer fires at the earliest deadline it was armed for; a
+    later attempt's deadline is then armed anew, so a steady stream of writes costs
+    one timer per `retry_timeout`, and an attempt past its deadline is cancelled
+    (and its cancellation taken back, as `asyncio.timeout` does) within a loop
+    iteration of it.
+    """
+
+    def __init__(self) -> None:
+        self._guards: set[_Guard] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._next = math.inf  # when the timer fires
+
+    def arm(self, when: float) -> _Guard:
+        """Watch the current task until `disarm`; cancel it at `when` (loop time)."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        guard = _Guard(task, loop.time(), when)
+        self._guards.add(guard)
+        if when < self._next:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._next = when
+            self._timer = loop.call_at(when, self._fire, loop)
+        return guard
+
+    def disarm(self, guard: _Guard) -> None:
+        """The attempt ended (the timer stays armed: it may serve the next one)."""
+        self._guards.discard(guard)
+
+    def expired(self, guard: _Guard) -> bool:
+        """Whether the CancelledError an attempt ended with was the watchdog's own
+        (then taken back from the task), not a cancellation from outside."""
+        return guard.fired and guard.task.uncancel() <= guard.cancelling
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer, self._next = None, math.inf
+        now = loop.time()
+        later = math.inf
+        for guard in self._guards:
+            if guard.fired:
+                continue
+            if guard.when <= now:
+                guard.fired = True
+                guard.task.cancel()
+            else:
+                later = min(later, guard.when)
+        if later < math.inf:
+            self._next = later
+            self._timer = loop.call_at(later, self._fire, loop)
+
+    def stop(self) -> None:
+        """Drop the timer (the connections are closed)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._next = None, math.inf

@@ -6,6 +6,7 @@ reconnects and resynchronises after any error."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from typing import Any, Final
 
@@ -31,6 +32,7 @@ from .writer import OWN_WINDOW, Writer
 __all__ = ["Listener"]
 
 READ_COUNT: Final = 1000  # stream entries per catch-up read
+_ID_MAX: Final = 41  # the longest stream id: two 64-bit numbers and a dash
 
 
 class _Reconnected(ConnectionError):
@@ -222,29 +224,42 @@ class Listener:
         silence = now + ping  # then PING (or, pinged, give up)
         check = now + interval  # when the namespace's keys are checked next
         pinged = False
+        heard = now  # when Redis last said anything on this connection
         while not self.closing:
             if now >= check:
                 await self._state.check()
                 now = loop.time()
                 check = now + interval
-            timeout = max(min(check, silence) - now, 0.001)
-            response = await connection.read_response(timeout=timeout, push_request=True)
-            if connections.reader_reconnected:
-                raise _Reconnected("the listener's connection to Redis was re-established")
-            if response is None:  # silence
-                now = loop.time()
-                if now < silence:
-                    continue  # (time for the check)
-                if pinged:
-                    raise TimeoutError(f"Redis did not answer a PING in {ping:g}s")
-                await connection.send_command("PING")
-                pinged = True
-                now = loop.time()
-                silence = now + ping
-                continue
-            pinged = False
-            if is_kind(response, "message"):
-                self._deliver_push(response[2], reader)
+            # One time limit for every read until the next check or PING: a limit
+            # per read (redis-py's `timeout=`) was a timer, made and cancelled, per
+            # push. Reads never drop the connection themselves (the limit's
+            # cancellation leaves it, and its buffer, whole); `_listen` does.
+            limit = asyncio.timeout_at(max(min(check, silence), now + 0.001))
+            try:
+                async with limit:
+                    while True:
+                        response = await connection.read_response(
+                            timeout=math.inf, disconnect_on_error=False, push_request=True
+                        )
+                        if connections.reader_reconnected:
+                            raise _Reconnected(
+                                "the listener's connection to Redis was re-established"
+                            )
+                        heard = loop.time()
+                        pinged = False
+                        if is_kind(response, "message"):
+                            self._deliver_push(response[2], reader)
+            except TimeoutError:
+                if not limit.expired():
+                    raise
+            now = loop.time()
+            silence = max(silence, heard + ping)
+            if now < silence:
+                continue  # (time for the check)
+            if pinged:
+                raise TimeoutError(f"Redis did not answer a PING in {ping:g}s")
+            await connection.send_command("PING")
+            pinged = True
             now = loop.time()
             silence = now + ping
 
@@ -252,12 +267,13 @@ class Listener:
         """Deliver one pushed record (`<stream id> <frame>`), unless already read."""
         if not isinstance(payload, bytes) or not payload:
             return  # not ours (a stray PUBLISH), or the permission check at a start
-        entry_id, _, frame = payload.partition(b" ")
+        space = payload.find(b" ", 0, _ID_MAX + 1)
+        entry_id = payload[:space]
         try:
-            position = id_tuple(entry_id)
+            position = id_tuple(entry_id) if space > 0 else None
         except ValueError:
             position = None
-        if position is None or not frame.startswith(MAGIC):
+        if position is None or not payload.startswith(MAGIC, space + 1):
             # Someone else's PUBLISH on the channel: it must not move the position.
             self._garbage(len(payload), "a message on the channel that is not a record")
             return
@@ -265,7 +281,7 @@ class Listener:
             if position <= self._replayed:
                 return
             self._replayed = None  # pushes come in stream order: the rest are new
-        self.delivery.deliver([(entry_id, frame)], reader)
+        self.delivery.deliver_push(entry_id, payload, space + 1, reader)
 
     async def _checked_read(self, reader: FrameReader) -> bool:
         """One catch-up read, checked: a `MULTI` of `XINFO STREAM` and `XREAD` that

@@ -7,7 +7,6 @@ told its own outcome, and this process's mirror told what was stored.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -15,7 +14,7 @@ from typing import Any, Final
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
 from .connections import Connections, retryable, wrap
 from .scripts import APPEND_SHA, SET_IF_NEWER_SHA, load_scripts
-from .settings import Shared
+from .settings import Settings, Shared
 
 __all__ = ["OWN_WINDOW", "Writer"]
 
@@ -46,7 +45,7 @@ class Writer:
 
     def __init__(self, shared: Shared, connections: Connections) -> None:
         self._shared = shared
-        self._settings = settings = shared.settings
+        self._settings = shared.settings
         self._connections = connections
         self._counters = shared.counters
         self._seq = 0
@@ -55,8 +54,7 @@ class Writer:
         # Until then (loop time), this process's own cache records pushed back by
         # Redis are applied here too: a write whose outcome is unknown may be run.
         self.own_until = 0.0
-        self._ttl_ms = int(settings.state_ttl * 1000)
-        self._half_bytes = settings.stream_max_bytes >> 1
+        self._packer: _Packer | None = None  # made on the first write (the encoder)
 
     async def append(self, records: Sequence[Record]) -> None:
         """Write records; return once Redis has them (and their state applies here).
@@ -75,9 +73,7 @@ class Writer:
             self._task = done = asyncio.get_running_loop().create_future()
             try:
                 ops = self._encode(records)
-                errors = await self._connections.retrying(
-                    functools.partial(self._send, ops), "write"
-                )
+                errors = await self._connections.retrying("write", self._send, ops)
                 if errors is not _STORED:
                     failed = next((error for error in errors if error is not None), None)
                     if failed is not None:
@@ -116,9 +112,7 @@ class Writer:
             encoded = [self._encode(records) for records, _ in batch]
             ops = [op for part in encoded for op in part]
             try:
-                errors = await self._connections.retrying(
-                    functools.partial(self._send, ops), "write"
-                )
+                errors = await self._connections.retrying("write", self._send, ops)
                 if len(errors) != len(ops):  # (never: a guard, so no caller waits forever)
                     raise RuntimeError(f"{len(errors)} answers to {len(ops)} writes")
             except Exception as exc:
@@ -199,48 +193,98 @@ class Writer:
         last-writer-wins script; several in one pipeline. Returns, per op, None
         (stored) or the documented error Redis answered (nothing stored); raises
         what a retry may cure."""
-        from redis.exceptions import NoScriptError
+        from redis.exceptions import NoScriptError, ResponseError
 
         client = self._connections.write
         if client is None:
             raise ConnectionAbortedError("the IPC instance is closed")
-        # EVALSHA by hand: redis-py's Script objects cost a wrapper per call, and
-        # in a pipeline one more round trip (SCRIPT EXISTS) per write.
+        connection = client.connection
+        if connection is None:  # (connects it; a failure is retried like any write)
+            connection = (await client.initialize()).connection
+        if self._packer is None:
+            self._packer = _Packer(self._settings, connection.encoder.encode)
+        pack = self._packer.pack
+        # EVALSHA packed by hand, on the write connection itself: redis-py's
+        # command path (its connection pool, argument encoding, retry and
+        # telemetry wrappers) was a fifth of an awaited notify, and its Script
+        # objects cost a wrapper per call, and in a pipeline one more round trip
+        # (SCRIPT EXISTS) per write. redis-py still connects (AUTH, SELECT, the
+        # name), reconnects on the next send after an error, parses the replies,
+        # and drops the connection when a read is interrupted (a timeout, a
+        # cancellation), so no stale reply is ever read as another's.
         try:
             if len(ops) == 1:
-                await client.evalsha(*self._script_call(ops[0]))
+                await connection.send_packed_command(pack(ops[0]), check_health=False)
+                await connection.read_response()
                 return _STORED
-            pipe = client.pipeline(transaction=False)
-            for op in ops:
-                pipe.evalsha(*self._script_call(op))
-            replies = await pipe.execute(raise_on_error=False)
+            await connection.send_packed_command(
+                b"".join([pack(op) for op in ops]), check_health=False
+            )
+            replies: list[Exception | None] = []
+            for _ in ops:
+                try:
+                    await connection.read_response()
+                    replies.append(None)
+                except ResponseError as exc:  # (answered: the connection reads on)
+                    replies.append(exc)
             for reply in replies:
-                if isinstance(reply, Exception) and retryable(reply):
+                if reply is not None and retryable(reply):
                     raise reply  # resent whole: readers drop what was stored twice
         except NoScriptError:
             # Redis lost the scripts (a restart, SCRIPT FLUSH): load them, and let
             # `retrying` send again (readers drop what was already stored).
-            await load_scripts(client)
+            await load_scripts(self._connections.control)
             raise
         return [
-            wrap(reply, "a write", self._settings.url) if isinstance(reply, Exception) else None
+            None if reply is None else wrap(reply, "a write", self._settings.url)
             for reply in replies
         ]
 
-    def _script_call(self, op: _Op) -> tuple[Any, ...]:
-        """EVALSHA's arguments (sha, number of keys, keys, args) that store and
-        publish one encoded op."""
+
+class _Packer:
+    """`EVALSHA` commands, in the wire format, for the encoded ops of one backend:
+    what every write of a kind shares is packed once.
+
+    Args:
+        settings: The backend's settings (key names, limits).
+        encode: The connection's encoder (str to bytes, as redis-py sends them).
+    """
+
+    def __init__(self, settings: Settings, encode: Any) -> None:
+        self._settings = settings
+        self._encode = encode
+        self._ttl = str(int(settings.state_ttl * 1000)).encode()
+        self._half_bytes = settings.stream_max_bytes >> 1
+        stream, channel = encode(settings.stream_key), encode(settings.channel)
+        self._stream, self._channel = stream, channel
+        # APPEND: EVALSHA sha 1 stream | frame maxlen | channel ttl
+        self._append_head = _bulks([b"EVALSHA", APPEND_SHA.encode(), b"1", stream], 8)
+        self._append_tail = _bulks([channel, self._ttl])
+
+    def pack(self, op: _Op) -> bytes:
+        """One op's `EVALSHA`: sha, number of keys, keys (the entry's, the stream),
+        then the frame, (the version and expiry,) MAXLEN, channel, and the TTL."""
         frame, entry_key, version, expires_ms, _ = op
-        settings = self._settings
         # The stream holds at most stream_maxlen entries, and about
         # stream_max_bytes: each write trims it to as many entries of its own
         # size as fit in half of that (so a run of small entries after large
         # ones can hold the large ones and fill the other half, no more).
-        maxlen = min(settings.stream_maxlen, max(1, self._half_bytes // len(frame)))
-        ttl_ms = self._ttl_ms
+        maxlen = b"%d" % min(self._settings.stream_maxlen, max(1, self._half_bytes // len(frame)))
         if entry_key is None:
-            return APPEND_SHA, 1, settings.stream_key, frame, maxlen, settings.channel, ttl_ms
-        return (
-            SET_IF_NEWER_SHA, 2, entry_key, settings.stream_key,
-            frame, version, expires_ms, maxlen, settings.channel, ttl_ms,
+            return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+                self._append_head, len(frame), frame, len(maxlen), maxlen, self._append_tail
+            )  # fmt: skip
+        return _bulks(
+            [
+                b"EVALSHA", SET_IF_NEWER_SHA.encode(), b"2", entry_key, self._stream,
+                frame, self._encode(version), b"%d" % expires_ms, maxlen, self._channel,
+                self._ttl,
+            ],
+            11,
         )  # fmt: skip
+
+
+def _bulks(parts: list[bytes], count: int | None = None) -> bytes:
+    """`parts` as RESP bulk strings, after an array header of `count` when given."""
+    head = [b"*%d\r\n" % count] if count is not None else []
+    return b"".join(head + [b"$%d\r\n%s\r\n" % (len(part), part) for part in parts])
