@@ -355,6 +355,9 @@ class FrameReader:
                     and kind is _MESSAGE
                     and stop <= end
                     and buf[start : start + head[8]] not in wanted
+                    # Still checked: a forged length must not swallow the frames
+                    # behind it (a bad body resyncs, below, as for any frame).
+                    and (not check or crc32(view[start:stop]) == head[10])
                 ):
                     append(
                         _new_record(Record, (_SKIPPED, "", b"", b"", 0, 0, 0.0, head[4], head[2]))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.records import Kind, Record, encode_frame, encode_key
+from ivip_ipc_async.records import HEADER_SIZE, Kind, Record, encode_frame, encode_key
 
 from .helpers import FAST, Peer, message, write_segment
 
@@ -54,6 +54,21 @@ async def test_a_cache_record_with_a_forged_key_costs_only_itself(
         assert await AsyncCache(ipc).get("after") == 1
     assert ipc.mirror.rejected == 3
     assert "is not a cache key" in caplog.text
+
+
+async def test_a_forged_length_on_an_unheard_event_swallows_nothing(
+    ipc: AsyncIPC, ipc_dir: Path, until: Any
+) -> None:
+    """Messages of events nobody here listens to are skipped unread; a forged
+    header of such an event, whose length covers real frames behind it, must
+    not take them along: its body is still checked, and the reader resyncs."""
+    got: list[Any] = []
+    ipc.on("e", got.append)
+    behind = message("e", b"2", 3) + message("e", b"3", 4)
+    cover = Record(Kind.MESSAGE, "x", b"", b"y" * (len(behind) - 1))
+    forged = encode_frame(cover, 2)[:HEADER_SIZE]  # a valid header, its body the real frames
+    write_segment(ipc_dir, f"{FAKE_PEER}-00000001.seg", message("e", b"1", 1) + forged + behind)
+    await until(lambda: got == [1, 2, 3])
 
 
 async def test_files_that_are_not_segments_are_ignored(
