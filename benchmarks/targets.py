@@ -372,10 +372,12 @@ def _why_gather(r: Aggregated) -> str:
         f"{fmt(concurrent)} vs {fmt(floor)} calls/s: a gathered call cost {_us(per)} "
         f"here, of which the Task and `gather` alone are {_us(task)}; 0.8x allows "
         f"{_us(0.25 * task)} of `notify` on top, against {_us(per - task)} now. "
-        "Closing it: a `notify` that finishes without suspending when the write "
-        "went through (a coroutine that never yields lets 3.12+'s eager tasks skip "
-        "the scheduling), and no per-call work that the batch path "
-        f"(`notify_many`, {fmt(batched)} msg/s sent) shows is not needed."
+        "A gathered `notify` already ends in its task's first step (it writes at "
+        "once, without suspending), so what is left is the call itself: 0.8x "
+        "would need a `notify` five times cheaper, in compiled code. On 3.12+ "
+        "`asyncio.eager_task_factory` also spares the Task's scheduling (docs/"
+        "design.md has the figures per version); the batch path, `notify_many`, "
+        f"sent {fmt(batched)} msg/s."
     )
 
 
@@ -440,7 +442,12 @@ def _why_kept(r: Aggregated, name: str) -> str:
         wake = get(r, "idle", "ivip-ipc-async", "wakeups_per_s")
         return (
             f"{fmt(get(r, 'idle', 'ivip-ipc-async', 'cpu_percent'))} % with {fmt(wake)} "
-            "context switches/s: the maintenance rounds wake too often or do too much."
+            "context switches/s. About half is the watchfiles thread waking every "
+            "150 ms step to look at its stop event, half the 2 s maintenance round "
+            "(per-thread CPU over 20 s: 0.05 % each); earlier runs of the same "
+            "defaults measured 0.07 %. Closing it: a longer watchfiles step (a "
+            "slower `destroy()` and peer-join notice) or a watcher that blocks "
+            "until stopped."
         )
     if name == T_GET:
         return (
