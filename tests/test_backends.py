@@ -20,6 +20,8 @@ import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
 
+from .processes import reap
+
 REDIS_URL = os.environ.get("IVIP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PEER = str(Path(__file__).with_name("peer.py"))
 
@@ -262,6 +264,4 @@ async def test_sigkill_of_a_sender_loses_nothing_acknowledged(medium: str, until
         assert state["received"]["b"] == sorted(state["received"]["b"])
     finally:
         for proc in (receiver, sender):
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+            await reap(proc)

@@ -25,6 +25,7 @@ import pytest
 from ivip_ipc_async import AsyncCache, Lock
 from ivip_ipc_async.leader import Leadership, run_once
 
+from .processes import reap
 from .test_backends import Make, make, medium  # noqa: F401 - the parametrized fixtures
 
 AGENT = textwrap.dedent(
@@ -173,8 +174,7 @@ async def agents(medium: str) -> AsyncIterator[Any]:  # noqa: F811
     for agent in started:
         if agent.proc.returncode is None:
             agent.kill(signal.SIGCONT)
-            agent.kill()
-        await agent.proc.wait()
+        await reap(agent.proc)
 
 
 def is_redis(medium: str) -> bool:  # noqa: F811

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from .processes import reap
+
 PEER = str(Path(__file__).with_name("peer.py"))
 
 
@@ -47,11 +49,9 @@ class Peer:
         if self.proc.returncode is None:
             with contextlib.suppress(EOFError, TimeoutError, ConnectionError, ValueError):
                 await self.ask(op="exit", timeout=2)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-        await self.proc.wait()
+        await reap(self.proc)
 
 
 StartPeer = Callable[..., Coroutine[Any, Any, Peer]]

@@ -27,6 +27,8 @@ from ivip_ipc_async.integrations.starlette import (
     ipc_lifespan,
 )
 
+from .processes import reap
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -277,6 +279,4 @@ async def test_leadership_is_handed_over_when_the_leader_dies(ipc_dir: Path) -> 
         await asyncio.gather(*reads, return_exceptions=True)
     finally:
         for p in procs:
-            if p.returncode is None:
-                p.kill()
-            await p.wait()
+            await reap(p)

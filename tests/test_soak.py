@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from .processes import reap
+
 AGENT = str(Path(__file__).with_name("soak_agent.py"))
 SECONDS = float(os.environ.get("IVIP_SOAK_SECONDS", "20"))
 PEERS = 6
@@ -169,9 +171,7 @@ async def test_crash_soak(ipc_dir: Path) -> None:
         )
     finally:
         for agent in agents:
-            if agent.proc.returncode is None:
-                agent.proc.kill()
-            await agent.proc.wait()
+            await reap(agent.proc)
             if agent.reader is not None:
                 agent.reader.cancel()
                 await asyncio.gather(agent.reader, return_exceptions=True)
