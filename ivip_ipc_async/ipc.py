@@ -29,10 +29,17 @@ from .emitter import Emitter, Handler, MessageStream, Subscription
 from .errors import BackendUnavailableError, IPCClosedError
 from .logs import logger
 from .mirror import Mirror
-from .records import HEADER_SIZE, MAX_NAME_BYTES, Codec, Kind, Record, codec_named
+from .records import (
+    HEADER_SIZE,
+    MAX_NAME_BYTES,
+    Codec,
+    Kind,
+    Record,
+    _new_record,
+    codec_named,
+)
 
 _MESSAGE = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
-_new_record = tuple.__new__  # a Record without NamedTuple's Python-level __new__
 
 if TYPE_CHECKING:
     from .coordination import Lock

@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import Any, Final, cast
 
 from .logs import rate_limited
-from .records import HEADER_SIZE, CacheKey, Kind, Record, decode_key
+from .records import HEADER_SIZE, CacheKey, Kind, Record, _new_record, decode_key
 
 __all__ = ["NO_ENTRIES", "SHARDS", "Entry", "Mirror", "Shards", "State", "new_shards"]
 
@@ -56,7 +56,6 @@ SHARDS: Final = 61
 NO_ENTRIES: Final = cast("dict[Any, Any]", MappingProxyType({}))
 """A shard with no dict yet (read-only: writing into it raises)."""
 Shards = list[dict[CacheKey, State]]
-_new_record = tuple.__new__  # a Record without the keyword handling of Record()
 
 
 def new_shards() -> list[dict[Any, Any]]:
