@@ -181,7 +181,7 @@ class DirectoryBackend:
         if ns.closing:
             return
         self._writer.flush()
-        self._wakeups.ring_if_unrung()
+        self._wakeups.ring_if_unrung(at_once=True)
         ns.closing = True
         self._wakeups.stop_watcher()
         snapshot = self._snapshots.task
