@@ -16,7 +16,7 @@ from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .backends.base import Backend
 
@@ -62,6 +62,10 @@ Example:
     'ivip:gap'
 """
 
+
+# Event names whose size `notify` keeps (an application that makes a new name
+# per call pays the check each time, and the dict stays small).
+_EVENT_SIZES_KEPT: Final = 1024
 
 # Bumped in a forked child, so an instance notices that its files belong to the
 # parent without a getpid() system call on every cache read.
@@ -144,6 +148,9 @@ class AsyncIPC:
         # synchronous write (`DirectoryBackend.write_now`).
         self._node = 0
         self._write_now: Callable[[Sequence[Record]], bool] | None = None
+        # UTF-8 sizes of the event names `notify` was given (checked once each):
+        # a lookup instead of a check and an encode per call.
+        self._event_sizes: dict[str, int] = {}
 
     # -- life ---------------------------------------------------------------------
 
@@ -450,7 +457,11 @@ class AsyncIPC:
             ...         await ipc.notify("user:updated", {"id": 7})
             >>> asyncio.run(main())
         """
-        topic_len = _check_name(event, "event name")
+        topic_len = self._event_sizes.get(event) if type(event) is str else None
+        if topic_len is None:
+            topic_len = _check_name(event, "event name")
+            if len(self._event_sizes) < _EVENT_SIZES_KEPT:
+                self._event_sizes[event] = topic_len
         codec = self.codec
         data = codec.dumps(message)
         if HEADER_SIZE + topic_len + len(data) > self.max_record_size:

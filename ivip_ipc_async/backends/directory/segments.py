@@ -253,7 +253,7 @@ class GroupCommit:
         self._ns = ns
         self.pending: _Pending | None = None
         # The task that wrote last in this loop iteration, and how many appends
-        # in a row it wrote at once (see `_may_write_now`).
+        # in a row it wrote at once (see `write_now`).
         self._tick_task: asyncio.Task[Any] | None = None
         self._task_writes = 0
         self._tick_scheduled = False
@@ -269,24 +269,15 @@ class GroupCommit:
         Written at once (one `os.write` costs about 1 us; a wait for the next
         iteration costs more), unless a batch is pending or this task has just
         written `_WRITE_THROUGH_PER_TICK` times in a row in this loop iteration
-        (see `_may_write_now`): then the append joins one batch written at the
+        (see `write_now`): then the append joins one batch written at the
         end of the iteration (group commit).
         """
         if self._ns.closing:
             raise ConnectionAbortedError("the IPC instance is closed")
-        if self._may_write_now():
-            try:
-                self._segments.write(records)
-            except NoRoom:
-                pass  # waits below, first in line, for a snapshot to make room
-            else:
-                self._wakeups.written(ring_if_due=True)
-                return
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.pending = _Pending([(records, waiter)])
-            self._wait_for_room()
-            await waiter
+        if self.write_now(records):
             return
+        # Not now: join the batch of this iteration (which, if it finds no room
+        # under the cap, waits for a snapshot, first in line).
         pending = self.pending
         if pending is None:
             pending = self.pending = _Pending()
@@ -297,8 +288,14 @@ class GroupCommit:
         pending.calls.append((records, fut))
         await fut
 
-    def _may_write_now(self) -> bool:
-        """Whether an append may be written at once (and counted as such).
+    def write_now(self, records: Sequence[Record]) -> bool:
+        """`append` without a coroutine, when it can be done at once: True when
+        the records are in the segment file; False when the caller must `await
+        append(records)` (a batch is pending, this task's direct writes in this
+        iteration are used up, there is no room under the cap, or the instance
+        is closing). `AsyncIPC.notify` calls this first, so that an awaited
+        `notify` completes without suspending: a task that only notifies ends
+        in its first step (under `gather`, no future and no second step).
 
         Not while a batch is pending (appends stay in call order). Otherwise
         yes, except for the task that has just written `_WRITE_THROUGH_PER_TICK`
@@ -306,10 +303,9 @@ class GroupCommit:
         which must yield to the other tasks now and then. Many tasks notifying
         together (`gather`) each write at once, and end in their first step.
         """
-        if self.pending is not None:
+        if self.pending is not None or self._ns.closing:
             return False
-        loop = self._ns.loop
-        task = _current_task(loop)
+        task = _current_task(self._ns.loop)
         if task is not self._tick_task:
             self._tick_task = task
             self._task_writes = 0
@@ -318,23 +314,11 @@ class GroupCommit:
         self._task_writes += 1
         if not self._tick_scheduled:
             self._tick_scheduled = True
-            asyncio.get_running_loop().call_soon(self._end_tick)
-        return True
-
-    def write_now(self, records: Sequence[Record]) -> bool:
-        """`append` without a coroutine, when it can be done at once: True when
-        the records are in the segment file; False when the caller must `await
-        append(records)` (a batch is pending, this task's direct writes in this
-        iteration are used up, there is no room under the cap, or the instance
-        is closing). `AsyncIPC.notify` calls this first, so that an awaited
-        `notify` completes without suspending: a task that only notifies ends
-        in its first step (under `gather`, no future and no second step)."""
-        if self._ns.closing or not self._may_write_now():
-            return False
+            self._ns.loop.call_soon(self._end_tick)  # type: ignore[union-attr]
         try:
             self._segments.write(records)
         except NoRoom:
-            return False  # `append` tries once more, then waits, first in line
+            return False  # `append` joins the batch, which waits for room, first in line
         self._wakeups.written(ring_if_due=True)
         return True
 
