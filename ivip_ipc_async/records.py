@@ -51,7 +51,10 @@ __all__ = [
 ]
 
 MAGIC: Final = b"\xa9\x1c"
-_HEADER = struct.Struct("<2sBBIQQQdHHII")
+# The header as read, the magic as a number: `_parse` unpacks it into locals
+# (one unpacking instead of a subscript per field it uses).
+_HEADER = struct.Struct("<HBBIQQQdHHII")
+_MAGIC_NUMBER: Final = int.from_bytes(MAGIC, "little")
 HEADER_SIZE: Final = _HEADER.size
 NODE_OFFSET: Final = struct.calcsize("<2sBBIQQ")  # the sender's node id in a header (8 bytes)
 _CHECKED = HEADER_SIZE - 4  # bytes covered by header_crc
@@ -334,16 +337,29 @@ class FrameReader:
                 if limit and len(out) >= limit:
                     self._more = True
                     break
-                if buf[pos] != 0xA9 or buf[pos + 1] != 0x1C:
+                head = unpack(buf, pos)
+                (
+                    magic,
+                    kind_number,
+                    codec,
+                    body_len,
+                    seq,
+                    hlc,
+                    node,
+                    expires,
+                    topic_len,
+                    key_len,
+                    body_crc,
+                    head_crc,
+                ) = head
+                if magic != _MAGIC_NUMBER:
                     pos = self._resync(buf, pos + 1, "bad magic")
                     continue
-                head = unpack(buf, pos)
-                body_len = head[3]
-                kind = kinds(head[1])
+                kind = kinds(kind_number)
                 if (
-                    (check and crc32(view[pos : pos + _CHECKED]) != head[11])
+                    (check and crc32(view[pos : pos + _CHECKED]) != head_crc)
                     or body_len > max_body
-                    or head[8] + head[9] > body_len
+                    or topic_len + key_len > body_len
                     or kind is None
                 ):
                     pos = self._resync(buf, pos + 1, "bad header")
@@ -354,14 +370,12 @@ class FrameReader:
                     wanted is not None
                     and kind is _MESSAGE
                     and stop <= end
-                    and buf[start : start + head[8]] not in wanted
+                    and buf[start : start + topic_len] not in wanted
                     # Still checked: a forged length must not swallow the frames
                     # behind it (a bad body resyncs, below, as for any frame).
-                    and (not check or crc32(view[start:stop]) == head[10])
+                    and (not check or crc32(view[start:stop]) == body_crc)
                 ):
-                    append(
-                        _new_record(Record, (_SKIPPED, "", b"", b"", 0, 0, 0.0, head[4], head[2]))
-                    )
+                    append(_new_record(Record, (_SKIPPED, "", b"", b"", 0, 0, 0.0, seq, codec)))
                     pos = stop
                     continue
                 if stop > end:
@@ -377,7 +391,7 @@ class FrameReader:
                         self._collect(bytes(buf[start:end]), out, limit)
                         return
                     break  # the rest of this frame has not arrived yet
-                if check and crc32(view[start:stop]) != head[10]:
+                if check and crc32(view[start:stop]) != body_crc:
                     pos = self._resync(buf, pos + 1, "bad body checksum")
                     continue
                 if kind is _BATCH:
@@ -388,8 +402,8 @@ class FrameReader:
                     if self._batch is not None:
                         break
                     continue
-                key_at = start + head[8]
-                data_at = key_at + head[9]
+                key_at = start + topic_len
+                data_at = key_at + key_len
                 try:
                     topic = str(buf[start:key_at], "utf-8")
                 except UnicodeDecodeError:
@@ -404,11 +418,11 @@ class FrameReader:
                             topic,
                             buf[key_at:data_at],
                             buf[data_at:stop],
-                            head[5],
-                            head[6],
-                            head[7],
-                            head[4],
-                            head[2],
+                            hlc,
+                            node,
+                            expires,
+                            seq,
+                            codec,
                         ),
                     )
                 )
