@@ -559,18 +559,21 @@ class AsyncIPC:
         listeners = self._emitter._listeners
         message = _MESSAGE
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
+        get = listeners.get
         for rec in records:
-            kind = rec.kind
+            # One unpacking instead of an attribute lookup per field.
+            kind, topic, _, data, hlc, _, _, _, codec = rec
             if kind is skipped:
                 continue
-            if rec.codec != codec_id:
+            if codec != codec_id:
                 self._foreign_codec(rec)
                 continue
             if kind is message:
-                if rec.topic in listeners:
-                    emit(rec.topic, rec.data, loads)
-            elif rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE:
-                self.clock.observe(rec.hlc)
+                subs = get(topic)
+                if subs:
+                    emit(topic, subs, data, loads)
+            elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
+                self.clock.observe(hlc)
                 self.mirror.apply(rec)
 
     def _foreign_codec(self, rec: Record) -> None:
