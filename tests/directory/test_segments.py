@@ -102,8 +102,8 @@ async def test_concurrent_tasks_write_at_once_a_tight_loop_yields(
     ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
 ) -> None:
     """Tasks notifying together each write at once (no batch, no suspension);
-    one task notifying in a tight loop is made to wait for the end-of-iteration
-    batch every `_WRITE_THROUGH_PER_TICK` writes, so other tasks get to run."""
+    one task notifying in a tight loop is made to yield every
+    `_WRITE_THROUGH_PER_TICK` writes, so other tasks get to run."""
     got: list[Any] = []
     peer_ipc.on("e", got.append)
     before = ipc.stats()["batches_written"]
@@ -122,7 +122,7 @@ async def test_concurrent_tasks_write_at_once_a_tight_loop_yields(
     for i in range(100, 100 + 10 * segments._WRITE_THROUGH_PER_TICK):
         await ipc.notify("e", i)
     task.cancel()
-    assert ticks >= 9  # the loop ran between the tight loop's batches
+    assert ticks >= 9  # the loop ran between the tight loop's runs of writes
     await until(lambda: len(got) == 100 + 10 * segments._WRITE_THROUGH_PER_TICK)
     assert got == list(range(len(got)))
 

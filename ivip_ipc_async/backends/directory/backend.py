@@ -161,9 +161,9 @@ class DirectoryBackend:
     async def append(self, records: Sequence[Record]) -> None:
         """Write records; when this returns they are in the segment file.
 
-        Written at once, except while a batch is pending or for a task that has
-        just written 16 times in a row in this loop iteration: those join one
-        batch written at the end of the iteration (group commit).
+        Written at once (a task that has just written 64 times in a row in this
+        loop iteration first yields once), except while a batch is pending: then
+        it joins the batch written at the end of the iteration (group commit).
         """
         await self._writer.append(records)
 
@@ -181,7 +181,7 @@ class DirectoryBackend:
         if ns.closing:
             return
         self._writer.flush()
-        self._wakeups.ring_if_unrung(at_once=True)
+        self._wakeups.ring_if_unrung()
         ns.closing = True
         self._wakeups.stop_watcher()
         snapshot = self._snapshots.task

@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from .snapshots import Snapshots
     from .wakeups import Wakeups
 
-_WRITE_THROUGH_PER_TICK: Final = 16
+# Appends a task writes at once in a row in one loop iteration before it yields
+# (~0.3 ms of a tight `await notify()` loop, well under a 2 ms reading slice):
+# measured 5.6 us per such `notify` with 16 and a batch, 5.0 with 64 and a yield.
+# 0 (the tests' setting): every append joins the end-of-iteration batch.
+_WRITE_THROUGH_PER_TICK: Final = 64
 _MESSAGE: Final = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
 _MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
 _ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
@@ -267,15 +271,25 @@ class GroupCommit:
         """Write records; when this returns they are in the segment file.
 
         Written at once (one `os.write` costs about 1 us; a wait for the next
-        iteration costs more), unless a batch is pending or this task has just
-        written `_WRITE_THROUGH_PER_TICK` times in a row in this loop iteration
-        (see `write_now`): then the append joins one batch written at the
-        end of the iteration (group commit).
+        iteration costs more). A task that has just written
+        `_WRITE_THROUGH_PER_TICK` times in a row in this loop iteration (see
+        `write_now`) first yields once. While a batch is pending, the append
+        joins it, written at the end of the iteration (group commit).
         """
         if self._ns.closing:
             raise ConnectionAbortedError("the IPC instance is closed")
         if self.write_now(records):
             return
+        if self.pending is None and 0 < _WRITE_THROUGH_PER_TICK <= self._task_writes:
+            # This task has written its share of the iteration: let the others
+            # run (one bare yield; the iteration's end comes first, and resets
+            # the count), then write at once. Cheaper than joining the batch
+            # and waiting on its future: one loop iteration instead of two.
+            await asyncio.sleep(0)
+            if self._ns.closing:
+                raise ConnectionAbortedError("the IPC instance is closed")
+            if self.write_now(records):
+                return
         # Not now: join the batch of this iteration (which, if it finds no room
         # under the cap, waits for a snapshot, first in line).
         pending = self.pending
