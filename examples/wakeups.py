@@ -2,7 +2,8 @@
 
 Doorbells are unix sockets in the shared directory: a writer rings its peers
 after each write. Without them (`doorbell=False`, or a directory path too long
-for a socket), a peer wakes up when watchfiles reports the change. This sends
+for a socket), a peer wakes up when its directory watcher reports the change
+(inotify on Linux; `IVIP_IPC_WATCHER=watchfiles` measures the watchfiles thread). This sends
 messages one at a time, at random intervals, to a listener in another process,
 and prints the delivery latency both ways (the figures in docs/caveats.md):
 

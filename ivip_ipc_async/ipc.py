@@ -631,7 +631,7 @@ class AsyncIPC:
             if not stats.get("maintenance_alive", True):
                 problems.append("maintenance task is not running")
             if not stats.get("watcher_alive", True):
-                problems.append("watcher thread is not running (re-scans still deliver)")
+                problems.append("watcher is not running (re-scans still deliver)")
             if not stats.get("connected", True):
                 problems.append(
                     "not connected to Redis (reconnecting; cache reads go to Redis, "

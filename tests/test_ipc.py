@@ -355,17 +355,25 @@ async def test_stats_report_health(ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
     await until(lambda: len(ipc.stats()["peers"]) == 1)
 
 
-async def test_destroy_leaves_no_thread_or_task_and_holds_no_anyio_token(ipc_dir: Path) -> None:
+@pytest.mark.parametrize("watcher", ["default", "watchfiles"])
+async def test_destroy_leaves_no_thread_or_task_and_holds_no_anyio_token(
+    ipc_dir: Path, monkeypatch: pytest.MonkeyPatch, watcher: str
+) -> None:
+    import sys
     import threading
 
     import anyio.to_thread
 
+    if watcher == "watchfiles":
+        monkeypatch.setenv("IVIP_IPC_WATCHER", "watchfiles")
+    threaded = watcher == "watchfiles" or sys.platform != "linux"
     before_tasks = asyncio.all_tasks()
     ipc = AsyncIPC(ipc_dir)
     await ipc.start()
-    assert any(t.name == "ivip-ipc-watch" for t in threading.enumerate())
-    # watchfiles runs in our own thread, not through anyio's shared limiter
-    # (FastAPI's sync endpoints use that one).
+    # On Linux the watcher is an inotify fd on the event loop: no thread.
+    assert any(t.name == "ivip-ipc-watch" for t in threading.enumerate()) is threaded
+    # The watchfiles fallback runs in our own thread, not through anyio's shared
+    # limiter (FastAPI's sync endpoints use that one).
     assert anyio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -36,8 +36,9 @@ async def test_create_destroy_cycles_leak_nothing(ipc_dir: Path, until: Any) -> 
         if i % 10 == 0:
             await ipc.notify("e", i)
         await ipc.destroy()
-    # watchfiles' Rust watcher hands its epoll/eventfd back from its own thread
-    # a moment after it stops: wait for that, with a deadline.
+    # The watcher's inotify fd is closed at once; where the watchfiles thread is
+    # the watcher, its Rust watcher hands its fds back from its own thread a
+    # moment after it stops: wait for that, with a deadline.
     await until(lambda: _fds() <= fds, timeout=5)
     assert threading.active_count() == threads
     assert asyncio.all_tasks() == tasks

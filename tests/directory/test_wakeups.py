@@ -1,11 +1,15 @@
-"""Wake-ups: doorbells and the watchfiles thread."""
+"""Wake-ups: doorbells, and the watcher (inotify on the loop, or the watchfiles thread)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import struct
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncIPC
+from ivip_ipc_async.backends.directory import wakeups
 
 from .helpers import FAKE, FAST, Script, as_nobody, needs_root
 
@@ -39,27 +44,41 @@ async def test_doorbell_never_follows_a_symlink(ipc_dir: Path, until: Any, tmp_p
         outside.close()
 
 
+@pytest.mark.parametrize("watchfiles_too", [False, True])
 async def test_watcher_that_cannot_start_falls_back_with_a_warning(
-    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ipc_dir: Path,
+    until: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    watchfiles_too: bool,
 ) -> None:
+    """Out of inotify instances: the watchfiles thread is tried instead; when it
+    cannot start either, delivery goes on through doorbells and re-scans, and
+    the watcher is restarted with backoff."""
     import watchfiles
 
     def no_inotify(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "inotify instance limit reached")
 
-    monkeypatch.setattr(watchfiles, "watch", no_inotify)
+    monkeypatch.setattr(wakeups, "open_inotify", no_inotify)
+    if watchfiles_too:
+        monkeypatch.setattr(watchfiles, "watch", no_inotify)
     with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
         async with (
             AsyncIPC(ipc_dir, rescan_interval=0.05) as a,
             AsyncIPC(ipc_dir, rescan_interval=0.05) as b,
         ):
+            assert a.stats()["watcher"] == "watchfiles"
             got: list[Any] = []
             b.on("e", got.append)
             await a.notify("e", 1)
             await until(lambda: got == [1])
-            await until(lambda: a.stats()["watcher_restarts"] >= 1)
+            if watchfiles_too:
+                await until(lambda: a.stats()["watcher_restarts"] >= 1)
+            else:
+                assert a.stats()["watcher_alive"]
     assert "inotify instance limit" in caplog.text
-    assert "falling back" in caplog.text
+    assert ("falling back" in caplog.text) is watchfiles_too
 
 
 @needs_root
@@ -149,3 +168,234 @@ async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until
         loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
         await until(lambda: got[-1:] == ["new segment"], timeout=5)
         assert got == [*range(40), "new segment"]
+
+
+# -- the watcher: inotify on the event loop, watchfiles as the fallback ----------------------
+
+_INOTIFY = sys.platform == "linux"
+needs_inotify = pytest.mark.skipif(not _INOTIFY, reason="inotify is Linux's")
+
+# A peer in its own process, without doorbells: it joins, writes one message, and
+# waits. Only a watcher of log/ tells the others (their re-scan is an hour away).
+_JOINER = """
+    import asyncio, json, sys
+    from ivip_ipc_async import AsyncIPC
+
+    async def main() -> None:
+        async with AsyncIPC(sys.argv[1], doorbell=False, rescan_interval=3600) as ipc:
+            await ipc.notify("e", "joined")
+            print(json.dumps({"peer": ipc.stats()["peer"]}), flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+"""
+
+_SLOW = {"doorbell": False, "rescan_interval": 3600}
+
+
+def _watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ivip-ipc-watch"]
+
+
+def _inotify_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    return count
+
+
+@pytest.mark.parametrize("watcher", ["default", "watchfiles"])
+async def test_a_peer_joining_is_noticed_by_the_watcher(
+    ipc_dir: Path, until: Any, scripts: list[Script], monkeypatch: pytest.MonkeyPatch, watcher: str
+) -> None:
+    """Doorbells off and no re-scan for an hour: the watcher alone notices a new
+    peer's segment. By default on Linux that is inotify on the event loop, with no
+    thread; IVIP_IPC_WATCHER=watchfiles selects the watchfiles thread."""
+    if watcher == "watchfiles":
+        monkeypatch.setenv("IVIP_IPC_WATCHER", "watchfiles")
+    before = set(threading.enumerate())
+    async with AsyncIPC(ipc_dir, **_SLOW) as ipc:
+        got: list[Any] = []
+        ipc.on("e", got.append)
+        stats = ipc.stats()
+        assert stats["watcher_alive"]
+        if watcher == "watchfiles" or not _INOTIFY:
+            assert stats["watcher"] == "watchfiles"
+            assert len(_watch_threads()) == 1
+        else:
+            assert stats["watcher"] == "inotify"
+            assert set(threading.enumerate()) == before  # no thread at all
+        joiner = Script(_JOINER, str(ipc_dir))
+        scripts.append(joiner)
+        peer = joiner.line()["peer"]
+        await until(lambda: got == ["joined"], timeout=10)
+        assert ipc.stats()["watch_events"] > 0
+        assert peer in ipc.stats()["peers"]
+    assert not _watch_threads()
+
+
+async def test_an_unknown_watcher_name_warns_and_uses_the_default(
+    ipc_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("IVIP_IPC_WATCHER", "kqueue")
+    with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+        async with AsyncIPC(ipc_dir) as ipc:
+            assert ipc.stats()["watcher"] == ("inotify" if _INOTIFY else "watchfiles")
+    assert "IVIP_IPC_WATCHER" in caplog.text
+
+
+@needs_inotify
+async def test_destroy_is_prompt_and_leaves_no_inotify_fd(ipc_dir: Path) -> None:
+    """No thread to wait for: destroy() does not wait for a watchfiles step (set
+    to 2 s here, the thread's worst case)."""
+    fds = _inotify_fds()
+    ipc = AsyncIPC(ipc_dir, watch_step=2000)
+    await ipc.start()
+    assert _inotify_fds() == fds + 1
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await ipc.destroy()
+    assert loop.time() - started < 0.5
+    assert _inotify_fds() == fds
+
+
+_FORKER = """
+    import asyncio, json, os, sys
+
+    from ivip_ipc_async import AsyncIPC
+
+    def inotify_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+            except OSError:
+                pass
+        return n
+
+    async def main() -> None:
+        async with AsyncIPC(sys.argv[1], doorbell=False, rescan_interval=3600) as ipc:
+            got = []
+            ipc.on("e", got.append)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: only the at-fork hooks run, then it tells and ends
+                os.write(write, str(inotify_fds()).encode())
+                os._exit(0)
+            os.waitpid(pid, 0)
+            child = int(os.read(read, 100))
+            print(json.dumps({"child_inotify_fds": child, "mine": inotify_fds()}), flush=True)
+            while not got:
+                await asyncio.sleep(0.01)
+            print(json.dumps({"got": got}), flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+"""
+
+
+@needs_inotify
+async def test_a_forked_child_does_not_break_the_parents_watcher(
+    ipc_dir: Path, scripts: list[Script]
+) -> None:
+    """The child closes its copy of the inotify fd without touching the parent's
+    event loop (its epoll instance is shared with the child): the parent still
+    notices a peer joining without doorbells."""
+    forker = Script(_FORKER, str(ipc_dir))
+    scripts.append(forker)
+    assert forker.line() == {"child_inotify_fds": 0, "mine": 1}
+    async with AsyncIPC(ipc_dir, **_SLOW) as joiner:
+        await joiner.notify("e", "hello")
+        assert forker.line() == {"got": ["hello"]}
+
+
+_ENDED = """
+    import asyncio, json, os, sys
+
+    from ivip_ipc_async import AsyncIPC
+
+    def inotify_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+            except OSError:
+                pass
+        return n
+
+    async def main() -> None:
+        ipc = AsyncIPC(sys.argv[1])
+        await ipc.start()
+        print(json.dumps({"running": inotify_fds()}), flush=True)
+
+    asyncio.run(main())  # ends without destroy()
+    print(json.dumps({"ended": inotify_fds()}), flush=True)
+"""
+
+
+@needs_inotify
+async def test_an_event_loop_ending_without_destroy_closes_the_inotify_fd(
+    ipc_dir: Path, scripts: list[Script]
+) -> None:
+    ended = Script(_ENDED, str(ipc_dir))
+    scripts.append(ended)
+    assert ended.line() == {"running": 1}
+    assert ended.line() == {"ended": 0}
+
+
+@needs_inotify
+async def test_an_inotify_watcher_that_fails_is_restarted(
+    ipc_dir: Path,
+    until: Any,
+    scripts: list[Script],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reading the inotify fd raised: a warning, delivery goes on through re-scans,
+    and the supervisor starts a new watcher (counted in `watcher_restarts`)."""
+    real = wakeups.read_events
+    failures = 0
+
+    def flaky(fd: int) -> Any:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise OSError(errno.EIO, "injected")
+        return real(fd)
+
+    monkeypatch.setattr(wakeups, "read_events", flaky)
+    with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
+        async with AsyncIPC(ipc_dir, doorbell=False, rescan_interval=0.05) as ipc:
+            got: list[Any] = []
+            ipc.on("e", got.append)
+            (ipc_dir / "default" / "peers" / "x.sock").touch()  # an event: the read fails
+            await until(lambda: ipc.stats()["watcher_restarts"] == 1)
+            await until(lambda: ipc.stats()["watcher_alive"])
+            assert ipc.stats()["watcher"] == "inotify"
+            joiner = Script(_JOINER, str(ipc_dir))
+            scripts.append(joiner)
+            joiner.line()
+            await until(lambda: got == ["joined"])
+    assert "injected" in caplog.text
+
+
+def test_inotify_records_are_parsed_robustly() -> None:
+    """Whole records, a name that is not UTF-8, the overflow signal, and a
+    record cut short (never from the kernel; treated as an overflow)."""
+    in_create, in_q_overflow = 0x100, 0x4000
+
+    def record(wd: int, mask: int, name: bytes) -> bytes:
+        padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+        return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+    data = record(1, in_create, b"a.sock") + record(2, in_create, b"caf\xe9.seg")
+    data += record(-1, in_q_overflow, b"")
+    events = wakeups.parse_events(data)
+    assert events == [
+        (1, in_create, "a.sock"),
+        (2, in_create, os.fsdecode(b"caf\xe9.seg")),
+        (-1, in_q_overflow, ""),
+    ]
+    cut = wakeups.parse_events(record(1, in_create, b"a.sock")[:20])
+    assert cut == [(-1, in_q_overflow, "")]

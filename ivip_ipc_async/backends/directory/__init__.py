@@ -4,7 +4,7 @@
 - `segments`: own segments, group commit, rotation, the size cap, retention
 - `reader`: reading the other writers in order, a slice at a time; the safety re-scan
 - `recovery`: torn, stuck and truncated frames; gaps: their cause, report, cache resync
-- `wakeups`: doorbells and the watchfiles thread
+- `wakeups`: doorbells and the directory watcher (inotify, or the watchfiles thread)
 - `peers`: this peer's lock file, liveness and collection of the dead
 - `snapshots`: snapshot.bin written, checked, loaded
 - `locks`: the lock capability (flock, inotify wake-ups)

@@ -3,7 +3,7 @@
 Every process writes only its own segments. A write is one `os.write` of a
 whole batch (group commit), then a one-byte-ish datagram to every peer's
 doorbell. Readers keep an offset per segment and a sequence number per writer;
-doorbells, watchfiles events and a periodic re-scan only say "look", so a lost
+doorbells, the directory watcher and a periodic re-scan only say "look", so a lost
 wake-up costs latency, never a record.
 
 `DirectoryBackend` implements `backends.base.Backend`: it wires the parts
@@ -62,9 +62,9 @@ class DirectoryBackend:
         max_footprint: Bytes the namespace may use on disk, all peers together.
         rescan_interval: Seconds between full re-scans (the safety net).
         snapshot_interval: Seconds between snapshots of a changing cache.
-        watch_step: watchfiles' polling step in ms (its idle cost; it is not
-            the fast path, doorbells are).
-        doorbell: Ring peers' sockets after each write (off: rely on watchfiles).
+        watch_step: The watchfiles thread's polling step in ms, where it is the
+            watcher (inotify is not to be had, or `IVIP_IPC_WATCHER=watchfiles`).
+        doorbell: Ring peers' sockets after each write (off: rely on the watcher).
 
     Example:
         >>> import tempfile
@@ -303,7 +303,6 @@ class DirectoryBackend:
             if w.fd is not None and not w.dead:
                 with contextlib.suppress(OSError):
                     lag += max(0, os.fstat(w.fd).st_size - w.offset)
-        thread = self._wakeups.watch_thread
         return {
             "backend": "directory",
             "path": str(ns.path),
@@ -314,7 +313,8 @@ class DirectoryBackend:
             "footprint_bytes": footprint,
             "lag_bytes": lag,
             "snapshot_holder": self._snapshots.lock_fd is not None,
-            "watcher_alive": thread is not None and thread.is_alive(),
+            "watcher": self._wakeups.watcher,
+            "watcher_alive": self._wakeups.watcher_alive,
             "maintenance_alive": any(
                 t.get_name() == "ivip-ipc_maintain" and not t.done() for t in ns.tasks
             ),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -37,7 +36,7 @@ from typing import Any, Final
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
 from ..base import check_lock_name, check_lock_note
-from .layout import secure_directory
+from .layout import LIBC, secure_directory
 
 __all__ = ["DirectoryLocks"]
 
@@ -55,17 +54,7 @@ _IN_MASK: Final = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DELETE_SELF | 
 _IN_INIT: Final = os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1  # noqa: B018 - presence check
-        libc.inotify_add_watch  # noqa: B018
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_libc: Final = _load_libc()
+_libc: Final = LIBC
 
 # Contenders with a descriptor open in this process: closed in a forked child.
 _open_here: weakref.WeakSet[_FileContender] = weakref.WeakSet()

@@ -126,12 +126,15 @@ class Peers:
             return
         self._segments.set_peer_count(max(1, sum(1 for name in names if LOCK_RE.match(name))))
         alive = {ns.peer}
+        own = f"{ns.peer}.lock"
         for name in names:
             m = LOCK_RE.match(name)
             if m is None:
                 if name.startswith(".") and name.endswith(".lock.tmp"):
                     _collect_announce_leftover(name, peers_fd, now)
                 continue
+            if name == own:
+                continue  # held by this process (and a try would only say so)
             try:
                 fd = open_regular(name, os.O_RDONLY, peers_fd)
             except OSError:
@@ -150,17 +153,18 @@ class Peers:
         for peer in list(self._reader.writers):
             if peer not in alive:
                 self._reader.mark_dead(peer)
-        self._collect_orphans(alive, now)
-        self._forget_gone_writers()
-
-    def _forget_gone_writers(self) -> None:
-        """Drop dead writers whose segments are all deleted, read or not: nothing
-        of theirs can come any more (1,000 short-lived peers leave no trace in a
-        long-lived one, nor in the snapshot header it writes)."""
         try:
-            names = os.listdir(self._ns.fds["log"])
+            segments = os.listdir(ns.fds["log"])  # once for both: an idle round is cheap
         except OSError:
             return
+        deleted = self._collect_orphans(segments, alive, now)
+        self._forget_gone_writers([name for name in segments if name not in deleted])
+
+    def _forget_gone_writers(self, names: list[str]) -> None:
+        """Drop dead writers whose segments are all deleted, read or not: nothing
+        of theirs can come any more (1,000 short-lived peers leave no trace in a
+        long-lived one, nor in the snapshot header it writes). `names`: what log/
+        holds now."""
         present = {m.group(1) for m in map(SEGMENT_RE.match, names) if m is not None}
         writers = self._reader.writers
         for peer in [p for p, w in writers.items() if w.dead and p not in present]:
@@ -180,12 +184,11 @@ class Peers:
             logger.info("collected the files of dead peer %s", peer)
         self._reader.forget(peer)
 
-    def _collect_orphans(self, alive: set[str], now: float) -> None:
+    def _collect_orphans(self, names: list[str], alive: set[str], now: float) -> set[str]:
+        """Delete the segments, among `names` (log/), of writers that have no lock
+        file and wrote nothing within retention; returns the names deleted."""
         ns = self._ns
-        try:
-            names = os.listdir(ns.fds["log"])
-        except OSError:
-            return
+        deleted: set[str] = set()
         for name in names:
             m = SEGMENT_RE.match(name)
             if m is None or m.group(1) in alive:
@@ -196,6 +199,8 @@ class Peers:
                 stale = not lock_exists and now - st.st_mtime > ns.retention
                 if stale and unlink(name, ns.fds["log"]):
                     ns.counters["segments_deleted"] += 1
+                    deleted.add(name)
+        return deleted
 
     def close(self) -> None:
         """Let go of the lock file: this peer is now "dead" to the others."""

@@ -2,7 +2,7 @@
 
 `LogReader` keeps one `WriterState` per other writer (segment, offset, last
 sequence number), reads what is new when told to look (`schedule_read`, by a
-doorbell, watchfiles or the safety re-scan), and hands records on in order to
+doorbell, the directory watcher or the safety re-scan), and hands records on in order to
 the sink (`take`). What is not whole or not there goes to `recovery`: torn
 tails, frames stuck behind a forged length, truncation (`FrameRecovery`), and
 segments deleted before they were read (`Gaps`). At start it restores the

@@ -220,8 +220,13 @@ class Snapshots:
     def _read_positions(self) -> None:
         """Learn what the current snapshot covers (to know what may be deleted)."""
         max_record_size = self._ns.max_record_size
+        root = self._ns.fds["root"]
         try:
-            fd = open_regular(SNAPSHOT, os.O_RDONLY, self._ns.fds["root"])
+            # Unchanged since we last read it: one stat says so (the common case,
+            # every maintenance round of a peer that does not hold snapshot.lock).
+            if os.stat(SNAPSHOT, dir_fd=root, follow_symlinks=False).st_mtime_ns == self._mtime:
+                return
+            fd = open_regular(SNAPSHOT, os.O_RDONLY, root)
         except OSError:
             return
         try:

@@ -1,20 +1,30 @@
-"""Wake-ups: doorbells rung after each write, and the watchfiles thread.
+"""Wake-ups: doorbells rung after each write, and the directory watcher.
 
 A wake-up only says "look": the reader finds what is new from its offsets, so a
 lost wake-up costs latency, never a record. Doorbells (one unix datagram socket
-per peer, `peers/<peer>.sock`) are the fast path; watchfiles, in its own thread,
-notices peers joining and leaving (and watches `log/` when there is no
-doorbell); the safety re-scan of the maintenance round catches the rest.
+per peer, `peers/<peer>.sock`) are the fast path; the watcher notices peers
+joining and leaving (and watches `log/` when there is no doorbell); the safety
+re-scan of the maintenance round catches the rest.
+
+The watcher is, on Linux, an inotify descriptor read by the event loop itself
+(`loop.add_reader`): no thread and no periodic wake-up, so an idle process pays
+nothing for it. Where inotify cannot be had (another system, no libc, the
+per-user inotify limits reached), or with `IVIP_IPC_WATCHER=watchfiles`, it is a
+`watchfiles.watch` thread polling every `watch_step` ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import socket
 import stat
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 import watchfiles
 
 from ...logs import logger, rate_limited
-from .layout import LOCK_RE, Namespace
+from .layout import LIBC, LOCK_RE, SEGMENT_RE, Namespace
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -35,6 +45,31 @@ _SOCKET_PATH_MAX: Final = 107
 _RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
 _RETRY_FIRST: Final = 0.001  # seconds before ringing again a peer whose queue was full
 _RETRY_MAX: Final = 0.1
+
+WATCHER_ENV: Final = "IVIP_IPC_WATCHER"  # "watchfiles": the thread even where inotify works
+_WATCHERS: Final = ("", "auto", "inotify", "watchfiles")
+
+# inotify(7), through libc.
+_IN_MODIFY: Final = 0x002
+_IN_CLOSE_WRITE: Final = 0x008
+_IN_MOVED_FROM: Final = 0x040
+_IN_MOVED_TO: Final = 0x080
+_IN_CREATE: Final = 0x100
+_IN_DELETE: Final = 0x200
+_IN_Q_OVERFLOW: Final = 0x4000
+_IN_IGNORED: Final = 0x8000
+_IN_ONLYDIR: Final = 0x0100_0000
+_IN_DONTFOLLOW: Final = 0x0200_0000
+# A peer joins (its lock renamed into place, its socket bound), leaves (both
+# unlinked) or dies (the kernel closes its lock file, opened for writing); a
+# segment is created. Appends (IN_MODIFY) only when log/ has no doorbells.
+_IN_PEERS: Final = _IN_CREATE | _IN_DELETE | _IN_MOVED_TO | _IN_MOVED_FROM | _IN_CLOSE_WRITE
+_IN_LOG: Final = _IN_PEERS | _IN_MODIFY
+_IN_APPEARED: Final = _IN_CREATE | _IN_MOVED_TO | _IN_MODIFY | _IN_CLOSE_WRITE
+_EVENT: Final = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
+_READ_SIZE: Final = 64 << 10  # many events per read (one is 16 bytes plus its padded name)
+_READS_PER_CALL: Final = 16  # then the loop runs others; the fd is still readable
+_OVERFLOW: Final = (-1, _IN_Q_OVERFLOW, "")
 
 
 class Wakeups:
@@ -59,6 +94,10 @@ class Wakeups:
         self._owed: set[str] = set()  # peers whose doorbell queue was full
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = _RETRY_FIRST
+        self.watcher: str | None = None  # "inotify" or "watchfiles", once started
+        self._inotify: int | None = None  # the inotify fd, read by `_inotify_loop`
+        self._inotify_loop: asyncio.AbstractEventLoop | None = None
+        self._own_prefix = f"{ns.peer}-"
         self.watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._watch_done: asyncio.Future[None] | None = None
@@ -234,20 +273,127 @@ class Wakeups:
                 self._reader.full_scan_wanted = True
         self._reader.read_now()
 
-    # -- the watcher thread ------------------------------------------------------------
+    # -- the watcher --------------------------------------------------------------------
+
+    @property
+    def watcher_alive(self) -> bool:
+        """Whether the watcher is watching (False before start and after a failure)."""
+        if self.watcher == "inotify":
+            return self._inotify is not None
+        thread = self.watch_thread
+        return thread is not None and thread.is_alive()
 
     def start_watcher(self) -> None:
+        """Watch with inotify on the event loop; with the watchfiles thread where
+        inotify cannot be had, or when `IVIP_IPC_WATCHER=watchfiles` asks for it."""
+        choice = os.environ.get(WATCHER_ENV, "").strip().lower()
+        if choice not in _WATCHERS:
+            rate_limited(
+                logging.WARNING,
+                WATCHER_ENV,
+                "%s=%r is not a watcher (inotify, watchfiles): using the default",
+                WATCHER_ENV,
+                choice,
+            )
+        if choice != "watchfiles" and LIBC is not None and sys.platform == "linux":
+            try:
+                self._start_inotify()
+                return
+            except OSError as exc:
+                # Out of inotify instances (max_user_instances) or watches
+                # (max_user_watches): watchfiles will likely fail the same way,
+                # but it is tried, and restarted, all the same.
+                logger.warning("cannot watch with inotify (%s): using the watchfiles thread", exc)
+        self._start_watchfiles()
+
+    def _paths(self) -> list[tuple[str, int]]:
+        """The directories to watch, with their inotify masks: peers/, and log/ when
+        there is no doorbell. With doorbells, log/ is not watched: every append to a
+        watched segment would cost each watching process an inotify event
+        (measured: a 1 us write became 9 us with two watchers)."""
+        paths = [("peers", _IN_PEERS)]
+        if self.bell is None:
+            paths.append(("log", _IN_LOG))
+        return paths
+
+    def _start_inotify(self) -> None:
         ns = self._ns
         loop = asyncio.get_running_loop()
+        wanted = self._paths()
+        fd = open_inotify([(ns.fds[name], str(ns.path / name), mask) for name, mask in wanted])
+        try:
+            loop.add_reader(fd, self._on_inotify)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._inotify, self._inotify_loop = fd, loop
+        self.watcher = "inotify"
+        self._watch_error = None
+
+    def _on_inotify(self) -> None:
+        fd = self._inotify
+        if fd is None:
+            return
+        try:
+            events = read_events(fd)
+        except OSError as exc:
+            # Never seen: the kernel's queue cannot fail. Stop, and let the
+            # supervisor start a new watcher with backoff (re-scans deliver).
+            self._stop_inotify()
+            self._watch_failed(exc)
+            return
+        reader = self._reader
+        own = self._own_prefix
+        count = 0
+        lost = False
+        for _wd, mask, name in events:
+            if mask & (_IN_Q_OVERFLOW | _IN_IGNORED):
+                # Events were dropped, or a watched directory is gone: look at
+                # everything. IN_IGNORED: the watch is dead, start a new one.
+                reader.full_scan_wanted = True
+                self.peers_wanted = True
+                lost = lost or bool(mask & _IN_IGNORED)
+                continue
+            if name.startswith(own) or not name.endswith((".seg", ".sock", ".lock")):
+                continue
+            count += 1
+            if not name.endswith(".seg"):
+                self.peers_wanted = True
+                continue
+            m = SEGMENT_RE.match(name)
+            if m is not None and mask & _IN_APPEARED:
+                # What a doorbell would say: read this writer (a writer not known
+                # yet asks for a full scan).
+                reader.news(m.group(1), m.group(2).encode())
+            else:
+                reader.full_scan_wanted = True
+        self._ns.counters["watch_events"] += count
+        if lost:
+            self._stop_inotify()
+            self._watch_failed(OSError("a watched directory was removed or unmounted"))
+        if count or reader.full_scan_wanted or self.peers_wanted:
+            reader.schedule_read()
+
+    def _stop_inotify(self) -> None:
+        """Stop reading the inotify fd and close it (safe when the loop is closed)."""
+        fd, self._inotify = self._inotify, None
+        loop, self._inotify_loop = self._inotify_loop, None
+        if fd is None:
+            return
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _start_watchfiles(self) -> None:
+        ns = self._ns
+        loop = asyncio.get_running_loop()
+        self.watcher = "watchfiles"
         self._watch_done = loop.create_future()
         self._watch_stop.clear()
-        # With doorbells, watch peers/ only: every append to a watched segment
-        # would cost each watching process an inotify event (measured: a 1 us
-        # write became 9 us with two watchers). Without doorbells, log/ too.
-        paths = [str(ns.path / "peers")]
-        if self.bell is None:
-            paths.append(str(ns.path / "log"))
-        own = f"{ns.peer}-"
+        paths = [str(ns.path / name) for name, _mask in self._paths()]
+        own = self._own_prefix
 
         def keep(_change: Any, path: str) -> bool:
             name = os.path.basename(path)
@@ -279,16 +425,17 @@ class Wakeups:
         if not self._ns.closing:
             self._watch_error = exc
             logger.warning(
-                "watchfiles stopped (%s): falling back to doorbells plus a re-scan every "
-                "%.1fs until it can be restarted",
+                "the %s watcher stopped (%s): falling back to doorbells plus a re-scan "
+                "every %.1fs until it can be restarted",
+                self.watcher,
                 exc,
                 self._ns.rescan_interval,
             )
 
     def supervise_watcher(self) -> None:
-        """Restart a watcher thread that died, with a growing pause between tries."""
-        thread = self.watch_thread
-        if self._ns.closing or thread is None or thread.is_alive():
+        """Restart a watcher that stopped, with a growing pause between tries (a
+        new inotify watcher first, the watchfiles thread if that cannot be had)."""
+        if self._ns.closing or self.watcher is None or self.watcher_alive:
             return
         now = time.monotonic()
         if now < self._watch_retry_at:
@@ -296,7 +443,7 @@ class Wakeups:
         self._watch_backoff = min(60.0, max(1.0, self._watch_backoff * 2))
         self._watch_retry_at = now + self._watch_backoff
         self._ns.counters["watcher_restarts"] += 1
-        logger.warning("restarting the watcher thread (it stopped: %s)", self._watch_error)
+        logger.warning("restarting the watcher (it stopped: %s)", self._watch_error)
         self.start_watcher()
 
     def _on_watch(self, changes: set[tuple[Any, str]]) -> None:
@@ -311,11 +458,13 @@ class Wakeups:
     # -- the end -----------------------------------------------------------------------
 
     def stop_watcher(self) -> None:
-        """Tell the watcher thread to stop (it does within one `watch_step`)."""
+        """Stop watching: at once with inotify; the watchfiles thread is told to
+        stop, and does within one `watch_step`."""
+        self._stop_inotify()
         self._watch_stop.set()
 
     async def wait_watcher(self) -> None:
-        """Wait for the watcher thread to end."""
+        """Wait for the watchfiles thread, if any, to end."""
         if self._watch_done is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._watch_done)
@@ -323,7 +472,9 @@ class Wakeups:
             self.watch_thread.join(1.0)  # it has said it is done: this is its last breath
 
     def close(self) -> None:
-        """Close the doorbell (and delete its socket file) and every ringer."""
+        """Close the doorbell (and delete its socket file), every ringer, and the
+        inotify fd."""
+        self._stop_inotify()
         ns = self._ns
         loop = ns.loop
         if self.bell is not None:
@@ -343,7 +494,13 @@ class Wakeups:
             self._retry = None
 
     def drop_inherited(self) -> None:
-        """In a forked child: close the parent's sockets, unlink nothing."""
+        """In a forked child: close the parent's sockets and inotify fd, unlink
+        nothing, and leave the event loop alone: its epoll instance is the
+        parent's too, and removing a reader from it would remove the parent's."""
+        inotify, self._inotify, self._inotify_loop = self._inotify, None, None
+        if inotify is not None:
+            with contextlib.suppress(OSError):
+                os.close(inotify)
         socks = [self.bell, *self._ringers.values()]
         self.bell = None
         self._ringers.clear()
@@ -385,6 +542,78 @@ def _connect_doorbell(name: str, peers_fd: int) -> socket.socket | None:
     finally:
         os.close(fd)
     return sock
+
+
+def open_inotify(dirs: list[tuple[int, str, int]]) -> int:
+    """An inotify fd (non-blocking, close-on-exec) watching each `(dir_fd, path,
+    mask)`; OSError when inotify is not to be had.
+
+    Each directory is watched through `/proc/self/fd/<dir_fd>`: the very
+    directory this process opened and checked, whatever is renamed over its
+    path since. Without /proc, the path itself, never through a symlink.
+    """
+    if LIBC is None:
+        raise OSError(errno.ENOSYS, "inotify is not available")
+    fd: int = LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    try:
+        for dir_fd, path, mask in dirs:
+            wd = LIBC.inotify_add_watch(fd, f"/proc/self/fd/{dir_fd}".encode(), mask | _IN_ONLYDIR)
+            if wd < 0 and ctypes.get_errno() == errno.ENOENT:
+                wd = LIBC.inotify_add_watch(
+                    fd, os.fsencode(path), mask | _IN_ONLYDIR | _IN_DONTFOLLOW
+                )
+            if wd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"inotify_add_watch({path}): {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_events(fd: int) -> list[tuple[int, int, str]]:
+    """The events queued on the inotify fd `fd`, as `(wd, mask, name)`."""
+    events: list[tuple[int, int, str]] = []
+    for _ in range(_READS_PER_CALL):
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not data:
+            break
+        events += parse_events(data)
+    return events
+
+
+def parse_events(data: bytes) -> list[tuple[int, int, str]]:
+    """`struct inotify_event` records as `(wd, mask, name)`.
+
+    The kernel returns whole records; a record cut short all the same is read
+    as an overflow (look at everything). Names are decoded as the os module
+    does (`os.fsdecode`: bytes that are not UTF-8 survive as surrogates).
+
+    Example:
+        >>> parse_events(_EVENT.pack(1, _IN_CREATE, 0, 16) + b"a.sock".ljust(16, b"\\0"))
+        [(1, 256, 'a.sock')]
+    """
+    events: list[tuple[int, int, str]] = []
+    offset, end, size = 0, len(data), _EVENT.size
+    while offset < end:
+        if end - offset < size:
+            events.append(_OVERFLOW)
+            break
+        wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+        offset += size
+        if offset + length > end:
+            events.append(_OVERFLOW)
+            break
+        name = data[offset : offset + length].split(b"\0", 1)[0]
+        offset += length
+        events.append((wd, mask, os.fsdecode(name)))
+    return events
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
