@@ -399,3 +399,42 @@ def test_inotify_records_are_parsed_robustly() -> None:
     ]
     cut = wakeups.parse_events(record(1, in_create, b"a.sock")[:20])
     assert cut == [(-1, in_q_overflow, "")]
+
+
+async def test_a_forged_doorbell_datagram_costs_only_itself(
+    ipc_dir: Path, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A datagram of the right length whose segment number is not digits (or
+    whose peer is not hex) is ignored, without an error: the datagrams queued
+    behind it are still taken, and the read they ask for happens (the re-scan
+    is a minute away)."""
+    import socket
+
+    async with (
+        AsyncIPC(ipc_dir, rescan_interval=60) as writer,
+        AsyncIPC(ipc_dir, rescan_interval=60) as reader,
+    ):
+        got: list[Any] = []
+        reader.on("e", got.append)
+        await writer.notify("e", 0)
+        await until(lambda: got == [0])
+        loop = asyncio.get_running_loop()
+        bell = reader._backend._wakeups.bell  # type: ignore[union-attr]
+        assert bell is not None
+        loop.remove_reader(bell.fileno())  # queue the datagrams, then take them at once
+        peer = writer._backend._ns.peer.encode()  # type: ignore[union-attr]
+        forger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            forger.connect(bell.getsockname())
+            forger.send(b"S" + peer + b"12x45678")  # a known peer, not a segment number
+            forger.send(b"S" + peer + b"-0000001")
+            forger.send(b"S" + b"\xff" * 16 + b"00000001")  # not a peer id
+            writer._backend._wakeups.ring = lambda: None  # type: ignore[union-attr,method-assign]
+            await writer.notify("e", 1)  # written, not rung: only the real ring below says so
+            forger.send(b"S" + peer + b"%08d" % 1)
+        finally:
+            forger.close()
+        with caplog.at_level(logging.WARNING):
+            loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
+            await until(lambda: got == [0, 1], timeout=5)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

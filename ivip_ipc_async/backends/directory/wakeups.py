@@ -265,7 +265,9 @@ class Wakeups:
             except OSError:
                 break
             self._ns.counters["doorbells_received"] += 1
-            if msg[:1] == b"S" and len(msg) == 25:
+            # Anyone of this user can send here: a datagram that is not exactly
+            # "S<peer><8 digits>" or "P" says nothing.
+            if msg[:1] == b"S" and len(msg) == 25 and msg[17:25].isdigit():
                 peer = msg[1:17].decode("ascii", "replace")
                 self._reader.news(peer, msg[17:25])
             elif msg[:1] == b"P":
