@@ -333,7 +333,7 @@ class GroupCommit:
             self._segments.write(records)
         except NoRoom:
             return False  # `append` joins the batch, which waits for room, first in line
-        self._wakeups.written(ring_if_due=True)
+        self._wakeups.written()
         return True
 
     def _end_tick(self) -> None:
@@ -386,7 +386,7 @@ class GroupCommit:
                     if not fut.done():
                         fut.set_exception(exc)
                 return
-            self._wakeups.written(ring_if_due=False)
+            self._wakeups.written()
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)

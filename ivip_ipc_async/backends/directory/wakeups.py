@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 _SOCKET_PATH_MAX: Final = 107
 _RING_AT_LEAST_EVERY: Final = 0.0005  # seconds: a busy writer still rings this often
+_monotonic = time.monotonic
 _RETRY_FIRST: Final = 0.001  # seconds before ringing again a peer whose queue was full
 _RETRY_MAX: Final = 0.1
 
@@ -172,11 +173,13 @@ class Wakeups:
             self._ringers.pop(peer).close()
         return new
 
-    def written(self, ring_if_due: bool) -> None:
-        """Records were written: ring at the end of the loop iteration, or at
-        once (`ring_if_due`) if the last ring is older than `_RING_AT_LEAST_EVERY`."""
+    def written(self) -> None:
+        """Records were written: ring at once if the last ring is older than
+        `_RING_AT_LEAST_EVERY`, else at the end of the loop iteration
+        (`ring_if_unrung`). Called after every write, so no keyword and no
+        attribute lookup for the clock."""
         self._unrung = True
-        if ring_if_due and time.monotonic() - self._last_ring > _RING_AT_LEAST_EVERY:
+        if _monotonic() - self._last_ring > _RING_AT_LEAST_EVERY:
             self.ring()
 
     def ring_if_unrung(self) -> None:
