@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import json
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from hypothesis import given, settings
@@ -141,16 +144,46 @@ def test_json_codec() -> None:
         codec.dumps(loop)
 
 
+def test_a_cyclic_message_is_refused_at_its_first_repetition() -> None:
+    """A cycle is a `TypeError` as soon as it repeats, on any stack: an encoder
+    without circular-reference bookkeeping recursed to the recursion limit and,
+    with a high limit or in a thread with a small stack, crashed the process
+    (SIGSEGV) before reaching it. In a child process, so a crash is seen."""
+    code = textwrap.dedent(
+        """
+        import sys, threading
+        from ivip_ipc_async.records import JsonCodec
+        sys.setrecursionlimit(100_000)
+        threading.stack_size(512 * 1024)
+        codec, out = JsonCodec(), []
+        def encode():
+            loop = []
+            loop.append(loop)
+            try:
+                codec.dumps({"a": loop})
+            except TypeError as exc:
+                out.append(str(exc))
+        for run in (encode, lambda: threading.Thread(target=encode).start()):
+            run()
+        while threading.active_count() > 1:
+            pass
+        print(out)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.count("Circular reference") == 2, done.stdout
+
+
 def test_json_codec_fast_paths_say_what_the_stdlib_says() -> None:
-    """`dumps` calls one C encoder (without circular-reference bookkeeping) and
-    `loads` the C scanner directly: the same values and the same errors as
-    `json`, whatever came before (a cycle is refused at the recursion limit)."""
+    """`dumps` reuses its C encoders and `loads` calls the C scanner directly:
+    the same values and the same errors as `json`, whatever came before."""
     codec = JsonCodec()
     shared = [1, 2]
-    for _ in range(3):  # the encoder is the same after a call that failed
+    for _ in range(3):  # an encoder is reused only after a call that succeeded
         loop: list[object] = [shared]
         loop.append(loop)
-        with pytest.raises(TypeError, match=r"(?i)circular reference"):
+        with pytest.raises(TypeError, match="Circular"):
             codec.dumps(loop)
         assert codec.dumps([shared, shared, {"a": shared}]) == b'[[1,2],[1,2],{"a":[1,2]}]'
         with pytest.raises(TypeError):
