@@ -127,6 +127,28 @@ async def test_concurrent_tasks_write_at_once_a_tight_loop_yields(
     assert got == list(range(len(got)))
 
 
+async def test_a_task_at_its_share_of_the_iteration_keeps_its_place(
+    ipc: AsyncIPC, peer_ipc: AsyncIPC, until: Any
+) -> None:
+    """Appends stay in call order across tasks: a task that has used its share
+    of writes in this loop iteration and must let the others run is written
+    before a later call of another task (and before `destroy` closes)."""
+    got: list[Any] = []
+    peer_ipc.on("e", got.append)
+    share = segments._WRITE_THROUGH_PER_TICK
+
+    async def tight() -> None:
+        for i in range(share + 1):  # the last call is past this iteration's share
+            await ipc.notify("e", i)
+
+    async def later() -> None:
+        await ipc.notify("e", "later")
+
+    await asyncio.gather(tight(), later())  # `later` runs while `tight` yields
+    await until(lambda: len(got) == share + 2)
+    assert got == [*range(share + 1), "later"]
+
+
 async def test_a_batch_is_all_or_nothing(
     ipc: AsyncIPC,
     peer_ipc: AsyncIPC,

@@ -162,7 +162,7 @@ class DirectoryBackend:
         """Write records; when this returns they are in the segment file.
 
         Written at once (a task that has just written 64 times in a row in this
-        loop iteration first yields once), except while a batch is pending: then
+        loop iteration then yields once), except while a batch is pending: then
         it joins the batch written at the end of the iteration (group commit).
         """
         await self._writer.append(records)

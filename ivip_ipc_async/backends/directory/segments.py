@@ -273,23 +273,26 @@ class GroupCommit:
         Written at once (one `os.write` costs about 1 us; a wait for the next
         iteration costs more). A task that has just written
         `_WRITE_THROUGH_PER_TICK` times in a row in this loop iteration (see
-        `write_now`) first yields once. While a batch is pending, the append
+        `write_now`) yields once after writing. While a batch is pending, the append
         joins it, written at the end of the iteration (group commit).
         """
         if self._ns.closing:
             raise ConnectionAbortedError("the IPC instance is closed")
         if self.write_now(records):
             return
-        if self.pending is None and 0 < _WRITE_THROUGH_PER_TICK <= self._task_writes:
-            # This task has written its share of the iteration: let the others
-            # run (one bare yield; the iteration's end comes first, and resets
-            # the count), then write at once. Cheaper than joining the batch
-            # and waiting on its future: one loop iteration instead of two.
+        # A task that has written its share of the iteration: written at once all
+        # the same (so it keeps its place ahead of later calls), then it yields
+        # once, so that the others run. Cheaper than joining the batch and
+        # waiting on its future: one loop iteration, not two. (A cancellation
+        # during the yield finds the record written, as one after a batch write
+        # does: see docs/design.md.)
+        if (
+            self.pending is None
+            and 0 < _WRITE_THROUGH_PER_TICK <= self._task_writes
+            and self._write(records)
+        ):
             await asyncio.sleep(0)
-            if self._ns.closing:
-                raise ConnectionAbortedError("the IPC instance is closed")
-            if self.write_now(records):
-                return
+            return
         # Not now: join the batch of this iteration (which, if it finds no room
         # under the cap, waits for a snapshot, first in line).
         pending = self.pending
@@ -326,13 +329,19 @@ class GroupCommit:
         if self._task_writes >= _WRITE_THROUGH_PER_TICK:
             return False
         self._task_writes += 1
+        return self._write(records)
+
+    def _write(self, records: Sequence[Record]) -> bool:
+        """Write records at once: True when they are in the segment file, False
+        when there is no room under the cap (`append` then joins the batch,
+        which waits for room, first in line)."""
         if not self._tick_scheduled:
             self._tick_scheduled = True
             self._ns.loop.call_soon(self._end_tick)  # type: ignore[union-attr]
         try:
             self._segments.write(records)
         except NoRoom:
-            return False  # `append` joins the batch, which waits for room, first in line
+            return False
         self._wakeups.written()
         return True
 
