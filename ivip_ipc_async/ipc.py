@@ -63,9 +63,11 @@ Example:
 """
 
 
-# Event names whose size `notify` keeps (an application that makes a new name
-# per call pays the check each time, and the dict stays small).
+# Event names whose size `notify` keeps, and the longest kept (an application
+# that makes a new name per call, or long names, pays the check each time; the
+# dict stays under ~300 KiB).
 _EVENT_SIZES_KEPT: Final = 1024
+_EVENT_NAME_KEPT: Final = 256
 
 # Bumped in a forked child, so an instance notices that its files belong to the
 # parent without a getpid() system call on every cache read.
@@ -460,7 +462,7 @@ class AsyncIPC:
         topic_len = self._event_sizes.get(event) if type(event) is str else None
         if topic_len is None:
             topic_len = _check_name(event, "event name")
-            if len(self._event_sizes) < _EVENT_SIZES_KEPT:
+            if topic_len <= _EVENT_NAME_KEPT and len(self._event_sizes) < _EVENT_SIZES_KEPT:
                 self._event_sizes[event] = topic_len
         codec = self.codec
         data = codec.dumps(message)

@@ -405,3 +405,13 @@ async def test_codec_from_the_environment(ipc_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("IVIP_IPC_CODEC", "nope")
     with pytest.raises(ValueError, match="unknown codec"):
         AsyncIPC(ipc_dir)
+
+
+async def test_notify_keeps_the_size_of_short_event_names_only(ipc: AsyncIPC) -> None:
+    """`notify` checks a name once and keeps its size, for names of up to 256
+    bytes: 1,024 names of 64 KiB would otherwise hold 64 MiB."""
+    await ipc.notify("short", 1)
+    await ipc.notify("x" * 300, 1)
+    assert set(ipc._event_sizes) == {"short"}
+    with pytest.raises(TypeError):
+        await ipc.notify(b"bytes", 1)  # type: ignore[arg-type]

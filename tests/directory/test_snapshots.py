@@ -98,3 +98,32 @@ async def test_snapshot_leftovers_are_counted_then_collected(ipc_dir: Path, unti
         leftover.write_bytes(b"\0" * 1_500_000)
         async with AsyncIPC(ipc_dir, **{**FAST, "rescan_interval": 60}) as other:
             assert other.stats()["footprint_bytes"] >= 1_500_000
+
+
+async def test_a_new_snapshot_with_the_old_timestamp_is_still_read(
+    ipc_dir: Path, until: Any
+) -> None:
+    """A process that does not write snapshots learns what the current one covers
+    whenever it is a new file: same size and timestamp or not (coarse or set
+    timestamps), since those positions gate deleting the writers' segments."""
+    async with (
+        AsyncIPC(ipc_dir, snapshot_interval=0.05, rescan_interval=0.05) as holder,
+        AsyncIPC(ipc_dir, rescan_interval=60) as other,
+    ):
+        cache = AsyncCache(holder)
+        await cache.set("a", 1, 0)
+        await until(lambda: holder.stats()["snapshots_written"] >= 1)
+        mine = holder._backend._snapshots  # type: ignore[union-attr]
+        theirs = other._backend._snapshots  # type: ignore[union-attr]
+        assert theirs.lock_fd is None  # `other` only reads snapshots
+        theirs._read_positions()
+        assert theirs.positions == mine.positions
+        snap = ipc_dir / "default" / "snapshot.bin"
+        first = os.stat(snap)
+        written = holder.stats()["snapshots_written"]
+        await cache.set("b", 2, 0)
+        await until(lambda: holder.stats()["snapshots_written"] > written)
+        os.utime(snap, ns=(first.st_atime_ns, first.st_mtime_ns))  # as a coarse clock would
+        assert theirs.positions != mine.positions
+        theirs._read_positions()
+        assert theirs.positions == mine.positions

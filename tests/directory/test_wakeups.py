@@ -81,6 +81,31 @@ async def test_watcher_that_cannot_start_falls_back_with_a_warning(
     assert ("falling back" in caplog.text) is watchfiles_too
 
 
+async def test_a_loop_that_cannot_watch_a_descriptor_gets_the_watchfiles_thread(
+    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event loop whose `add_reader` is not implemented for the inotify fd:
+    the watchfiles thread watches instead (here the only wake-up: no doorbell)."""
+    loop = asyncio.get_running_loop()
+    add_reader = loop.add_reader
+
+    def no_inotify_reader(fd: int, callback: Any, *args: Any) -> None:
+        if getattr(callback, "__name__", "") == "_on_inotify":
+            raise NotImplementedError
+        add_reader(fd, callback, *args)
+
+    monkeypatch.setattr(loop, "add_reader", no_inotify_reader)
+    async with (
+        AsyncIPC(ipc_dir, rescan_interval=60, watch_step=20) as writer,
+        AsyncIPC(ipc_dir, rescan_interval=60, watch_step=20, doorbell=False) as reader,
+    ):
+        assert reader.stats()["watcher"] == "watchfiles"
+        got: list[Any] = []
+        reader.on("e", got.append)
+        await writer.notify("e", 1)
+        await until(lambda: got == [1], timeout=5)
+
+
 @needs_root
 async def test_another_user_cannot_ring_a_doorbell(ipc: AsyncIPC, ipc_dir: Path) -> None:
     os.chmod(ipc_dir, 0o755)
@@ -436,5 +461,30 @@ async def test_a_forged_doorbell_datagram_costs_only_itself(
             forger.close()
         with caplog.at_level(logging.WARNING):
             loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
+            await until(lambda: got == [0, 1], timeout=5)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_planted_segment_name_with_other_digits_costs_only_itself(
+    ipc_dir: Path, until: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`<peer>-<8 digits>.seg` means ASCII digits: a name with other Unicode
+    digits (or a trailing newline) planted in log/ is not a segment. Before, the
+    watcher's callback raised on it (an asyncio error log, and the other events
+    of that read were dropped)."""
+    async with (
+        AsyncIPC(ipc_dir, rescan_interval=60) as writer,
+        AsyncIPC(ipc_dir, rescan_interval=60, doorbell=False) as reader,
+    ):
+        got: list[Any] = []
+        reader.on("e", got.append)
+        await writer.notify("e", 0)
+        await until(lambda: got == [0])
+        peer = writer._backend._ns.peer  # type: ignore[union-attr]
+        log = ipc_dir / "default" / "log"
+        with caplog.at_level(logging.WARNING):
+            (log / f"{peer}-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0662.seg").write_bytes(b"")
+            (log / f"{peer}-00000003.seg\n").write_bytes(b"")
+            await writer.notify("e", 1)
             await until(lambda: got == [0, 1], timeout=5)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

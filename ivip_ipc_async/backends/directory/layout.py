@@ -48,8 +48,10 @@ def _load_libc() -> Any:
 LIBC: Final = _load_libc()
 
 
-SEGMENT_RE: Final = re.compile(r"^([0-9a-f]{16})-(\d{8})\.seg$")
-LOCK_RE: Final = re.compile(r"^([0-9a-f]{16})\.lock$")
+# ASCII digits and the very end of the name (`\d` takes any Unicode digit, `$`
+# a trailing newline): names in the directory are untrusted input.
+SEGMENT_RE: Final = re.compile(r"([0-9a-f]{16})-([0-9]{8})\.seg\Z")
+LOCK_RE: Final = re.compile(r"([0-9a-f]{16})\.lock\Z")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 SNAPSHOT: Final = "snapshot.bin"
 READ_CHUNK: Final = 256 << 10

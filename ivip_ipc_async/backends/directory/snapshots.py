@@ -59,7 +59,9 @@ class Snapshots:
         self.last_version = -1  # the sink's state version in the last snapshot written
         self.task: asyncio.Task[None] | None = None  # the snapshot being written
         self._last_at = 0.0
-        self._mtime = 0  # st_mtime_ns of snapshot.bin when its positions were read
+        # (ino, size, mtime) of snapshot.bin when its positions were read: each
+        # snapshot is a new file (renamed into place), whatever its timestamp.
+        self._positions_of: tuple[int, int, int] | None = None
         self._written: tuple[int, int, int] | None = None  # (ino, size, mtime)
         self._suspect = False  # the snapshot loaded at start was damaged
         self._seen: tuple[int, int, int] | None = None
@@ -224,16 +226,17 @@ class Snapshots:
         try:
             # Unchanged since we last read it: one stat says so (the common case,
             # every maintenance round of a peer that does not hold snapshot.lock).
-            if os.stat(SNAPSHOT, dir_fd=root, follow_symlinks=False).st_mtime_ns == self._mtime:
+            if self._identity() == self._positions_of:
                 return
             fd = open_regular(SNAPSHOT, os.O_RDONLY, root)
         except OSError:
             return
         try:
-            mtime = os.fstat(fd).st_mtime_ns
-            if mtime == self._mtime:
+            st = os.fstat(fd)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity == self._positions_of:
                 return  # unchanged since we last read it
-            self._mtime = mtime
+            self._positions_of = identity
             head = os.pread(fd, HEADER_SIZE, 0)
             if len(head) < HEADER_SIZE:
                 return

@@ -304,10 +304,11 @@ class Wakeups:
             try:
                 self._start_inotify()
                 return
-            except OSError as exc:
+            except (OSError, NotImplementedError) as exc:
                 # Out of inotify instances (max_user_instances) or watches
                 # (max_user_watches): watchfiles will likely fail the same way,
-                # but it is tried, and restarted, all the same.
+                # but it is tried, and restarted, all the same. Or a loop
+                # without `add_reader` (NotImplementedError): the thread works.
                 logger.warning("cannot watch with inotify (%s): using the watchfiles thread", exc)
         self._start_watchfiles()
 
