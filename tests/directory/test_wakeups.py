@@ -222,14 +222,6 @@ def _watch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "ivip-ipc-watch"]
 
 
-def _inotify_fds() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
-    return count
-
-
 @pytest.mark.parametrize("watcher", ["default", "watchfiles"])
 async def test_a_peer_joining_is_noticed_by_the_watcher(
     ipc_dir: Path, until: Any, scripts: list[Script], monkeypatch: pytest.MonkeyPatch, watcher: str
