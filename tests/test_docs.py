@@ -195,7 +195,8 @@ def test_testing_page_is_right_that_async_tests_need_the_configuration(
 
 
 def run_program(code: str, ipc_dir: Path, timeout: float = 30) -> list[str]:
-    env = {**os.environ, "IVIP_IPC_DIR": str(ipc_dir)}
+    # TMPDIR too: an example's `tempfile.mkdtemp()` lands in `ipc_dir`, removed after.
+    env = {**os.environ, "IVIP_IPC_DIR": str(ipc_dir), "TMPDIR": str(ipc_dir)}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -130,9 +130,11 @@ def test_quick_start_alone_says_so_and_ends(newcomer: tuple[Path, dict[str, str]
     assert pid_line[-1].endswith(": nobody came; run this file again while one waits")
 
 
-def test_more_of_the_api_prints_what_its_comments_say(tmp_path: Path) -> None:
+def test_more_of_the_api_prints_what_its_comments_say(tmp_path: Path, ipc_dir: Path) -> None:
     code = blocks(README, "python")[1]
-    env = {**os.environ, "IVIP_IPC_DIR": str(tmp_path)}
+    # TMPDIR: the block's `tempfile.mkdtemp()` lands in `ipc_dir` (short enough for
+    # the doorbell sockets), which is removed after the test.
+    env = {**os.environ, "IVIP_IPC_DIR": str(tmp_path), "TMPDIR": str(ipc_dir)}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
     )
