@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncIPC
-from ivip_ipc_async.backends.directory import wakeups
+from ivip_ipc_async.backends.directory import inotify, wakeups
 
 from .helpers import FAKE, FAST, Script, as_nobody, needs_root
 
@@ -415,13 +415,13 @@ def test_inotify_records_are_parsed_robustly() -> None:
 
     data = record(1, in_create, b"a.sock") + record(2, in_create, b"caf\xe9.seg")
     data += record(-1, in_q_overflow, b"")
-    events = wakeups.parse_events(data)
+    events = inotify.parse_events(data)
     assert events == [
         (1, in_create, "a.sock"),
         (2, in_create, os.fsdecode(b"caf\xe9.seg")),
         (-1, in_q_overflow, ""),
     ]
-    cut = wakeups.parse_events(record(1, in_create, b"a.sock")[:20])
+    cut = inotify.parse_events(record(1, in_create, b"a.sock")[:20])
     assert cut == [(-1, in_q_overflow, "")]
 
 

@@ -8,6 +8,7 @@
 - `peers`: this peer's lock file, liveness and collection of the dead
 - `snapshots`: snapshot.bin written, checked, loaded
 - `locks`: the lock capability (flock, inotify wake-ups)
+- `inotify`: the kernel's inotify through libc, shared by `wakeups` and `locks`
 - `backend`: `DirectoryBackend`, composing them: life, maintenance, stats
 
 Where processes meet (`default_root`, `default_namespace`, `check_namespace`) is

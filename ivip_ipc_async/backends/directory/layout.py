@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import os
 import re
@@ -32,21 +31,6 @@ from ...errors import UnsafeDirectoryError
 from ...logs import logger
 from ...records import FrameReader, Record
 from ..base import RecordSink
-
-
-def _load_libc() -> Any:
-    """libc with inotify (Linux), for the watcher and lock waiters; None elsewhere."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1  # noqa: B018 - presence check
-        libc.inotify_add_watch  # noqa: B018
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-LIBC: Final = _load_libc()
-
 
 # ASCII digits and the very end of the name (`\d` takes any Unicode digit, `$`
 # a trailing newline): names in the directory are untrusted input.

@@ -36,7 +36,16 @@ from typing import Any, Final
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
 from ..base import check_lock_name, check_lock_note
-from .layout import LIBC, secure_directory
+from .inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_DELETE_SELF,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    LIBC,
+    open_inotify,
+)
+from .layout import secure_directory
 
 __all__ = ["DirectoryLocks"]
 
@@ -44,17 +53,8 @@ _SUBDIR: Final = "locks"
 _RECORD_SIZE: Final = 1024
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
-# inotify, through libc (Linux); None where it is missing: waiters poll.
-_IN_MODIFY: Final = 0x002
-_IN_ATTRIB: Final = 0x004
-_IN_CLOSE_WRITE: Final = 0x008
-_IN_DELETE_SELF: Final = 0x400
-_IN_MOVE_SELF: Final = 0x800
-_IN_MASK: Final = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DELETE_SELF | _IN_MOVE_SELF
-_IN_INIT: Final = os.O_NONBLOCK | os.O_CLOEXEC
-
-
-_libc: Final = LIBC
+# What a waiter is woken by on the lock file (inotify, Linux; elsewhere it polls).
+_IN_MASK: Final = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
 
 # Contenders with a descriptor open in this process: closed in a forked child.
 _open_here: weakref.WeakSet[_FileContender] = weakref.WeakSet()
@@ -250,7 +250,7 @@ class _FileContender:
 
     async def wait(self, timeout: float) -> None:
         fd = self._open()
-        if self._inotify is None and _libc is not None and self._watch(fd):
+        if self._inotify is None and LIBC is not None and self._watch(fd):
             # Watched from now on (only waiters pay for it): a release between the
             # last try and this watch raised no event for us, so try again at once.
             await asyncio.sleep(0)
@@ -321,16 +321,11 @@ class _FileContender:
 
     def _watch(self, fd: int) -> bool:
         """Watch the inode `fd` opened; False when inotify is not to be had."""
-        if _libc is None:
-            return False
         loop = asyncio.get_running_loop()
-        ino = _libc.inotify_init1(_IN_INIT)
-        if ino < 0:
-            return False  # out of inotify instances: the timer still wakes us
-        path = f"/proc/self/fd/{fd}".encode()  # the inode this descriptor opened
-        if _libc.inotify_add_watch(ino, path, _IN_MASK) < 0:
-            os.close(ino)
-            return False
+        try:
+            ino = open_inotify([(fd, None, _IN_MASK)])  # the inode this descriptor opened
+        except OSError:
+            return False  # e.g. out of inotify instances: the timer still wakes us
         self._inotify, self._loop, self._wake = ino, loop, asyncio.Event()
         loop.add_reader(ino, self._on_event)
         return True

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import logging
 import os
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -35,7 +32,21 @@ from typing import TYPE_CHECKING, Any, Final
 import watchfiles
 
 from ...logs import logger, rate_limited
-from .layout import LIBC, LOCK_RE, SEGMENT_RE, Namespace
+from .inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    LIBC,
+    open_inotify,
+    read_events,
+)
+from .layout import LOCK_RE, SEGMENT_RE, Namespace
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -50,27 +61,12 @@ _RETRY_MAX: Final = 0.1
 WATCHER_ENV: Final = "IVIP_IPC_WATCHER"  # "watchfiles": the thread even where inotify works
 _WATCHERS: Final = ("", "auto", "inotify", "watchfiles")
 
-# inotify(7), through libc.
-_IN_MODIFY: Final = 0x002
-_IN_CLOSE_WRITE: Final = 0x008
-_IN_MOVED_FROM: Final = 0x040
-_IN_MOVED_TO: Final = 0x080
-_IN_CREATE: Final = 0x100
-_IN_DELETE: Final = 0x200
-_IN_Q_OVERFLOW: Final = 0x4000
-_IN_IGNORED: Final = 0x8000
-_IN_ONLYDIR: Final = 0x0100_0000
-_IN_DONTFOLLOW: Final = 0x0200_0000
 # A peer joins (its lock renamed into place, its socket bound), leaves (both
 # unlinked) or dies (the kernel closes its lock file, opened for writing); a
 # segment is created. Appends (IN_MODIFY) only when log/ has no doorbells.
-_IN_PEERS: Final = _IN_CREATE | _IN_DELETE | _IN_MOVED_TO | _IN_MOVED_FROM | _IN_CLOSE_WRITE
-_IN_LOG: Final = _IN_PEERS | _IN_MODIFY
-_IN_APPEARED: Final = _IN_CREATE | _IN_MOVED_TO | _IN_MODIFY | _IN_CLOSE_WRITE
-_EVENT: Final = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
-_READ_SIZE: Final = 64 << 10  # many events per read (one is 16 bytes plus its padded name)
-_READS_PER_CALL: Final = 16  # then the loop runs others; the fd is still readable
-_OVERFLOW: Final = (-1, _IN_Q_OVERFLOW, "")
+_IN_PEERS: Final = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_CLOSE_WRITE | IN_ONLYDIR
+_IN_LOG: Final = _IN_PEERS | IN_MODIFY
+_IN_APPEARED: Final = IN_CREATE | IN_MOVED_TO | IN_MODIFY | IN_CLOSE_WRITE
 
 
 class Wakeups:
@@ -353,12 +349,12 @@ class Wakeups:
         count = 0
         lost = False
         for _wd, mask, name in events:
-            if mask & (_IN_Q_OVERFLOW | _IN_IGNORED):
+            if mask & (IN_Q_OVERFLOW | IN_IGNORED):
                 # Events were dropped, or a watched directory is gone: look at
                 # everything. IN_IGNORED: the watch is dead, start a new one.
                 reader.full_scan_wanted = True
                 self.peers_wanted = True
-                lost = lost or bool(mask & _IN_IGNORED)
+                lost = lost or bool(mask & IN_IGNORED)
                 continue
             if name.startswith(own) or not name.endswith((".seg", ".sock", ".lock")):
                 continue
@@ -548,78 +544,6 @@ def _connect_doorbell(name: str, peers_fd: int) -> socket.socket | None:
     finally:
         os.close(fd)
     return sock
-
-
-def open_inotify(dirs: list[tuple[int, str, int]]) -> int:
-    """An inotify fd (non-blocking, close-on-exec) watching each `(dir_fd, path,
-    mask)`; OSError when inotify is not to be had.
-
-    Each directory is watched through `/proc/self/fd/<dir_fd>`: the very
-    directory this process opened and checked, whatever is renamed over its
-    path since. Without /proc, the path itself, never through a symlink.
-    """
-    if LIBC is None:
-        raise OSError(errno.ENOSYS, "inotify is not available")
-    fd: int = LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-    try:
-        for dir_fd, path, mask in dirs:
-            wd = LIBC.inotify_add_watch(fd, f"/proc/self/fd/{dir_fd}".encode(), mask | _IN_ONLYDIR)
-            if wd < 0 and ctypes.get_errno() == errno.ENOENT:
-                wd = LIBC.inotify_add_watch(
-                    fd, os.fsencode(path), mask | _IN_ONLYDIR | _IN_DONTFOLLOW
-                )
-            if wd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"inotify_add_watch({path}): {os.strerror(err)}")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_events(fd: int) -> list[tuple[int, int, str]]:
-    """The events queued on the inotify fd `fd`, as `(wd, mask, name)`."""
-    events: list[tuple[int, int, str]] = []
-    for _ in range(_READS_PER_CALL):
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            break
-        if not data:
-            break
-        events += parse_events(data)
-    return events
-
-
-def parse_events(data: bytes) -> list[tuple[int, int, str]]:
-    """`struct inotify_event` records as `(wd, mask, name)`.
-
-    The kernel returns whole records; a record cut short all the same is read
-    as an overflow (look at everything). Names are decoded as the os module
-    does (`os.fsdecode`: bytes that are not UTF-8 survive as surrogates).
-
-    Example:
-        >>> parse_events(_EVENT.pack(1, _IN_CREATE, 0, 16) + b"a.sock".ljust(16, b"\\0"))
-        [(1, 256, 'a.sock')]
-    """
-    events: list[tuple[int, int, str]] = []
-    offset, end, size = 0, len(data), _EVENT.size
-    while offset < end:
-        if end - offset < size:
-            events.append(_OVERFLOW)
-            break
-        wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-        offset += size
-        if offset + length > end:
-            events.append(_OVERFLOW)
-            break
-        name = data[offset : offset + length].split(b"\0", 1)[0]
-        offset += length
-        events.append((wd, mask, os.fsdecode(name)))
-    return events
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
