@@ -281,7 +281,8 @@ async def test_destroy_is_prompt_and_leaves_no_inotify_fd(ipc_dir: Path) -> None
         assert os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify"
 
 
-_FORKER = """
+# The start of a child script that counts its inotify descriptors.
+_COUNTS_INOTIFY_FDS = """
     import asyncio, json, os, sys
 
     from ivip_ipc_async import AsyncIPC
@@ -294,6 +295,11 @@ _FORKER = """
             except OSError:
                 pass
         return n
+"""
+
+_FORKER = (
+    _COUNTS_INOTIFY_FDS
+    + """
 
     async def main() -> None:
         async with AsyncIPC(sys.argv[1], doorbell=False, rescan_interval=3600) as ipc:
@@ -314,6 +320,7 @@ _FORKER = """
 
     asyncio.run(main())
 """
+)
 
 
 @needs_inotify
@@ -331,19 +338,9 @@ async def test_a_forked_child_does_not_break_the_parents_watcher(
         assert forker.line() == {"got": ["hello"]}
 
 
-_ENDED = """
-    import asyncio, json, os, sys
-
-    from ivip_ipc_async import AsyncIPC
-
-    def inotify_fds() -> int:
-        n = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
-            except OSError:
-                pass
-        return n
+_ENDED = (
+    _COUNTS_INOTIFY_FDS
+    + """
 
     async def main() -> None:
         ipc = AsyncIPC(sys.argv[1])
@@ -353,6 +350,7 @@ _ENDED = """
     asyncio.run(main())  # ends without destroy()
     print(json.dumps({"ended": inotify_fds()}), flush=True)
 """
+)
 
 
 @needs_inotify
