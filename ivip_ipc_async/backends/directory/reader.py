@@ -104,12 +104,16 @@ class LogReader:
             self.read_pass()  # read now: a call_soon would cost one more loop turn
 
     def news(self, peer: str, segment: bytes) -> None:
-        """`peer` says it wrote to `segment` (8 digits): read it at the next pass."""
+        """`peer` says it wrote to `segment` (8 ASCII digits): read it at the next
+        pass. What says so is a doorbell datagram or a file name, which anyone of
+        this user can forge: anything else says nothing."""
+        if len(segment) != 8 or not segment.isdigit():
+            return
         w = self.writers.get(peer)
         if w is None:
             self.full_scan_wanted = True
         else:
-            w.newest_segment = max(w.newest_segment, int(segment or b"0"))
+            w.newest_segment = max(w.newest_segment, int(segment))
             self.dirty.add(peer)
 
     def read_pass(self) -> None:

@@ -265,8 +265,8 @@ class Wakeups:
                 break
             self._ns.counters["doorbells_received"] += 1
             # Anyone of this user can send here: a datagram that is not exactly
-            # "S<peer><8 digits>" or "P" says nothing.
-            if msg[:1] == b"S" and len(msg) == 25 and msg[17:25].isdigit():
+            # "S<peer><8 digits>" (checked by `news`) or "P" says nothing.
+            if msg[:1] == b"S" and len(msg) == 25:
                 peer = msg[1:17].decode("ascii", "replace")
                 self._reader.news(peer, msg[17:25])
             elif msg[:1] == b"P":
