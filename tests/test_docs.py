@@ -228,8 +228,14 @@ async def test_index_listen_only_program(ipc_dir: Path) -> None:
             while not ipc.stats()["peers"]:  # it listens once it is a live peer
                 assert time.monotonic() < deadline, "the listener did not join"
                 await asyncio.sleep(0.01)
-            await ipc.notify_many("ticks", [1, "last"])
-            out, err = await asyncio.wait_for(listener.communicate(), 10)
+            # A live peer may not have subscribed yet (the program subscribes after
+            # start() returns): send the batch again until the program has heard one.
+            talking = asyncio.create_task(listener.communicate())
+            while not talking.done():
+                assert time.monotonic() < deadline + 10, "the listener heard nothing"
+                await ipc.notify_many("ticks", [1, "last"])
+                await asyncio.wait([talking], timeout=0.5)
+            out, err = talking.result()
     finally:
         if listener.returncode is None:
             listener.kill()
