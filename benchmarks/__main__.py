@@ -1,8 +1,9 @@
 """Run the benchmark suite: `python -m benchmarks [--quick] [--repeat N] [--only NAME ...]`.
 
-Writes docs/benchmarks.md, docs/benchmarks.png and benchmarks/results/<time>.json,
-then prints issue #15's targets (and the kept and earlier ones), met or not, with
-the ratio.
+Saves the raw results to benchmarks/results/<time>.json and prints the targets,
+met or not, with their ratios. The page (docs/benchmarks.md and its plot) is
+written only when asked: `--publish` writes the project's page, `--out PATH`
+another one.
 """
 
 from __future__ import annotations
@@ -35,18 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (median)")
     parser.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="scenarios to run")
     parser.add_argument("--codec", default="json", choices=["json", "orjson"])
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    parser.add_argument("--out", help="write the page (and its plot) to this .md path")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the project's page, docs/benchmarks.md (same as --out docs/benchmarks.md)",
+    )
     parser.add_argument(
         "--render",
         metavar="RESULTS_JSON",
         help="write the page again from a saved run (benchmarks/results/*.json), running nothing",
     )
     parser.add_argument(
-        "--lean", action="store_true", help="only the rows issue #15's targets read"
+        "--lean", action="store_true", help="only the rows the latency and throughput targets read"
     )
     parser.add_argument("--results", help="where to save the raw results (a .json path)")
     args = parser.parse_args(argv)
+    if args.publish:
+        args.out = os.path.join(ROOT, "docs", "benchmarks.md")
     if args.render:
+        if args.out is None:
+            parser.error("--render writes a page: give --publish or --out PATH")
         with open(args.render) as f:
             saved = json.load(f)
         return _write(saved["raw"], args.out, saved["command"], saved.get("notes", []))
@@ -79,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     return _write(raw, args.out, command.strip(), notes)
 
 
-def _write(raw: dict[str, list[Any]], out: str, command: str, notes: list[str]) -> int:
-    """Aggregate the runs (medians), write the page and the plot, print the targets."""
+def _write(raw: dict[str, list[Any]], out: str | None, command: str, notes: list[str]) -> int:
+    """Aggregate the runs (medians), write the page and the plot if asked, print the
+    targets."""
     aggregated = aggregate(raw)
     repeats = max(len(runs) for runs in raw.values())
-    image = plot(os.path.splitext(out)[0] + ".png", aggregated)
-    write_markdown(out, aggregated, repeats, command, notes, image)
-    print(f"wrote {out}\n")
+    if out is None:
+        print("page not written (--publish writes docs/benchmarks.md, --out PATH elsewhere)\n")
+    else:
+        image = plot(os.path.splitext(out)[0] + ".png", aggregated)
+        write_markdown(out, aggregated, repeats, command, notes, image)
+        print(f"wrote {out}\n")
     groups = all_targets(aggregated)
     width = max(len(t.name) for group in groups.values() for t in group)
     for title, group in groups.items():

@@ -1,9 +1,10 @@
 """Coordination benchmarks: lock latency and a cache stampede, beside the peers.
 
-    python -m benchmarks.coordination [--repeat 3] [--quick]
+    python -m benchmarks.coordination [--repeat 3] [--quick] [--publish]
 
-runs only these two scenarios and rewrites only the "Coordination" section of
-docs/benchmarks.md (the full suite, `python -m benchmarks`, runs them too).
+runs only these two scenarios and prints them; with `--publish` (or `--out PATH`)
+it rewrites only the "Coordination" section of docs/benchmarks.md (the full
+suite, `python -m benchmarks`, runs them too).
 
 * `locks`: acquire + release of one lock, uncontended (one process) and
   contended (4 processes on the same lock): this library's `ipc.lock` on the
@@ -350,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.coordination")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    parser.add_argument("--out", help="rewrite the Coordination section of this page")
+    parser.add_argument("--publish", action="store_true", help="rewrite it in docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.publish:
+        args.out = os.path.join(ROOT, "docs", "benchmarks.md")
     from .scenarios import QUICK, Size
 
     size = QUICK if args.quick else Size()
@@ -368,16 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(ROOT, "benchmarks", "results", f"coordination-{stamp}.json"), "w") as f:
         json.dump({"command": "python -m benchmarks.coordination", "raw": raw}, f)
-    with open(args.out) as f:
-        page = f.read()
-    with open(args.out, "w") as f:
-        f.write(replace_section(page, section(aggregated, args.repeat)))
+    if args.out is not None:
+        with open(args.out) as f:
+            page = f.read()
+        with open(args.out, "w") as f:
+            f.write(replace_section(page, section(aggregated, args.repeat)))
     for name, rows in aggregated.items():
         print(f"\n{name}")
         for contender, metrics in rows.items():
             shown = ", ".join(f"{k} {v[0]:.3g}" for k, v in metrics.items())
             print(f"  {contender}: {shown}")
-    print(f"\nwrote the Coordination section of {args.out}")
+    if args.out is None:
+        print("\npage not written (--publish rewrites docs/benchmarks.md's section)")
+    else:
+        print(f"\nwrote the Coordination section of {args.out}")
     return 0
 
 

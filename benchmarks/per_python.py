@@ -1,9 +1,9 @@
-"""Issue #15's figures on each supported Python: `python -m benchmarks.per_python`.
+"""The latency and throughput targets on each supported Python: `python -m benchmarks.per_python`.
 
 For each of Python 3.11, 3.12 and 3.13 found (`python3.X` on PATH if it runs,
 else pyenv's copy; or those given with `--versions`), makes or reuses a venv under
 /tmp/ivip-bench-venvs/ (re-installing `.[bench]` when pyproject.toml changed), then
-runs, with that interpreter from this checkout, only the scenarios issue #15's
+runs, with that interpreter from this checkout, only the scenarios those
 targets read (`latency throughput many_to_one redis_backend budget`, lean: no
 watchfiles/inotify/orjson rows) and saves
 `benchmarks/results/<time>-py3.X.json`. The main page's "Per Python version" table

@@ -243,11 +243,11 @@ def write_markdown(
         "",
         f"Command: `{command}`",
         "",
-        "Commands: the full run, `python -m benchmarks` (3 repeats, medians); the "
+        "Commands: the full run, `python -m benchmarks --publish` (3 repeats, medians); the "
         "per-Python figures, `python -m benchmarks.per_python` (run before it: the "
         "page reads its newest saved files); the budget alone, `python -m "
         "benchmarks.budget`; this page again from a saved run, `python -m benchmarks "
-        "--render benchmarks/results/<time>.json`.",
+        "--render benchmarks/results/<time>.json --publish`.",
         "",
         f"Machine: {os.cpu_count()} CPUs, {uname.system} {uname.release}, "
         f"Python {sys.version.split()[0]}. Versions: {versions()}.",

@@ -462,12 +462,28 @@ def _demo(args: argparse.Namespace) -> int:
 # -- bench -----------------------------------------------------------------------------------
 
 
-def _bench(extra: list[str]) -> int:
+BENCH_HELP = """\
+usage: ivip-ipc bench [OPTIONS]
+
+Runs the benchmark suite of a source checkout (`python -m benchmarks`): this
+project beside Redis, diskcache, multiprocessing pipes and the raw inotify floor,
+in one run. The suite lives in the source tree (benchmarks/), not in the
+installed package: run this command from a checkout of ivip-ipc-async (with
+`pip install -e '.[bench]'`); there, `ivip-ipc bench --help` lists its options.
+"""
+
+
+def _bench(extra: list[str], roots: Sequence[str] | None = None) -> int:
     """Run the benchmark suite of a source checkout (`python -m benchmarks`)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (os.getcwd(), here):
+    if roots is None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        roots = (os.getcwd(), here)
+    for root in roots:
         if os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
             return subprocess.call([sys.executable, "-m", "benchmarks", *extra], cwd=root)
+    if {"-h", "--help"} & set(extra):  # an installed package: say what the command is
+        print(BENCH_HELP, end="")
+        return EXIT_OK
     print(
         "ivip-ipc: the benchmark suite lives in the source tree (benchmarks/); "
         "run this from a checkout of ivip-ipc-async",

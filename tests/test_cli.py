@@ -397,3 +397,19 @@ def test_bench_outside_a_checkout_says_so(tmp_path: Path) -> None:
     # From a checkout (this one), the suite's own help is printed.
     assert done.returncode == 0, done.stderr
     assert "python -m benchmarks" in done.stdout
+
+
+def test_bench_help_of_an_installed_package_says_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed from a wheel there is no benchmarks/ beside the package: `bench
+    --help` explains where the suite lives (it printed an error), and running it
+    says so on stderr with a failing exit."""
+    from ivip_ipc_async.cli import _bench
+
+    assert _bench(["--help"], roots=[str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ivip-ipc bench")
+    assert "source checkout" in out
+    assert _bench(["--quick"], roots=[str(tmp_path)]) == 1
+    assert "lives in the source tree" in capsys.readouterr().err
