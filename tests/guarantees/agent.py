@@ -522,8 +522,15 @@ class Life:
         )
 
     async def _cancel_lock_wait(self, what: str, after: float) -> None:
-        """The wait for a lock this process holds under another object, cancelled
-        (or timed out: `lock_timeout`) in the loop iteration the holder lets go."""
+        """Waits for a lock this process holds under another object, cancelled
+        (`lock_timeout`: timed out) just as the holder lets go: item 3's shape,
+        where the release's wake-up and the cancellation meet in one iteration.
+        A few attempts, the release a fraction of a millisecond earlier each time."""
+        for attempt in range(6):
+            lead = self.rnd.uniform(0.0002, 0.0012)
+            await self._cancel_lock_wait_once(what, after if attempt == 0 else 0.03, lead)
+
+    async def _cancel_lock_wait_once(self, what: str, after: float, lead: float) -> None:
         loop = asyncio.get_running_loop()
         kind = "l" if what == "leader" else "u"
         name = f"c{self.node.replace('.', '_')}"
@@ -531,18 +538,20 @@ class Life:
         await blocker.acquire(timeout=2)
         self.log("lock_acq", kind=kind, name=name, fence=blocker.fence)
         deadline = loop.time() + after
+        released: list[asyncio.Task[Any]] = []
 
         def let_go() -> None:
             self.log("lock_rel_begin", kind=kind, name=name, fence=blocker.fence)
-            self._spawn(blocker.release(), "release")
+            released.append(self._spawn(blocker.release(), "release"))
 
-        loop.call_at(deadline, let_go)
+        loop.call_at(deadline - lead, let_go)
         if what == "lock_timeout":
             try:
                 async with asyncio.timeout_at(deadline) as cm:
                     await target.acquire()
             except TimeoutError:
                 self.log("cancel_result", what=what, outcome="timeout", held=target.held)
+                await asyncio.gather(*released)
                 return
             expired = cm.expired()
             self.log("lock_acq", kind=kind, name=name, fence=target.fence)
@@ -552,12 +561,13 @@ class Life:
         else:
             task = asyncio.ensure_future(target.acquire())
             await asyncio.sleep(max(0.0, deadline - loop.time()))
-            sent = task.cancel()  # in the iteration of the release, or just after
+            sent = task.cancel()  # as the release wakes it, or just after
             outcome = await _outcome(task)
             held = bool(target.held)
             if held:
                 self.log("lock_acq", kind=kind, name=name, fence=target.fence)
             self.log("cancel_result", what=what, sent=sent, outcome=outcome, held=held)
+        await asyncio.gather(*released)
         if target.held:
             self.log("lock_rel_begin", kind=kind, name=name, fence=target.fence)
         await target.release()

@@ -204,7 +204,7 @@ def generate(seed: int, backend: str = "directory", seconds: float = 3.0) -> Sch
             events.append(Event(at(0.1, 0.6), "join", name))
         elif kind == "cancel_wait":
             what = rnd.choice(["lock", "leader", "memo", "wait_for", "lock_timeout"])
-            args = {"what": what, "after": round(rnd.uniform(0.01, 0.4), 3)}
+            args = {"what": what, "after": round(rnd.uniform(0.03, 0.4), 3)}
             events.append(Event(at(), "cancel_wait", target, args))
         elif kind == "plant":
             where = rnd.choice(["log", "peers", "locks", "root", "snapshot"])
@@ -236,7 +236,7 @@ def generate(seed: int, backend: str = "directory", seconds: float = 3.0) -> Sch
             "name": f"race{r}",
             "waiter": waiter,
             "hold": round(rnd.uniform(0.1, 0.3), 3),
-            "skew": round(rnd.uniform(-0.004, 0.004), 4),
+            "skew": round(rnd.uniform(-0.0002, 0.0012), 5),
             "leader": rnd.random() < 0.3,
         }
         events.append(Event(at(), "lock_race", holder, args))
