@@ -115,13 +115,13 @@ class Life:
         self.ipc = AsyncIPC(plan["path"], namespace=plan["namespace"], **plan["options"])
         self.kv: AsyncCache[Any] = AsyncCache(self.ipc, name="kv", default_ttl=0)
         self.memo_cache: AsyncCache[Any] = AsyncCache(self.ipc, name="memo", default_ttl=0)
-        self.memo = self.memo_cache.memoize(
+        self.memo: Callable[..., Awaitable[Any]] = self.memo_cache.memoize(
             "f", self._compute, MEMO_TTL, across_processes=True, lease=self.lease * 3
         )
 
     def at(self, seconds: float) -> float:
         """The loop time (CLOCK_MONOTONIC seconds) of `seconds` after t0."""
-        return self.plan["t0_ns"] / 1e9 + seconds
+        return float(self.plan["t0_ns"]) / 1e9 + seconds
 
     def next_id(self) -> str:
         self.opn += 1
@@ -493,11 +493,11 @@ class Life:
         if what == "memo":
             key = f"cw-{self.next_id()}"
 
-            async def slow() -> int:
+            async def slow(_key: str) -> int:
                 await asyncio.sleep(5)
                 return 1
 
-            async def quick() -> int:
+            async def quick(_key: str) -> int:
                 return 2
 
             lease = self.lease * 3

@@ -98,7 +98,7 @@ class Checker:
         open_stop: dict[str, int] = {}
         end_of_run = self.h.records[-1]["t"] if self.h.records else 0
         for r in self.h.driver:
-            target = r.get("target")
+            target = str(r.get("target", ""))
             if r["ev"] == "kill" and target:
                 kills.setdefault(target, r["t"])
             elif r["ev"] == "stop":
@@ -238,8 +238,8 @@ class Checker:
                     window = DELIVERY_WINDOW * 1e9
                 if t_ack + window + rnode.stopped_between(t_send, horizon) > horizon:
                     continue
-                got = {q2 for q2, t in received[rnode.name].get(sname, []) if t <= horizon}
-                if q in got:
+                have = {q2 for q2, t in received[rnode.name].get(sname, []) if t <= horizon}
+                if q in have:
                     continue
                 if any(
                     tg > t_send and peer in (peer_of.get(sname), "redis", None)
