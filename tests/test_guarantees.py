@@ -238,6 +238,10 @@ def test_memoize_violations_are_found() -> None:
 def test_cancellation_violations_are_found() -> None:
     h = _two().add(10, "p1.1", "cancel_result", what="lock", sent=True, outcome="cancelled")
     assert h.kinds() == []
+    # Acquired before the cancel was sent: holding it is right.
+    h = _two().add(10, "p1.1", "cancel_result", what="lock", sent=False, outcome="returned",
+                   held=True)  # fmt: skip
+    assert h.kinds() == []
     for fields in (
         {"what": "lock", "sent": True, "outcome": "returned"},
         {"what": "leader", "sent": True, "outcome": "cancelled", "held": True},

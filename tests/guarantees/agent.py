@@ -563,7 +563,7 @@ class Life:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             sent = task.cancel()  # as the release wakes it, or just after
             outcome = await _outcome(task)
-            held = bool(target.held)
+            held = await _still_held(target)
             if held:
                 self.log("lock_acq", kind=kind, name=name, fence=target.fence)
             self.log("cancel_result", what=what, sent=sent, outcome=outcome, held=held)
@@ -571,6 +571,16 @@ class Life:
         if target.held:
             self.log("lock_rel_begin", kind=kind, name=name, fence=target.fence)
         await target.release()
+
+
+async def _still_held(lock: Any) -> bool:
+    """Held 0.5 s after its wait was cancelled (a lock won just as the waiter was
+    cancelled may be let go in the background, but promptly)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 0.5
+    while lock.held and loop.time() < deadline:  # noqa: ASYNC110 (a property, no event)
+        await asyncio.sleep(0.01)
+    return bool(lock.held)
 
 
 async def _outcome(task: asyncio.Future[Any]) -> str:

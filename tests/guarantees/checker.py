@@ -563,7 +563,7 @@ class Checker:
                         f"{r['n']}: a cancelled {what} wait raised {r.get('outcome')} "
                         f"at {self.at(r['t'])}",
                     )
-                if r.get("held"):
+                if r.get("held") and (r.get("sent") or r.get("outcome") == "timeout"):
                     self.add(
                         "cancel",
                         f"{r['n']}: after its {what} wait was cancelled at {self.at(r['t'])}, "

@@ -91,6 +91,14 @@ def _remove(ns: Path, what: str, rnd: random.Random) -> str:
             os.unlink(ns / "snapshot.bin")
             return "removed snapshot.bin"
         return "no snapshot.bin"
+    if what == "peer_files":  # one peer's lock file and doorbell both
+        target = _pick(rnd, list((ns / "peers").glob("*.lock")))
+        if target is None:
+            return "no peers/*.lock"
+        for path in (target, target.with_suffix(".sock")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return f"removed peers/{target.stem}.lock and .sock"
     pattern = "*.lock" if what == "peer_lock" else "*.sock"
     target = _pick(rnd, list((ns / "peers").glob(pattern)))
     if target is None:

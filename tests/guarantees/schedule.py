@@ -210,7 +210,7 @@ def generate(seed: int, backend: str = "directory", seconds: float = 3.0) -> Sch
             where = rnd.choice(["log", "peers", "locks", "root", "snapshot"])
             events.append(Event(at(), "plant", "", {"where": where, "n": rnd.randrange(1 << 16)}))
         elif kind == "remove":
-            what = rnd.choice(["peers_dir", "peer_lock", "peer_sock", "snapshot", "segment"])
+            what = rnd.choice(["peers_dir", "peer_lock", "peer_sock", "snapshot", "peer_files"])
             events.append(Event(at(), "remove", "", {"what": what, "n": rnd.randrange(1 << 16)}))
         elif kind == "lockfile":
             how = rnd.choice(["unlink", "garbage", "garbage", "directory"])
