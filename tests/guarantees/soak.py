@@ -5,7 +5,8 @@
 Seeds S, S+1, ... (default: a random start, printed). Each failing run prints
 its seed, its violations and its schedule; `--shrink` then searches for the
 shortest schedule that still fails. Exit status 1 when anything failed.
-Re-run one seed with `--runs 1 --seed S`; keep its logs with `--keep`.
+Re-run one seed with `--runs 1 --seed S`; keep its logs with `--keep`. A shrunk
+schedule is printed as JSON too: re-run it with `--schedule FILE` (that JSON).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections import Counter
 
 from .driver import redis_available, run
-from .schedule import generate
+from .schedule import Schedule, generate
 from .shrink import shrink
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shrink", action="store_true", help="shrink each failing schedule")
     parser.add_argument("--budget", type=int, default=30, help="runs per shrink")
     parser.add_argument("--keep", action="store_true", help="keep each run's logs")
+    parser.add_argument("--schedule", help="a file holding a schedule's JSON: run it instead")
     parser.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
@@ -44,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     for i in range(args.runs):
         for backend in backends:
-            schedule = generate(seed + i, backend, args.seconds)
+            if args.schedule:
+                with open(args.schedule) as f:
+                    schedule = Schedule.from_json(f.read())
+                if schedule.backend != backend:
+                    continue
+            else:
+                schedule = generate(seed + i, backend, args.seconds)
             outcome = run(schedule, keep=args.keep)
             h = outcome.history
             totals["runs"] += 1
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     found = {v.kind for v in outcome.violations}
                     smallest, spent = shrink(schedule, found, budget=args.budget)
                     print(f"shortest schedule still failing ({spent} runs to find):")
-                    print(smallest.describe(), flush=True)
+                    print(smallest.describe())
+                    print(f"as JSON (for --schedule): {smallest.to_json()}", flush=True)
             elif not args.quiet:
                 print(
                     f"seed {schedule.seed} ({backend}): ok, {len(schedule.agents)} processes, "
