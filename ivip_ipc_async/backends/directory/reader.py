@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from ... import fault_points
 from ...logs import logger, rate_limited
 from ...records import FrameReader, Kind, Record
 from .layout import (
@@ -331,6 +332,8 @@ class LogReader:
             while not done:
                 done = self._read_writer(w, time.perf_counter() + SLICE)
                 await breathe()  # a slice at a time: the loop breathes
+                if fault_points.ACTIVE:
+                    await fault_points.pause("restore_slice")
             w.live = True
         self.live = True
         self.dirty.clear()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import aiofiles
 
+from ... import fault_points
 from ...logs import logger, rate_limited
 from ...records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
 from .layout import (
@@ -205,6 +206,8 @@ class Snapshots:
                 end = json.dumps({"records": count}).encode()
                 chunk.append(encode_frame(Record(Kind.SNAPSHOT_META, "", b"", end), 0))
                 await f.write(b"".join(chunk))
+                if fault_points.ACTIVE:
+                    await fault_points.pause("snapshot_write")
             os.replace(tmp, SNAPSHOT, src_dir_fd=root, dst_dir_fd=root)
             st = os.stat(SNAPSHOT, dir_fd=root, follow_symlinks=False)
         except OSError as exc:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 # holds the GIL for ~20 ms, a stall of the event loop at every start.
 import watchfiles
 
+from ... import fault_points
 from ...logs import logger, rate_limited
 from .inotify import (
     IN_CLOSE_WRITE,
@@ -256,6 +257,8 @@ class Wakeups:
         bell = self.bell
         if bell is None:
             return
+        if fault_points.ACTIVE:
+            fault_points.stall("doorbell")
         while True:
             try:
                 msg = bell.recv(64)

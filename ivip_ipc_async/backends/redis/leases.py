@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from ... import fault_points
 from ...logs import logger, rate_limited
 from ..base import check_lock_name, check_lock_note
 
@@ -396,6 +397,8 @@ class _LeaseContender:
         try:
             while not self._lost:
                 await asyncio.sleep(self.lease / 3)
+                if fault_points.ACTIVE:
+                    await fault_points.pause("lease_renew")
                 sent = loop.time()
                 try:
                     renewed = await self._provider.run(
