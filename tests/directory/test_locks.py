@@ -76,17 +76,16 @@ HOLDER = textwrap.dedent(
 )
 
 
-class Holder:
-    """A child process running HOLDER on a namespace."""
+class Child:
+    """A Python program in its own process, reading lines and printing JSON lines."""
 
-    def __init__(self, ns: Path) -> None:
+    def __init__(self, code: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(ns)],
+            [sys.executable, "-c", code, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
         )
-        assert "ready" in self.line()
 
     def line(self, timeout: float = 20.0) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -117,10 +116,11 @@ class Holder:
 @pytest.fixture
 def holders(ipc_dir: Path) -> Iterator[Any]:
     """`holders()`: a started Holder process on `ipc_dir`, ended afterwards."""
-    started: list[Holder] = []
+    started: list[Child] = []
 
-    def start() -> Holder:
-        started.append(Holder(ipc_dir))
+    def start() -> Child:
+        started.append(Child(HOLDER, str(ipc_dir)))
+        assert "ready" in started[-1].line()
         return started[-1]
 
     yield start
@@ -181,28 +181,16 @@ def test_a_hundred_waiters_on_a_hundred_locks_add_one_inotify_instance(
     waiter is still woken by the release, not by its 30 s timer."""
     holder = holders()
     assert holder.ask(op="acquire_many", n=100) == {"held": 100}
-    waiters = subprocess.Popen(
-        [sys.executable, "-c", _WAITERS, str(ipc_dir), "100"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        bufsize=0,
-    )
+    waiters = Child(_WAITERS, str(ipc_dir), "100")
     try:
-        assert waiters.stdout is not None and waiters.stdin is not None
-        first = json.loads(waiters.stdout.readline())
-        assert first["added"] <= 1
+        assert waiters.line()["added"] <= 1
         assert holder.ask(op="release", name="*") == {"released": "*"}
-        waiters.stdin.write(b"go\n")
-        last = json.loads(waiters.stdout.readline())
+        last = waiters.ask(op="go")
         assert last["held"] == 100
         assert last["all_held_after"] < 10  # woken by the releases (the timer: 30 s)
         assert last["added"] <= 1
     finally:
-        waiters.kill()
-        waiters.wait()
-        for pipe in (waiters.stdin, waiters.stdout):
-            if pipe is not None:
-                pipe.close()
+        waiters.end()
 
 
 # -- item 6: the lock file removed, replaced, garbled, or something else planted ---------------
@@ -217,7 +205,8 @@ def test_a_held_lock_whose_file_is_removed_is_never_held_twice(
     (`held` and `verify()` read False), and the new fence is larger."""
     first, second = holders(), holders()
     got = first.ask(op="acquire", name="a")
-    assert got["held"] and got["fence"] == 1
+    assert got["held"]
+    assert got["fence"] == 1
     path = lock_path(ipc_dir, "a")
     if how == "unlink":
         path.unlink()
