@@ -139,11 +139,13 @@ class LockWakeups:
         return [event for events in self._waiting.values() for event in events]
 
     def close(self) -> None:
-        """Stop watching (every waiter falls back on its timer until it registers anew)."""
+        """Stop watching; every waiter is woken, to try again and register anew."""
         fd = self.fd
         if fd is not None and not self.loop.is_closed():
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(fd)
+            for event in self._every():
+                event.set()
         self.forget()
 
     def forget(self) -> None:

@@ -153,6 +153,15 @@ class DirectoryLocks:
                 os.close(root)
         return self._dir
 
+    def _reopen(self) -> None:
+        """`locks/` (or the namespace) was removed and made again: use the one at
+        the path from now on (files in the removed one are orphans)."""
+        self._stop_wakeups()  # watching the removed directory
+        for fd in (self._dir, self._fences_dir):
+            if fd is not None:
+                os.close(fd)
+        self._dir = self._fences_dir = None
+
     def _fences_dir_fd(self) -> int:
         if self._fences_dir is None:
             root = secure_directory(self.path)
@@ -234,7 +243,13 @@ class DirectoryLocks:
     def _fence_copy(self, name: str, fence: int | None = None) -> int | None:
         """Read (or, with `fence`, write) the copy of lock `name`'s last token."""
         try:
-            fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
+            try:
+                fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
+            except FileNotFoundError:  # fences/ was removed: the one at the path now
+                if self._fences_dir is not None:
+                    os.close(self._fences_dir)
+                    self._fences_dir = None
+                fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
         except OSError as exc:
             logger.warning("could not open the fence copy of lock %r: %s", name, exc)
             return None
@@ -302,10 +317,13 @@ class _FileContender:
     def _open(self) -> int:
         if self._fd is not None:
             return self._fd
-        dir_fd = self._provider._dir_fd()
         path = self._provider.file_path(self.name)
         try:
-            fd = os.open(self.name, _FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                fd = os.open(self.name, _FLAGS, 0o600, dir_fd=self._provider._dir_fd())
+            except FileNotFoundError:  # locks/ itself was removed: the one at the path now
+                self._provider._reopen()
+                fd = os.open(self.name, _FLAGS, 0o600, dir_fd=self._provider._dir_fd())
         except OSError as exc:
             what = {errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}
             if exc.errno in what:
