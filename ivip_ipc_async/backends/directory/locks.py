@@ -39,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import weakref
 from pathlib import Path
@@ -56,7 +57,8 @@ __all__ = ["DirectoryLocks"]
 _SUBDIR: Final = "locks"
 _FENCES: Final = "fences"  # fences/<name>: the copy of each lock's last token
 _RECORD_SIZE: Final = 1024
-_FENCE_SIZE: Final = 64
+_FENCE_SIZE: Final = 24  # the copy: the token in ASCII digits, padded, one pwrite
+_DIGITS: Final = re.compile(rb"[1-9][0-9]{0,18}")
 _FENCE_MAX: Final = 2**63 - 2  # the next one still fits a signed 64-bit store
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -98,6 +100,24 @@ def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symlink"
     return "not a regular file"
+
+
+def _read_copy(fd: int | None) -> int | None:
+    """The token in a fence copy: ASCII digits only, else None."""
+    if fd is None:
+        return None
+    try:
+        raw = os.pread(fd, _FENCE_SIZE, 0).strip(b" \n")
+    except OSError:
+        return None
+    return valid_fence(int(raw)) if _DIGITS.fullmatch(raw) else None
+
+
+def _write_copy(fd: int, fence: int) -> None:
+    try:
+        os.pwrite(fd, (b"%d" % fence).ljust(_FENCE_SIZE - 1) + b"\n", 0)
+    except OSError as exc:  # the lock file keeps the token; only the copy is lost
+        logger.warning("could not write a fence copy: %s", exc)
 
 
 class DirectoryLocks:
@@ -240,8 +260,9 @@ class DirectoryLocks:
 
     # -- the copy of the fencing tokens -----------------------------------------------------
 
-    def _fence_copy(self, name: str, fence: int | None = None) -> int | None:
-        """Read (or, with `fence`, write) the copy of lock `name`'s last token."""
+    def _open_fence_copy(self, name: str) -> int | None:
+        """The copy of lock `name`'s last token, opened (None, with a warning, when
+        something else is in its place or fences/ cannot be had)."""
         try:
             try:
                 fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
@@ -253,25 +274,11 @@ class DirectoryLocks:
         except OSError as exc:
             logger.warning("could not open the fence copy of lock %r: %s", name, exc)
             return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                logger.warning("the fence copy of lock %r is not a regular file", name)
-                return None
-            if fence is not None:
-                data = json.dumps({"fence": fence}).encode().ljust(_FENCE_SIZE - 1) + b"\n"
-                os.pwrite(fd, data, 0)
-                return fence
-            raw = os.pread(fd, _FENCE_SIZE, 0)
-        except OSError as exc:
-            logger.warning("could not use the fence copy of lock %r: %s", name, exc)
-            return None
-        finally:
-            os.close(fd)
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            return None
-        return valid_fence(info.get("fence")) if isinstance(info, dict) else None
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        logger.warning("the fence copy of lock %r is not a regular file", name)
+        return None
 
     def _discard_fence(self, name: str) -> None:
         self._held_fences.pop(name, None)
@@ -288,6 +295,7 @@ class _FileContender:
         self.name = name
         self.fence = 0
         self._fd: int | None = None
+        self._inode = (0, 0)  # st_dev, st_ino of the open file
         self._held = False
         self._note = ""
         self._wake: tuple[LockWakeups, asyncio.Event] | None = None
@@ -300,7 +308,7 @@ class _FileContender:
         """Held, and the file still at the lock's path (two system calls)."""
         if not self._held:
             return False
-        if self._fd is not None and self._linked(self._fd):
+        if self._fd is not None and self._linked():
             return True
         logger.warning(
             "lock file %s was removed or replaced while held (fence %d): this holding is "
@@ -317,7 +325,6 @@ class _FileContender:
     def _open(self) -> int:
         if self._fd is not None:
             return self._fd
-        path = self._provider.file_path(self.name)
         try:
             try:
                 fd = os.open(self.name, _FLAGS, 0o600, dir_fd=self._provider._dir_fd())
@@ -327,6 +334,7 @@ class _FileContender:
         except OSError as exc:
             what = {errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}
             if exc.errno in what:
+                path = self._provider.file_path(self.name)
                 raise UnsafeDirectoryError(
                     f"refusing lock file {path}: it is {what[exc.errno]}"
                 ) from None
@@ -339,20 +347,21 @@ class _FileContender:
             problem = f"it is owned by uid {st.st_uid}, not by this user"
         if problem:
             os.close(fd)
+            path = self._provider.file_path(self.name)
             raise UnsafeDirectoryError(f"refusing lock file {path}: {problem}")
-        self._fd = fd
+        self._fd, self._inode = fd, (st.st_dev, st.st_ino)
         _open_here.add(self)
         self._provider._contenders.add(self)
         return fd
 
-    def _linked(self, fd: int) -> bool:
-        """Is `fd` still the file at the lock's path (not unlinked, not replaced)?"""
+    def _linked(self) -> bool:
+        """Is the open file still the one at the lock's path (not unlinked, not
+        replaced)? An inode number is not reused while a descriptor keeps it."""
         try:
             now = os.stat(self.name, dir_fd=self._provider._dir_fd(), follow_symlinks=False)
-            st = os.fstat(fd)
         except OSError:
             return False
-        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+        return (now.st_dev, now.st_ino) == self._inode
 
     def _read_raw(self) -> bytes:
         if self._fd is None:
@@ -379,7 +388,7 @@ class _FileContender:
         except OSError as exc:  # only the hint is lost; the flock is the truth
             logger.warning("could not write the record of lock %r: %s", self.name, exc)
 
-    def _next_fence(self) -> int:
+    def _next_fence(self, copy_fd: int | None) -> int:
         """One more than the largest trusted token (read while holding the lock)."""
         raw = self._read_raw()
         try:
@@ -387,7 +396,7 @@ class _FileContender:
         except ValueError:
             info = None
         in_file = valid_fence(info.get("fence")) if isinstance(info, dict) else None
-        copy = self._provider._fence_copy(self.name)
+        copy = _read_copy(copy_fd)
         held_here = self._provider._held_fences.get(self.name)
         last = max(in_file or 0, copy or 0, held_here or 0)
         if (in_file or 0) < last or (in_file is None and raw.strip(b"\0 \n")):
@@ -409,24 +418,31 @@ class _FileContender:
             return True
         check_lock_note(note)
         for _ in range(8):  # an orphaned file (discarded, unlinked, replaced): the new one
+            was_open = self._fd is not None
             fd = self._open()
-            if not self._linked(fd):
+            if was_open and not self._linked():  # a waiter's file, orphaned since
                 self._close()
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            if self._linked(fd):
+            if self._linked():
                 break
             self._close()  # orphaned between the check and the flock: let go of it
         else:
             return False
-        self.fence = self._next_fence()
-        self._held = True
-        self._note = note
-        self._write()  # the file first, then the copy: a crash between leaves the larger
-        self._provider._fence_copy(self.name, self.fence)
+        copy_fd = self._provider._open_fence_copy(self.name)
+        try:
+            self.fence = self._next_fence(copy_fd)
+            self._held = True
+            self._note = note
+            self._write()  # the file first, then the copy: a crash between leaves the larger
+            if copy_fd is not None:
+                _write_copy(copy_fd, self.fence)
+        finally:
+            if copy_fd is not None:
+                os.close(copy_fd)
         self._provider._held_fences[self.name] = self.fence
         self._unwait()
         self._provider._guard()
@@ -472,7 +488,7 @@ class _FileContender:
         return self.held  # the kernel's lock, on the file still at the lock's path
 
     async def release(self, *, discard: bool = False) -> None:
-        if discard and self.held and self._fd is not None:
+        if discard and self.held:
             # The copy first: a crash between leaves the lock file's token, the larger.
             self._provider._discard_fence(self.name)
             with contextlib.suppress(OSError):
