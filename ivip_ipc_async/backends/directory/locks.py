@@ -305,7 +305,7 @@ class _FileContender:
 
     @property
     def held(self) -> bool:
-        """Held, and the file still at the lock's path (two system calls)."""
+        """Held, and the file still at the lock's path (one `stat`)."""
         if not self._held:
             return False
         if self._fd is not None and self._linked():
