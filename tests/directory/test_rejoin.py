@@ -1,0 +1,279 @@
+"""The namespace's directories removed or moved under running peers.
+
+`rm -rf <namespace>/peers/`, the whole namespace removed (a logout may clear
+`$XDG_RUNTIME_DIR`), or renamed away: every peer notices, says so in `health()`,
+re-creates the layout with the usual checks, announces itself again and goes on
+in the directory at the path, where joiners look. Each peer is a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+_CHAT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from ivip_ipc_async import AsyncIPC
+
+    def say(obj):
+        print(json.dumps(obj), flush=True)
+
+    async def main():
+        root, namespace, name = sys.argv[1:4]
+        ipc = AsyncIPC(root, namespace=namespace, rescan_interval=0.5, retention=1.0,
+                       snapshot_interval=0.1)
+        got = {}  # sender: [numbers], per event
+        def on(event):
+            def handler(msg):
+                got.setdefault(event, {}).setdefault(msg["from"], []).append(msg["i"])
+            return handler
+        ipc.on("chat", on("chat"))
+        ipc.on("probe", on("probe"))
+        loop = asyncio.get_running_loop()
+        lines = asyncio.Queue()
+        buffered = b""
+        def on_stdin():
+            nonlocal buffered
+            chunk = os.read(0, 65536)
+            if not chunk:
+                lines.put_nowait(b'{"op": "exit"}')
+                return
+            buffered += chunk
+            *complete, buffered = buffered.split(b"\\n")
+            for line in complete:
+                lines.put_nowait(line)
+        async with ipc:
+            loop.add_reader(0, on_stdin)
+            say({"ready": os.getpid()})
+            while True:
+                command = json.loads(await lines.get())
+                op = command["op"]
+                if op == "send":
+                    acked = 0
+                    errors = []
+                    for i in range(command["first"], command["first"] + command["count"]):
+                        try:
+                            await ipc.notify(command["event"], {"from": name, "i": i})
+                            acked += 1
+                        except OSError as exc:
+                            errors.append(str(exc))
+                    say({"acked": acked, "errors": errors})
+                elif op == "look":
+                    stats = ipc.stats()
+                    say({"got": got, "health": ipc.health(), "stats": {
+                        k: v for k, v in stats.items() if isinstance(v, (int, str, bool))
+                    }})
+                elif op == "exit":
+                    loop.remove_reader(0)
+                    break
+
+    asyncio.run(main())
+    """
+)
+
+
+class Chat:
+    """One peer in its own process: sends numbered messages, says what it got."""
+
+    def __init__(self, root: Path, namespace: str, name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHAT, str(root), namespace, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self._read()["ready"]
+
+    def _read(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"peer {self.name} ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    async def ask(self, **command: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return await asyncio.to_thread(self._read)
+
+    async def send(self, count: int, first: int = 0, event: str = "chat") -> Any:
+        return await self.ask(op="send", event=event, count=count, first=first)
+
+    async def look(self) -> Any:
+        return await self.ask(op="look")
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.contextmanager
+def chats(root: Path, *names: str, namespace: str = "ns") -> Any:
+    started: list[Chat] = []
+    try:
+        for name in names:
+            started.append(Chat(root, namespace, name))
+        yield started
+    finally:
+        for chat in started:
+            chat.close()
+
+
+async def eventually(check: Any, timeout: float, what: str) -> Any:
+    """Await `check()` until it returns something true; fail after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what() if callable(what) else what}")
+        await asyncio.sleep(0.05)
+
+
+async def hear_each_other(peers: list[Chat], timeout: float = 10.0) -> None:
+    """Each peer probes (one message per try) until every peer heard every other."""
+    tries = 0
+
+    async def all_heard() -> bool:
+        nonlocal tries
+        for peer in peers:
+            await peer.send(1, first=tries, event="probe")
+        tries += 1
+        await asyncio.sleep(0.05)
+        for peer in peers:
+            got = (await peer.look())["got"].get("probe", {})
+            if any(other.name not in got for other in peers if other is not peer):
+                return False
+        return True
+
+    names = [p.name for p in peers]
+    await eventually(all_heard, timeout, f"{names} hear each other")
+
+
+async def all_delivered(
+    peers: list[Chat], count: int, timeout: float = 3.0, spread: int = 1
+) -> None:
+    """Every peer sends `count` chat messages (in `spread` parts 0.1 s apart: over
+    several maintenance rounds); every other peer gets all, in order, within
+    `timeout` s of the last (doorbells take a millisecond; the full re-scan, the
+    last resort, comes every 5 s with these peers' `rescan_interval`)."""
+    part = count // spread
+    for first in range(0, count, part):
+        for peer in peers:
+            answer = await peer.send(part, first=first)
+            assert answer == {"acked": part, "errors": []}
+        await asyncio.sleep(0.1)
+
+    missing: dict[str, int] = {}
+
+    async def delivered() -> bool:
+        missing.clear()
+        for peer in peers:
+            got = (await peer.look())["got"].get("chat", {})
+            for other in peers:
+                if other is not peer and got.get(other.name, []) != list(range(count)):
+                    missing[f"{other.name}->{peer.name}"] = count - len(got.get(other.name, []))
+        return not missing
+
+    await eventually(
+        delivered, timeout, lambda: f"{count} messages from each reach every other: {missing}"
+    )
+
+
+async def healthy(peer: Chat) -> Any:
+    look = await peer.look()
+    return look if look["health"]["healthy"] and not look["health"]["problems"] else None
+
+
+async def test_peers_directory_removed_under_two_live_peers(ipc_dir: Path) -> None:
+    """`rm -rf peers/`: both re-announce themselves; 100 later messages each way
+    all arrive (before: 20 of 100 never arrived, 0 gaps, healthy)."""
+    with chats(ipc_dir, "a", "b") as peers:
+        await hear_each_other(peers)
+        shutil.rmtree(ipc_dir / "ns" / "peers")
+        await all_delivered(peers, 100, spread=20)
+        names = {p.name: (await p.look())["stats"]["peer"] for p in peers}
+        assert sorted(os.listdir(ipc_dir / "ns" / "peers")) == sorted(
+            f"{peer}.{ext}" for peer in names.values() for ext in ("lock", "sock")
+        )
+        for peer in peers:
+            look = await eventually(lambda p=peer: healthy(p), 10, f"{peer.name} healthy")
+            assert look["stats"]["gaps"] == 0
+            assert look["stats"]["layout_repairs"] >= 1
+
+
+async def test_namespace_removed_under_two_peers_then_a_joiner(ipc_dir: Path) -> None:
+    """The whole namespace removed: the two running peers and a joiner that
+    starts afterwards all hear each other (before: two groups that never did)."""
+    with chats(ipc_dir, "a", "b") as peers:
+        await hear_each_other(peers)
+        shutil.rmtree(ipc_dir / "ns")
+        with chats(ipc_dir, "c") as joiner:
+            everyone = peers + joiner
+            await hear_each_other(everyone)
+            await all_delivered(everyone, 50)
+            for peer in everyone:
+                await eventually(lambda p=peer: healthy(p), 10, f"{peer.name} healthy")
+            for peer in peers:
+                assert (await peer.look())["stats"]["layout_repairs"] >= 1
+
+
+async def test_namespace_renamed_away_under_two_peers_then_a_joiner(ipc_dir: Path) -> None:
+    """Renamed away: the peers follow the path, not the moved directory."""
+    with chats(ipc_dir, "a", "b") as peers:
+        await hear_each_other(peers)
+        os.rename(ipc_dir / "ns", ipc_dir / "moved")
+        with chats(ipc_dir, "c") as joiner:
+            everyone = peers + joiner
+            await hear_each_other(everyone)
+            await all_delivered(everyone, 50)
+            for peer in everyone:
+                await eventually(lambda p=peer: healthy(p), 10, f"{peer.name} healthy")
+
+
+async def test_health_reports_the_breakage_while_it_lasts(ipc_dir: Path) -> None:
+    """While the namespace cannot be re-created (a symlink planted at its path,
+    which is refused, never followed), every peer says so in `health()`; once
+    the path is free again they re-create it and hear each other."""
+    outside = ipc_dir / "outside"
+    outside.mkdir(mode=0o700)
+    with chats(ipc_dir, "a", "b") as peers:
+        await hear_each_other(peers)
+        shutil.rmtree(ipc_dir / "ns")
+        os.symlink(outside, ipc_dir / "ns")
+        for peer in peers:
+
+            async def broken(p: Chat = peer) -> Any:
+                health = (await p.look())["health"]
+                return health if not health["healthy"] else None
+
+            health = await eventually(broken, 10, f"{peer.name} reports the breakage")
+            assert any(str(ipc_dir / "ns") in problem for problem in health["problems"])
+        assert os.listdir(outside) == []
+        # Still broken a while later: the state holds, and nothing was followed.
+        await asyncio.sleep(0.5)
+        for peer in peers:
+            assert not (await peer.look())["health"]["healthy"]
+        assert os.listdir(outside) == []
+        os.unlink(ipc_dir / "ns")
+        await hear_each_other(peers)
+        await all_delivered(peers, 20)
+        for peer in peers:
+            await eventually(lambda p=peer: healthy(p), 10, f"{peer.name} healthy")
