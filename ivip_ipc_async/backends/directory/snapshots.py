@@ -78,6 +78,14 @@ class Snapshots:
     def measure(self) -> None:
         self.bytes = size_of(SNAPSHOT, self._ns.fds["root"])
 
+    def moved(self) -> None:
+        """The namespace directory was replaced (rejoin.py): let go of the old
+        snapshot.lock (the holder at the new place writes a snapshot at once)
+        and forget what was known of the old snapshot.bin."""
+        self.close()
+        self._written = self._positions_of = self._seen = None
+        self.bytes = 0
+
     # -- writing -----------------------------------------------------------------------
 
     def maybe_write(self) -> None:
