@@ -249,7 +249,9 @@ class Namespace:
         doorbell: bool = True,
         node: int | None = None,
     ) -> None:
-        self.path = Path(path)
+        # Absolute: the path is looked at again while running (`displaced`), and
+        # a relative one would follow the process's working directory.
+        self.path = Path(os.path.abspath(path))
         self.max_record_size = max_record_size
         self.segment_bytes = segment_bytes
         self.retention = retention

@@ -500,15 +500,18 @@ class Wakeups:
 
     def restart_watcher(self) -> None:
         """Watch the directories now at the namespace's path (rejoin.py): an
-        inotify watcher is replaced at once; the watchfiles thread is left to
-        its supervisor."""
+        inotify watcher is replaced at once; the watchfiles thread is told to
+        stop, and its supervisor starts a new one at the next round."""
         if self._ns.closing or self.watcher is None:
             return
+        self._watch_backoff = 0.0
+        self._watch_retry_at = 0.0
         if self.watcher == "inotify" or self._inotify is not None:
             self._stop_inotify()
-            self._watch_backoff = 0.0
-            self._watch_retry_at = 0.0
             self.start_watcher()
+        else:
+            self._watch_error = OSError("the namespace directory was re-created")
+            self._watch_stop.set()
 
     def supervise_watcher(self) -> None:
         """Restart a watcher that stopped, with a growing pause between tries (a
