@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from ivip_ipc_async import AsyncIPC
+
 _CHAT = textwrap.dedent(
     """
     import asyncio, json, os, sys
@@ -289,3 +291,35 @@ async def test_health_reports_the_breakage_while_it_lasts(ipc_dir: Path) -> None
             look = await eventually(lambda p=peer: healthy(p), 10, f"{peer.name} healthy")
             assert look["stats"]["records_stranded"] >= 20
         assert os.listdir(outside) == []
+
+
+async def test_records_written_in_the_old_place_are_reported_as_a_gap(
+    ipc_dir: Path, until: Any
+) -> None:
+    """A writer that goes on in the moved namespace while a reader has rejoined
+    the path: what the reader could not read (a segment the writer started
+    there) is a gap named "displaced" on the reader's side, and counted on the
+    writer's (each step runs in one go here: no maintenance round between)."""
+    from .helpers import FAST
+
+    async with AsyncIPC(ipc_dir, **FAST) as a, AsyncIPC(ipc_dir, **FAST) as b:
+        got: list[int] = []
+        b.on("chat", got.append)
+        await a.notify("chat", 0)
+        await until(lambda: got == [0])
+        os.rename(ipc_dir / "default", ipc_dir / "moved")
+        assert b._backend._rejoin.check()  # type: ignore[union-attr]
+        for i in (1, 2, 3):
+            await a.notify("chat", i)  # in the segment the reader holds open
+        a._backend._segments.rotate()  # type: ignore[union-attr]
+        for i in (4, 5, 6):
+            await a.notify("chat", i)  # in a segment the reader never sees
+        assert a._backend._rejoin.check()  # type: ignore[union-attr]
+        for i in (7, 8, 9):
+            await a.notify("chat", i)
+        await until(lambda: got[-1:] == [9])
+        assert got == [0, 1, 2, 3, 7, 8, 9]
+        stats = b.stats()
+        assert (stats["gaps"], stats["records_lost"], stats["records_lost_displaced"]) == (1, 3, 3)
+        assert a.stats()["records_stranded"] >= 6
+        assert a.stats()["layout_repairs"] == b.stats()["layout_repairs"] == 1
