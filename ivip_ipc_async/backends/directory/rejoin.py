@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from .wakeups import Wakeups
 
 _SETTLE_ROUNDS = 9  # maintenance rounds (three liveness checks) for the others to rejoin
-# Seconds between the watcher seeing a directory removed and the look: an
-# `rm -rf` of the namespace is then over (peers/ re-created in the middle of
-# it would make it fail with "Directory not empty").
+# Seconds between seeing a directory removed and re-creating it: an `rm -rf`
+# of the namespace is then over (peers/ re-created in the middle of it would
+# make it fail with "Directory not empty").
 _AFTER_EVENT = 0.1
 
 
@@ -79,15 +79,17 @@ class Rejoin:
         if self._soon is not None:
             self._soon.cancel()
         if loop is not None and not self._ns.closing:
-            self._soon = loop.call_later(_AFTER_EVENT, self.check)
+            self._soon = loop.call_later(_AFTER_EVENT, self.check, False)
 
     def close(self) -> None:
         if self._soon is not None:
             self._soon.cancel()
             self._soon = None
 
-    def check(self) -> bool:
-        """Look, and rejoin if something moved; True when all is in place now."""
+    def check(self, wait: bool = True) -> bool:
+        """Look, and rejoin if something moved; True when all is in place now.
+        `wait`: something seen moved for the first time is re-created at a look
+        `_AFTER_EVENT` seconds later (`soon`), not at once."""
         ns = self._ns
         if ns.closing or "root" not in ns.fds:
             return True
@@ -108,6 +110,9 @@ class Rejoin:
                 logger.warning("%s is in place again", ns.path)
             self.problem = ""
             return True
+        if wait and not self.problem:
+            self.soon()
+            return False
         try:
             self._rejoin(what)
         except OSError as exc:  # UnsafeDirectoryError included: a symlink, another user's
