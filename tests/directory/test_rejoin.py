@@ -76,6 +76,15 @@ _CHAT = textwrap.dedent(
                     say({"got": got, "health": ipc.health(), "stats": {
                         k: v for k, v in stats.items() if isinstance(v, (int, str, bool))
                     }})
+                elif op == "lock":
+                    lock = ipc.lock(command["name"], timeout=command["timeout"])
+                    try:
+                        await lock.acquire()
+                        say({"held": True})
+                    except TimeoutError:
+                        say({"held": False})
+                    except OSError as exc:
+                        say({"error": str(exc)})
                 elif op == "exit":
                     loop.remove_reader(0)
                     break
@@ -323,3 +332,19 @@ async def test_records_written_in_the_old_place_are_reported_as_a_gap(
         assert (stats["gaps"], stats["records_lost"], stats["records_lost_displaced"]) == (1, 3, 3)
         assert a.stats()["records_stranded"] >= 6
         assert a.stats()["layout_repairs"] == b.stats()["layout_repairs"] == 1
+
+
+async def test_locks_work_again_after_the_namespace_was_removed(ipc_dir: Path) -> None:
+    """After the rejoin, a running peer's locks are taken in the new locks/, so
+    a joiner is excluded (before: every lock attempt raised FileNotFoundError)."""
+    with chats(ipc_dir, "a") as (old,):
+        assert await old.ask(op="lock", name="before", timeout=1) == {"held": True}
+        shutil.rmtree(ipc_dir / "ns")
+
+        async def rejoined() -> bool:
+            return bool((await old.look())["stats"]["layout_repairs"])
+
+        await eventually(rejoined, 10, "the peer rejoined")
+        with chats(ipc_dir, "c") as (joiner,):
+            assert await old.ask(op="lock", name="x", timeout=1) == {"held": True}
+            assert await joiner.ask(op="lock", name="x", timeout=0.3) == {"held": False}

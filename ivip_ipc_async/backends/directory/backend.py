@@ -136,6 +136,7 @@ class DirectoryBackend:
             self._peers, self._segments, self._wakeups, self._reader, self._snapshots
         )
         self._wakeups.on_displaced = self._rejoin.soon
+        self._rejoin.on_moved = self._namespace_moved
         self._locks: DirectoryLocks | None = None  # made by locks() on first use
         # The hot path: `append` is the group commit's own, one coroutine per
         # call instead of two (the method below says what it does).
@@ -288,6 +289,10 @@ class DirectoryBackend:
             raise
 
     # -- locks -------------------------------------------------------------------------------
+
+    def _namespace_moved(self) -> None:
+        if self._locks is not None:
+            self._locks.moved()
 
     def locks(self) -> DirectoryLocks:
         """The lock capability: `flock`s on files in `locks/` (locks.py)."""

@@ -120,6 +120,13 @@ class DirectoryLocks:
                 os.close(root)
         return self._dir
 
+    def moved(self) -> None:
+        """The namespace was re-created at its path (rejoin.py): later attempts
+        open its new locks/ (locks held stay in the old one until released)."""
+        fd, self._dir = self._dir, None
+        if fd is not None:
+            os.close(fd)
+
     def contender(self, name: str, *, lease: float) -> _FileContender:
         """One attempt at lock `name` (`lease` is ignored: the kernel's lock is not lost)."""
         return _FileContender(self, check_lock_name(name))

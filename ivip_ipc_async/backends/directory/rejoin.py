@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...logs import logger, rate_limited
@@ -57,6 +58,7 @@ class Rejoin:
         self.problem = ""  # what is broken and not repaired yet ("" when all is well)
         self._seq_seen_home = 0  # own sequence number when the layout was last found in place
         self._soon: asyncio.TimerHandle | None = None
+        self.on_moved: Callable[[], object] | None = None  # the namespace was re-created
 
     def connect(
         self,
@@ -130,6 +132,8 @@ class Rejoin:
         ns.counters["layout_repairs"] += 1
         if "root" in replaced:
             self._snapshots.moved()
+            if self.on_moved is not None:
+                self.on_moved()  # the locks: later attempts in the new locks/
         if "log" in replaced or not self._segments.linked():
             # Records written since the layout was last seen in place went where
             # joiners do not look: only peers holding that segment open read them.
