@@ -26,15 +26,17 @@ from ivip_ipc_async import AsyncIPC
 _CHAT = textwrap.dedent(
     """
     import asyncio, json, os, sys
-    from ivip_ipc_async import AsyncIPC
+    from ivip_ipc_async import AsyncCache, AsyncIPC
 
     def say(obj):
         print(json.dumps(obj), flush=True)
 
     async def main():
-        root, namespace, name = sys.argv[1:4]
-        ipc = AsyncIPC(root, namespace=namespace, rescan_interval=0.5, retention=1.0,
-                       snapshot_interval=0.1)
+        root, namespace, name, options = sys.argv[1:5]
+        options = {"rescan_interval": 0.5, "retention": 1.0, "snapshot_interval": 0.1,
+                   **json.loads(options)}
+        ipc = AsyncIPC(root, namespace=namespace, **options)
+        cache = AsyncCache(ipc)
         got = {}  # sender: [numbers], per event
         def on(event):
             def handler(msg):
@@ -71,9 +73,14 @@ _CHAT = textwrap.dedent(
                         except OSError as exc:
                             errors.append(str(exc))
                     say({"acked": acked, "errors": errors})
+                elif op == "set":
+                    for key in command["keys"]:
+                        await cache.set(key, name)
+                    say({"ok": True})
                 elif op == "look":
                     stats = ipc.stats()
-                    say({"got": got, "health": ipc.health(), "stats": {
+                    say({"got": got, "health": ipc.health(), "keys": sorted(await cache.keys()),
+                         "stats": {
                         k: v for k, v in stats.items() if isinstance(v, (int, str, bool))
                     }})
                 elif op == "lock":
@@ -97,10 +104,12 @@ _CHAT = textwrap.dedent(
 class Chat:
     """One peer in its own process: sends numbered messages, says what it got."""
 
-    def __init__(self, root: Path, namespace: str, name: str, watcher: str = "") -> None:
+    def __init__(
+        self, root: Path, namespace: str, name: str, watcher: str = "", **options: Any
+    ) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHAT, str(root), namespace, name],
+            [sys.executable, "-c", _CHAT, str(root), namespace, name, json.dumps(options)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -137,11 +146,11 @@ class Chat:
 
 
 @contextlib.contextmanager
-def chats(root: Path, *names: str, namespace: str = "ns", watcher: str = "") -> Any:
+def chats(root: Path, *names: str, namespace: str = "ns", watcher: str = "", **options: Any) -> Any:
     started: list[Chat] = []
     try:
         for name in names:
-            started.append(Chat(root, namespace, name, watcher))
+            started.append(Chat(root, namespace, name, watcher, **options))
         yield started
     finally:
         for chat in started:
@@ -348,3 +357,27 @@ async def test_locks_work_again_after_the_namespace_was_removed(ipc_dir: Path) -
         with chats(ipc_dir, "c") as (joiner,):
             assert await old.ask(op="lock", name="x", timeout=1) == {"held": True}
             assert await joiner.ask(op="lock", name="x", timeout=0.3) == {"held": False}
+
+
+async def test_a_joiner_after_the_rejoin_gets_the_cache_state(ipc_dir: Path) -> None:
+    """The snapshot went with the removed directory: the first peer to rejoin
+    takes snapshot.lock at the new place and writes one at once, so a joiner
+    gets the keys written before the removal (before: none, until the next
+    maintenance round; here 10 s away)."""
+    keys = [f"k{i}" for i in range(100)]
+    with chats(ipc_dir, "a", rescan_interval=10.0) as (old,):
+        await old.ask(op="set", keys=keys)
+        shutil.rmtree(ipc_dir / "ns")
+
+        last: dict[str, Any] = {}
+
+        async def rejoined_with_a_snapshot() -> bool:
+            stats = (await old.look())["stats"]
+            last.update(stats)
+            return stats["layout_repairs"] == stats["snapshots_written"] == 1
+
+        await eventually(
+            rejoined_with_a_snapshot, 3, lambda: f"rejoined, and wrote a snapshot: {last}"
+        )
+        with chats(ipc_dir, "c", rescan_interval=10.0) as (joiner,):
+            assert (await joiner.look())["keys"] == sorted(keys)

@@ -14,9 +14,10 @@ segment there, lets go of `snapshot.lock`, watches the new directories and
 rescans. Until that succeeds, `problem` says what is wrong (`health()`).
 
 What this process wrote in the old directory after it was removed or moved,
-before it noticed, reached only the peers that had that segment open: the
-count is reported here (a warning, `records_stranded`), and readers that
-miss some report a gap whose cause is named from the lock file's note.
+before it noticed, reached only the peers that had that segment open: their
+number (at most: those written since the layout was last seen in place) is
+reported here (a warning, `records_stranded`), and readers that miss some
+report a gap whose cause is named from the lock file's note.
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ class Rejoin:
             if stranded:
                 ns.counters["records_stranded"] += stranded
                 logger.warning(
-                    "%d records this process wrote after %s was removed or moved may be "
-                    "lost to peers that could not see them (peers reading that segment "
-                    "got them; others report a gap)",
+                    "up to %d records this process wrote since it last found %s in place "
+                    "may be lost to peers that could not see them (those reading that "
+                    "segment got them; others report a gap)",
                     stranded,
                     ns.path,
                 )

@@ -69,8 +69,13 @@ _WATCHERS: Final = ("", "auto", "inotify", "watchfiles")
 _IN_PEERS: Final = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_CLOSE_WRITE | IN_ONLYDIR
 _IN_LOG: Final = _IN_PEERS | IN_MODIFY
 _IN_APPEARED: Final = IN_CREATE | IN_MOVED_TO | IN_MODIFY | IN_CLOSE_WRITE
-# The namespace directory, peers/ or log/ itself removed or renamed (see rejoin.py).
+# The namespace directory, peers/ or log/ itself renamed (see rejoin.py); removed:
+# the kernel says so only once no process holds it open, so what says it is the
+# removal of this peer's own files from peers/, and of log/ or peers/ from the
+# namespace (`_IN_ROOT`), before the directory itself goes.
 _IN_SELF: Final = IN_DELETE_SELF | IN_MOVE_SELF
+_IN_ROOT: Final = _IN_SELF | IN_DELETE | IN_ONLYDIR
+_GONE: Final = IN_DELETE | IN_MOVED_FROM
 
 
 class Wakeups:
@@ -101,6 +106,9 @@ class Wakeups:
         self._inotify: int | None = None  # the inotify fd, read by `_inotify_loop`
         self._inotify_loop: asyncio.AbstractEventLoop | None = None
         self._own_prefix = f"{ns.peer}-"
+        # Deleted by another process (this one deletes them only when closing, or
+        # announcing again): this peer was removed from peers/.
+        self._own_files = (f"{ns.peer}.lock", f"{ns.peer}.sock", "log", "peers")
         self.watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._watch_done: asyncio.Future[None] | None = None
@@ -378,7 +386,7 @@ class Wakeups:
         wanted: list[tuple[int, str | None, int]] = [
             (ns.fds[name], str(ns.path / name), mask | _IN_SELF) for name, mask in masks.items()
         ]
-        wanted.append((ns.fds["root"], str(ns.path), _IN_SELF | IN_ONLYDIR))
+        wanted.append((ns.fds["root"], str(ns.path), _IN_ROOT))
         fd = open_inotify(wanted)
         try:
             loop.add_reader(fd, self._on_inotify)
@@ -407,8 +415,8 @@ class Wakeups:
         lost = False
         displaced = False
         for _wd, mask, name in events:
-            if mask & _IN_SELF:
-                displaced = True  # the watch ends with IN_IGNORED (removed) or not (moved)
+            if mask & _IN_SELF or (mask & _GONE and name in self._own_files):
+                displaced = True
                 continue
             if mask & (IN_Q_OVERFLOW | IN_IGNORED):
                 # Events were dropped, or a watched directory is gone: look at
