@@ -142,6 +142,8 @@ class Peers:
         try:
             self.announce()
         except BaseException:
+            if self.lock_fd is not None:  # the lock file is in place, the doorbell failed
+                os.close(self.lock_fd)
             self.lock_fd = old
             raise
         if old is not None:
