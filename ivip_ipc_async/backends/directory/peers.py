@@ -142,12 +142,17 @@ class Peers:
         try:
             self.announce()
         except BaseException:
-            if self.lock_fd is not None:  # the lock file is in place, the doorbell failed
-                os.close(self.lock_fd)
-            self.lock_fd = old
+            self._back_to(old)
             raise
         if old is not None:
             os.close(old)
+
+    def _back_to(self, old: int | None) -> None:
+        """`announce_again` failed: close the new lock file if it is in place (the
+        doorbell failed), keep the old one."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+        self.lock_fd = old
 
     def holds_lock(self, peer: str) -> bool:
         """Whether `peer` is alive: its lock file is there and locked."""
