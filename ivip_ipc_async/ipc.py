@@ -632,6 +632,8 @@ class AsyncIPC:
         else:
             if not stats.get("maintenance_alive", True):
                 problems.append("maintenance task is not running")
+            if stats.get("layout_problem"):
+                problems.append(stats["layout_problem"])
             if not stats.get("watcher_alive", True):
                 problems.append("watcher is not running (re-scans still deliver)")
             if not stats.get("connected", True):
@@ -659,6 +661,7 @@ class AsyncIPC:
             "healthy": stats["started"]
             and stats.get("maintenance_alive", True)
             and stats.get("connected", True)
+            and not stats.get("layout_problem")
             and not recent_gap,
             "problems": problems,
             "peers": len(stats.get("peers", [])),

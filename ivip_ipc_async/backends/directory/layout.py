@@ -105,6 +105,8 @@ COUNTERS: Final = (
     "write_errors",
     "task_failures",
     "watcher_restarts",
+    "layout_repairs",
+    "records_stranded",
 )
 
 
@@ -202,6 +204,18 @@ def exists(name: str, dir_fd: int) -> bool:
         return False
 
 
+def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
+    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False  # not known to be gone (EACCES, ELOOP...): no repair for that
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+
+
 def segment_name(peer: str, number: int) -> str:
     """The file name of segment `number` of `peer` in log/."""
     return f"{peer}-{number:08d}.seg"
@@ -235,7 +249,9 @@ class Namespace:
         doorbell: bool = True,
         node: int | None = None,
     ) -> None:
-        self.path = Path(path)
+        # Absolute: the path is looked at again while running (`displaced`), and
+        # a relative one would follow the process's working directory.
+        self.path = Path(os.path.abspath(path))
         self.max_record_size = max_record_size
         self.segment_bytes = segment_bytes
         self.retention = retention
@@ -249,6 +265,7 @@ class Namespace:
         self.sink: RecordSink | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fds: dict[str, int] = {}  # "root", "log", "peers"
+        self.retired: list[int] = []  # fds of directories removed or moved, see reopen
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -264,6 +281,62 @@ class Namespace:
         self.fds["root"] = root
         for name in ("log", "peers"):
             self.fds[name] = secure_directory(name, dir_fd=root)
+
+    def displaced(self) -> str:
+        """What of the namespace is no longer where this process opened it ("":
+        nothing): the directory at `path`, and its log/ and peers/, must be the
+        very ones this process's fds refer to (same device and inode). A logout
+        may clear `$XDG_RUNTIME_DIR`, a cleaner may `rm -rf`, someone may rename.
+
+        Example:
+            >>> import tempfile
+            >>> ns = Namespace(tempfile.mkdtemp() + "/ns")
+            >>> ns.open_directories()
+            >>> ns.displaced()
+            ''
+        """
+        root = self.fds.get("root")
+        if root is None:
+            return ""
+        if _moved(str(self.path), root, None):
+            return f"the namespace directory {self.path} was removed or moved"
+        for name in ("log", "peers"):
+            fd = self.fds.get(name)
+            if fd is not None and _moved(name, fd, root):
+                return f"{self.path / name} was removed or moved"
+        return ""
+
+    def reopen_directories(self) -> set[str]:
+        """Open (creating them 0700, with the checks of `secure_directory`) the
+        namespace at `path` and its log/ and peers/, in place of those that were
+        removed or moved; returns the names of the fds replaced. The fds replaced
+        are kept open in `retired` (a snapshot being written may still use the old
+        root) until `close_retired`."""
+        root = self.fds["root"]
+        fresh = Namespace(self.path)
+        try:
+            if _moved(str(self.path), root, None):
+                fresh.open_directories()
+            else:
+                for name in ("log", "peers"):
+                    if _moved(name, self.fds[name], root):
+                        fresh.fds[name] = secure_directory(name, dir_fd=root)
+        except BaseException:
+            for fd in fresh.fds.values():
+                os.close(fd)
+            raise
+        replaced = set(fresh.fds)
+        for name in replaced:
+            self.retired.append(self.fds[name])
+            self.fds[name] = fresh.fds[name]
+        return replaced
+
+    def close_retired(self) -> None:
+        """Close the fds of directories replaced by `reopen_directories`."""
+        retired, self.retired = self.retired, []
+        for fd in retired:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def spawn(
         self, factory: Callable[[], Coroutine[Any, Any, None]], restart: bool = False

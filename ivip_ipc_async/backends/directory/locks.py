@@ -195,6 +195,11 @@ class DirectoryLocks:
         """Where lock `name`'s file is (for messages)."""
         return self.path / _SUBDIR / name
 
+    def moved(self) -> None:
+        """The namespace was re-created at its path (rejoin.py): later attempts
+        open its new locks/ (locks held stay in the old one until released)."""
+        self._reopen()
+
     def contender(self, name: str, *, lease: float) -> _FileContender:
         """One attempt at lock `name` (`lease` is ignored: the kernel's lock is not lost)."""
         return _FileContender(self, check_lock_name(name))

@@ -91,6 +91,40 @@ class OwnSegments:
         )
         self.segments.append(OwnSegment(number))
 
+    def linked(self) -> bool:
+        """Whether the segment being written is still at its name in log/ (not
+        deleted or replaced by someone else: records written to it would reach
+        no reader that has not opened it yet)."""
+        fd, log_fd = self.seg_fd, self._ns.fds.get("log")
+        if fd is None or log_fd is None or not self.segments:
+            return True
+        name = segment_name(self._ns.peer, self.segments[-1].number)
+        try:
+            st = os.stat(name, dir_fd=log_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def start_again(self, moved: bool) -> int:
+        """Continue in a new segment in log/ (the one at the namespace's path now);
+        returns the number of the last segment written before. `moved`: log/ is
+        a new directory, so the older segments are not in it (forgotten here).
+        Sequence numbers go on: a reader that missed records sees the gap."""
+        last = self.segments[-1].number
+        if self.seg_fd is not None:
+            os.close(self.seg_fd)
+            self.seg_fd = None
+        self.segments[-1].closed_at = time.time()
+        self.open_segment(last + 1)  # on failure, the next write tries again (rotate)
+        if moved:
+            del self.segments[:-1]
+            self.own_bytes = 0
+        self.must_rotate = False
+        return last
+
     def close(self) -> None:
         if self.seg_fd is not None:
             os.close(self.seg_fd)

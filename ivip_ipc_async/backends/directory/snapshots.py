@@ -79,6 +79,18 @@ class Snapshots:
     def measure(self) -> None:
         self.bytes = size_of(SNAPSHOT, self._ns.fds["root"])
 
+    def moved(self) -> None:
+        """The namespace directory was replaced (rejoin.py): let go of the old
+        snapshot.lock, forget what was known of the old snapshot.bin, and take
+        the new snapshot.lock if nobody holds it: then write a snapshot at once
+        (the cache state must not wait for a maintenance round to be where
+        joiners look)."""
+        self.close()
+        self._written = self._positions_of = self._seen = None
+        self.bytes = 0
+        self._last_at = 0.0
+        self.maybe_write()
+
     # -- writing -----------------------------------------------------------------------
 
     def maybe_write(self) -> None:
