@@ -77,6 +77,7 @@ class LogReader:
         self.dirty: set[str] = set()  # writers with news to read
         self.full_scan_wanted = False
         self.live = False  # True once the log present at start has been restored
+        self.listed = False  # log/ has been listed once: the writers present at start are known
         self._read_scheduled = False
         self._log_mtime = 0  # st_mtime_ns of log/ at the last full scan
 
@@ -156,12 +157,18 @@ class LogReader:
                 continue
             lowest[peer] = min(number, lowest.get(peer, number))
             highest[peer] = max(number, highest.get(peer, number))
+        # Only the writers of the first listing are restored as history: one
+        # found later began to write after this process began to start (a peer
+        # started meanwhile, maybe during the restore), so it is live from its
+        # first record. Were it restored instead, nothing would ever make it live.
+        live = self.listed
+        self.listed = True
         for peer, top in highest.items():
             w = self.writers.get(peer)
             if w is None:
                 # At start, the snapshot already holds this writer's state up to a
                 # position; a writer found later is read from its beginning.
-                known = self._snapshots.positions.get(peer) if not self.live else None
+                known = self._snapshots.positions.get(peer) if not live else None
                 start, offset, last_seq = known or (0, 0, 0)
                 if start < lowest[peer]:
                     start, offset, last_seq = lowest[peer], 0, 0
@@ -171,7 +178,7 @@ class LogReader:
                     FrameReader(self._ns.max_record_size, self.garbage_reporter(peer)),
                     offset=offset,
                     last_seq=last_seq,
-                    live=self.live,
+                    live=live,
                 )
             w.newest_segment = max(w.newest_segment, top)
             self.dirty.add(peer)
@@ -325,15 +332,20 @@ class LogReader:
             sink.restore(records)
 
     async def restore_log(self) -> None:
-        """At start: read the retained log as state only, then go live."""
-        for w in list(self.writers.values()):
+        """At start: read the log of the writers present at start as state only
+        (cache writes apply, messages were sent before this process was a peer),
+        each to its end, then go live: every record read from then on is
+        dispatched. A writer found meanwhile is live already (see `scan`), and
+        what the read passes of the restore left to read is read next."""
+        for w in [w for w in self.writers.values() if not w.live]:
             done = False
             while not done:
                 done = self._read_writer(w, time.perf_counter() + SLICE)
                 await breathe()  # a slice at a time: the loop breathes
             w.live = True
         self.live = True
-        self.dirty.clear()
+        if self.dirty:
+            self.schedule_read()
 
     # -- the safety re-scan ----------------------------------------------------------------
 
