@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _SEQ: Final = operator.itemgetter(7)  # Record.seq, by index: the faster getter
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
+_NOTHING: Final[frozenset[bytes]] = frozenset()  # the events wanted from a writer being restored
 
 
 @dataclass(slots=True)
@@ -212,8 +213,13 @@ class LogReader:
         wanted = getattr(self._ns.sink, "wanted", None)
         # Messages of events nobody here listens to are skipped unread (their
         # sequence numbers still count). Asked again at each read: a listener
-        # added by a handler hears the messages read after it was added.
-        reader.wanted = wanted() if wanted is not None else None
+        # added by a handler hears the messages read after it was added. While
+        # a writer is history, no message is dispatched, so none is decoded: a
+        # joiner restores a long log of messages at the cost of its headers.
+        if not w.live:
+            reader.wanted = _NOTHING
+        else:
+            reader.wanted = wanted() if wanted is not None else None
         while True:
             if reader.backlog:
                 self.take(w, reader.feed(limit=STEP))
