@@ -40,7 +40,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .coordination import DEFAULT_LEASE, check_name, check_timing, release_on_exit
+from .coordination import DEFAULT_LEASE, check_name, check_timing, hold, release_on_exit
 
 if TYPE_CHECKING:
     from .backends.base import Contender
@@ -196,9 +196,7 @@ class Leadership:
         """
         contender = await self._contend()
         try:
-            async with asyncio.timeout(timeout):
-                while not await contender.try_acquire(_RUNNING):
-                    await contender.wait(self.poll_interval)
+            await hold(contender, timeout=timeout, poll_interval=self.poll_interval, note=_RUNNING)
         finally:
             if not contender.held:
                 await self.release()

@@ -37,6 +37,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from ...logs import logger, rate_limited
+from ...waiting import cancel_and_wait, wait_event
 from ..base import check_lock_name, check_lock_note
 
 __all__ = ["RedisLeases"]
@@ -426,9 +427,7 @@ class _LeaseContender:
     async def _stop_renewing(self) -> None:
         task, self._renewer = self._renewer, None
         if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # the caller's own cancellation still propagates
 
     async def wait(self, timeout: float) -> None:
         wake = self._wake
@@ -442,8 +441,7 @@ class _LeaseContender:
         if self._provider.notices.get(self.key, 0) != self._notices:
             return  # released while our last try was on the wire
         delay = min(timeout, self._retry_in + 0.001)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay)
+        await wait_event(wake, delay)  # never swallows the caller's cancellation
         wake.clear()
 
     async def holder_note(self) -> str | None:
