@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, Lock
-from ivip_ipc_async.leader import Leadership, run_once
+from ivip_ipc_async.leader import Leadership, reset_run_once, run_once
 
 from .processes import reap
 from .test_backends import Make, make, medium  # noqa: F401 - the parametrized fixtures
@@ -103,8 +103,13 @@ AGENT = textwrap.dedent(
                     async def job():
                         append(cmd["path"], f"job {os.getpid()}")
                         await asyncio.sleep(cmd["seconds"])
-                    ran = await run_once(ipc, "start-up", job, poll_interval=30, lease=lease)
+                    more = {"generation": cmd["generation"]} if "generation" in cmd else {}
+                    ran = await run_once(
+                        ipc, "start-up", job, poll_interval=30, lease=lease, **more
+                    )
                     say(ran=ran)
+                    if cmd.get("exit"):  # a one-shot script: done, it exits
+                        break
                 elif op == "memo":
                     results = await asyncio.gather(
                         *(slow(cmd["seconds"], cmd["path"]) for _ in range(cmd["calls"]))
@@ -431,6 +436,60 @@ async def test_run_once_is_taken_over_when_the_leader_dies_mid_job(
     leader.kill()
     assert await follower.read(timeout=20) == {"ran": True}
     assert [line.split()[0] for line in path.read_text().splitlines()] == ["job", "job"]
+
+
+async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
+    agents: Any, tmp_path: Path
+) -> None:
+    """Issue #20, item 2: a one-shot leader exits right after its job; the
+    processes that waited during the job must not run it again, nor one that
+    comes later."""
+    path = tmp_path / "jobs"
+    (leader,) = await agents(1, lease=2.0)
+    await leader.send(op="run_once", path=str(path), seconds=2.0, exit=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not (path.exists() and path.read_text()):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    waiters = await agents(2, lease=2.0)
+    for waiter in waiters:
+        await waiter.send(op="run_once", path=str(path), seconds=0)
+    assert await leader.read(timeout=20) == {"ran": True}
+    async with asyncio.timeout(20):
+        assert await leader.proc.wait() == 0  # gone, and its lock with it
+    assert [await waiter.read(timeout=20) for waiter in waiters] == [{"ran": False}] * 2
+    (late,) = await agents(1, lease=2.0)
+    assert await late.ask(op="run_once", path=str(path), seconds=0) == {"ran": False}
+    assert len(path.read_text().splitlines()) == 1
+    # A new generation runs it once more, in one process only.
+    for agent in (*waiters, late):
+        await agent.send(op="run_once", path=str(path), seconds=0.2, generation="v2")
+    answers = [await agent.read(timeout=20) for agent in (*waiters, late)]
+    assert sorted(a["ran"] for a in answers) == [False, False, True]
+    assert len(path.read_text().splitlines()) == 2
+
+
+async def test_run_once_generations_and_reset(make: Make) -> None:  # noqa: F811
+    one, two = await make().start(), await make().start()
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("ran")
+
+    assert await run_once(one, "migrate", job)
+    assert not await run_once(two, "migrate", job)
+    assert await run_once(two, "migrate", job, generation=2)  # another generation: again
+    assert not await run_once(one, "migrate", job, generation="2")
+    three = await make().start()  # a process started later reads the record
+    assert not await run_once(three, "migrate", job, generation=2)
+    await reset_run_once(three, "migrate")  # run it again, deliberately
+    assert await run_once(one, "migrate", job, generation=2)
+    assert ran == ["ran"] * 3
+    with pytest.raises(TypeError, match="generation"):
+        await run_once(one, "migrate", job, generation=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="generation"):
+        await run_once(one, "migrate", job, generation="x" * 201)
 
 
 async def test_run_once_job_failure_is_raised_and_another_may_run_it(make: Make) -> None:  # noqa: F811
