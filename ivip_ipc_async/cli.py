@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .cache import AsyncCache
 from .errors import UnsafeDirectoryError
 from .ipc import AsyncIPC
+from .waiting import wait_for
 
 __all__ = ["main"]
 
@@ -346,7 +347,7 @@ async def _demo_worker(me: int, workers: int, messages: int, path: str) -> dict[
         for seq in range(_SINGLES):
             await ipc.notify("single", {"from": me, "seq": seq, "t": time.time()})
             await asyncio.sleep(_SINGLE_GAP)
-        await asyncio.wait_for(singles_in.wait(), 30)
+        await wait_for(singles_in.wait(), 30)
         await everyone("quiet")
         # 2. Every worker sends all its messages at once: throughput, and queueing.
         started = time.perf_counter()
@@ -354,7 +355,7 @@ async def _demo_worker(me: int, workers: int, messages: int, path: str) -> dict[
             await ipc.notify("burst", {"from": me, "seq": seq, "t": time.time()})
         sent_s = time.perf_counter() - started
         await cache.set(f"worker:{me}", {"pid": os.getpid(), "sent": messages}, 0)
-        await asyncio.wait_for(burst_in.wait(), 60)
+        await wait_for(burst_in.wait(), 60)
         await _until(lambda: all(_has(cache, f"worker:{i}") for i in range(workers)))
         keys = sorted(str(k) for k in await cache.keys() if str(k).startswith("worker:"))
         result = {

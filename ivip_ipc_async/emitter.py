@@ -367,7 +367,8 @@ class MessageStream:
             ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
             ...         stream = ipc.subscribe("price")
             ...         await ipc.notify("price", 42, include_self=True)
-            ...         first = await asyncio.wait_for(stream.get(), 5)  # with a deadline
+            ...         async with asyncio.timeout(5):  # with a deadline
+            ...             first = await stream.get()
             ...         stream.close()
             ...         try:
             ...             await stream.get()

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from . import waiting
 from .backends.base import Backend
 
 # The default backend, imported with the package: importing it at the first
@@ -385,7 +386,7 @@ class AsyncIPC:
         sub.on_stop = closed
         try:
             await self._ensure()
-            return await asyncio.wait_for(fut, timeout)
+            return await waiting.wait_for(fut, timeout)  # 3.11's loses cancellations
         finally:
             sub.on_stop = None
             sub.stop()
@@ -688,7 +689,7 @@ class AsyncIPC:
         waiter = asyncio.get_running_loop().create_future()
         self._ready_waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await waiting.wait_for(waiter, timeout)
         except TimeoutError:
             raise self._mirror_unavailable(timeout) from None
         finally:

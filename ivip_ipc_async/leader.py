@@ -14,7 +14,8 @@ both tools work the same on the shared directory and on Redis:
 Two tools:
 
 * `run_once(ipc, name, job)`: start-up jobs (migrations, warming a cache) that
-  must run in one worker of a fleet, while the others wait until it is done.
+  must run in one worker of a fleet, while the others wait until it is done;
+  once per generation, recorded durably in the namespace (see `jobs`).
 * `Leadership(ipc, name)`: work that must keep running in exactly one process
   (a scheduler), handed over when that process dies.
 
@@ -35,26 +36,19 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .coordination import DEFAULT_LEASE, check_name, check_timing, release_on_exit
+from .coordination import DEFAULT_LEASE, check_name, check_timing, hold, release_on_exit
+from .jobs import JobRecords, check_generation
 
 if TYPE_CHECKING:
     from .backends.base import Contender
     from .ipc import AsyncIPC
 
-__all__ = ["Leadership", "run_once"]
+__all__ = ["Leadership", "reset_run_once", "run_once"]
 
-_DONE: Final = "done"
 _RUNNING: Final = "running"
-
-# Leaderships won by `run_once`, kept for the life of the process (or of its
-# event loop, or of its `AsyncIPC`). A forked child keeps none of them.
-_kept: list[Contender] = []
-os.register_at_fork(after_in_child=_kept.clear)
 
 
 class Leadership:
@@ -196,9 +190,7 @@ class Leadership:
         """
         contender = await self._contend()
         try:
-            async with asyncio.timeout(timeout):
-                while not await contender.try_acquire(_RUNNING):
-                    await contender.wait(self.poll_interval)
+            await hold(contender, timeout=timeout, poll_interval=self.poll_interval, note=_RUNNING)
         finally:
             if not contender.held:
                 await self.release()
@@ -235,30 +227,40 @@ async def run_once(
     name: str,
     job: Callable[[], Awaitable[Any]],
     *,
+    generation: str | int = "",
     timeout: float | None = None,
     poll_interval: float = 1.0,
     lease: float = DEFAULT_LEASE,
 ) -> bool:
-    """Run `job` in one living process of the namespace; the others wait until it is done.
+    """Run `job` once per generation in the namespace; the others wait until it is done.
 
     Every worker of a fleet calls it at start-up; one of them (the leader of
-    `name`) runs `job()`, and the call returns in the others once the job has
-    finished. The leader keeps the leadership while its process (its event
-    loop, its `AsyncIPC`) lives, so a worker that starts or restarts later
-    returns False at once, without running the job again. Returns True in the
-    process that ran `job` (this call).
+    `name`) runs `job()`, and the call returns False in the others once the job
+    has finished. Returns True in the process that ran `job` (this call).
 
-    If the leader dies before `job` finishes, or `job` raises there, a waiting
-    process takes over and runs it. If the leader dies *after* the job, the next
-    process to call `run_once` (a restarted worker, a new deployment) runs it
-    again: jobs must be idempotent, as migrations and cache warm-ups are. On
-    Redis the same holds with the lease: a leader paused for longer than
-    `lease` seconds counts as dead.
+    Done is recorded durably: before letting go of the job's lock, the leader
+    records `name` done for `generation` in the namespace (the reserved cache
+    `ivip.run_once`). Whatever becomes of the leader's process after that (a
+    one-shot script that exits, a recycled worker), every later call with the
+    same generation returns False without running the job: a process that took
+    the lock checks the record first. A *generation* is a text you choose, such
+    as your release or schema version ("" by default: once for the life of the
+    namespace); another generation runs the job again, once. `reset_run_once`
+    drops the record.
+
+    If the leader dies before the job is recorded done (killed mid-job, or right
+    after it), or `job` raises there, a waiting process takes over and runs it:
+    at least once per generation when a runner dies, exactly once otherwise. Jobs
+    should be idempotent, as migrations and cache warm-ups are. On Redis the
+    same holds with the lease: a leader paused for longer than `lease` seconds
+    counts as dead.
 
     Args:
         ipc: An `AsyncIPC` on any backend (started if not).
         name: The job's name (as for `Leadership`).
         job: An async callable with no arguments.
+        generation: What "once" is counted per (a str of at most 200
+            characters, or an int).
         timeout: Seconds to wait for another process's job; `TimeoutError` after.
         poll_interval: Seconds between tries while waiting (see `Leadership`).
         lease: Redis only: see `Leadership`.
@@ -281,23 +283,75 @@ async def run_once(
         ...         )
         >>> sorted(asyncio.run(main()))  # one ran it, the other waited for it
         [False, True]
+
+        Once per release, whichever worker starts first::
+
+            await run_once(IPC, "migrations", migrate, generation=os.environ["RELEASE"])
     """
+    check_name(name, "job")
+    wanted = check_generation(generation)
+    records = JobRecords(ipc)
+
+    async def done() -> bool:
+        # Asked of the medium, not of this process's mirror, which may still show
+        # a record since reset (or of a generation since replaced).
+        return await records.current(name) == wanted
+
+    if await done():
+        return False  # done before: no lock needed
+
     leadership = Leadership(ipc, name, poll_interval=poll_interval, lease=lease)
     contender = await leadership._contend()
     try:
-        async with asyncio.timeout(timeout):
-            while not await contender.try_acquire(_RUNNING):
-                if await contender.holder_note() == _DONE:
-                    return False  # done by the living leader
-                await contender.wait(leadership.poll_interval)
-    finally:
-        if not contender.held:
-            await contender.release()
-    try:
+        if not await hold(
+            contender,
+            timeout=timeout,
+            poll_interval=leadership.poll_interval,
+            note=_RUNNING,
+            enough=done,  # asked at each wake-up: the leader recorded it
+        ):
+            return False
+        # Ours now; the holder before us may have finished: its record was
+        # stored before it let go.
+        if await done():
+            return False
         await job()
-        await contender.set_note(_DONE)
-    except BaseException:
-        await contender.release()
-        raise
-    _kept.append(contender)
+        await records.mark_done(name, wanted, fence=contender.fence)
+    finally:
+        await release_on_exit(contender, contender.release)
     return True
+
+
+async def reset_run_once(
+    ipc: AsyncIPC,
+    name: str,
+    *,
+    timeout: float | None = None,
+    lease: float = DEFAULT_LEASE,
+) -> None:
+    """Forget that job `name` was done: the next `run_once` of it runs the job.
+
+    Waits for a run of the job in progress to end first (it takes the job's
+    lock), so the record of that run cannot come back after the reset.
+    Changing `run_once`'s `generation` is the other way to run a job again.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         async def job():
+        ...             pass
+        ...         first = await run_once(ipc, "warm-up", job)
+        ...         await reset_run_once(ipc, "warm-up")
+        ...         return first, await run_once(ipc, "warm-up", job)
+        >>> asyncio.run(main())
+        (True, True)
+    """
+    check_name(name, "job")
+    leadership = Leadership(ipc, name, lease=lease)
+    await leadership.acquire(timeout)
+    try:
+        await JobRecords(ipc).forget(name)
+    finally:
+        await leadership.release()

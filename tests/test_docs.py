@@ -56,7 +56,7 @@ def test_docstring_examples(name: str, temp_in_ipc_dir: Path) -> None:
 PUBLIC: dict[str, list[str]] = {
     "ivip_ipc_async": list(ivip_ipc_async.__all__),
     "ivip_ipc_async.ipc": ["GAP_EVENT"],
-    "ivip_ipc_async.leader": ["run_once", "Leadership"],
+    "ivip_ipc_async.leader": ["run_once", "reset_run_once", "Leadership"],
     "ivip_ipc_async.integrations.starlette": [
         "ipc_lifespan",
         "get_ipc",

@@ -307,6 +307,26 @@ class DirectoryBackend:
         repaired, so the mirror always answers."""
         return None
 
+    async def catch_up(self, limit: float = 5.0) -> None:
+        """Read now what peers have written so far (log/ listed afresh, every
+        writer read to its end, in slices), for at most `limit` seconds.
+
+        For a decision that must see a peer's write made before something this
+        process has just observed (`run_once`: the record of a job done, made
+        before the lock this process now holds was let go), whether or not its
+        wake-up has been handled yet.
+        """
+        reader = self._reader
+        if self._ns.closing:
+            return
+        reader.full_scan_wanted = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        reader.read_pass()
+        while reader.dirty and not self._ns.closing and loop.time() < deadline:
+            await asyncio.sleep(0)  # a slice at a time: the loop breathes between
+            reader.read_pass()
+
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

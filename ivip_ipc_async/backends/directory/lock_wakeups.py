@@ -36,7 +36,7 @@ from .inotify import (
     read_events,
 )
 
-__all__ = ["LockWakeups", "wait_event"]
+__all__ = ["LockWakeups"]
 
 _IN_MASK: Final = (
     IN_MODIFY
@@ -52,30 +52,6 @@ _IN_MASK: Final = (
 )
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Return when `event` is set, or after `timeout` seconds (it is then set).
-
-    One plain await of one future: a cancellation that arrives in the loop
-    iteration in which the event is set is raised here, never swallowed
-    (`asyncio.wait_for` on Python 3.11 returned the finished wait instead).
-
-    Example:
-        >>> async def main():
-        ...     event = asyncio.Event()
-        ...     await wait_event(event, 0.01)
-        ...     return event.is_set()
-        >>> asyncio.run(main())
-        True
-    """
-    if event.is_set():
-        return
-    timer = asyncio.get_running_loop().call_later(timeout, event.set)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()
-
-
 class LockWakeups:
     """One inotify watch on `locks/` (the directory `dir_fd`), read by `loop`,
     waking the waiters registered under the name of the file an event concerns.
@@ -84,6 +60,7 @@ class LockWakeups:
 
     Example:
         >>> import os, tempfile
+        >>> from ivip_ipc_async.waiting import wait_event
         >>> async def main():
         ...     fd = os.open(tempfile.mkdtemp(), os.O_RDONLY)
         ...     wakeups = LockWakeups(asyncio.get_running_loop(), fd)

@@ -47,10 +47,11 @@ from typing import Any, Final
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
+from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
 from .inotify import LIBC
 from .layout import secure_directory
-from .lock_wakeups import LockWakeups, wait_event
+from .lock_wakeups import LockWakeups
 
 __all__ = ["DirectoryLocks"]
 

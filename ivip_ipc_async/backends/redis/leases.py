@@ -38,6 +38,7 @@ from typing import Any, Final
 
 from ... import fault_points
 from ...logs import logger, rate_limited
+from ...waiting import cancel_and_wait, wait_event
 from ..base import check_lock_name, check_lock_note
 
 __all__ = ["RedisLeases"]
@@ -429,9 +430,7 @@ class _LeaseContender:
     async def _stop_renewing(self) -> None:
         task, self._renewer = self._renewer, None
         if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # the caller's own cancellation still propagates
 
     async def wait(self, timeout: float) -> None:
         wake = self._wake
@@ -445,8 +444,7 @@ class _LeaseContender:
         if self._provider.notices.get(self.key, 0) != self._notices:
             return  # released while our last try was on the wire
         delay = min(timeout, self._retry_in + 0.001)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay)
+        await wait_event(wake, delay)  # never swallows the caller's cancellation
         wake.clear()
 
     async def holder_note(self) -> str | None:

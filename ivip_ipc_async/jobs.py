@@ -1,0 +1,112 @@
+"""The durable "done" records of `run_once` jobs.
+
+A job that has run to its end is recorded, before its leader lets go of the
+job's lock, as an entry of the reserved cache `ivip.run_once` (key: the job's
+name; value: the generation done, the fence of the holding that ran it, the
+pid and the time). It lives as long as the namespace does (the directory's
+files, the Redis keys), whatever becomes of the process that ran the job.
+
+A *generation* is an opaque text the caller names (a release, a schema
+version; "" by default): a job runs once per generation. The record keeps the
+last generation done; a call with another one runs the job and replaces it.
+
+Example:
+    >>> import asyncio, tempfile
+    >>> from ivip_ipc_async import AsyncIPC
+    >>> async def main():
+    ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+    ...         jobs = JobRecords(ipc)
+    ...         before = jobs.seen("migrate")
+    ...         await jobs.mark_done("migrate", "v2", fence=1)
+    ...         return before, jobs.seen("migrate"), await jobs.current("migrate")
+    >>> asyncio.run(main())
+    (None, 'v2', 'v2')
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from .cache import AsyncCache
+from .records import Kind, encode_key
+
+if TYPE_CHECKING:
+    from .ipc import AsyncIPC
+
+__all__ = ["TOPIC", "JobRecords", "check_generation"]
+
+TOPIC: Final = "ivip.run_once"  # a cache name reserved for these records
+MAX_GENERATION: Final = 200  # characters
+
+
+def check_generation(generation: object) -> str:
+    """A generation as text: a str of at most 200 characters, or an int.
+
+    Example:
+        >>> check_generation(3), check_generation("2024-06-01")
+        ('3', '2024-06-01')
+    """
+    if isinstance(generation, bool) or not isinstance(generation, str | int):
+        raise TypeError(f"generation must be a str or an int, not {type(generation).__name__}")
+    text = str(generation)
+    if len(text) > MAX_GENERATION:
+        raise ValueError(f"a generation is at most {MAX_GENERATION} characters")
+    return text
+
+
+class JobRecords:
+    """Read and write the done records of one `AsyncIPC`'s namespace."""
+
+    def __init__(self, ipc: AsyncIPC) -> None:
+        self.ipc = ipc
+        self.cache: AsyncCache[Any] = AsyncCache(ipc, name=TOPIC, default_ttl=0)
+
+    def seen(self, name: str) -> str | None:
+        """The generation done, as this process's mirror has it (no I/O; may lag)."""
+        ipc = self.ipc
+        if not ipc._mirror_ready:
+            return None
+        entry = ipc.mirror.lookup(TOPIC, name)
+        if entry is None or entry.deleted or not entry.live(time.time()):
+            return None
+        return _generation(ipc, entry.data)
+
+    async def current(self, name: str) -> str | None:
+        """The generation done, as the medium has it now.
+
+        Asked by a process that has just taken the job's lock: whatever the last
+        holder recorded before letting go is seen (on Redis, read from Redis; on
+        the directory, the log is read up to now first).
+        """
+        backend = await self.ipc._ensure()
+        if backend.locks().leased:  # Redis: the mirror may lag the lock's release
+            rec = await backend.fetch(TOPIC, encode_key(name))
+            if rec is None or rec.kind is not Kind.CACHE_SET:
+                return None
+            if rec.expires and rec.expires <= time.time():
+                return None
+            return _generation(self.ipc, rec.data)
+        catch_up = getattr(backend, "catch_up", None)
+        if catch_up is not None:
+            await catch_up()
+        return self.seen(name)
+
+    async def mark_done(self, name: str, generation: str, *, fence: int) -> None:
+        """Record `name` done for `generation` (stored when this returns)."""
+        done = {"generation": generation, "fence": fence, "pid": os.getpid(), "at": time.time()}
+        await self.cache.set(name, done, 0)
+
+    async def forget(self, name: str) -> None:
+        """Drop the record: the next `run_once` of `name` runs the job."""
+        await self.cache.delete(name)
+
+
+def _generation(ipc: AsyncIPC, data: bytes) -> str | None:
+    try:
+        value = ipc.codec.loads(data)
+    except Exception:  # written by a peer with another codec, or damaged: not done
+        return None
+    generation = value.get("generation") if isinstance(value, dict) else None
+    return generation if isinstance(generation, str) else None
