@@ -10,6 +10,10 @@ record it dispatches, in record order. Ordering given to handlers:
   hold back later records, so async handlers may *finish* out of order.
 
 A handler that raises is logged (with the event name) and the others still run.
+A sync handler that holds the loop longer than `slow_threshold` seconds is named
+in a warning (at most once per handler and event per `slow_interval` seconds)
+and counted in `slow_handlers`; `handler_seconds` adds up the time sync handlers
+held the loop (the calls of async ones: their bodies run as tasks).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 from .logs import logger, rate_limited
@@ -93,6 +98,12 @@ class Emitter:
         self._listeners: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handler_errors = 0
+        # Slow handlers: warn past `slow_threshold` s (inf: never), at most once per
+        # handler and event per `slow_interval` s; count them, and the time spent.
+        self.slow_threshold = float("inf")
+        self.slow_interval = 10.0
+        self.slow_handlers = 0
+        self.handler_seconds = 0.0
         self._wanted: frozenset[bytes] | None = None  # see `wanted`
 
     # -- registration -------------------------------------------------------
@@ -194,13 +205,19 @@ class Emitter:
             except Exception:
                 self._undecodable(event)
                 return
+            handler = sub.handler
+            start = perf_counter()
             try:
-                result = sub.handler(message)
+                result = handler(message)
             except Exception:
                 self._failed(event, sub)
-                continue
+                result = None
+            held = perf_counter() - start
+            self.handler_seconds += held
+            if held > self.slow_threshold:
+                self._slow(event, handler, held)
             if result is not None and inspect.isawaitable(result):  # sync handlers: None
-                self._start(event, sub.handler, result)
+                self._start(event, handler, result)
 
     def emit_data(
         self, event: str, subs: list[Subscription], data: bytes, loads: Callable[[bytes], Any]
@@ -217,13 +234,35 @@ class Emitter:
         except Exception:
             self._undecodable(event)
             return
+        handler = sub.handler
+        start = perf_counter()
         try:
-            result = sub.handler(message)
+            result = handler(message)
         except Exception:
             self._failed(event, sub)
-            return
+            result = None
+        held = perf_counter() - start
+        self.handler_seconds += held
+        if held > self.slow_threshold:
+            self._slow(event, handler, held)
         if result is not None and inspect.isawaitable(result):  # sync handlers: None
-            self._start(event, sub.handler, result)
+            self._start(event, handler, result)
+
+    def _slow(self, event: str, handler: Handler, held: float) -> None:
+        self.slow_handlers += 1
+        name = handler_name(handler)
+        rate_limited(
+            logging.WARNING,
+            ("slow", name, event),
+            "handler %s for event %r held the event loop for %.0f ms (slow_handler_threshold "
+            "is %.0f ms): make it async, or run its blocking part in a thread "
+            "(await asyncio.to_thread(...))",
+            name,
+            event,
+            held * 1000,
+            self.slow_threshold * 1000,
+            interval=self.slow_interval,
+        )
 
     def _undecodable(self, event: str) -> None:
         rate_limited(
@@ -403,6 +442,26 @@ class MessageStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def handler_name(handler: Handler) -> str:
+    """`module.qualified.name` of a handler, as a slow-handler warning names it.
+
+    Example:
+        >>> class Worker:
+        ...     def handle(self, message): ...
+        >>> handler_name(Worker().handle).endswith("Worker.handle")
+        True
+        >>> handler_name(print)
+        'builtins.print'
+    """
+    target = handler.func if isinstance(handler, partial) else handler
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return repr(handler)
+    module = getattr(target, "__module__", None)
+    name = f"{module}.{qualname}" if isinstance(module, str) else qualname
+    return f"partial({name})" if target is not handler else name
 
 
 def _check_event(event: object) -> None:

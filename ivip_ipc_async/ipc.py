@@ -75,6 +75,16 @@ _fork_generation = [0]
 os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
 
 
+class _FromEnvironment:
+    """The default of `slow_handler_threshold`: read `$IVIP_IPC_SLOW_HANDLER`."""
+
+    def __repr__(self) -> str:
+        return "$IVIP_IPC_SLOW_HANDLER or 0.05"
+
+
+_FROM_ENVIRONMENT: Final = _FromEnvironment()
+
+
 class AsyncIPC:
     """Events between the processes that share a directory.
 
@@ -90,6 +100,11 @@ class AsyncIPC:
             (the default, stdlib) or "orjson" (faster; the `fast` extra). None:
             `$IVIP_IPC_CODEC`, else "json". Nothing read is ever executed.
         max_record_size: Largest record in bytes; bigger ones raise `ValueError`.
+        slow_handler_threshold: Seconds a sync handler may hold the event loop
+            before a warning names it and the event (at most once per handler
+            and event per `slow_handler_log_interval` seconds; every one counted
+            in `stats()["slow_handlers"]`). None or 0: no warnings. Default:
+            `$IVIP_IPC_SLOW_HANDLER` if set (seconds, or "off"), else 0.05.
         **backend_options: Passed to the backend (see `DirectoryBackend`).
 
     Example:
@@ -108,6 +123,9 @@ class AsyncIPC:
     """Seconds `health()` stays unhealthy after a gap (then healthy again, if
     nothing else is wrong). Set it on the class or on one instance."""
 
+    DEFAULT_SLOW_HANDLER_THRESHOLD: Final = 0.05
+    """Seconds, when neither the argument nor `$IVIP_IPC_SLOW_HANDLER` says."""
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -116,6 +134,7 @@ class AsyncIPC:
         backend: Backend | None = None,
         codec: Codec | str | None = None,
         max_record_size: int = 16 << 20,
+        slow_handler_threshold: float | _FromEnvironment | None = _FROM_ENVIRONMENT,
         **backend_options: Any,
     ) -> None:
         if namespace is not None:
@@ -135,6 +154,11 @@ class AsyncIPC:
         self.codec: Codec = codec_named(codec) if isinstance(codec, str) else codec
         self.max_record_size = max_record_size
         self._emitter = Emitter()
+        if isinstance(slow_handler_threshold, _FromEnvironment):
+            slow_handler_threshold = _threshold_from_environment(
+                self.DEFAULT_SLOW_HANDLER_THRESHOLD
+            )
+        self.slow_handler_threshold = slow_handler_threshold
         self.clock = HybridLogicalClock()
         self.mirror = Mirror()
         self._backend: Backend | None = None
@@ -307,6 +331,44 @@ class AsyncIPC:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.destroy()
+
+    @property
+    def slow_handler_threshold(self) -> float | None:
+        """Seconds a sync handler may hold the loop before it is named in a
+        warning; None: never (see the constructor). Settable.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused", slow_handler_threshold=0.2)
+            >>> ipc.slow_handler_threshold
+            0.2
+            >>> ipc.slow_handler_threshold = 0; ipc.slow_handler_threshold is None
+            True
+        """
+        threshold = self._emitter.slow_threshold
+        return None if threshold == float("inf") else threshold
+
+    @slow_handler_threshold.setter
+    def slow_handler_threshold(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds >= 0:  # also refuses NaN
+            raise ValueError(f"slow_handler_threshold must be >= 0 seconds, not {seconds!r}")
+        self._emitter.slow_threshold = float(seconds) if seconds else float("inf")
+
+    @property
+    def slow_handler_log_interval(self) -> float:
+        """Seconds between two slow-handler warnings for one handler and event
+        (10 by default); the next one says how many were left out meanwhile.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> ipc.slow_handler_log_interval = 60.0
+            >>> ipc.slow_handler_log_interval
+            60.0
+        """
+        return self._emitter.slow_interval
+
+    @slow_handler_log_interval.setter
+    def slow_handler_log_interval(self, seconds: float) -> None:
+        self._emitter.slow_interval = float(seconds)
 
     # -- listeners ------------------------------------------------------------------
 
@@ -601,6 +663,8 @@ class AsyncIPC:
             "started": self.started,
             "listeners": self._emitter.listener_count(),
             "handler_errors": self._emitter.handler_errors,
+            "slow_handlers": self._emitter.slow_handlers,
+            "handler_seconds": self._emitter.handler_seconds,
             "cache_entries": self.mirror.count(),
         }
         if self._backend is not None:
@@ -750,6 +814,23 @@ class _Sink:
         # Local only: tell this process's listeners; the cache is being reloaded.
         self._ipc._last_gap = (time.monotonic(), lost)
         self._ipc._emitter.emit(GAP_EVENT, lambda: {"peer": peer, "lost": lost})
+
+
+def _threshold_from_environment(default: float) -> float | None:
+    raw = os.environ.get("IVIP_IPC_SLOW_HANDLER")
+    if raw is None or not raw.strip():
+        return default
+    if raw.strip().lower() in ("off", "none", "no", "false"):
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(
+            f"$IVIP_IPC_SLOW_HANDLER must be seconds (e.g. 0.05) or 'off', not {raw!r}"
+        )
+    return seconds or None
 
 
 def _check_url(text: str) -> None:

@@ -1,0 +1,117 @@
+"""Slow handlers: a sync handler that holds the loop is named in a warning,
+rate-limited, and counted in `stats()` (issue #25)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncIPC
+
+from .processes import reap
+
+# A child process: a receiver whose sync handler time.sleep()s, a sender on the
+# same directory (another peer), the package's warnings on stderr.
+CHILD = r"""
+import asyncio, json, logging, sys, time
+from ivip_ipc_async import AsyncIPC
+
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(message)s")
+path, threshold, interval, second = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+
+class Worker:
+    def __init__(self):
+        self.seen = 0
+
+    def blocking(self, message):
+        self.seen += 1
+        time.sleep(0.12)
+
+async def main():
+    worker = Worker()
+    receiver = AsyncIPC(path, slow_handler_threshold=threshold or None)
+    receiver.slow_handler_log_interval = interval
+    async with receiver, AsyncIPC(path) as sender:
+        receiver.on("tick", worker.blocking)
+        deadline = time.monotonic() + 20
+        for i in range(3):
+            await sender.notify("tick", i)
+        while worker.seen < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if second == "yes":
+            # past the rate limit's interval: one more slow call is logged again
+            await asyncio.sleep(interval)
+            await sender.notify("tick", 3)
+            while worker.seen < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        print(json.dumps({"seen": worker.seen, "stats": receiver.stats()}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def run_child(
+    path: Path, threshold: float, interval: float, second: bool
+) -> tuple[dict[str, Any], str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path), str(threshold), str(interval),
+        "yes" if second else "no",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await reap(proc)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1]), err.decode()
+
+
+def slow_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "held the event loop" in line]
+
+
+async def test_a_blocking_handler_is_named_once_per_interval(ipc_dir: Path) -> None:
+    result, stderr = await run_child(ipc_dir, 0.05, 60.0, second=False)
+    assert result["seen"] == 3
+    lines = slow_lines(stderr)
+    assert len(lines) == 1, stderr  # three slow calls, one warning
+    assert lines[0].startswith("WARNING")
+    assert "__main__.Worker.blocking" in lines[0], lines[0]
+    assert "'tick'" in lines[0], lines[0]
+    stats = result["stats"]
+    assert stats["slow_handlers"] == 3
+    assert stats["handler_seconds"] >= 3 * 0.12
+
+
+async def test_the_next_warning_counts_the_suppressed_ones(ipc_dir: Path) -> None:
+    result, stderr = await run_child(ipc_dir, 0.05, 0.5, second=True)
+    assert result["seen"] == 4
+    lines = slow_lines(stderr)
+    assert len(lines) == 2, stderr
+    assert "2 similar messages suppressed" in lines[1], lines[1]
+    assert result["stats"]["slow_handlers"] == 4
+
+
+async def test_switched_off_it_says_nothing_but_still_counts_time(ipc_dir: Path) -> None:
+    result, stderr = await run_child(ipc_dir, 0.0, 60.0, second=False)
+    assert slow_lines(stderr) == [], stderr
+    assert result["stats"]["slow_handlers"] == 0
+    assert result["stats"]["handler_seconds"] >= 3 * 0.12
+
+
+def test_threshold_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IVIP_IPC_SLOW_HANDLER", "0.2")
+    assert AsyncIPC("/tmp/unused").slow_handler_threshold == 0.2
+    monkeypatch.setenv("IVIP_IPC_SLOW_HANDLER", "off")
+    assert AsyncIPC("/tmp/unused").slow_handler_threshold is None
+    monkeypatch.setenv("IVIP_IPC_SLOW_HANDLER", "soon")
+    with pytest.raises(ValueError, match="IVIP_IPC_SLOW_HANDLER"):
+        AsyncIPC("/tmp/unused")
+    monkeypatch.delenv("IVIP_IPC_SLOW_HANDLER")
+    assert AsyncIPC("/tmp/unused").slow_handler_threshold == 0.05
+    assert AsyncIPC("/tmp/unused", slow_handler_threshold=0).slow_handler_threshold is None
