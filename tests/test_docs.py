@@ -63,6 +63,7 @@ PUBLIC: dict[str, list[str]] = {
         "get_cache",
         "ipc_from",
         "cache_from",
+        "health_endpoint",
     ],
 }
 # Methods of the leader module are reworked by another change; it gives them examples.
@@ -433,8 +434,24 @@ async def test_fastapi_page_leadership(docs_env: Path, capsys: pytest.CaptureFix
             await asyncio.sleep(0.01)
 
 
+async def test_fastapi_page_probes(docs_env: Path) -> None:
+    """The readiness block serves 200 from a started instance, and the Kubernetes
+    example probes the routes that block defines."""
+    import yaml
+
+    async with serve(fastapi_page_app(6)) as url, httpx.AsyncClient(base_url=url) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["problems"] == []
+        assert (await client.get("/livez")).json() == {"ok": True}
+    (pod,) = md_blocks(DOCS / "fastapi.md", "yaml")
+    (container,) = yaml.safe_load(pod)["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+
 def test_every_fastapi_page_block_is_run() -> None:
-    assert len(md_blocks(DOCS / "fastapi.md", "python")) == 6  # a new block needs a test
+    assert len(md_blocks(DOCS / "fastapi.md", "python")) == 7  # a new block needs a test
 
 
 def test_index_command_line_session(ipc_dir: Path, tmp_path: Path) -> None:
