@@ -16,6 +16,7 @@ from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
 from .backends.base import Backend
@@ -547,7 +548,7 @@ class AsyncIPC:
         if write_now is None or not write_now(records):
             await backend.append(records)
         if include_self:
-            self._emitter.emit(event, partial(self.codec.loads, data))
+            self._emit_here(event, partial(self.codec.loads, data))
 
     async def notify_many(
         self, event: str, messages: Iterable[Any], *, include_self: bool = False
@@ -598,7 +599,7 @@ class AsyncIPC:
         if include_self:
             loads = self.codec.loads
             for data in encoded:
-                self._emitter.emit(event, partial(loads, data))
+                self._emit_here(event, partial(loads, data))
 
     def _check_size(self, name_len: int, data_len: int) -> None:
         size = HEADER_SIZE + name_len + data_len
@@ -617,10 +618,14 @@ class AsyncIPC:
     # -- receiving ----------------------------------------------------------------------
 
     def _dispatch(self, records: Sequence[Record]) -> None:
+        # Timed as a whole (two clock reads per batch, not per handler): see
+        # `Emitter.held_loop` for how a slow one is named.
+        start = _clock()
         codec_id = self.codec.id
         loads = self.codec.loads
-        emit = self._emitter.emit_data
-        listeners = self._emitter._listeners
+        emitter = self._emitter
+        emit = emitter.emit_data_timed if emitter.timing else emitter.emit_data
+        listeners = emitter._listeners
         message = _MESSAGE
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
         get = listeners.get
@@ -639,6 +644,33 @@ class AsyncIPC:
             elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
                 self.clock.observe(hlc)
                 self.mirror.apply(rec)
+        held = _clock() - start
+        emitter.dispatch_seconds += held
+        if held > emitter.slow_threshold:
+            emitter.held_loop(held, self._calls_of(records))
+
+    def _calls_of(self, records: Sequence[Record]) -> dict[tuple[str, Handler], int]:
+        """The handler calls a dispatch of `records` made (the listeners now), by
+        (event, handler): asked only after a slow dispatch."""
+        calls: dict[tuple[str, Handler], int] = {}
+        listeners = self._emitter._listeners
+        for rec in records:
+            if rec.kind is _MESSAGE and rec.codec == self.codec.id:
+                for sub in listeners.get(rec.topic, ()):
+                    key = (rec.topic, sub.handler)
+                    calls[key] = calls.get(key, 0) + 1
+        return calls
+
+    def _emit_here(self, event: str, decode: Callable[[], Any]) -> None:
+        """`include_self`: this process's handlers, timed as a dispatch is."""
+        emitter = self._emitter
+        start = _clock()
+        emitter.emit(event, decode)
+        held = _clock() - start
+        emitter.dispatch_seconds += held
+        if held > emitter.slow_threshold:
+            subs = emitter._listeners.get(event, ())
+            emitter.held_loop(held, {(event, sub.handler): 1 for sub in subs})
 
     def _foreign_codec(self, rec: Record) -> None:
         if rec.codec not in self._foreign_codec_warned:
@@ -664,7 +696,7 @@ class AsyncIPC:
             "listeners": self._emitter.listener_count(),
             "handler_errors": self._emitter.handler_errors,
             "slow_handlers": self._emitter.slow_handlers,
-            "handler_seconds": self._emitter.handler_seconds,
+            "dispatch_seconds": self._emitter.dispatch_seconds,
             "cache_entries": self.mirror.count(),
         }
         if self._backend is not None:

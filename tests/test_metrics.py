@@ -74,7 +74,7 @@ async def test_every_number_of_stats_and_health_is_exported(medium: str) -> None
         assert found[("ivip_ipc_records_read_total", labels)] >= 5
         assert found[("ivip_ipc_healthy", labels)] == 1
         assert found[("ivip_ipc_started", labels)] == 1
-        assert found[("ivip_ipc_handler_time_seconds_total", labels)] >= 0
+        assert found[("ivip_ipc_dispatch_time_seconds_total", labels)] >= 0
         assert found[("ivip_ipc_records_lost_total", labels | {("cause", "unknown")})] == 0
         backend = "redis" if medium.startswith("redis") else "directory"
         info = [k for k in found if k[0] == "ivip_ipc_info"]
@@ -107,7 +107,7 @@ async def test_opentelemetry_instruments_read_by_the_sdk(medium: str) -> None:  
         assert metrics["ivip_ipc.records_written"].data.data_points[0].value >= 2
         assert metrics["ivip_ipc.records_written"].data.is_monotonic
         assert metrics["ivip_ipc.healthy"].data.data_points[0].value == 1
-        assert metrics["ivip_ipc.handler_time"].unit == "s"
+        assert metrics["ivip_ipc.dispatch_time"].unit == "s"
         (lost,) = metrics["ivip_ipc.records_lost"].data.data_points
         assert lost.attributes["ivip_ipc.cause"] == "unknown"
         assert lost.attributes["ivip_ipc.peer"] == ipc.stats().get(

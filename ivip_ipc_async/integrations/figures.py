@@ -83,8 +83,10 @@ KNOWN: dict[str, Spec] = {
     "started": _g("started", "1 while the instance is started in this process"),
     "listeners": _g("listeners", "handlers registered (on, once, subscribe, wait_for)"),
     "handler_errors": _c("handler_errors", "handlers that raised"),
-    "slow_handlers": _c("slow_handlers", "sync handler calls over slow_handler_threshold"),
-    "handler_seconds": _c("handler_time", "time sync handlers held the event loop", "seconds"),
+    "slow_handlers": _c("slow_handlers", "dispatches (or timed calls) over slow_handler_threshold"),
+    "dispatch_seconds": _c(
+        "dispatch_time", "time dispatching received records held the event loop", "seconds"
+    ),
     "cache_entries": _g("cache_entries", "entries in this process's cache mirror (all caches)"),
     "peers": _g("peers", "live peers this instance sees"),
     "writers": _g("writers", "segment writers this instance reads"),

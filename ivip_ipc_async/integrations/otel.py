@@ -8,7 +8,7 @@ between collections.
 
 Names follow OpenTelemetry conventions: dotted, prefix `ivip_ipc.`, the unit as
 a UCUM unit string rather than in the name: `ivip_ipc.peers` (`{peer}`),
-`ivip_ipc.lag` (`By`), `ivip_ipc.handler_time` (`s`), `ivip_ipc.records_lost`
+`ivip_ipc.lag` (`By`), `ivip_ipc.dispatch_time` (`s`), `ivip_ipc.records_lost`
 with the attribute `cause`. Counters are observable counters (cumulative),
 the rest observable gauges. Every observation has the attributes
 `ivip_ipc.namespace` and `ivip_ipc.peer`.
@@ -73,7 +73,7 @@ def unit_of(spec: Spec) -> str:
 
     Example:
         >>> from ivip_ipc_async.integrations.figures import KNOWN
-        >>> unit_of(KNOWN["peers"]), unit_of(KNOWN["handler_seconds"]), unit_of(KNOWN["gaps"])
+        >>> unit_of(KNOWN["peers"]), unit_of(KNOWN["dispatch_seconds"]), unit_of(KNOWN["gaps"])
         ('{peer}', 's', '1')
     """
     if spec.unit:

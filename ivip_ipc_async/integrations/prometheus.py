@@ -16,7 +16,7 @@ Two ways, by how the app runs:
 Names follow Prometheus conventions: prefix `ivip_ipc_`, the unit in the name,
 `_total` on counters: `ivip_ipc_peers`, `ivip_ipc_lag_bytes`,
 `ivip_ipc_records_lost_total{cause="retention"}`,
-`ivip_ipc_handler_time_seconds_total`. prometheus_client is imported when a
+`ivip_ipc_dispatch_time_seconds_total`. prometheus_client is imported when a
 collector or an exporter is made, not with this module.
 
 Example:
@@ -56,8 +56,8 @@ def metric_name(spec: Spec) -> str:
 
     Example:
         >>> from ivip_ipc_async.integrations.figures import KNOWN
-        >>> metric_name(KNOWN["lag_bytes"]), metric_name(KNOWN["handler_seconds"])
-        ('ivip_ipc_lag_bytes', 'ivip_ipc_handler_time_seconds')
+        >>> metric_name(KNOWN["lag_bytes"]), metric_name(KNOWN["dispatch_seconds"])
+        ('ivip_ipc_lag_bytes', 'ivip_ipc_dispatch_time_seconds')
     """
     return PREFIX + spec.name + (f"_{spec.unit}" if spec.unit else "")
 
