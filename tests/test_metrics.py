@@ -26,6 +26,7 @@ from ivip_ipc_async.integrations.prometheus import IPCCollector
 
 from .redis_server import free_port
 from .test_backends import medium  # noqa: F401 - the parametrized fixture
+from .test_docs import DOCS, md_blocks
 from .test_integrations import _all_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,33 +137,11 @@ def test_the_package_imports_without_the_metrics_libraries() -> None:
 
 # -- a real multi-worker app, scraped over HTTP -----------------------------------------------
 
-APP = textwrap.dedent(
+# docs/metrics.md's multi-worker app, and two routes for the test.
+APP = md_blocks(DOCS / "metrics.md", "python")[1] + textwrap.dedent(
     """
-    import contextlib, os
-    from fastapi import FastAPI, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.multiprocess import MultiProcessCollector
-    from ivip_ipc_async import AsyncIPC
-    from ivip_ipc_async.integrations.prometheus import multiprocess_exporter
-    from ivip_ipc_async.integrations.starlette import ipc_lifespan
 
-    ipc = AsyncIPC(os.environ["METRICS_IPC_DIR"], namespace="metrics")
-
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async with multiprocess_exporter(ipc, interval=0.1):
-            yield
-
-
-    app = FastAPI(lifespan=ipc_lifespan(ipc, lifespan=lifespan))
-
-
-    @app.get("/metrics")
-    def metrics():
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    import os
 
 
     @app.get("/pid")
@@ -172,7 +151,7 @@ APP = textwrap.dedent(
 
     @app.post("/notify")
     async def notify():
-        await ipc.notify("x", 1)
+        await IPC.notify("x", 1)
         return {"pid": os.getpid()}
     """
 )
@@ -191,7 +170,7 @@ async def uvicorn_workers(tmp_path: Path, ipc_dir: Path) -> AsyncIterator[str]:
     ]  # fmt: skip
     env = {
         **os.environ,
-        "METRICS_IPC_DIR": str(ipc_dir),
+        "IVIP_IPC_DIR": str(ipc_dir),
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
     }
     with output.open("wb") as out:
@@ -243,7 +222,7 @@ async def test_a_scrape_of_two_uvicorn_workers_shows_both(tmp_path: Path, ipc_di
             }
             assert healthy == {str(p) for p in pids}
             assert all(
-                dict(labels)["namespace"] == "metrics"
+                dict(labels)["namespace"] == "default"  # $IVIP_IPC_DIR's
                 for (name, labels) in found
                 if name.startswith("ivip_ipc_")
             )

@@ -81,10 +81,24 @@ class IPCCollector:
         self._ipcs = ipcs
 
     def describe(self) -> list[Any]:
-        # The names depend on the backend: no up-front check of duplicates.
+        """Nothing: the names depend on the backend, so prometheus_client does not
+        check them for duplicates up front (it would call `collect` otherwise).
+
+        Example:
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> IPCCollector(AsyncIPC("/tmp/unused")).describe()
+            []
+        """
         return []
 
     def collect(self) -> Iterator[Any]:
+        """The metric families, read from `stats()` and `health()` now.
+
+        Example:
+            >>> from ivip_ipc_async import AsyncIPC
+            >>> [family.name for family in IPCCollector(AsyncIPC("/tmp/unused")).collect()][:3]
+            ['ivip_ipc_started', 'ivip_ipc_listeners', 'ivip_ipc_handler_errors']
+        """
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         families: dict[str, Any] = {}
