@@ -275,6 +275,18 @@ class Emitter:
 
     # -- slow handlers ---------------------------------------------------------
 
+    def still_timing(self) -> bool:
+        """Whether each handler call is still to be timed (`timing` ends
+        `slow_interval` seconds after the slow dispatch that began it).
+
+        Example:
+            >>> Emitter().still_timing()
+            False
+        """
+        if self.timing and time.monotonic() >= self._timing_until:
+            self.timing = False
+        return self.timing
+
     def held_loop(self, held: float, calls: dict[tuple[str, Handler], int]) -> None:
         """A dispatch held the loop `held` seconds; `calls` counts the handler
         calls it made, by (event, handler). Past `slow_threshold`, name them in a
@@ -286,10 +298,8 @@ class Emitter:
             >>> emitter.slow_handlers, emitter.timing
             (1, True)
         """
-        if self.timing:
-            if time.monotonic() < self._timing_until:
-                return  # its calls were timed one by one
-            self.timing = False
+        if self.still_timing():
+            return  # its calls were timed one by one
         if held <= self.slow_threshold or not calls:
             return
         self._slow(calls, held, timed=False)

@@ -624,7 +624,12 @@ class AsyncIPC:
         codec_id = self.codec.id
         loads = self.codec.loads
         emitter = self._emitter
-        emit = emitter.emit_data_timed if emitter.timing else emitter.emit_data
+        # (`timing` is rare: the clock is read again only then)
+        emit = (
+            emitter.emit_data_timed
+            if emitter.timing and emitter.still_timing()
+            else emitter.emit_data
+        )
         listeners = emitter._listeners
         message = _MESSAGE
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
@@ -664,6 +669,8 @@ class AsyncIPC:
     def _emit_here(self, event: str, decode: Callable[[], Any]) -> None:
         """`include_self`: this process's handlers, timed as a dispatch is."""
         emitter = self._emitter
+        if emitter.timing:
+            emitter.still_timing()
         start = _clock()
         emitter.emit(event, decode)
         held = _clock() - start

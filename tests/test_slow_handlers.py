@@ -134,3 +134,19 @@ def test_threshold_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("IVIP_IPC_SLOW_HANDLER")
     assert AsyncIPC("/tmp/unused").slow_handler_threshold == 0.05
     assert AsyncIPC("/tmp/unused", slow_handler_threshold=0).slow_handler_threshold is None
+
+
+async def test_timing_each_call_ends_after_the_interval(ipc_dir: Path) -> None:
+    """After a slow dispatch of several handlers, calls are timed one by one for
+    `slow_handler_log_interval` seconds only; then dispatches are timed whole again."""
+    async with AsyncIPC(ipc_dir, slow_handler_threshold=0.05) as ipc:
+        ipc.slow_handler_log_interval = 0.2
+        emitter = ipc._emitter
+        emitter.held_loop(0.3, {("a", print): 1, ("b", repr): 1})
+        assert emitter.timing
+        await asyncio.sleep(0.25)  # the interval passes (a wait on time itself)
+        got: list[int] = []
+        ipc.on("x", got.append)
+        await ipc.notify("x", 1, include_self=True)
+        assert got == [1]
+        assert emitter.timing is False
