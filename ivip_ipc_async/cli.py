@@ -1,6 +1,7 @@
 """The `ivip-ipc` command (also `python -m ivip_ipc_async`).
 
-Commands: `demo`, `listen`, `notify`, `cache get|set|delete|list`, `stats`, `peers`,
+Commands: `demo`, `listen`, `notify`, `cache ls|get|set|del|clear` (`list` and
+`delete` are the same as `ls` and `del`), `stats`, `peers`,
 `bench` (the benchmark suite of a source checkout). `--dir`, `--namespace` and
 `--app-dir` may be given anywhere on the line and default like `AsyncIPC()`;
 every command says on stderr where it went (`--quiet` to hush it).
@@ -239,25 +240,34 @@ async def _notify(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     return EXIT_OK
 
 
+# The cache actions' other names (the first ones the CLI had): alias -> name.
+_ACTION_NAMES = {"list": "ls", "delete": "del"}
+
+
 async def _cache(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     cache: AsyncCache[Any] = AsyncCache(ipc, name=args.cache)
     where = f"cache {args.cache!r} in {_where(args, ipc)}"
-    if args.action == "list":
+    action = _ACTION_NAMES.get(args.action, args.action)
+    if action == "clear":
+        cleared = await cache.clear()
+        _say(args, f"deleted {cleared} key{'' if cleared == 1 else 's'} from {where}")
+        return EXIT_OK
+    if action == "ls":
         for key in sorted(await cache.keys(), key=lambda k: (isinstance(k, str), k)):
             print(json.dumps({"key": key, "value": await cache.get(key)}, ensure_ascii=False))
     else:
         key = _key(args.key, string=args.str_key)
         missing = object()
         value: Any = None
-        if args.action == "get":
+        if action == "get":
             value = await cache.get(key, missing)
             if value is not missing:
                 print(json.dumps(value, ensure_ascii=False))
-        elif args.action == "set":
+        elif action == "set":
             await cache.set(key, args.value, args.ttl)
         elif not await cache.delete(key):
             value = missing
-        if args.action != "set" and value is missing:
+        if action != "set" and value is missing:
             print(f"ivip-ipc: {key!r}: not found in {where}", file=sys.stderr)
             return EXIT_FAILED
     _say(args, where)
@@ -606,12 +616,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     notify.add_argument("--string", action="store_true", help="send MESSAGE as a string, as is")
 
-    cache = command("cache", "read or write the shared cache")
+    cache = command(
+        "cache",
+        "read or write the shared cache",
+        "Read or write a shared cache: every running process of the application sees "
+        "the change. The cache outlives the processes (its entries stay in the shared "
+        "directory or in Redis until their TTL ends): `cache clear` starts it clean.",
+    )
     cache.add_argument("--cache", default="default", metavar="NAME", help="cache name")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help, description=help, formatter_class=formatter)
+    def action(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(
+            name, help=help, description=help, formatter_class=formatter, aliases=aliases
+        )
         _common(p, top=False)
         p.add_argument("--cache", default=argparse.SUPPRESS, metavar="NAME", help="cache name")
         return p
@@ -622,6 +640,7 @@ def _parser() -> argparse.ArgumentParser:
             "--str-key", action="store_true", help="KEY is a str even if it looks like an int"
         )
 
+    action("ls", "print every key and value, one JSON object per line", "list")
     key(action("get", "print a key's value as JSON (exit 1 when missing)"))
     put = action("set", "set a key in every process")
     key(put)
@@ -633,8 +652,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds; 0 never expires (default: the cache's default, 60)",
     )
-    key(action("delete", "delete a key in every process (exit 1 when missing)"))
-    action("list", "print every key and value, one JSON object per line")
+    key(action("del", "delete a key in every process (exit 1 when missing)", "delete"))
+    action("clear", "delete every key of the cache, in every process")
 
     command("stats", "peers, segments, footprint, counters (JSON)")
     command("peers", "list live peers")
