@@ -274,6 +274,15 @@ def test_cancellation_violations_are_found() -> None:
 def test_errors_hung_starts_and_crashes_are_found() -> None:
     h = _two().add(10, "p1.1", "op_error", op="lock", error="IsADirectoryError", message="x")
     assert h.kinds() == ["error"]
+    # A clear refusal of a lock file the driver replaced by a directory is expected;
+    # the same error on another lock, or before the replacement, is not.
+    refused = "refusing lock file /x/locks/u.a: it is a directory"
+    h = _two().drive(5, "lockfile", did="replaced locks/u.a by a directory", how="directory")
+    h.add(10, "p1.1", "op_error", op="lock", error="UnsafeDirectoryError", message=refused)
+    assert h.kinds() == []
+    h = _two().drive(15, "lockfile", did="replaced locks/u.b by a directory", how="directory")
+    h.add(10, "p1.1", "op_error", op="lock", error="UnsafeDirectoryError", message=refused)
+    assert h.kinds() == ["error"]
     h = _two().add(0, "p3.1", "start_call").add(20_000, "p1.1", "ack", qs=[])
     assert h.kinds() == ["start"]
     h = _two().drive(100, "exited", target="p1", code=1)
