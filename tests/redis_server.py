@@ -155,3 +155,90 @@ class Relay:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+_DOWN = ("sdown", "odown", "disconnected")  # a replica's flags, as redis-py parses them
+
+
+class SentinelServer(Server):
+    """A `redis-server --sentinel` on a free port, watching `service` on `master_port`
+    (a master down for 300 ms is failed over, within seconds)."""
+
+    def __init__(self, service: str, master_port: int) -> None:
+        super().__init__()
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n"
+            f"logfile {self.dir / 'log'}\n"
+            f"sentinel monitor {service} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {service} 300\n"
+            f"sentinel failover-timeout {service} 2000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        self.config = [str(conf), "--sentinel"]
+
+
+class SentinelGroup:
+    """A master, a replica of it, and three Sentinels watching them (service `svc`):
+    what a Sentinel deployment runs, on free ports. `url()` is the backend's URL."""
+
+    service = "svc"
+
+    def __init__(self) -> None:
+        self.master = Server()
+        self.replica = Server("--replicaof", "127.0.0.1", str(self.master.port))
+        self.sentinels = [SentinelServer(self.service, self.master.port) for _ in range(3)]
+
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self) -> None:
+        """Start them all, and return once every Sentinel knows the replica and the
+        other Sentinels (then a failover can happen)."""
+        import redis
+
+        self.master.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = True
+            for sentinel in self.sentinels:
+                with redis.Redis(port=sentinel.port, decode_responses=True) as client:
+                    replicas = client.execute_command("SENTINEL", "REPLICAS", self.service)
+                    peers = client.execute_command("SENTINEL", "SENTINELS", self.service)
+                ready = ready and len(peers) == 2 and len(replicas) == 1
+                ready = ready and not any(r.get(f"is_{f}") for r in replicas for f in _DOWN)
+            with redis.Redis(port=self.replica.port, decode_responses=True) as client:
+                ready = ready and client.info("replication")["master_link_status"] == "up"
+            if ready:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Sentinels did not see each other and the replica in 30 s")
+
+    def master_port(self) -> int:
+        """The port of the master, as the first Sentinel says."""
+        import redis
+
+        with redis.Redis(port=self.sentinels[0].port, decode_responses=True) as client:
+            _host, port = client.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+            )
+        return int(port)
+
+    def kill_master(self) -> None:
+        """SIGKILL the master (no shutdown, no last replication)."""
+        assert self.master.process is not None
+        self.master.process.kill()
+        self.master.process.wait(timeout=10)
+        self.master.process = None
+
+    def logs(self) -> str:
+        """The Sentinels' logs (to say why a failover did not happen)."""
+        return "\n".join((s.dir / "log").read_text(errors="replace") for s in self.sentinels)
+
+    def close(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.close()

@@ -28,6 +28,7 @@ from ...errors import (
     BackendUnavailableError,
 )
 from ...logs import rate_limited
+from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget
 from .replies import is_kind
 from .scripts import script_command
 from .settings import Shared
@@ -69,8 +70,16 @@ def check_redis_url(url: str) -> None:
     def bad(problem: str) -> ValueError:
         return ValueError(f"bad Redis URL {shown!r}: {problem}")
 
-    if scheme not in ("redis", "rediss", "unix") or not url[len(scheme) :].startswith("://"):
-        raise bad("it must start with redis://, rediss:// or unix://")
+    if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES) or not url[
+        len(scheme) :
+    ].startswith("://"):
+        raise bad("it must start with redis://, rediss://, unix:// or redis+sentinel://")
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            SentinelTarget.parse(url)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        return
     try:
         port = parts.port
     except ValueError as exc:  # not a number, or out of range
@@ -149,6 +158,7 @@ class Connections:
     def __init__(self, shared: Shared) -> None:
         self._settings = shared.settings
         self._counters = shared.counters
+        self.endpoint = Endpoint(shared.settings.url)  # where the server is
         self.control: Any = None  # the listener's requests (c)
         self.write: Any = None  # writes (w)
         self.reader: Any = None  # the subscription (r)
@@ -160,7 +170,6 @@ class Connections:
 
     def make(self, role: str) -> Any:
         """A redis-py client for `role` (see the module's docstring)."""
-        import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -189,7 +198,7 @@ class Connections:
             options.setdefault("socket_timeout", timeout)
             if role in ("g", "w"):  # one connection, serialised (the writer sends
                 options["single_connection_client"] = True  # on it by hand)
-        return aioredis.Redis.from_url(settings.url, **options)
+        return self.endpoint.client(options)
 
     def open(self) -> None:
         """Make the clients of the control, write and reader roles (they connect
@@ -208,6 +217,7 @@ class Connections:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+        await self.endpoint.close()
 
     def drop(self) -> None:
         """The loop is gone: forget the clients without awaiting."""
