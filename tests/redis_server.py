@@ -29,8 +29,8 @@ def free_port() -> int:
 class Server:
     """A private `redis-server` on a free port, in its own directory."""
 
-    def __init__(self, *config: str) -> None:
-        self.port = free_port()
+    def __init__(self, *config: str, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.dir = Path(tempfile.mkdtemp(prefix="ivip-redis-", dir=shm))
         self.config = [
@@ -185,7 +185,7 @@ class SentinelGroup:
     service = "svc"
 
     def __init__(self) -> None:
-        self.master = Server()
+        self.master = Server("--repl-diskless-sync-delay", "0")
         self.replica = Server("--replicaof", "127.0.0.1", str(self.master.port))
         self.sentinels = [SentinelServer(self.service, self.master.port) for _ in range(3)]
 
@@ -242,3 +242,112 @@ class SentinelGroup:
     def close(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.close()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above) is free too."""
+    while True:
+        port = free_port()
+        if port < 55536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
+
+
+class Cluster:
+    """A Redis Cluster of three masters, each with a replica, on free ports (a node
+    unreachable for 1 s is failed over)."""
+
+    def __init__(self) -> None:
+        options = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+                   "--repl-diskless-sync-delay", "0")  # fmt: skip
+        self.nodes = [Server(*options, port=_cluster_port()) for _ in range(6)]
+        for node in self.nodes:
+            node.config += ["--cluster-config-file", str(node.dir / "nodes.conf")]
+
+    def start(self) -> None:
+        """Start the nodes, make the cluster, and return once every node says it is ok."""
+        import redis
+
+        for node in self.nodes:
+            node.start()
+        redis_cli = shutil.which("redis-cli")
+        assert redis_cli is not None
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [redis_cli, "--cluster", "create", *addresses, "--cluster-replicas", "1",
+             "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        for node in self.nodes:
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                # Ok, and every replica in sync (else it could not take over).
+                while client.cluster("info")["cluster_state"] != "ok" or (
+                    client.info("replication")["role"] == "slave"
+                    and client.info("replication")["master_link_status"] != "up"
+                ):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not become ok in 30 s")
+                    time.sleep(0.05)
+
+    def owner(self, namespace: str) -> Server:
+        """The master serving the slot of `namespace`'s keys, as the live nodes say."""
+        import redis
+        from redis.crc import key_slot
+
+        slot = key_slot(f"ivip:{{{namespace}}}:log".encode())
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            with redis.Redis(port=node.port) as client:
+                for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return next(n for n in self.nodes if n.port == int(master[1]))
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def other_master(self, namespace: str) -> Server:
+        """A master that does not serve `namespace`'s slot."""
+        import redis
+
+        owner = self.owner(namespace)
+        for node in self.nodes:
+            with redis.Redis(port=node.port, decode_responses=True) as client:
+                if node is not owner and client.info("replication")["role"] == "master":
+                    return node
+        raise RuntimeError("no other master")
+
+    def kill(self, node: Server) -> None:
+        assert node.process is not None
+        node.process.kill()
+        node.process.wait(timeout=10)
+        node.process = None
+
+    def migrate(self, namespace: str, target: Server) -> None:
+        """Move `namespace`'s slot, and its keys, to `target` (a resharding)."""
+        import redis
+        from redis.crc import key_slot
+
+        slot = key_slot(f"ivip:{{{namespace}}}:log".encode())
+        source = self.owner(namespace)
+        src, dst = redis.Redis(port=source.port), redis.Redis(port=target.port)
+        try:
+            src_id, dst_id = src.cluster("myid"), dst.cluster("myid")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "REPLACE", "KEYS", *keys
+                )
+            for client in (dst, src):
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        finally:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

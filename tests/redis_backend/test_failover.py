@@ -8,15 +8,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+
 from ..processes import reap
-from ..redis_server import SentinelGroup
+from ..redis_server import REDIS_SERVER, Cluster, SentinelGroup
 from .support import needs_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,11 +42,14 @@ async def _until(condition: Callable[[], Any], timeout: float, what: str) -> Non
         await asyncio.sleep(0.05)
 
 
-async def run_peers(url: str, folder: Path, fault: Callable[[], Any]) -> tuple[Any, Any, float]:
-    """Two failover peers on `url`; `fault()` once both exchange messages and hold
-    the lock, then on until each heard 100 more messages and took the lock again.
-    Their reports, and the seconds from the fault until both heard new messages."""
-    namespace = f"test-{uuid.uuid4().hex[:12]}"
+async def run_peers(
+    url: str, folder: Path, fault: Callable[[str], Any], namespace: str = ""
+) -> tuple[Any, Any, float]:
+    """Two failover peers on `url`; `fault(namespace)` once both exchange messages
+    and hold the lock, then on until each heard 100 more messages and took the lock
+    again. Their reports, and the seconds from the fault until both heard new
+    messages."""
+    namespace = namespace or f"test-{uuid.uuid4().hex[:12]}"
     names = ("a", "b")
     command = [sys.executable, "-m", "tests.redis_backend.failover_peer", url, namespace]
     procs = [
@@ -58,7 +66,7 @@ async def run_peers(url: str, folder: Path, fault: Callable[[], Any]) -> tuple[A
 
         await _until(lambda: both(100, 3), 30, "both peers exchange messages and hold the lock")
         before = [await _progress(folder, n) for n in names]
-        await asyncio.get_running_loop().run_in_executor(None, fault)
+        await asyncio.get_running_loop().run_in_executor(None, fault, namespace)
         faulted = time.monotonic()
 
         async def moved() -> bool:
@@ -102,7 +110,7 @@ async def test_sentinel_failover_under_load(tmp_path: Path) -> None:
     group = SentinelGroup()
     try:
         await asyncio.get_running_loop().run_in_executor(None, group.start)
-        a, b, recovery = await run_peers(group.url(), tmp_path, group.kill_master)
+        a, b, recovery = await run_peers(group.url(), tmp_path, lambda _: group.kill_master())
         assert group.master_port() == group.replica.port
     except BaseException:
         print(group.logs())
@@ -111,3 +119,73 @@ async def test_sentinel_failover_under_load(tmp_path: Path) -> None:
         group.close()
     check_reports(a, b)
     print(f"sentinel failover: messages again after {recovery:.2f} s")
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """Three masters with a replica each, on free ports."""
+    if REDIS_SERVER is None or shutil.which("redis-cli") is None:
+        pytest.skip("no redis-server and redis-cli to start a cluster")
+    instance = Cluster()
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.close()
+
+
+@needs_redis_server
+async def test_cluster_through_any_node(cluster: Cluster) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    elsewhere = cluster.other_master(namespace)
+    sender = AsyncIPC(elsewhere.url, namespace=namespace)
+    receiver = AsyncIPC(cluster.nodes[-1].url, namespace=namespace)  # (a replica, maybe)
+    heard: list[int] = []
+    receiver.on("m", heard.append)
+    await receiver.start()
+    await sender.start()
+    try:
+        for i in range(20):
+            await sender.notify("m", i)
+        async with sender.lock("l") as lock:
+            assert lock.fence == 1
+        await AsyncCache(sender).set("k", 1)
+        await _until(lambda: _done(heard, 20), 10, "all heard")
+        assert heard == list(range(20))
+        cache = AsyncCache(receiver)
+
+        async def entry() -> bool:
+            return await cache.get("k") == 1
+
+        await _until(entry, 10, "the cache entry")
+    finally:
+        await sender.destroy()
+        await receiver.destroy()
+
+
+async def _done(items: list[Any], count: int) -> bool:
+    return len([i for i in items if i is not None]) >= count
+
+
+@needs_redis_server
+async def test_cluster_failover_of_the_slot(cluster: Cluster, tmp_path: Path) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    url = cluster.other_master(namespace).url
+    a, b, recovery = await run_peers(
+        url, tmp_path, lambda ns: cluster.kill(cluster.owner(ns)), namespace
+    )
+    check_reports(a, b)
+    print(f"cluster failover: messages again after {recovery:.2f} s")
+
+
+@needs_redis_server
+async def test_cluster_resharding_of_the_slot(cluster: Cluster, tmp_path: Path) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    url = cluster.owner(namespace).url
+    target = cluster.other_master(namespace)
+    a, b, recovery = await run_peers(
+        url, tmp_path, lambda ns: cluster.migrate(ns, target), namespace
+    )
+    assert cluster.owner(namespace) is target
+    check_reports(a, b)
+    print(f"cluster resharding: messages again after {recovery:.2f} s")

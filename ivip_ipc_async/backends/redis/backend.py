@@ -203,6 +203,7 @@ class RedisBackend:
         settings = self.settings
         client = self.connections.control
         await client.ping()
+        await self.connections.endpoint.discover(client)  # a cluster: go to the slot's master
         await load_scripts(client)
         self.state.note_server(await self.state.server_info())
         full = None

@@ -158,7 +158,7 @@ class Connections:
     def __init__(self, shared: Shared) -> None:
         self._settings = shared.settings
         self._counters = shared.counters
-        self.endpoint = Endpoint(shared.settings.url)  # where the server is
+        self.endpoint = Endpoint(shared.settings.url, shared.settings.namespace)
         self.control: Any = None  # the listener's requests (c)
         self.write: Any = None  # writes (w)
         self.reader: Any = None  # the subscription (r)

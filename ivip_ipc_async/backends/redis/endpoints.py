@@ -9,6 +9,14 @@
   Every connection asks the Sentinels where the master is when it (re)connects,
   and one that finds itself on a demoted master (`READONLY`) reconnects: a
   failover is a lost connection like any other, retried by the callers.
+- A Redis Cluster, reached through any node's `redis://` or `rediss://` URL:
+  every key of a namespace has its `{ns}` hash tag, so they all live in one
+  slot, and every connection goes to the master that owns it (found with
+  `CLUSTER SLOTS` at start). A `MOVED` reply (a resharding, a failover) points
+  the namespace's connections at the new owner; `ASK`, `TRYAGAIN` and
+  `CLUSTERDOWN` (a migration or a failover under way) are lost connections,
+  retried by the callers; a refused connection asks the other nodes who owns
+  the slot now. Pub/sub is cluster-wide, so the subscription may stay anywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget"]
+__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget", "SlotRoute"]
 
 SENTINEL_SCHEMES: Final = ("redis+sentinel",)
 _SENTINEL_PORT: Final = 26379
@@ -110,6 +118,95 @@ def _sentinel_connection_class() -> type:
     return _SENTINEL_CONNECTION[0]
 
 
+class SlotRoute:
+    """Where the namespace's slot is served: the node to connect to, and the
+    cluster's other nodes (to ask when that one is gone).
+
+    Example:
+        >>> route = SlotRoute(("10.0.0.1", 6379), "orders")
+        >>> route.address, route.cluster, 0 <= route.slot < 16384
+        (('10.0.0.1', 6379), False, True)
+    """
+
+    def __init__(self, address: tuple[str, int], namespace: str) -> None:
+        from redis.crc import key_slot
+
+        self.address = address
+        self.slot: int = key_slot(f"ivip:{{{namespace}}}:log".encode())  # every key's slot
+        self.cluster = False  # known to be a cluster (CLUSTER SLOTS answered)
+        self.nodes: list[tuple[str, int]] = [address]
+        self.options: dict[str, Any] = {}  # to connect to another node (credentials, TLS)
+
+    def learn(self, slots: Any) -> None:
+        """Take `CLUSTER SLOTS`'s answer: the slot's master, and every node."""
+        nodes: list[tuple[str, int]] = []
+        for start, end, *servers in slots:
+            for server in servers:
+                node = (_text(server[0]) or self.address[0], int(server[1]))
+                if node not in nodes:
+                    nodes.append(node)
+            if int(start) <= self.slot <= int(end) and servers:
+                self.address = (_text(servers[0][0]) or self.address[0], int(servers[0][1]))
+        self.cluster = True
+        self.nodes = nodes or self.nodes
+
+    async def find_owner(self) -> None:
+        """Ask the nodes, one after another, who owns the slot now (a failover)."""
+        import redis.asyncio as aioredis
+
+        for host, port in [n for n in self.nodes if n != self.address] + [self.address]:
+            options = {**self.options, "socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+            client = aioredis.Redis(host=host, port=port, **options)
+            try:
+                self.learn(await client.execute_command("CLUSTER", "SLOTS"))  # type: ignore[no-untyped-call]
+                return
+            except Exception:  # that node is down too: ask the next
+                continue
+            finally:
+                await client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _routed_connection_class(base: type, route: SlotRoute) -> type:
+    """`base` (redis-py's `Connection` or `SSLConnection`) connecting where `route`
+    says, and following the cluster's redirections (see the module's docstring)."""
+    from redis.exceptions import (
+        AskError,
+        ClusterDownError,
+        MovedError,
+        TryAgainError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class RoutedConnection(base):  # type: ignore[misc]
+        async def _connect(self) -> None:
+            self.host, self.port = route.address
+            try:
+                await super()._connect()
+            except OSError:
+                if not route.cluster:
+                    raise
+                await route.find_owner()  # a failover: the slot's master is gone
+                self.host, self.port = route.address
+                await super()._connect()
+
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().read_response(*args, **kwargs)
+            except MovedError as exc:
+                if int(exc.slot_id) == route.slot:
+                    route.address = (str(exc.host), int(exc.port))
+                await self.disconnect()
+                raise RedisConnectionError(f"the slot moved: {exc}") from exc
+            except (AskError, TryAgainError, ClusterDownError) as exc:
+                raise RedisConnectionError(f"the cluster is moving the slot: {exc}") from exc
+
+    return RoutedConnection
+
+
 class Endpoint:
     """Makes the clients of one backend for its URL (one `Sentinel` shared by them).
 
@@ -118,17 +215,62 @@ class Endpoint:
         True
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, namespace: str = "default") -> None:
         self.url = url
         scheme = url.partition("://")[0].lower()
         self.target = SentinelTarget.parse(url) if scheme in SENTINEL_SCHEMES else None
         self.sentinel: Any = None
+        self.route: SlotRoute | None = None
+        self._routed: type | None = None
+        if scheme in ("redis", "rediss"):
+            parts = urlsplit(url)
+            self.route = SlotRoute((parts.hostname or "localhost", parts.port or 6379), namespace)
+
+    async def discover(self, client: Any) -> None:
+        """Ask the server `client` reaches whether it is a cluster node; if so, point
+        the namespace's connections at the master of its slot (`client`'s own too).
+        A server that is no cluster, or refuses `CLUSTER SLOTS`, is used as it is."""
+        from redis.exceptions import ResponseError
+
+        route = self.route
+        if route is None:
+            return
+        try:
+            slots = await client.execute_command("CLUSTER", "SLOTS")
+        except ResponseError:  # cluster support disabled, or NOPERM: not followed
+            return
+        before = route.address
+        route.learn(slots)
+        if route.address != before:
+            await client.connection_pool.disconnect()
 
     def client(self, options: dict[str, Any]) -> Any:
         """A redis-py asyncio client with `options` (as `Redis.from_url` takes)."""
         import redis.asyncio as aioredis
 
         target = self.target
+        route = self.route
+        if route is not None:
+            from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
+
+            if self._routed is None:
+                ssl = self.url.lower().startswith("rediss:")
+                self._routed = _routed_connection_class(SSLConnection if ssl else Connection, route)
+            options = dict(options)
+            single = bool(options.pop("single_connection_client", False))
+            pool = ConnectionPool.from_url(self.url, connection_class=self._routed, **options)
+            # Other nodes are reached with the same credentials and TLS options.
+            route.options = {
+                k: v
+                for k, v in pool.connection_kwargs.items()
+                if k in ("username", "password", "credential_provider", "protocol")
+                or k.startswith("ssl_")
+            }
+            if self.url.lower().startswith("rediss:"):
+                route.options["ssl"] = True
+            client = aioredis.Redis(connection_pool=pool, single_connection_client=single)
+            client.auto_close_connection_pool = True
+            return client
         if target is None:
             return aioredis.Redis.from_url(self.url, **options)
         from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
