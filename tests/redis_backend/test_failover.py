@@ -21,7 +21,7 @@ import pytest
 from ivip_ipc_async import AsyncCache, AsyncIPC
 
 from ..processes import reap
-from ..redis_server import REDIS_SERVER, Cluster, SentinelGroup
+from ..redis_server import REDIS_SERVER, Cluster, SentinelGroup, Server
 from .support import needs_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ async def run_peers(
 
 def check_reports(a: dict[str, Any], b: dict[str, Any]) -> None:
     """Every acknowledged message heard once, in order (or a gap reported); holdings
-    exclusive, fences increasing with time."""
+    exclusive, fences increasing with time; no error but the library's."""
     for me, other in ((a, b), (b, a)):
         if not me["gaps"]:
             assert me["heard"] == list(range(other["acked"])), "lost, doubled or reordered"
@@ -103,6 +103,8 @@ def check_reports(a: dict[str, Any], b: dict[str, Any]) -> None:
     for first, second in itertools.pairwise(holdings):
         assert first[2] <= second[1], f"two holders at once: {first} {second}"
         assert first[0] < second[0], f"fence not increasing: {first} {second}"
+    raw = [e for e in a["errors"] + b["errors"] if not e.startswith("ivip_ipc_async.")]
+    assert raw == [], raw
 
 
 @needs_redis_server
@@ -189,3 +191,55 @@ async def test_cluster_resharding_of_the_slot(cluster: Cluster, tmp_path: Path) 
     assert cluster.owner(namespace) is target
     check_reports(a, b)
     print(f"cluster resharding: messages again after {recovery:.2f} s")
+
+
+@needs_redis_server
+async def test_restart_during_locks_leadership_and_memoize(tmp_path: Path) -> None:
+    """A restart of about a second, while 4 processes contend for a lock, a
+    Leadership and memoize's single flight: every call rides it out (no error)."""
+    server = Server()
+    server.start()
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    names = [f"p{i}" for i in range(4)]
+    command = [sys.executable, "-m", "tests.redis_backend.coordination_peer", server.url]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *command, namespace, str(tmp_path), name, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        )
+        for name in names
+    ]
+
+    async def done() -> list[int]:
+        return [int(t) if (t := _read(tmp_path / f"{name}.progress")) else 0 for name in names]
+
+    def restart() -> None:
+        server.stop()
+        time.sleep(1.0)  # the outage itself
+        server.start()
+
+    try:
+
+        async def busy(least: list[int]) -> bool:
+            return all(d > m + 20 for d, m in zip(await done(), least, strict=True))
+
+        await _until(lambda: busy([0] * 4), 30, "every process works")
+        await asyncio.get_running_loop().run_in_executor(None, restart)
+        after = await done()
+        await _until(lambda: busy(after), 30, "every process works after the restart")
+        (tmp_path / "stop").touch()
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(proc.communicate() for proc in procs)), 60
+        )
+    finally:
+        for proc in procs:
+            await reap(proc)
+        server.close()
+    errors = [e for out, _ in outputs for e in json.loads(out)]
+    assert errors == []
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

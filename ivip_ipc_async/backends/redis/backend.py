@@ -253,7 +253,12 @@ class RedisBackend:
     def locks(self) -> RedisLeases:
         """The lock capability: leases with fencing tokens (backends/redis/leases.py)."""
         if self._leases is None:
-            self._leases = RedisLeases(lambda: self.connections.make("l"), self.namespace)
+            self._leases = RedisLeases(
+                lambda: self.connections.make("l"),
+                self.namespace,
+                retry_timeout=self.retry_timeout,
+                url=self.url,
+            )
         return self._leases
 
     # -- records -------------------------------------------------------------------------
