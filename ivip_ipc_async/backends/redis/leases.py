@@ -329,8 +329,11 @@ class RedisLeases:
                 self.background(self._pubsub.unsubscribe(key))
 
     async def _listen(self) -> None:
-        pubsub = self._pubsub
-        while pubsub is not None and not self._closed:
+        failures = 0  # in a row: the pause before subscribing again grows
+        while not self._closed:
+            pubsub = self._pubsub  # (a new one after each lost connection)
+            if pubsub is None:
+                return
             try:
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
@@ -338,8 +341,11 @@ class RedisLeases:
             except Exception as exc:
                 # A lost subscription: the waiters' timers still wake them.
                 rate_limited(logging.WARNING, "lock-listener", "lock notices interrupted: %s", exc)
-                await self._resubscribe()
+                failures += 1
+                if not await self._resubscribe(failures):
+                    return  # nobody waits: the next `watch` subscribes anew
                 continue
+            failures = 0
             if message is None or message.get("type") != "message":
                 continue
             channel = message.get("channel")
@@ -351,15 +357,18 @@ class RedisLeases:
             for wake in list(self._waiters.get(key, ())):
                 wake.set()
 
-    async def _resubscribe(self) -> None:
-        await asyncio.sleep(0.5)
+    async def _resubscribe(self, failures: int) -> bool:
+        """A new pub/sub connection, subscribed to the channels waited on (after a
+        pause growing from 0.1 s to 5 s with failures in a row). False when
+        nobody waits (then no connection is made)."""
+        await asyncio.sleep(min(0.1 * 2 ** min(failures - 1, 6), 5.0))
         old, self._pubsub = self._pubsub, None
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.aclose()
-        if self._closed:
-            return
         keys, self._subscribed = set(self._waiters), set()
+        if self._closed or not keys:
+            return False
         try:
             self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
             if keys:
@@ -371,6 +380,7 @@ class RedisLeases:
         for waiters in self._waiters.values():
             for wake in waiters:
                 wake.set()  # something may have been released meanwhile
+        return True
 
     # -- life ----------------------------------------------------------------------------
 
