@@ -207,9 +207,14 @@ class RedisBackend:
         await load_scripts(client)
         self.state.note_server(await self.state.server_info())
         full = None
+        pipe = client.pipeline(transaction=False)
+        # Every write command and PUBLISH (the locks' too, on their channels), on
+        # a key that is gone when it ends; and EVAL, which the locks fall back on
+        # when Redis lost their scripts (a restart).
+        pipe.evalsha(PROBE_SHA, 1, settings.probe_key, settings.channel, settings.lock_prefix)
+        pipe.eval("return 1", 0)
         try:
-            # Every write command and PUBLISH, on a key that is gone when it ends.
-            await client.evalsha(PROBE_SHA, 1, settings.probe_key, settings.channel)
+            await pipe.execute()
         except OutOfMemoryError as exc:  # a reader may start: writes will say it
             full = exc
         await self.connections.note_reader_connection()

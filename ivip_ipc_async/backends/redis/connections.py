@@ -119,7 +119,9 @@ def _wrapped(exc: BaseException, doing: str, url: str) -> Exception:
         return BackendPermissionError(f"{where} refused {doing}: {exc}")
     text = str(exc)
     if isinstance(exc, rx.ResponseError) and (
-        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text) or "can't run this command" in text
+        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text)
+        or "can't run this command" in text
+        or "executing the script can't" in text  # (a key or channel, Redis 7.0)
     ):
         return BackendPermissionError(f"{where} refused {doing}: {exc}{script_command(text)}")
     if isinstance(exc, rx.OutOfMemoryError) or (
