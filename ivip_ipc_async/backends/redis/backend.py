@@ -30,7 +30,9 @@ class RedisBackend:
     """Records stored in a Redis stream and pushed by pub/sub; cache state in hashes.
 
     Args:
-        url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it).
+        url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it), a
+            `redis+sentinel://host:port[,host:port…]/service[/db]` URL, or any
+            node's URL of a Redis Cluster (see endpoints.py).
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.
         stream_maxlen: Entries kept in the stream (at least; it is trimmed
