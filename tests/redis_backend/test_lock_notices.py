@@ -116,3 +116,60 @@ async def test_release_notices_after_the_pubsub_connection_is_killed() -> None:
         await reap(holder)
         await admin.aclose()
         server.close()
+
+
+HOLD_FOREVER = """
+import asyncio, sys
+from ivip_ipc_async import AsyncIPC
+
+async def main():
+    async with AsyncIPC(sys.argv[1], namespace=sys.argv[2]) as ipc:
+        async with ipc.lock("x", lease=1.5):
+            print("held", flush=True)
+            await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@needs_redis_server
+async def test_a_lock_acquired_as_a_frozen_server_resumes_is_held() -> None:
+    """The holder dies while the server is frozen (4 s, lease 1.5 s); the waiter's
+    try runs when the server resumes: the lock it gets is held, and renewed."""
+    import redis.asyncio as aioredis
+
+    server = Server()
+    server.start()
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    admin = aioredis.Redis.from_url(server.url)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_FOREVER, server.url, namespace, stdout=asyncio.subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    ipc = AsyncIPC(server.url, namespace=namespace)
+    try:
+        await ipc.start()
+        assert await holder.stdout.readline() == b"held\n"
+        lock = ipc.lock("x", lease=1.5, timeout=30)
+        waiting = asyncio.create_task(lock.acquire())
+
+        async def subscribed() -> bool:
+            return any((await _lock_connections(admin, namespace)).values())
+
+        await _until(subscribed, 10, "the waiter subscribes")
+        server.freeze()
+        holder.kill()
+        await asyncio.sleep(4)  # the freeze itself: the waiter tries meanwhile
+        server.thaw()
+        await asyncio.wait_for(waiting, 30)
+        assert lock.held, "acquire() returned a lock already lost"
+        await asyncio.sleep(2)  # longer than the lease: renewed meanwhile
+        assert lock.held
+        assert await lock.verify()
+        await lock.release()
+    finally:
+        server.thaw()
+        await ipc.destroy()
+        await reap(holder)
+        await admin.aclose()
+        server.close()

@@ -465,6 +465,24 @@ class _LeaseContender:
         if not fence:
             self._retry_in = pttl / 1000 if pttl > 0 else 0.01
             return False
+        if loop.time() - sent > self.lease / 3:
+            # A late answer (a frozen server resuming): Redis started the lease when
+            # it ran the script, anywhere since `sent`. Renew it now from a known
+            # time, or let go: a lock returned is held.
+            sent = loop.time()
+            try:
+                renewed = await self._provider.run(
+                    "renew", [self.key, self.note_key], [token, ms], retry=False
+                )
+            except Exception:
+                renewed = False
+            except BaseException:
+                self._provider.release_later(self.key, self.note_key, token)
+                raise
+            if not renewed:
+                self._provider.release_later(self.key, self.note_key, token)
+                self._retry_in = 0.01
+                return False
         self._token, self.fence = token, int(fence)
         self._loop, self._deadline, self._lost = loop, sent + self.lease, False
         _held_here.add(self)
