@@ -351,3 +351,44 @@ class Cluster:
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """A CA, and a certificate it signed for 127.0.0.1, made by `openssl` in
+    `folder` (empty when `openssl` is missing)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return {}
+    files = {name: folder / f"{name}" for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
+    run = [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    quiet: dict[str, Any] = {"check": True, "capture_output": True, "timeout": 60}
+    subprocess.run(
+        [*run, "-x509", "-keyout", files["ca.key"], "-out", files["ca.crt"], "-subj", "/CN=ca"],
+        **quiet,
+    )
+    csr = folder / "server.csr"
+    subprocess.run(
+        [*run, "-keyout", files["server.key"], "-out", csr, "-subj", "/CN=127.0.0.1"], **quiet
+    )
+    ext = folder / "ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(
+        [openssl, "x509", "-req", "-in", csr, "-CA", files["ca.crt"], "-CAkey", files["ca.key"],
+         "-CAcreateserial", "-out", files["server.crt"], "-days", "1", "-extfile", ext],
+        **quiet,
+    )  # fmt: skip
+    return files
+
+
+class TlsServer(Server):
+    """A private server that also listens with TLS (`tls_url`), its certificate
+    signed by `files["ca.crt"]`."""
+
+    def __init__(self, files: dict[str, Path], *config: str) -> None:
+        self.tls_port = free_port()
+        super().__init__(
+            "--tls-port", str(self.tls_port), "--tls-cert-file", str(files["server.crt"]),
+            "--tls-key-file", str(files["server.key"]), "--tls-ca-cert-file",
+            str(files["ca.crt"]), "--tls-auth-clients", "no", *config,
+        )  # fmt: skip
+        self.tls_url = f"rediss://127.0.0.1:{self.tls_port}/0"

@@ -139,11 +139,29 @@ def retryable(exc: BaseException) -> bool:
 
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | BackendError):
         return False  # (redis-py's auth errors are ConnectionErrors; no retry cures them)
+    if _certificate_refused(exc):
+        return False  # nor does one cure a certificate that cannot be verified
     # ReadOnlyError: connected to a replica after a failover; NoScriptError: the
     # server restarted between loading the script and running it.
     return isinstance(
         exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError | rx.NoScriptError | OSError
     )
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """A TLS certificate verification failure, in `exc` or what it was raised from."""
+    import ssl
+
+    seen: BaseException | None = exc
+    for _ in range(5):  # (redis-py chains the ssl error under its ConnectionError)
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or (
+            "CERTIFICATE_VERIFY_FAILED" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _as_is(response: Any) -> Any:
