@@ -3,11 +3,13 @@ other peer's, and contends for a lock, while the test breaks Redis under it.
 
     python -m tests.redis_backend.failover_peer URL NAMESPACE DIR NAME OTHER
 
-Writes `DIR/NAME.progress` (messages heard, holdings) as it goes; once `DIR/stop`
-exists it stops sending, writes `DIR/NAME.sent` (how many were acknowledged),
-waits to hear everything the other acknowledged (up to 20 s), and prints its
+Every 10th message is followed by a cache write. Writes `DIR/NAME.progress`
+(messages heard, holdings) as it goes; once `DIR/stop` exists it stops
+sending, writes `DIR/NAME.sent` (how many were acknowledged), waits to hear
+everything the other acknowledged (up to 20 s), and prints its
 report as JSON: what it heard, its holdings (fence, start, end; monotonic clock,
-which is the machine's), and every exception by its module and name.
+which is the machine's), every exception by its module and name, its
+acknowledged cache writes (the last value per key) and its cache mirror.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ivip_ipc_async import AsyncIPC
+from ivip_ipc_async import AsyncCache, AsyncIPC
 
 
 def _name(exc: BaseException) -> str:
@@ -34,10 +36,12 @@ async def main(url: str, namespace: str, folder: Path, name: str, other: str) ->
     holdings: list[tuple[int, float, float]] = []
     gaps: list[Any] = []
     acked = 0
+    sets: dict[str, int] = {}  # acknowledged cache writes: the last value per key
     ipc = AsyncIPC(url, namespace=namespace, retry_timeout=30)
     ipc.on("m", lambda data: heard.append(data["seq"]) if data["from"] == other else None)
     ipc.on("ivip:gap", gaps.append)
     await ipc.start()
+    cache = AsyncCache(ipc)
     (folder / f"{name}.ready").touch()
     # Both subscribed before either sends (a file from another process: polled).
     while not (folder / f"{other}.ready").exists():  # noqa: ASYNC110
@@ -50,6 +54,10 @@ async def main(url: str, namespace: str, folder: Path, name: str, other: str) ->
             try:
                 await ipc.notify("m", {"from": name, "seq": acked})
                 acked += 1
+                if acked % 10 == 0:
+                    key = f"{name}-{acked % 70}"
+                    await cache.set(key, acked)
+                    sets[key] = acked
             except Exception as exc:
                 errors.append(_name(exc))
             await asyncio.sleep(0.005)
@@ -80,9 +88,10 @@ async def main(url: str, namespace: str, folder: Path, name: str, other: str) ->
             break
         await asyncio.sleep(0.05)
     reporter.cancel()
+    mirror = {str(k): await cache.get(k) for k in await cache.keys()}
     await ipc.destroy()
     print(json.dumps({"heard": heard, "acked": acked, "holdings": holdings,
-                      "errors": errors, "gaps": gaps}))  # fmt: skip
+                      "errors": errors, "gaps": gaps, "sets": sets, "mirror": mirror}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ async def run_peers(
 
 def check_reports(a: dict[str, Any], b: dict[str, Any]) -> None:
     """Every acknowledged message heard once, in order (or a gap reported); holdings
-    exclusive, fences increasing with time; no error but the library's."""
+    exclusive, fences increasing with time; no error but the library's; mirrors
+    equal to each other and to the acknowledged cache writes."""
     for me, other in ((a, b), (b, a)):
         if not me["gaps"]:
             assert me["heard"] == list(range(other["acked"])), "lost, doubled or reordered"
@@ -105,6 +106,9 @@ def check_reports(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert first[0] < second[0], f"fence not increasing: {first} {second}"
     raw = [e for e in a["errors"] + b["errors"] if not e.startswith("ivip_ipc_async.")]
     assert raw == [], raw
+    if not a["gaps"] and not b["gaps"]:
+        # Both mirrors hold every acknowledged cache write's last value, and only that.
+        assert a["mirror"] == b["mirror"] == {**a["sets"], **b["sets"]}
 
 
 @needs_redis_server
