@@ -157,7 +157,13 @@ class Relay:
             await self.server.wait_closed()
 
 
-_DOWN = ("sdown", "odown", "disconnected")  # a replica's flags, as redis-py parses them
+def _down(replica: Any) -> bool:
+    """Whether a Sentinel says this replica is down (redis-py 8 parses the reply
+    into a dict of `is_<flag>`; 7 leaves it a flat list with a `flags` field)."""
+    if isinstance(replica, dict):
+        return any(replica.get(f"is_{f}") for f in ("sdown", "odown", "disconnected"))
+    fields = dict(zip(replica[::2], replica[1::2], strict=True))
+    return bool({"s_down", "o_down", "disconnected"} & set(str(fields["flags"]).split(",")))
 
 
 class SentinelServer(Server):
@@ -210,7 +216,7 @@ class SentinelGroup:
                     replicas = client.execute_command("SENTINEL", "REPLICAS", self.service)
                     peers = client.execute_command("SENTINEL", "SENTINELS", self.service)
                 ready = ready and len(peers) == 2 and len(replicas) == 1
-                ready = ready and not any(r.get(f"is_{f}") for r in replicas for f in _DOWN)
+                ready = ready and not any(_down(r) for r in replicas)
             with redis.Redis(port=self.replica.port, decode_responses=True) as client:
                 ready = ready and client.info("replication")["master_link_status"] == "up"
             if ready:
