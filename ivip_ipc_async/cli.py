@@ -30,6 +30,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
+from .backends import REDIS_SCHEMES
 from .cache import AsyncCache
 from .errors import UnsafeDirectoryError
 from .ipc import AsyncIPC
@@ -153,10 +154,10 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     raw = args.dir if args.dir is not None else os.environ.get("IVIP_IPC_DIR")
     if raw is not None and "://" in raw:
         scheme = raw.partition("://")[0]
-        if scheme not in ("file", "redis", "rediss", "unix"):
+        if scheme != "file" and scheme not in REDIS_SCHEMES:
             raise UsageError(
                 f"unsupported URL scheme {scheme!r} in {_redact(raw)!r}: use a directory "
-                "path, file://, redis://, rediss:// or unix://"
+                "path, file://, redis://, rediss://, unix:// or redis+sentinel://"
             )
         if scheme != "file":
             try:

@@ -20,6 +20,7 @@ from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
 from . import waiting
+from .backends import REDIS_SCHEMES
 from .backends.base import Backend
 
 # The default backend, imported with the package: importing it at the first
@@ -268,7 +269,7 @@ class AsyncIPC:
             if "://" in text:
                 scheme, _, rest = text.partition("://")
                 scheme = scheme.lower()
-                if scheme in ("redis", "rediss", "unix"):
+                if scheme in REDIS_SCHEMES:
                     # Imported only when used: redis-py is an optional extra.
                     from .backends.redis import RedisBackend
 
@@ -281,7 +282,8 @@ class AsyncIPC:
                 if scheme != "file":
                     raise ValueError(
                         f"unsupported backend URL scheme {scheme!r} in {text!r} "
-                        "(use a directory path, file://, redis://, rediss:// or unix://)"
+                        "(use a directory path, file://, redis://, rediss://, unix:// "
+                        "or redis+sentinel://)"
                     )
                 text = rest
             root = Path(text).expanduser().absolute()
@@ -879,7 +881,7 @@ def _threshold_from_environment(default: float) -> float | None:
 def _check_url(text: str) -> None:
     """Refuse what looks like a Redis URL but is not a valid one (`ValueError`
     naming the problem), rather than take it for a directory path."""
-    match = re.match(r"(?i)(rediss?|unix):", text)
+    match = re.match(r"(?i)(rediss?|unix|redis\+sentinel):", text)
     if match is None:
         return
     if not text[match.end() :].startswith("//"):
