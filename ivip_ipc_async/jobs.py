@@ -7,8 +7,13 @@ pid and the time). It lives as long as the namespace does (the directory's
 files, the Redis keys), whatever becomes of the process that ran the job.
 
 A *generation* is an opaque text the caller names (a release, a schema
-version; "" by default): a job runs once per generation. The record keeps the
-last generation done; a call with another one runs the job and replaces it.
+version): a job runs once per generation. The record keeps the last generation
+done; a call with another one runs the job and replaces it.
+
+Without a generation (`run_once`'s default: once per start-up of the fleet)
+the record is kept under its own key (`<name>#start-up`, which no job name can
+be): there it does not say "done", only "a run ended": a caller that waited
+during a run sees it change and knows that the job was done meanwhile.
 
 Example:
     >>> import asyncio, tempfile
@@ -35,10 +40,21 @@ from .records import Kind, encode_key
 if TYPE_CHECKING:
     from .ipc import AsyncIPC
 
-__all__ = ["TOPIC", "JobRecords", "check_generation"]
+__all__ = ["TOPIC", "JobRecords", "check_generation", "record_key"]
 
 TOPIC: Final = "ivip.run_once"  # a cache name reserved for these records
 MAX_GENERATION: Final = 200  # characters
+START_UP: Final = "#start-up"  # the key suffix of the per-start-up records
+
+
+def record_key(name: str, generation: str | None) -> str:
+    """The key of `name`'s record: per generation, or (None) per start-up.
+
+    Example:
+        >>> record_key("migrate", "v2"), record_key("migrate", None)
+        ('migrate', 'migrate#start-up')
+    """
+    return name if generation is not None else name + START_UP
 
 
 def check_generation(generation: object) -> str:
@@ -71,10 +87,10 @@ class JobRecords:
         entry = ipc.mirror.lookup(TOPIC, name)
         if entry is None or entry.deleted or not entry.live(time.time()):
             return None
-        return _generation(ipc, entry.data)
+        return _generation(_decode(ipc, entry.data))
 
-    async def current(self, name: str) -> str | None:
-        """The generation done, as the medium has it now.
+    async def latest(self, key: str) -> dict[str, Any] | None:
+        """The record at `key` as the medium has it now (None: none, or unreadable).
 
         Asked by a process that has just taken the job's lock: whatever the last
         holder recorded before letting go is seen (on Redis, read from Redis; on
@@ -82,31 +98,47 @@ class JobRecords:
         """
         backend = await self.ipc._ensure()
         if backend.locks().leased:  # Redis: the mirror may lag the lock's release
-            rec = await backend.fetch(TOPIC, encode_key(name))
+            rec = await backend.fetch(TOPIC, encode_key(key))
             if rec is None or rec.kind is not Kind.CACHE_SET:
                 return None
             if rec.expires and rec.expires <= time.time():
                 return None
-            return _generation(self.ipc, rec.data)
+            return _decode(self.ipc, rec.data)
         catch_up = getattr(backend, "catch_up", None)
         if catch_up is not None:
             await catch_up()
-        return self.seen(name)
+        ipc = self.ipc
+        if not ipc._mirror_ready:
+            return None
+        entry = ipc.mirror.lookup(TOPIC, key)
+        if entry is None or entry.deleted or not entry.live(time.time()):
+            return None
+        return _decode(ipc, entry.data)
 
-    async def mark_done(self, name: str, generation: str, *, fence: int) -> None:
-        """Record `name` done for `generation` (stored when this returns)."""
+    async def current(self, name: str) -> str | None:
+        """The generation of `name` done, as the medium has it now (see `latest`)."""
+        return _generation(await self.latest(name))
+
+    async def mark_done(self, name: str, generation: str | None, *, fence: int) -> None:
+        """Record a run of `name` done, for `generation` or (None) for this
+        start-up (stored when this returns)."""
         done = {"generation": generation, "fence": fence, "pid": os.getpid(), "at": time.time()}
-        await self.cache.set(name, done, 0)
+        await self.cache.set(record_key(name, generation), done, 0)
 
     async def forget(self, name: str) -> None:
-        """Drop the record: the next `run_once` of `name` runs the job."""
+        """Drop the record of the generation done: the next `run_once` of `name`
+        with a generation runs the job."""
         await self.cache.delete(name)
 
 
-def _generation(ipc: AsyncIPC, data: bytes) -> str | None:
+def _decode(ipc: AsyncIPC, data: bytes) -> dict[str, Any] | None:
     try:
         value = ipc.codec.loads(data)
-    except Exception:  # written by a peer with another codec, or damaged: not done
+    except Exception:  # written by a peer with another codec, or damaged: none
         return None
-    generation = value.get("generation") if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _generation(record: dict[str, Any] | None) -> str | None:
+    generation = None if record is None else record.get("generation")
     return generation if isinstance(generation, str) else None

@@ -15,7 +15,8 @@ Two tools:
 
 * `run_once(ipc, name, job)`: start-up jobs (migrations, warming a cache) that
   must run in one worker of a fleet, while the others wait until it is done;
-  once per generation, recorded durably in the namespace (see `jobs`).
+  once per start-up of the fleet, or once per `generation` (a release),
+  recorded durably in the namespace (see `jobs`).
 * `Leadership(ipc, name)`: work that must keep running in exactly one process
   (a scheduler), handed over when that process dies.
 
@@ -36,11 +37,12 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from .coordination import DEFAULT_LEASE, check_name, check_timing, hold, release_on_exit
-from .jobs import JobRecords, check_generation
+from .jobs import JobRecords, check_generation, record_key
 
 if TYPE_CHECKING:
     from .backends.base import Contender
@@ -48,7 +50,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Leadership", "reset_run_once", "run_once"]
 
+_DONE: Final = "done"
 _RUNNING: Final = "running"
+
+# Leaderships won by `run_once` without a generation, kept for the life of the
+# process (or of its event loop, or of its `AsyncIPC`): while one is held with
+# the note "done", later callers know the job was done in this start-up.
+# A forked child keeps none of them.
+_kept: list[Contender] = []
+os.register_at_fork(after_in_child=_kept.clear)
 
 
 class Leadership:
@@ -227,30 +237,34 @@ async def run_once(
     name: str,
     job: Callable[[], Awaitable[Any]],
     *,
-    generation: str | int = "",
+    generation: str | int | None = None,
     timeout: float | None = None,
     poll_interval: float = 1.0,
     lease: float = DEFAULT_LEASE,
 ) -> bool:
-    """Run `job` once per generation in the namespace; the others wait until it is done.
+    """Run `job` in one process of the fleet; the others wait until it is done.
 
     Every worker of a fleet calls it at start-up; one of them (the leader of
     `name`) runs `job()`, and the call returns False in the others once the job
-    has finished. Returns True in the process that ran `job` (this call).
+    has finished, even if the leader's process exits right after it. Returns
+    True in the process that ran `job` (this call). What "once" means:
 
-    Done is recorded durably: before letting go of the job's lock, the leader
-    records `name` done for `generation` in the namespace (the reserved cache
-    `ivip.run_once`). Whatever becomes of the leader's process after that (a
-    one-shot script that exits, a recycled worker), every later call with the
-    same generation returns False without running the job: a process that took
-    the lock checks the record first. A *generation* is a text you choose, such
-    as your release or schema version ("" by default: once for the life of the
-    namespace); another generation runs the job again, once. `reset_run_once`
-    drops the record.
+    * By default (`generation=None`), **once per start-up of the fleet**. The
+      leader keeps the leadership of `name` while its process (its event loop,
+      its `AsyncIPC`) lives, so a worker that starts later returns False at
+      once. Once no process holds it (every worker was stopped, a redeploy),
+      the next caller runs the job again. Each run ends with a record in the
+      namespace, which a caller that waited during the run sees appear: it
+      returns False even when the leader has exited since.
+    * With a `generation` (your release or schema version), **once per
+      generation, for the life of the namespace**: the record says which
+      generation was done, and every later call with the same one returns False
+      without running the job, whatever became of the leader. Another
+      generation runs it again, once; `reset_run_once` drops the record.
 
-    If the leader dies before the job is recorded done (killed mid-job, or right
-    after it), or `job` raises there, a waiting process takes over and runs it:
-    at least once per generation when a runner dies, exactly once otherwise. Jobs
+    If the leader dies before the job's end is recorded (killed mid-job, or
+    right after it), or `job` raises there, a waiting process takes over and
+    runs it: at least once when a runner dies, exactly once otherwise. Jobs
     should be idempotent, as migrations and cache warm-ups are. On Redis the
     same holds with the lease: a leader paused for longer than `lease` seconds
     counts as dead.
@@ -259,8 +273,8 @@ async def run_once(
         ipc: An `AsyncIPC` on any backend (started if not).
         name: The job's name (as for `Leadership`).
         job: An async callable with no arguments.
-        generation: What "once" is counted per (a str of at most 200
-            characters, or an int).
+        generation: None (once per start-up of the fleet), or what "once" is
+            counted per: a str of at most 200 characters, or an int.
         timeout: Seconds to wait for another process's job; `TimeoutError` after.
         poll_interval: Seconds between tries while waiting (see `Leadership`).
         lease: Redis only: see `Leadership`.
@@ -284,11 +298,16 @@ async def run_once(
         >>> sorted(asyncio.run(main()))  # one ran it, the other waited for it
         [False, True]
 
-        Once per release, whichever worker starts first::
+        Once per release, whichever worker starts first, even across restarts::
 
             await run_once(IPC, "migrations", migrate, generation=os.environ["RELEASE"])
     """
     check_name(name, "job")
+    check_timing(lease, poll_interval)
+    if generation is None:
+        return await _once_per_start_up(
+            ipc, name, job, timeout=timeout, poll_interval=float(poll_interval), lease=lease
+        )
     wanted = check_generation(generation)
     records = JobRecords(ipc)
 
@@ -300,13 +319,12 @@ async def run_once(
     if await done():
         return False  # done before: no lock needed
 
-    leadership = Leadership(ipc, name, poll_interval=poll_interval, lease=lease)
-    contender = await leadership._contend()
+    contender = await _generation_lock(ipc, name, lease)
     try:
         if not await hold(
             contender,
             timeout=timeout,
-            poll_interval=leadership.poll_interval,
+            poll_interval=float(poll_interval),
             note=_RUNNING,
             enough=done,  # asked at each wake-up: the leader recorded it
         ):
@@ -322,6 +340,62 @@ async def run_once(
     return True
 
 
+async def _once_per_start_up(
+    ipc: AsyncIPC,
+    name: str,
+    job: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    lease: float,
+) -> bool:
+    """`run_once` without a generation: the leader keeps the leadership while it
+    lives; a run's end is recorded for those who waited during it."""
+    records = JobRecords(ipc)
+    key = record_key(name, None)
+    # The last run's record as this call begins: one that differs later is a run
+    # that ended during this call (its leader may have exited since).
+    before = await records.latest(key)
+
+    async def ended_since() -> bool:
+        latest = await records.latest(key)
+        return latest is not None and latest != before
+
+    leadership = Leadership(ipc, name, poll_interval=poll_interval, lease=lease)
+    contender = await leadership._contend()
+
+    async def done() -> bool:
+        # Asked when the leadership is taken: "done" is its living leader's note.
+        return await contender.holder_note() == _DONE or await ended_since()
+
+    keep = False
+    try:
+        if not await hold(
+            contender, timeout=timeout, poll_interval=poll_interval, note=_RUNNING, enough=done
+        ):
+            return False
+        # Ours now; the holder before us may have finished during our wait: its
+        # record was stored before it let go.
+        if await ended_since():
+            return False
+        await job()
+        await records.mark_done(name, None, fence=contender.fence)
+        await contender.set_note(_DONE)
+        keep = True
+    finally:
+        if not keep:
+            await release_on_exit(contender, contender.release)
+    _kept.append(contender)
+    return True
+
+
+async def _generation_lock(ipc: AsyncIPC, name: str, lease: float) -> Contender:
+    """The lock of `name`'s runs with a generation: not the leadership that a
+    run without one keeps for life, so that neither waits for the other."""
+    backend = await ipc._ensure()
+    return backend.locks().contender(f"g.{name}", lease=float(lease))
+
+
 async def reset_run_once(
     ipc: AsyncIPC,
     name: str,
@@ -331,9 +405,11 @@ async def reset_run_once(
 ) -> None:
     """Forget that job `name` was done: the next `run_once` of it runs the job.
 
-    Waits for a run of the job in progress to end first (it takes the job's
-    lock), so the record of that run cannot come back after the reset.
-    Changing `run_once`'s `generation` is the other way to run a job again.
+    For jobs run with a `generation`: waits for such a run in progress to end
+    first (it takes the job's lock), so the record of that run cannot come back
+    after the reset. Changing the `generation` is the other way to run a job
+    again. A job run without a generation runs again at the next start-up of
+    the fleet anyway; its leader's leadership is left alone.
 
     Example:
         >>> import asyncio, tempfile
@@ -342,16 +418,17 @@ async def reset_run_once(
         ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
         ...         async def job():
         ...             pass
-        ...         first = await run_once(ipc, "warm-up", job)
+        ...         first = await run_once(ipc, "warm-up", job, generation=1)
         ...         await reset_run_once(ipc, "warm-up")
-        ...         return first, await run_once(ipc, "warm-up", job)
+        ...         return first, await run_once(ipc, "warm-up", job, generation=1)
         >>> asyncio.run(main())
         (True, True)
     """
     check_name(name, "job")
-    leadership = Leadership(ipc, name, lease=lease)
-    await leadership.acquire(timeout)
+    check_timing(lease, 1.0)
+    contender = await _generation_lock(ipc, name, lease)
     try:
+        await hold(contender, timeout=timeout, poll_interval=1.0, note=_RUNNING)
         await JobRecords(ipc).forget(name)
     finally:
-        await leadership.release()
+        await release_on_exit(contender, contender.release)

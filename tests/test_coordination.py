@@ -110,6 +110,8 @@ AGENT = textwrap.dedent(
                     say(ran=ran)
                     if cmd.get("exit"):  # a one-shot script: done, it exits
                         break
+                elif op == "exit":  # a clean exit: the AsyncIPC lets go of everything
+                    break
                 elif op == "memo":
                     results = await asyncio.gather(
                         *(slow(cmd["seconds"], cmd["path"]) for _ in range(cmd["calls"]))
@@ -438,15 +440,18 @@ async def test_run_once_is_taken_over_when_the_leader_dies_mid_job(
     assert [line.split()[0] for line in path.read_text().splitlines()] == ["job", "job"]
 
 
+@pytest.mark.parametrize("generation", [None, "v1"])
 async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
-    agents: Any, tmp_path: Path
+    agents: Any, tmp_path: Path, generation: str | None
 ) -> None:
     """Issue #20, item 2: a one-shot leader exits right after its job; the
-    processes that waited during the job must not run it again, nor one that
-    comes later."""
+    processes that waited during the job must not run it again, by default
+    (once per start-up of the fleet) as with a generation; with a generation,
+    nor may one that comes later."""
     path = tmp_path / "jobs"
+    more = {} if generation is None else {"generation": generation}
     (leader,) = await agents(1, lease=2.0)
-    await leader.send(op="run_once", path=str(path), seconds=2.0, exit=True)
+    await leader.send(op="run_once", path=str(path), seconds=2.0, exit=True, **more)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     while not (path.exists() and path.read_text()):
@@ -454,13 +459,16 @@ async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
         await asyncio.sleep(0.01)
     waiters = await agents(2, lease=2.0)
     for waiter in waiters:
-        await waiter.send(op="run_once", path=str(path), seconds=0)
+        await waiter.send(op="run_once", path=str(path), seconds=0, **more)
     assert await leader.read(timeout=20) == {"ran": True}
     async with asyncio.timeout(20):
         assert await leader.proc.wait() == 0  # gone, and its lock with it
     assert [await waiter.read(timeout=20) for waiter in waiters] == [{"ran": False}] * 2
+    assert len(path.read_text().splitlines()) == 1
+    if generation is None:
+        return  # a later caller finds no living leader: see the fleet test below
     (late,) = await agents(1, lease=2.0)
-    assert await late.ask(op="run_once", path=str(path), seconds=0) == {"ran": False}
+    assert await late.ask(op="run_once", path=str(path), seconds=0, **more) == {"ran": False}
     assert len(path.read_text().splitlines()) == 1
     # A new generation runs it once more, in one process only.
     for agent in (*waiters, late):
@@ -468,6 +476,36 @@ async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
     answers = [await agent.read(timeout=20) for agent in (*waiters, late)]
     assert sorted(a["ran"] for a in answers) == [False, False, True]
     assert len(path.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("generation", [None, "v1"])
+async def test_run_once_when_the_whole_fleet_restarts(
+    agents: Any, tmp_path: Path, generation: str | None
+) -> None:
+    """By default a job runs once per start-up of the fleet: a worker that
+    starts while the leader lives returns False at once; once every process
+    has exited, the next start-up runs it again. With a generation, never
+    again for that generation."""
+    path = tmp_path / "jobs"
+    more = {} if generation is None else {"generation": generation}
+    fleet = await agents(3, lease=2.0)
+    for agent in fleet:
+        await agent.send(op="run_once", path=str(path), seconds=0.3, **more)
+    answers = [await agent.read(timeout=20) for agent in fleet]
+    assert sorted(a["ran"] for a in answers) == [False, False, True]
+    (late,) = await agents(1, lease=2.0)  # the leader lives: done, at once (poll: 30 s)
+    assert await late.ask(timeout=5, op="run_once", path=str(path), seconds=0, **more) == {
+        "ran": False
+    }
+    for agent in (*fleet, late):
+        await agent.send(op="exit")
+    async with asyncio.timeout(20):
+        for agent in (*fleet, late):
+            assert await agent.proc.wait() == 0
+    (fresh,) = await agents(1, lease=2.0)  # a new start-up of the fleet
+    ran = await fresh.ask(timeout=5, op="run_once", path=str(path), seconds=0, **more)
+    assert ran == {"ran": generation is None}
+    assert len(path.read_text().splitlines()) == (2 if generation is None else 1)
 
 
 async def test_run_once_generations_and_reset(make: Make) -> None:  # noqa: F811
@@ -479,12 +517,14 @@ async def test_run_once_generations_and_reset(make: Make) -> None:  # noqa: F811
 
     assert await run_once(one, "migrate", job)
     assert not await run_once(two, "migrate", job)
-    assert await run_once(two, "migrate", job, generation=2)  # another generation: again
+    assert await run_once(two, "migrate", job, generation=2, timeout=5)  # another: again
     assert not await run_once(one, "migrate", job, generation="2")
     three = await make().start()  # a process started later reads the record
     assert not await run_once(three, "migrate", job, generation=2)
-    await reset_run_once(three, "migrate")  # run it again, deliberately
-    assert await run_once(one, "migrate", job, generation=2)
+    # One keeps the leadership of its default run while it lives: neither a
+    # reset nor a generation waits for it.
+    await reset_run_once(three, "migrate", timeout=5)  # run it again, deliberately
+    assert await run_once(one, "migrate", job, generation=2, timeout=5)
     assert ran == ["ran"] * 3
     with pytest.raises(TypeError, match="generation"):
         await run_once(one, "migrate", job, generation=2.5)  # type: ignore[arg-type]
