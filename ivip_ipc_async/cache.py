@@ -525,6 +525,19 @@ class AsyncCache(Generic[V]):
             return None
         return entry.data
 
+    async def _settled(self, key: str) -> bytes | None:
+        """The encoded value of `key` as the shared medium has it now: with every
+        write acknowledged before this call (on Redis read from Redis, whose
+        mirror may lag; on the directory, the log read up to now first)."""
+        backend = await self.ipc._ensure()
+        if backend.locks().leased:
+            rec = await backend.fetch(self.name, encode_key(key))
+            if rec is None or rec.kind is not Kind.CACHE_SET:
+                return None
+            return rec.data if not rec.expires or rec.expires > time.time() else None
+        await backend.catch_up()
+        return self._stored(key)
+
     async def _single_flight(
         self, key: str, compute: Callable[[], Awaitable[bytes]], lease: float
     ) -> bytes:
@@ -536,19 +549,9 @@ class AsyncCache(Generic[V]):
         try:
             while True:
                 if await contender.try_acquire():
-                    # A holder before us may have finished just now: its write precedes
-                    # its release (directory: read from the doorbell it rang first;
-                    # Redis: the mirror may lag, the entry's hash does not).
-                    data = self._stored(key)
-                    if data is None and backend.locks().leased:
-                        rec = await backend.fetch(self.name, encode_key(key))
-                        live = rec is not None and rec.kind is Kind.CACHE_SET
-                        if (
-                            live
-                            and rec is not None
-                            and (not rec.expires or rec.expires > time.time())
-                        ):
-                            data = rec.data
+                    # A holder before us may have finished just now: its write was
+                    # stored before its release, whether or not we have read it yet.
+                    data = await self._settled(key)
                     return data if data is not None else await compute()
                 await contender.wait(_MEMO_POLL)
                 guard.check()

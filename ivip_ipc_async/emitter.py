@@ -287,23 +287,33 @@ class Emitter:
             self.timing = False
         return self.timing
 
-    def held_loop(self, held: float, calls: dict[tuple[str, Handler], int]) -> None:
+    def held_loop(
+        self, held: float, calls: dict[tuple[str, Handler], int], *, shared: bool = False
+    ) -> None:
         """A dispatch held the loop `held` seconds; `calls` counts the handler
         calls it made, by (event, handler). Past `slow_threshold`, name them in a
         warning; with several, time each call for the next `slow_interval` s.
+        `shared`: the dispatch also did other work (applied cache records), so
+        its time is not the handlers' alone: nobody is named, each call is timed
+        for the next `slow_interval` s instead.
 
         Example:
             >>> emitter = Emitter(); emitter.slow_threshold = 0.05
             >>> emitter.held_loop(0.2, {("a", print): 1, ("b", repr): 1})
             >>> emitter.slow_handlers, emitter.timing
             (1, True)
+            >>> emitter = Emitter(); emitter.slow_threshold = 0.05
+            >>> emitter.held_loop(0.2, {("a", print): 1}, shared=True)
+            >>> emitter.slow_handlers, emitter.timing
+            (0, True)
         """
         if self.still_timing():
             return  # its calls were timed one by one
         if held <= self.slow_threshold or not calls:
             return
-        self._slow(calls, held, timed=False)
-        if len(calls) > 1:
+        if not shared:
+            self._slow(calls, held, timed=False)
+        if shared or len(calls) > 1:
             self.timing = True
             self._timing_until = time.monotonic() + self.slow_interval
 

@@ -637,6 +637,7 @@ class AsyncIPC:
         message = _MESSAGE
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
         get = listeners.get
+        applied = 0  # cache records: their time is in `held` too
         for rec in records:
             # One unpacking instead of an attribute lookup per field.
             kind, topic, _, data, hlc, _, _, _, codec = rec
@@ -652,10 +653,11 @@ class AsyncIPC:
             elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
                 self.clock.observe(hlc)
                 self.mirror.apply(rec)
+                applied += 1
         held = _clock() - start
         emitter.dispatch_seconds += held
         if held > emitter.slow_threshold:
-            emitter.held_loop(held, self._calls_of(records))
+            emitter.held_loop(held, self._calls_of(records), shared=applied > 0)
 
     def _calls_of(self, records: Sequence[Record]) -> dict[tuple[str, Handler], int]:
         """The handler calls a dispatch of `records` made (the listeners now), by

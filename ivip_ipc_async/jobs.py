@@ -35,7 +35,6 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from .cache import AsyncCache
-from .records import Kind, encode_key
 
 if TYPE_CHECKING:
     from .ipc import AsyncIPC
@@ -96,24 +95,8 @@ class JobRecords:
         holder recorded before letting go is seen (on Redis, read from Redis; on
         the directory, the log is read up to now first).
         """
-        backend = await self.ipc._ensure()
-        if backend.locks().leased:  # Redis: the mirror may lag the lock's release
-            rec = await backend.fetch(TOPIC, encode_key(key))
-            if rec is None or rec.kind is not Kind.CACHE_SET:
-                return None
-            if rec.expires and rec.expires <= time.time():
-                return None
-            return _decode(self.ipc, rec.data)
-        catch_up = getattr(backend, "catch_up", None)
-        if catch_up is not None:
-            await catch_up()
-        ipc = self.ipc
-        if not ipc._mirror_ready:
-            return None
-        entry = ipc.mirror.lookup(TOPIC, key)
-        if entry is None or entry.deleted or not entry.live(time.time()):
-            return None
-        return _decode(ipc, entry.data)
+        data = await self.cache._settled(key)
+        return None if data is None else _decode(self.ipc, data)
 
     async def current(self, name: str) -> str | None:
         """The generation of `name` done, as the medium has it now (see `latest`)."""

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -351,15 +352,21 @@ async def _once_per_start_up(
 ) -> bool:
     """`run_once` without a generation: the leader keeps the leadership while it
     lives; a run's end is recorded for those who waited during it."""
+    # A run that ended after this call began was done for this call, even if its
+    # leader has exited since: its record is stamped after `began` (the clock of
+    # one machine; across Redis hosts, as close as theirs), or differs from the
+    # record read as the call began.
+    began = time.time()
     records = JobRecords(ipc)
     key = record_key(name, None)
-    # The last run's record as this call begins: one that differs later is a run
-    # that ended during this call (its leader may have exited since).
     before = await records.latest(key)
 
     async def ended_since() -> bool:
         latest = await records.latest(key)
-        return latest is not None and latest != before
+        if latest is None:
+            return False
+        at = latest.get("at")
+        return latest != before or (isinstance(at, int | float) and at >= began)
 
     leadership = Leadership(ipc, name, poll_interval=poll_interval, lease=lease)
     contender = await leadership._contend()

@@ -102,8 +102,13 @@ AGENT = textwrap.dedent(
                 elif op == "run_once":
                     async def job():
                         append(cmd["path"], f"job {os.getpid()}")
+                        gate = cmd.get("gate")  # the job ends only once this file exists
+                        while gate and not os.path.exists(gate):
+                            await asyncio.sleep(0.01)
                         await asyncio.sleep(cmd["seconds"])
                     more = {"generation": cmd["generation"]} if "generation" in cmd else {}
+                    if cmd.get("announce"):  # the call begins now
+                        say(calling=os.getpid())
                     ran = await run_once(
                         ipc, "start-up", job, poll_interval=30, lease=lease, **more
                     )
@@ -448,18 +453,20 @@ async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
     processes that waited during the job must not run it again, by default
     (once per start-up of the fleet) as with a generation; with a generation,
     nor may one that comes later."""
-    path = tmp_path / "jobs"
+    path, gate = tmp_path / "jobs", tmp_path / "gate"
     more = {} if generation is None else {"generation": generation}
-    (leader,) = await agents(1, lease=2.0)
-    await leader.send(op="run_once", path=str(path), seconds=2.0, exit=True, **more)
+    leader, *waiters = await agents(3, lease=2.0)
+    # The leader's job runs until the waiters' calls have begun (the gate).
+    await leader.send(op="run_once", path=str(path), gate=str(gate), seconds=0, exit=True, **more)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     while not (path.exists() and path.read_text()):
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
-    waiters = await agents(2, lease=2.0)
     for waiter in waiters:
-        await waiter.send(op="run_once", path=str(path), seconds=0, **more)
+        await waiter.send(op="run_once", path=str(path), seconds=0, announce=True, **more)
+        assert (await waiter.read(timeout=20)).keys() == {"calling"}
+    gate.touch()
     assert await leader.read(timeout=20) == {"ran": True}
     async with asyncio.timeout(20):
         assert await leader.proc.wait() == 0  # gone, and its lock with it

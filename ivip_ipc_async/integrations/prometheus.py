@@ -41,6 +41,8 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..logs import logger
+from ..waiting import cancel_and_wait
 from .figures import Figure, Spec, figures
 
 if TYPE_CHECKING:
@@ -204,15 +206,18 @@ async def multiprocess_exporter(ipc: AsyncIPC, *, interval: float = 5.0) -> Asyn
     async def every() -> None:
         while True:
             await asyncio.sleep(interval)
-            copier.copy()
+            try:
+                copier.copy()
+            except Exception:  # logged, and the next round tries again
+                logger.exception("could not copy the figures for prometheus_client")
 
     copier.copy()
     task = asyncio.create_task(every(), name="ivip-ipc_prometheus")
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Not `suppress(CancelledError)`: the caller's own cancellation (a lifespan
+        # shut down while leaving this block) must go on.
+        await cancel_and_wait(task)
         copier.copy()  # the counters' last growth stays in the sums
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -286,6 +286,9 @@ class RedisBackend:
             raise ConnectionAbortedError("the IPC instance is closed")
         await self.writer.append(records)
 
+    async def catch_up(self) -> None:
+        """Nothing to do: a read that must see the present asks Redis (`fetch`)."""
+
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """One cache entry, read from Redis (while the mirror is being rebuilt).
 
