@@ -254,6 +254,8 @@ _GARBAGE = {
     "smaller fence": b'{"pid": 1, "fence": 1, "note": ""}',
     "huge fence": b'{"pid": 1, "fence": 1' + b"0" * 40 + b', "note": ""}',
     "binary": b"\xff\xfe\x00garbage",
+    "deep list": b"[" * 1023,  # RecursionError in json.loads, not a ValueError
+    "deep object": b'{"a":' * 300,
     "empty": b"",
     "deleted": b"",
 }

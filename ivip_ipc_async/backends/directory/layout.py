@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import re
 import secrets
@@ -176,6 +177,24 @@ def open_regular(name: str, flags: int, dir_fd: int, mode: int = 0o600) -> int:
     os.close(fd)
     what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
     raise UnsafeFileError(errno.EPERM, f"refusing {name!r}: {what}")
+
+
+def json_object(data: bytes) -> dict[str, Any]:
+    """`data` parsed as one JSON object, or {} when it is not one.
+
+    Every JSON record read from the directory (a lock's record, a peer's note, a
+    snapshot's header) goes through here: the bytes are untrusted, and
+    `json.loads` raises more than ValueError (RecursionError on deep nesting).
+
+    Example:
+        >>> json_object(b'{"pid": 7}'), json_object(b"[" * 5000), json_object(b"[1]")
+        ({'pid': 7}, {}, {})
+    """
+    try:
+        value = json.loads(data)
+    except Exception:  # damaged, nested too deep, too large: no record at all
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def unlink(name: str, dir_fd: int) -> bool:

@@ -50,7 +50,7 @@ from ...logs import logger
 from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
 from .inotify import LIBC
-from .layout import secure_directory
+from .layout import json_object, secure_directory
 from .lock_wakeups import LockWakeups
 
 __all__ = ["DirectoryLocks"]
@@ -378,11 +378,8 @@ class _FileContender:
             return b""
 
     def _read(self) -> dict[str, Any]:
-        try:
-            info = json.loads(self._read_raw())
-        except ValueError:  # empty, damaged, or read while being written: no hint
-            return {}
-        return info if isinstance(info, dict) else {}
+        # Empty, damaged, or read while being written: {}, no hint.
+        return json_object(self._read_raw())
 
     def _write(self) -> None:
         if self._fd is None:
@@ -397,11 +394,7 @@ class _FileContender:
     def _next_fence(self, copy_fd: int | None) -> int:
         """One more than the largest trusted token (read while holding the lock)."""
         raw = self._read_raw()
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            info = None
-        in_file = valid_fence(info.get("fence")) if isinstance(info, dict) else None
+        in_file = valid_fence(json_object(raw).get("fence"))
         copy = _read_copy(copy_fd)
         held_here = self._provider._held_fences.get(self.name)
         last = max(in_file or 0, copy or 0, held_here or 0)

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ...logs import logger
-from .layout import LOCK_RE, SEGMENT_RE, Namespace, exists, open_regular, unlink
+from .layout import LOCK_RE, SEGMENT_RE, Namespace, exists, json_object, open_regular, unlink
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -110,12 +110,12 @@ class Peers:
         except OSError:
             return 0
         try:
-            note = json.loads(os.pread(fd, 4096, 0))
-            return int(note.get(key, 0))
-        except (OSError, ValueError, TypeError, AttributeError):
+            value = json_object(os.pread(fd, 4096, 0)).get(key)
+        except OSError:
             return 0
         finally:
             os.close(fd)
+        return value if type(value) is int and value > 0 else 0  # untrusted: a count
 
     def announced(self) -> bool:
         """Whether this peer's lock file is still at its name in peers/ (someone
