@@ -114,12 +114,13 @@ COUNTERS: Final = (
 # -- where the directory is: ivip_ipc_async/namespaces.py (shared with the CLI) --
 
 
-def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
+def secure_directory(path: Path | str, *, dir_fd: int | None = None, create: bool = True) -> int:
     """Create (0700) or open a directory the current user may trust; returns its fd.
 
     Refuses, with `UnsafeDirectoryError`, a symlink, a directory owned by another
     user, or one that group or others can write. With `dir_fd`, `path` is a name
-    relative to that directory, so no symlink can be swapped in between.
+    relative to that directory, so no symlink can be swapped in between. With
+    `create=False`, a directory that is not there is `FileNotFoundError`.
 
     Example:
         >>> import tempfile, os
@@ -130,11 +131,12 @@ def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
         '0o700'
     """
     path = os.fspath(path)
-    if dir_fd is None:
+    if create and dir_fd is None:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700, dir_fd=dir_fd)
     try:
         fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:

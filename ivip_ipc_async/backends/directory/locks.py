@@ -174,6 +174,21 @@ class DirectoryLocks:
                 os.close(root)
         return self._dir
 
+    def _dir_if_there(self) -> int | None:
+        """`locks/`, as `_dir_fd` opens it, but never created (None: it is not
+        there, or is refused): looking at a lock must not make the namespace again
+        while an `rm -rf` of it may be under way."""
+        if self._dir is None:
+            try:
+                root = secure_directory(self.path, create=False)
+                try:
+                    self._dir = secure_directory(_SUBDIR, dir_fd=root, create=False)
+                finally:
+                    os.close(root)
+            except OSError:  # UnsafeDirectoryError included
+                return None
+        return self._dir
+
     def _reopen(self) -> None:
         """`locks/` (or the namespace) was removed and made again: use the one at
         the path from now on (files in the removed one are orphans)."""
@@ -198,7 +213,9 @@ class DirectoryLocks:
 
     def moved(self) -> None:
         """The namespace was re-created at its path (rejoin.py): later attempts
-        open its new locks/ (locks held stay in the old one until released)."""
+        open its new locks/. A lock held across the move is lost (its file is not
+        at the lock's path any more): the next `held` or `verify()` reads False,
+        with a warning, and lets go of it."""
         self._reopen()
 
     def contender(self, name: str, *, lease: float) -> _FileContender:
@@ -362,9 +379,13 @@ class _FileContender:
 
     def _linked(self) -> bool:
         """Is the open file still the one at the lock's path (not unlinked, not
-        replaced)? An inode number is not reused while a descriptor keeps it."""
+        replaced)? An inode number is not reused while a descriptor keeps it.
+        Never creates a directory: no locks/ (or no namespace) is "not linked"."""
+        dir_fd = self._provider._dir_if_there()
+        if dir_fd is None:
+            return False
         try:
-            now = os.stat(self.name, dir_fd=self._provider._dir_fd(), follow_symlinks=False)
+            now = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:
             return False
         return (now.st_dev, now.st_ino) == self._inode
