@@ -225,16 +225,43 @@ def exists(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
-    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is."""
+FileId = tuple[int, int]  # (st_dev, st_ino): which file, on which device
+
+
+def file_id(st: os.stat_result) -> FileId:
+    """The identity of the file `st` describes: device and inode number."""
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(name: str, dir_fd: int | None, held: int | FileId, *, unknown: bool = True) -> bool:
+    """Whether `name` (relative to `dir_fd`) is still the file `held` is: an open
+    fd, or the `file_id` it had. Not there: False. Not known (EACCES, ELOOP...):
+    `unknown`. Never follows a symlink. An inode number is not reused while a
+    descriptor keeps the file, and is unique only on its device.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     fd = os.open(tmp, os.O_RDONLY)
+        ...     kept = same_file(tmp, None, fd)
+        ...     os.rmdir(tmp); os.mkdir(tmp)
+        ...     print(kept, same_file(tmp, None, fd), same_file("gone", fd, (0, 0)))
+        ...     os.close(fd)
+        True False False
+    """
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
-        return True
+        return False
     except OSError:
-        return False  # not known to be gone (EACCES, ELOOP...): no repair for that
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+        return unknown
+    return file_id(st) == (file_id(os.fstat(held)) if isinstance(held, int) else held)
+
+
+def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
+    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is
+    (not known to be gone, EACCES, ELOOP...: not moved, no repair for that)."""
+    return not same_file(name, dir_fd, fd)
 
 
 def segment_name(peer: str, number: int) -> str:

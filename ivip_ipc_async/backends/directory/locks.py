@@ -50,7 +50,7 @@ from ...logs import logger
 from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
 from .inotify import LIBC
-from .layout import json_object, secure_directory
+from .layout import FileId, file_id, json_object, same_file, secure_directory
 from .lock_wakeups import LockWakeups
 
 __all__ = ["DirectoryLocks"]
@@ -318,7 +318,7 @@ class _FileContender:
         self.name = name
         self.fence = 0
         self._fd: int | None = None
-        self._inode = (0, 0)  # st_dev, st_ino of the open file
+        self._inode: FileId = (0, 0)  # the open file's
         self._held = False
         self._note = ""
         self._wake: tuple[LockWakeups, asyncio.Event] | None = None
@@ -372,7 +372,7 @@ class _FileContender:
             os.close(fd)
             path = self._provider.file_path(self.name)
             raise UnsafeDirectoryError(f"refusing lock file {path}: {problem}")
-        self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+        self._fd, self._inode = fd, file_id(st)
         _open_here.add(self)
         self._provider._contenders.add(self)
         return fd
@@ -382,13 +382,8 @@ class _FileContender:
         replaced)? An inode number is not reused while a descriptor keeps it.
         Never creates a directory: no locks/ (or no namespace) is "not linked"."""
         dir_fd = self._provider._dir_if_there()
-        if dir_fd is None:
-            return False
-        try:
-            now = os.stat(self.name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            return False
-        return (now.st_dev, now.st_ino) == self._inode
+        # Not known (EACCES...): not linked, the safe side for a lock.
+        return dir_fd is not None and same_file(self.name, dir_fd, self._inode, unknown=False)
 
     def _read_raw(self) -> bytes:
         if self._fd is None:

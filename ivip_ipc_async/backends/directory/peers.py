@@ -17,7 +17,16 @@ import time
 from typing import TYPE_CHECKING
 
 from ...logs import logger
-from .layout import LOCK_RE, SEGMENT_RE, Namespace, exists, json_object, open_regular, unlink
+from .layout import (
+    LOCK_RE,
+    SEGMENT_RE,
+    Namespace,
+    exists,
+    json_object,
+    open_regular,
+    same_file,
+    unlink,
+)
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -124,14 +133,7 @@ class Peers:
         peers_fd = self._ns.fds.get("peers")
         if self.lock_fd is None or peers_fd is None:
             return True
-        try:
-            st = os.stat(f"{self._ns.peer}.lock", dir_fd=peers_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        held = os.fstat(self.lock_fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+        return same_file(f"{self._ns.peer}.lock", peers_fd, self.lock_fd)
 
     def announce_again(self) -> None:
         """Announce this peer anew in peers/ (its lock file and doorbell were
