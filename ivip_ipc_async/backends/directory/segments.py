@@ -110,10 +110,11 @@ class OwnSegments:
             os.close(self.seg_fd)
             self.seg_fd = None
         self.segments[-1].closed_at = time.time()
-        self.open_segment(last + 1)  # on failure, the next write tries again (rotate)
         if moved:
             del self.segments[:-1]
             self.own_bytes = 0
+        self.must_rotate = True  # until the open succeeds: the next write tries again
+        self.open_segment(last + 1)
         self.must_rotate = False
         return last
 
