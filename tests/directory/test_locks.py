@@ -241,6 +241,26 @@ def test_the_locks_directory_removed_under_a_holder(ipc_dir: Path, holders: Any)
     assert first.ask(op="acquire", name="a", timeout=0.2).get("timed_out")
 
 
+def test_checking_a_lock_never_re_creates_a_removed_namespace(ipc_dir: Path, holders: Any) -> None:
+    """The namespace removed (`rm -rf`) under a holder, which rejoins (re-creating
+    the namespace, its log/ and peers/, never locks/): checking the lock held across
+    the move reads False and creates nothing (before: `held` made the namespace and
+    locks/ again, racing an `rm -rf` still under way); a new lock is taken in a new
+    locks/ all the same."""
+    holder = holders()
+    assert holder.ask(op="acquire", name="a")["held"]
+    ns = ipc_dir / "default"
+    shutil.rmtree(ns)
+    deadline = time.monotonic() + 10
+    while not list((ns / "peers").glob("*.lock")):  # the holder rejoined
+        assert time.monotonic() < deadline, "the holder did not rejoin"
+        time.sleep(0.01)
+    assert holder.ask(op="check", name="a") == {"held": False, "verified": False}
+    assert not (ns / "locks").exists()
+    assert holder.ask(op="acquire", name="b")["held"]
+    assert (ns / "locks" / "u.b").is_file()
+
+
 _GARBAGE = {
     "float": b"1e308",
     "string": b'"12"',
@@ -254,6 +274,8 @@ _GARBAGE = {
     "smaller fence": b'{"pid": 1, "fence": 1, "note": ""}',
     "huge fence": b'{"pid": 1, "fence": 1' + b"0" * 40 + b', "note": ""}',
     "binary": b"\xff\xfe\x00garbage",
+    "deep list": b"[" * 1023,  # RecursionError in json.loads, not a ValueError
+    "deep object": b'{"a":' * 300,
     "empty": b"",
     "deleted": b"",
 }

@@ -381,3 +381,47 @@ async def test_a_joiner_after_the_rejoin_gets_the_cache_state(ipc_dir: Path) -> 
         )
         with chats(ipc_dir, "c", rescan_interval=10.0) as (joiner,):
             assert (await joiner.look())["keys"] == sorted(keys)
+
+
+async def test_a_rejoin_whose_new_segment_fails_still_counts_what_was_stranded(
+    ipc_dir: Path, until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """log/ removed under a writer, and the new segment cannot be opened at the
+    rejoin (`OSError`, injected once): the records written since the layout was
+    last seen in place are still counted as stranded and the lock file still
+    names the segment (before: the directories were swapped, so the next look
+    found all in place, and neither was ever recorded). Writing goes on."""
+    import errno
+
+    from .helpers import FAST
+
+    async with AsyncIPC(ipc_dir, **FAST) as a, AsyncIPC(ipc_dir, **FAST) as b:
+        got: list[int] = []
+        b.on("chat", got.append)
+        backend = a._backend
+        assert backend is not None
+        rejoin, segments = backend._rejoin, backend._segments  # type: ignore[attr-defined]
+        assert rejoin.check(wait=False)
+        for i in (1, 2, 3):
+            await a.notify("chat", i)
+        last = segments.segments[-1].number
+        shutil.rmtree(ipc_dir / "default" / "log")
+        real = segments.open_segment
+        failures = []
+
+        def fail_once(number: int) -> None:
+            if not failures:
+                failures.append(number)
+                raise OSError(errno.ENOSPC, "injected: no space left")
+            real(number)
+
+        monkeypatch.setattr(segments, "open_segment", fail_once)
+        assert not rejoin.check(wait=False)  # the new segment could not be opened
+        assert failures
+        assert rejoin.check(wait=False)  # the rest of the rejoin done
+        assert rejoin.problem == ""
+        stats = a.stats()
+        assert (stats["records_stranded"], stats["layout_repairs"]) == (3, 1)
+        assert backend._peers._note.get("displaced_through") == last  # type: ignore[attr-defined]
+        await a.notify("chat", 4)  # the next write opens the new segment
+        await until(lambda: got[-1:] == [4])

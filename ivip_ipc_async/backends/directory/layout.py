@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import re
 import secrets
@@ -113,12 +114,13 @@ COUNTERS: Final = (
 # -- where the directory is: ivip_ipc_async/namespaces.py (shared with the CLI) --
 
 
-def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
+def secure_directory(path: Path | str, *, dir_fd: int | None = None, create: bool = True) -> int:
     """Create (0700) or open a directory the current user may trust; returns its fd.
 
     Refuses, with `UnsafeDirectoryError`, a symlink, a directory owned by another
     user, or one that group or others can write. With `dir_fd`, `path` is a name
-    relative to that directory, so no symlink can be swapped in between.
+    relative to that directory, so no symlink can be swapped in between. With
+    `create=False`, a directory that is not there is `FileNotFoundError`.
 
     Example:
         >>> import tempfile, os
@@ -129,11 +131,12 @@ def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
         '0o700'
     """
     path = os.fspath(path)
-    if dir_fd is None:
+    if create and dir_fd is None:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700, dir_fd=dir_fd)
     try:
         fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
@@ -178,6 +181,24 @@ def open_regular(name: str, flags: int, dir_fd: int, mode: int = 0o600) -> int:
     raise UnsafeFileError(errno.EPERM, f"refusing {name!r}: {what}")
 
 
+def json_object(data: bytes) -> dict[str, Any]:
+    """`data` parsed as one JSON object, or {} when it is not one.
+
+    Every JSON record read from the directory (a lock's record, a peer's note, a
+    snapshot's header) goes through here: the bytes are untrusted, and
+    `json.loads` raises more than ValueError (RecursionError on deep nesting).
+
+    Example:
+        >>> json_object(b'{"pid": 7}'), json_object(b"[" * 5000), json_object(b"[1]")
+        ({'pid': 7}, {}, {})
+    """
+    try:
+        value = json.loads(data)
+    except Exception:  # damaged, nested too deep, too large: no record at all
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def unlink(name: str, dir_fd: int) -> bool:
     try:
         os.unlink(name, dir_fd=dir_fd)
@@ -204,16 +225,43 @@ def exists(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
-    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is."""
+FileId = tuple[int, int]  # (st_dev, st_ino): which file, on which device
+
+
+def file_id(st: os.stat_result) -> FileId:
+    """The identity of the file `st` describes: device and inode number."""
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(name: str, dir_fd: int | None, held: int | FileId, *, unknown: bool = True) -> bool:
+    """Whether `name` (relative to `dir_fd`) is still the file `held` is: an open
+    fd, or the `file_id` it had. Not there: False. Not known (EACCES, ELOOP...):
+    `unknown`. Never follows a symlink. An inode number is not reused while a
+    descriptor keeps the file, and is unique only on its device.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     fd = os.open(tmp, os.O_RDONLY)
+        ...     kept = same_file(tmp, None, fd)
+        ...     os.rmdir(tmp); os.mkdir(tmp)
+        ...     print(kept, same_file(tmp, None, fd), same_file("gone", fd, (0, 0)))
+        ...     os.close(fd)
+        True False False
+    """
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
-        return True
+        return False
     except OSError:
-        return False  # not known to be gone (EACCES, ELOOP...): no repair for that
-    held = os.fstat(fd)
-    return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
+        return unknown
+    return file_id(st) == (file_id(os.fstat(held)) if isinstance(held, int) else held)
+
+
+def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
+    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is
+    (not known to be gone, EACCES, ELOOP...: not moved, no repair for that)."""
+    return not same_file(name, dir_fd, fd)
 
 
 def segment_name(peer: str, number: int) -> str:

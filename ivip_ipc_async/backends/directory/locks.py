@@ -50,7 +50,7 @@ from ...logs import logger
 from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
 from .inotify import LIBC
-from .layout import secure_directory
+from .layout import FileId, file_id, json_object, same_file, secure_directory
 from .lock_wakeups import LockWakeups
 
 __all__ = ["DirectoryLocks"]
@@ -174,6 +174,21 @@ class DirectoryLocks:
                 os.close(root)
         return self._dir
 
+    def _dir_if_there(self) -> int | None:
+        """`locks/`, as `_dir_fd` opens it, but never created (None: it is not
+        there, or is refused): looking at a lock must not make the namespace again
+        while an `rm -rf` of it may be under way."""
+        if self._dir is None:
+            try:
+                root = secure_directory(self.path, create=False)
+                try:
+                    self._dir = secure_directory(_SUBDIR, dir_fd=root, create=False)
+                finally:
+                    os.close(root)
+            except OSError:  # UnsafeDirectoryError included
+                return None
+        return self._dir
+
     def _reopen(self) -> None:
         """`locks/` (or the namespace) was removed and made again: use the one at
         the path from now on (files in the removed one are orphans)."""
@@ -198,7 +213,9 @@ class DirectoryLocks:
 
     def moved(self) -> None:
         """The namespace was re-created at its path (rejoin.py): later attempts
-        open its new locks/ (locks held stay in the old one until released)."""
+        open its new locks/. A lock held across the move is lost (its file is not
+        at the lock's path any more): the next `held` or `verify()` reads False,
+        with a warning, and lets go of it."""
         self._reopen()
 
     def contender(self, name: str, *, lease: float) -> _FileContender:
@@ -301,7 +318,7 @@ class _FileContender:
         self.name = name
         self.fence = 0
         self._fd: int | None = None
-        self._inode = (0, 0)  # st_dev, st_ino of the open file
+        self._inode: FileId = (0, 0)  # the open file's
         self._held = False
         self._note = ""
         self._wake: tuple[LockWakeups, asyncio.Event] | None = None
@@ -355,19 +372,18 @@ class _FileContender:
             os.close(fd)
             path = self._provider.file_path(self.name)
             raise UnsafeDirectoryError(f"refusing lock file {path}: {problem}")
-        self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+        self._fd, self._inode = fd, file_id(st)
         _open_here.add(self)
         self._provider._contenders.add(self)
         return fd
 
     def _linked(self) -> bool:
         """Is the open file still the one at the lock's path (not unlinked, not
-        replaced)? An inode number is not reused while a descriptor keeps it."""
-        try:
-            now = os.stat(self.name, dir_fd=self._provider._dir_fd(), follow_symlinks=False)
-        except OSError:
-            return False
-        return (now.st_dev, now.st_ino) == self._inode
+        replaced)? An inode number is not reused while a descriptor keeps it.
+        Never creates a directory: no locks/ (or no namespace) is "not linked"."""
+        dir_fd = self._provider._dir_if_there()
+        # Not known (EACCES...): not linked, the safe side for a lock.
+        return dir_fd is not None and same_file(self.name, dir_fd, self._inode, unknown=False)
 
     def _read_raw(self) -> bytes:
         if self._fd is None:
@@ -378,11 +394,8 @@ class _FileContender:
             return b""
 
     def _read(self) -> dict[str, Any]:
-        try:
-            info = json.loads(self._read_raw())
-        except ValueError:  # empty, damaged, or read while being written: no hint
-            return {}
-        return info if isinstance(info, dict) else {}
+        # Empty, damaged, or read while being written: {}, no hint.
+        return json_object(self._read_raw())
 
     def _write(self) -> None:
         if self._fd is None:
@@ -397,11 +410,7 @@ class _FileContender:
     def _next_fence(self, copy_fd: int | None) -> int:
         """One more than the largest trusted token (read while holding the lock)."""
         raw = self._read_raw()
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            info = None
-        in_file = valid_fence(info.get("fence")) if isinstance(info, dict) else None
+        in_file = valid_fence(json_object(raw).get("fence"))
         copy = _read_copy(copy_fd)
         held_here = self._provider._held_fences.get(self.name)
         last = max(in_file or 0, copy or 0, held_here or 0)

@@ -17,7 +17,16 @@ import time
 from typing import TYPE_CHECKING
 
 from ...logs import logger
-from .layout import LOCK_RE, SEGMENT_RE, Namespace, exists, open_regular, unlink
+from .layout import (
+    LOCK_RE,
+    SEGMENT_RE,
+    Namespace,
+    exists,
+    json_object,
+    open_regular,
+    same_file,
+    unlink,
+)
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -110,12 +119,12 @@ class Peers:
         except OSError:
             return 0
         try:
-            note = json.loads(os.pread(fd, 4096, 0))
-            return int(note.get(key, 0))
-        except (OSError, ValueError, TypeError, AttributeError):
+            value = json_object(os.pread(fd, 4096, 0)).get(key)
+        except OSError:
             return 0
         finally:
             os.close(fd)
+        return value if type(value) is int and value > 0 else 0  # untrusted: a count
 
     def announced(self) -> bool:
         """Whether this peer's lock file is still at its name in peers/ (someone
@@ -124,14 +133,7 @@ class Peers:
         peers_fd = self._ns.fds.get("peers")
         if self.lock_fd is None or peers_fd is None:
             return True
-        try:
-            st = os.stat(f"{self._ns.peer}.lock", dir_fd=peers_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        held = os.fstat(self.lock_fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+        return same_file(f"{self._ns.peer}.lock", peers_fd, self.lock_fd)
 
     def announce_again(self) -> None:
         """Announce this peer anew in peers/ (its lock file and doorbell were

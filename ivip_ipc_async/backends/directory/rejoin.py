@@ -60,6 +60,7 @@ class Rejoin:
         self._seq_seen_home = 0  # own sequence number when the layout was last found in place
         self._soon: asyncio.TimerHandle | None = None
         self.on_moved: Callable[[], object] | None = None  # the namespace was re-created
+        self._unfinished = ""  # why a rejoin began that failed part-way: done again
 
     def connect(
         self,
@@ -99,7 +100,7 @@ class Rejoin:
         snapshot = self._snapshots.task
         if ns.retired and (snapshot is None or snapshot.done()):
             ns.close_retired()  # no snapshot write is using an old root any more
-        what = ns.displaced()
+        what = ns.displaced() or self._unfinished
         if not what:
             if not self._peers.announced():
                 what = f"this peer's lock file in {ns.path / 'peers'} was removed"
@@ -130,7 +131,11 @@ class Rejoin:
         if not self.problem:
             logger.warning("%s: re-creating it and joining again", what)
         replaced = ns.reopen_directories()
-        ns.counters["layout_repairs"] += 1
+        if not self._unfinished:
+            ns.counters["layout_repairs"] += 1
+        # The fds are swapped: from here on the layout looks in place, so a step
+        # failing below (OSError) leaves this said until a rejoin completes.
+        self._unfinished = what
         if "root" in replaced:
             self._snapshots.moved()
             if self.on_moved is not None:
@@ -138,9 +143,11 @@ class Rejoin:
         if "log" in replaced or not self._segments.linked():
             # Records written since the layout was last seen in place went where
             # joiners do not look: only peers holding that segment open read them.
+            # Both recorded before the new segment is opened: if that fails, the
+            # fds are swapped already, and the next look finds the layout in place.
             stranded = self._segments.seq - self._seq_seen_home
-            last = self._segments.start_again("log" in replaced)
-            self._peers.note("displaced_through", last)
+            self._seq_seen_home = self._segments.seq
+            self._peers.note("displaced_through", self._segments.segments[-1].number)
             if stranded:
                 ns.counters["records_stranded"] += stranded
                 logger.warning(
@@ -150,6 +157,7 @@ class Rejoin:
                     stranded,
                     ns.path,
                 )
+            self._segments.start_again("log" in replaced)  # on failure, writes retry too
         if "peers" in replaced or not self._peers.announced() or not self._wakeups.doorbell_bound():
             self._peers.announce_again()
         self._seq_seen_home = self._segments.seq
@@ -159,4 +167,5 @@ class Rejoin:
         self._wakeups.restart_watcher()
         self._wakeups.refresh_peers(ring_new=True)
         self._reader.schedule_read(full=True)
+        self._unfinished = ""
         logger.warning("peer %s joined %s again", ns.peer, ns.path)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ...logs import rate_limited
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
-from .layout import GROUP_WRITE, Namespace, segment_name, unlink
+from .layout import GROUP_WRITE, Namespace, same_file, segment_name, unlink
 
 if TYPE_CHECKING:
     from .peers import Peers
@@ -98,15 +98,7 @@ class OwnSegments:
         fd, log_fd = self.seg_fd, self._ns.fds.get("log")
         if fd is None or log_fd is None or not self.segments:
             return True
-        name = segment_name(self._ns.peer, self.segments[-1].number)
-        try:
-            st = os.stat(name, dir_fd=log_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        held = os.fstat(fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+        return same_file(segment_name(self._ns.peer, self.segments[-1].number), log_fd, fd)
 
     def start_again(self, moved: bool) -> int:
         """Continue in a new segment in log/ (the one at the namespace's path now);
@@ -118,10 +110,11 @@ class OwnSegments:
             os.close(self.seg_fd)
             self.seg_fd = None
         self.segments[-1].closed_at = time.time()
-        self.open_segment(last + 1)  # on failure, the next write tries again (rotate)
         if moved:
             del self.segments[:-1]
             self.own_bytes = 0
+        self.must_rotate = True  # until the open succeeds: the next write tries again
+        self.open_segment(last + 1)
         self.must_rotate = False
         return last
 

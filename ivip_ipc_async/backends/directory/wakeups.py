@@ -49,7 +49,7 @@ from .inotify import (
     open_inotify,
     read_events,
 )
-from .layout import LOCK_RE, SEGMENT_RE, Namespace
+from .layout import LOCK_RE, SEGMENT_RE, FileId, Namespace, file_id, same_file
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -91,7 +91,7 @@ class Wakeups:
     def __init__(self, ns: Namespace) -> None:
         self._ns = ns
         self.bell: socket.socket | None = None
-        self._bell_ino = 0  # the inode of peers/<peer>.sock once bound
+        self._bell_id: FileId = (0, 0)  # file_id of peers/<peer>.sock once bound
         self.on_displaced: Callable[[], object] | None = None  # see rejoin.py
         self._ringers: dict[str, socket.socket] = {}
         self._peers_mtime = 0  # st_mtime_ns of peers/ when the ringers were last refreshed
@@ -144,7 +144,9 @@ class Wakeups:
             sock.setblocking(False)
             sock.bind(path)
             os.chmod(f"{ns.peer}.sock", 0o600, dir_fd=ns.fds["peers"])
-            self._bell_ino = os.stat(f"{ns.peer}.sock", dir_fd=ns.fds["peers"]).st_ino
+            self._bell_id = file_id(
+                os.stat(f"{ns.peer}.sock", dir_fd=ns.fds["peers"], follow_symlinks=False)
+            )
         except BaseException:
             sock.close()
             raise
@@ -158,13 +160,8 @@ class Wakeups:
         peers_fd = self._ns.fds.get("peers")
         if self.bell is None or peers_fd is None:
             return True
-        try:
-            st = os.stat(f"{self._ns.peer}.sock", dir_fd=peers_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        return st.st_ino == self._bell_ino
+        # The socket's own fd is of sockfs: the file's identity was kept at bind.
+        return same_file(f"{self._ns.peer}.sock", peers_fd, self._bell_id)
 
     def close_doorbell(self) -> None:
         """Stop listening on the doorbell, close it, delete its socket file."""
