@@ -512,6 +512,8 @@ class AsyncIPC:
         Raises:
             TypeError: `message` cannot be encoded (nothing was written).
             ValueError: the record is larger than `max_record_size`.
+            BackendFullError: no room (a full disk, Redis's `maxmemory`):
+                nothing was written.
             BackendError: Redis refused or could not store it; for
                 `BackendUnavailableError` it may have been stored anyway (see
                 docs/api.md, "Errors").

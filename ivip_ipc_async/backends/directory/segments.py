@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from ...errors import BackendFullError, IPCClosedError
 from ...logs import rate_limited
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
 from .layout import GROUP_WRITE, Namespace, segment_name, unlink
@@ -39,6 +40,8 @@ _MESSAGE: Final = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class loo
 _MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
 _ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
 _ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
+# What the kernel says when the medium has no room: raised as `BackendFullError`.
+_NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class NoRoom(Exception):
@@ -141,8 +144,12 @@ class OwnSegments:
         """
         if self.seg_fd is None or self.must_rotate:
             if self._ns.closing:
-                raise ConnectionAbortedError("the IPC instance is closed")
-            self.rotate()
+                raise IPCClosedError("the IPC instance is closed")
+            try:
+                self.rotate()
+            except OSError as exc:
+                _raise_full_as_such(exc)
+                raise
         first_seq = self.seq
         count = len(records)
         if count == 1:
@@ -165,7 +172,7 @@ class OwnSegments:
             written = _write_to_segment(fd, data)
             while written < size:  # a short write: rare, but allowed
                 written += _write_to_segment(fd, data[written:])
-        except OSError:
+        except OSError as exc:
             counters["write_errors"] += 1
             # The file says what reached it (more than `written` if the failing
             # call wrote part of its buffer before failing).
@@ -177,6 +184,7 @@ class OwnSegments:
                 self.must_rotate = True
                 with contextlib.suppress(OSError):
                     self.rotate()
+            _raise_full_as_such(exc)
             raise
         self.seq = seg.last_seq = first_seq + count
         seg.size += size
@@ -311,7 +319,7 @@ class GroupCommit:
         joins it, written at the end of the iteration (group commit).
         """
         if self._ns.closing:
-            raise ConnectionAbortedError("the IPC instance is closed")
+            raise IPCClosedError("the IPC instance is closed")
         if self.write_now(records):
             return
         # A task that has written its share of the iteration: written at once all
@@ -438,7 +446,7 @@ class GroupCommit:
     def _wait_for_room(self) -> None:
         """Writes are pending for room under the cap: ask for a snapshot, try
         again shortly; after `_ROOM_WAIT` seconds, fail them (never acknowledged,
-        so nothing is lost) with ENOSPC."""
+        so nothing is lost) with `BackendFullError` (errno ENOSPC)."""
         segments = self._segments
         now = time.monotonic()
         if not segments.room_since:
@@ -454,7 +462,7 @@ class GroupCommit:
         elif now - segments.room_since > _ROOM_WAIT:
             segments.room_since = 0.0
             pending, self.pending = self.pending, None
-            exc = OSError(
+            exc = BackendFullError(
                 errno.ENOSPC,
                 f"the namespace is at its max_footprint ({self._ns.max_footprint} bytes) and "
                 f"no snapshot made room within {_ROOM_WAIT:.0f}s: nothing was written",
@@ -474,7 +482,16 @@ class GroupCommit:
         if pending is not None:
             for _, fut in pending.calls:
                 if not fut.done() and not fut.get_loop().is_closed():
-                    fut.set_exception(ConnectionAbortedError("the IPC instance was closed"))
+                    fut.set_exception(IPCClosedError("the IPC instance was closed"))
+
+
+def _raise_full_as_such(exc: OSError) -> None:
+    """Raise the kernel's "no room" as the documented `BackendFullError` (the
+    same type Redis's `OOM` raises), its errno and text kept; return otherwise."""
+    if exc.errno in _NO_ROOM and not isinstance(exc, BackendFullError):
+        raise BackendFullError(
+            exc.errno, f"{exc.strerror} (the shared directory): nothing was written"
+        ) from exc
 
 
 _current_task: Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]
