@@ -57,7 +57,7 @@ Redis); `stats()` counts `gaps` and `records_lost`; `health()` is unhealthy for
 `AsyncIPC.unhealthy_after_gap` seconds.
 
 Example:
-    >>> from ivip_ipc_async.ipc import GAP_EVENT
+    >>> from ivip_ipc_async import GAP_EVENT
     >>> ipc = AsyncIPC("/tmp/unused")
     >>> sub = ipc.on(GAP_EVENT, lambda gap: print("lost", gap["lost"], "from", gap["peer"]))
     >>> GAP_EVENT
