@@ -19,7 +19,7 @@ from pathlib import Path
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
-from . import waiting
+from . import forks, waiting
 from .backends.base import Backend
 
 # The default backend, imported with the package: importing it at the first
@@ -72,9 +72,9 @@ _EVENT_SIZES_KEPT: Final = 1024
 _EVENT_NAME_KEPT: Final = 256
 
 # Bumped in a forked child, so an instance notices that its files belong to the
-# parent without a getpid() system call on every cache read.
-_fork_generation = [0]
-os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
+# parent without a getpid() system call on every cache read (a module global
+# here: the hot path reads it).
+_fork_generation = forks.generation
 
 
 class _FromEnvironment:
