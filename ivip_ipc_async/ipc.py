@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import time
-from asyncio import _get_running_loop
+from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -536,11 +536,7 @@ class AsyncIPC:
             self._check_size(topic_len, len(data))
         backend = self._backend
         # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
-        if (
-            backend is None
-            or self._loop is not _get_running_loop()
-            or self._pid != _fork_generation[0]
-        ):
+        if backend is None or self._loop is not _running_loop() or self._pid != _fork_generation[0]:
             backend = await self._ensure()
         records = (
             _new_record(Record, (_MESSAGE, event, b"", data, 0, self._node, 0.0, 0, codec.id)),

@@ -494,12 +494,24 @@ def _raise_full_as_such(exc: OSError) -> None:
         ) from exc
 
 
-_current_task: Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]
-if sys.version_info >= (3, 12):
-    _current_task = asyncio.current_task  # in C
-else:
-    # 3.11's `current_task` is a Python function (0.26 us); this is what it reads.
-    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+def _current_task_getter(
+    tasks: object,
+) -> Callable[[asyncio.AbstractEventLoop | None], asyncio.Task[Any] | None]:
+    """How the group commit asks for the current task (once per write).
+
+    `asyncio.current_task`, the public function, is in C from 3.12. On 3.11 it
+    is a Python function around a dict lookup (measured 0.11-0.28 us against
+    0.03-0.07 us, on an awaited notify of ~7 us): there the dict itself is read,
+    `asyncio.tasks._current_tasks` (a private name, the only one used here), and
+    the public function is the fallback when it is not there.
+    """
+    if sys.version_info >= (3, 12):
+        return asyncio.current_task
+    get = getattr(getattr(tasks, "_current_tasks", None), "get", None)
+    return get if callable(get) else asyncio.current_task
+
+
+_current_task = _current_task_getter(asyncio.tasks)
 
 
 # The one place records are written; tests replace it to inject disk faults.
