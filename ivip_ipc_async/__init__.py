@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from .backends.base import LossCause
 from .cache import AsyncCache
 from .coordination import Lock
 from .emitter import MessageStream, Subscription
@@ -43,6 +44,7 @@ __all__ = [
     "JsonCodec",
     "Leadership",
     "Lock",
+    "LossCause",
     "MessageStream",
     "OrjsonCodec",
     "Subscription",

@@ -103,3 +103,15 @@ def test_every_public_name_is_exported_at_the_top() -> None:
         if submodule.search(line)
     ]
     assert found == []
+
+
+def test_loss_causes_are_stable_names() -> None:
+    """The `records_lost_<cause>` counters and the metrics' `cause` label are
+    named from `LossCause`, whose values never change (dashboards use them)."""
+    from ivip_ipc_async import LossCause
+
+    assert {c.value for c in LossCause} == {
+        "retention", "cap", "displaced", "corruption", "truncation", "trimmed", "restart"
+    }  # fmt: skip
+    assert LossCause.CAP == "cap"
+    assert LossCause("retention").counter == "records_lost_retention"
