@@ -41,9 +41,8 @@ from typing import Annotated, Any
 from fastapi import Body, Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from ivip_ipc_async import IPC, AsyncCache, AsyncIPC, Cache, MessageStream
+from ivip_ipc_async import IPC, AsyncCache, AsyncIPC, Cache, MessageStream, run_once
 from ivip_ipc_async.integrations.starlette import get_cache, get_ipc, ipc_lifespan
-from ivip_ipc_async.leader import run_once
 
 IPCDep = Annotated[AsyncIPC, Depends(get_ipc)]
 CacheDep = Annotated[AsyncCache[Any], Depends(get_cache)]

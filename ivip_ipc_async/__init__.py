@@ -1,5 +1,8 @@
 """ivip_ipc_async: events and a shared cache between processes on one machine.
 
+Every public name is exported here: the default instances, `AsyncIPC`,
+`AsyncCache`, locks and leadership, the codecs and every error type.
+
 Example:
     >>> from ivip_ipc_async import IPC, Cache, AsyncIPC, AsyncCache
     >>> Cache.ipc is IPC
@@ -8,26 +11,46 @@ Example:
 
 from __future__ import annotations
 
+from .backends.base import LossCause
 from .cache import AsyncCache
 from .coordination import Lock
 from .emitter import MessageStream, Subscription
-from .errors import IPCClosedError, UnsafeDirectoryError
-from .ipc import AsyncIPC
+from .errors import (
+    BackendError,
+    BackendFullError,
+    BackendPermissionError,
+    BackendUnavailableError,
+    IPCClosedError,
+    IPCError,
+    UnsafeDirectoryError,
+)
+from .ipc import GAP_EVENT, AsyncIPC
+from .leader import Leadership, reset_run_once, run_once
 from .records import Codec, JsonCodec, OrjsonCodec
 
 __all__ = [
+    "GAP_EVENT",
     "IPC",
     "AsyncCache",
     "AsyncIPC",
+    "BackendError",
+    "BackendFullError",
+    "BackendPermissionError",
+    "BackendUnavailableError",
     "Cache",
     "Codec",
     "IPCClosedError",
+    "IPCError",
     "JsonCodec",
+    "Leadership",
     "Lock",
+    "LossCause",
     "MessageStream",
     "OrjsonCodec",
     "Subscription",
     "UnsafeDirectoryError",
+    "reset_run_once",
+    "run_once",
 ]
 
 __version__ = "0.1.0"

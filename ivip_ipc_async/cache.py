@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import json
 import time
-from asyncio import _get_running_loop
+from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
 
@@ -211,7 +211,7 @@ class AsyncCache(Generic[V]):
         # AsyncIPC._ready(), inlined: this is the hot path.
         if (
             ipc._backend is None
-            or ipc._loop is not _get_running_loop()
+            or ipc._loop is not _running_loop()
             or ipc._pid != _fork_generation[0]
         ):
             await ipc._ensure()

@@ -1,13 +1,19 @@
 """Exceptions raised by ivip_ipc_async.
 
 Every error the library raises about its own state or its shared medium is an
-`IPCError` (bad arguments stay `TypeError` / `ValueError`). Errors from Redis
-are wrapped in a `BackendError` subclass, with redis-py's exception chained as
-`__cause__`; each also keeps the built-in base it had before (`ConnectionError`,
-`PermissionError`), so existing `except` clauses still match.
+`IPCError` (bad arguments stay `TypeError` / `ValueError`), and the same
+condition raises the same type on both backends: a medium out of room is a
+`BackendFullError` (a full disk, or Redis's `maxmemory`), a write to a closed
+instance an `IPCClosedError`. Errors from Redis are wrapped in a `BackendError`
+subclass, with redis-py's exception chained as `__cause__`; a refused write to
+the directory chains the `OSError` the kernel gave. Each also keeps the
+built-in base it had before (`ConnectionError`, `PermissionError`, `OSError`),
+so existing `except` clauses still match.
 """
 
 from __future__ import annotations
+
+import errno
 
 __all__ = [
     "BackendError",
@@ -38,17 +44,21 @@ class UnsafeDirectoryError(IPCError, PermissionError):
     """
 
 
-class IPCClosedError(IPCError, RuntimeError):
-    """The instance was destroyed while the call was waiting.
+class IPCClosedError(IPCError, RuntimeError, ConnectionAbortedError):
+    """The instance was destroyed while the call was waiting, or its backend is
+    closed. Also a `RuntimeError` (what `wait_for` raised before) and a
+    `ConnectionAbortedError` (what a write to a closed backend raised before).
 
     Example:
         >>> str(IPCClosedError("destroyed"))
         'destroyed'
+        >>> issubclass(IPCClosedError, ConnectionAbortedError)
+        True
     """
 
 
 class BackendError(IPCError):
-    """The shared medium (the Redis server) refused or failed a request.
+    """The shared medium (the directory, the Redis server) refused or failed a request.
 
     The message says what was asked and what the server answered; redis-py's
     own exception is chained (`__cause__`). Raised as is for answers that no
@@ -84,11 +94,24 @@ class BackendPermissionError(BackendError, PermissionError):
     """
 
 
-class BackendFullError(BackendError):
-    """Redis refused a write for lack of memory (`OOM`, `maxmemory` reached with
-    policy `noeviction`): that record was not stored.
+class BackendFullError(BackendError, OSError):
+    """The medium has no room for a write: that record was not stored.
+
+    On Redis: `OOM` (`maxmemory` reached with policy `noeviction`). On the
+    directory: the disk or quota is full, the file size limit is reached
+    (`ENOSPC`, `EDQUOT`, `EFBIG`, the kernel's error chained), or the namespace
+    is at its `max_footprint` and no snapshot made room in time. Also an
+    `OSError` (what the directory raised before), with `errno` the kernel's, or
+    `ENOSPC` when none was given (Redis).
 
     Example:
-        >>> issubclass(BackendFullError, BackendError)
-        True
+        >>> import errno
+        >>> exc = BackendFullError("Redis at localhost is out of memory")
+        >>> isinstance(exc, OSError), exc.errno == errno.ENOSPC, str(exc)
+        (True, True, 'Redis at localhost is out of memory')
     """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        if self.errno is None:
+            self.errno = errno.ENOSPC

@@ -12,14 +12,14 @@ import contextlib
 import os
 import re
 import time
-from asyncio import _get_running_loop
+from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
-from . import waiting
+from . import forks, waiting
 from .backends import REDIS_SCHEMES
 from .backends.base import Backend
 
@@ -58,7 +58,7 @@ Redis); `stats()` counts `gaps` and `records_lost`; `health()` is unhealthy for
 `AsyncIPC.unhealthy_after_gap` seconds.
 
 Example:
-    >>> from ivip_ipc_async.ipc import GAP_EVENT
+    >>> from ivip_ipc_async import GAP_EVENT
     >>> ipc = AsyncIPC("/tmp/unused")
     >>> sub = ipc.on(GAP_EVENT, lambda gap: print("lost", gap["lost"], "from", gap["peer"]))
     >>> GAP_EVENT
@@ -73,9 +73,9 @@ _EVENT_SIZES_KEPT: Final = 1024
 _EVENT_NAME_KEPT: Final = 256
 
 # Bumped in a forked child, so an instance notices that its files belong to the
-# parent without a getpid() system call on every cache read.
-_fork_generation = [0]
-os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
+# parent without a getpid() system call on every cache read (a module global
+# here: the hot path reads it).
+_fork_generation = forks.generation
 
 
 class _FromEnvironment:
@@ -514,6 +514,8 @@ class AsyncIPC:
         Raises:
             TypeError: `message` cannot be encoded (nothing was written).
             ValueError: the record is larger than `max_record_size`.
+            BackendFullError: no room (a full disk, Redis's `maxmemory`):
+                nothing was written.
             BackendError: Redis refused or could not store it; for
                 `BackendUnavailableError` it may have been stored anyway (see
                 docs/api.md, "Errors").
@@ -536,11 +538,7 @@ class AsyncIPC:
             self._check_size(topic_len, len(data))
         backend = self._backend
         # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
-        if (
-            backend is None
-            or self._loop is not _get_running_loop()
-            or self._pid != _fork_generation[0]
-        ):
+        if backend is None or self._loop is not _running_loop() or self._pid != _fork_generation[0]:
             backend = await self._ensure()
         records = (
             _new_record(Record, (_MESSAGE, event, b"", data, 0, self._node, 0.0, 0, codec.id)),

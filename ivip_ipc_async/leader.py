@@ -37,11 +37,11 @@ Example:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from . import forks
 from .coordination import DEFAULT_LEASE, check_name, check_timing, hold, release_on_exit
 from .jobs import JobRecords, check_generation, record_key
 
@@ -54,12 +54,23 @@ __all__ = ["Leadership", "reset_run_once", "run_once"]
 _DONE: Final = "done"
 _RUNNING: Final = "running"
 
+
 # Leaderships won by `run_once` without a generation, kept for the life of the
 # process (or of its event loop, or of its `AsyncIPC`): while one is held with
 # the note "done", later callers know the job was done in this start-up.
 # A forked child keeps none of them.
-_kept: list[Contender] = []
-os.register_at_fork(after_in_child=_kept.clear)
+class _Kept:
+    """Those leaderships (an object: `forks` holds what registers weakly)."""
+
+    def __init__(self) -> None:
+        self.contenders: list[Contender] = []
+
+    def forget(self) -> None:
+        self.contenders.clear()
+
+
+_kept = _Kept()
+forks.forget_in_child(_kept, _Kept.forget)
 
 
 class Leadership:
@@ -392,7 +403,7 @@ async def _once_per_start_up(
     finally:
         if not keep:
             await release_on_exit(contender, contender.release)
-    _kept.append(contender)
+    _kept.contenders.append(contender)
     return True
 
 

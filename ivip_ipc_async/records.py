@@ -591,8 +591,37 @@ class Codec(Protocol):
         ...
 
 
-_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 _encode_str = json.encoder.encode_basestring
+_JSON_PROBE: Final = {"a": [1, 2.5, None, True], "é": "\u2713\n"}
+
+
+def _checked_c_encoder(factory: Any) -> Callable[[Callable[[Any], Any]], Any] | None:
+    """A maker of C JSON encoders from `json.encoder.c_make_encoder`, or None.
+
+    The C encoder is a private CPython API, called with nine positional
+    arguments (what `JSONEncoder.iterencode` passes it); encoding through it
+    skips the Python layers of `JSONEncoder.encode`, a third of the cost of a
+    small message. It is used only if, built that way, it encodes a probe as
+    the public encoder does; otherwise (a Python without it, or where it
+    changed) `JsonCodec` uses the public `JSONEncoder.encode`: the same bytes.
+    This is the one place that calls it.
+    """
+    if factory is None:
+        return None
+    public = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+    def make(default: Callable[[Any], Any]) -> Any:
+        return factory({}, default, _encode_str, None, ":", ",", False, False, False)
+
+    try:
+        same = "".join(make(public.default)(_JSON_PROBE, 0)) == public.encode(_JSON_PROBE)
+    except Exception:  # a changed signature, a different result type
+        return None
+    return make if same else None
+
+
+# None: the public encoder (see `_checked_c_encoder`).
+_c_encoder = _checked_c_encoder(getattr(json.encoder, "c_make_encoder", None))
 
 
 class JsonCodec:
@@ -635,7 +664,8 @@ class JsonCodec:
             ...
             TypeError: value cannot be encoded as JSON: Out of range float values ...
         """
-        if _c_make_encoder is None:
+        new_encoder = _c_encoder
+        if new_encoder is None:
             try:
                 return self._encode(value).encode()
             except ValueError as exc:  # circular references, NaN
@@ -646,9 +676,7 @@ class JsonCodec:
         try:
             make = encoders.pop()
         except IndexError:
-            make = _c_make_encoder(
-                {}, self._default, _encode_str, None, ":", ",", False, False, False
-            )
+            make = new_encoder(self._default)
         try:
             out = "".join(make(value, 0)).encode()
         except ValueError as exc:  # circular references, NaN

@@ -12,15 +12,17 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.errors import IPCClosedError, IPCError
 
 from .processes import reap
+from .redis_server import REDIS_SERVER, Server
 
 REDIS_URL = os.environ.get("IVIP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PEER = str(Path(__file__).with_name("peer.py"))
@@ -265,3 +267,90 @@ async def test_sigkill_of_a_sender_loses_nothing_acknowledged(medium: str, until
     finally:
         for proc in (receiver, sender):
             await reap(proc)
+
+
+# A child that fills its medium with cache writes until one is refused, and
+# says what it caught. On the directory its file size is limited (RLIMIT_FSIZE:
+# a full disk without filling one); on Redis the test set `maxmemory`.
+FILL = """
+import asyncio, errno, json, resource, signal, sys
+from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.errors import BackendError, BackendFullError, IPCError
+
+async def main():
+    target, namespace = sys.argv[1], sys.argv[2] or None
+    async with AsyncIPC(target, namespace=namespace) as ipc:
+        if namespace is None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of dying
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+        cache, acked = AsyncCache(ipc), 0
+        try:
+            for acked in range(100_000):
+                await cache.set(f"k{acked}", "x" * 20_000, 0)
+        except Exception as exc:
+            print(json.dumps({
+                "acked": acked,
+                "full": isinstance(exc, BackendFullError),
+                "classes": [isinstance(exc, c) for c in (IPCError, BackendError, OSError)],
+                "errno": errno.errorcode.get(exc.errno, exc.errno)
+                if isinstance(exc, OSError) else None,
+                "error": repr(exc),
+            }), flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(params=["directory", pytest.param("redis", marks=needs_redis)])
+def full_medium(request: pytest.FixtureRequest, ipc_dir: Path) -> Iterator[list[str]]:
+    """A medium that will run out of room: a directory (the child limits its own
+    file size), or a private Redis with `maxmemory` 1 MiB over what it uses."""
+    if request.param == "directory":
+        yield [str(ipc_dir), ""]
+        return
+    if REDIS_SERVER is None:
+        pytest.skip("no redis-server binary to start a private server")
+    server = Server("--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+        admin = server.admin()
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + (1 << 20))
+        admin.close()
+        yield [server.url, "full"]
+    finally:
+        server.close()
+
+
+async def test_a_full_medium_raises_backend_full_error(full_medium: list[str]) -> None:
+    """The same condition, the same error: a write refused for lack of room is a
+    `BackendFullError` on both backends, an `IPCError` that is also the
+    `OSError` it was before (errno ENOSPC, or the kernel's own, EFBIG here)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FILL, *full_medium, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        caught = json.loads(line)
+        assert caught["acked"] > 3, caught  # some room, then none
+        assert caught["full"], caught
+        assert caught["classes"] == [True, True, True], caught
+        directory = full_medium[1] == ""
+        assert caught["errno"] == ("EFBIG" if directory else "ENOSPC"), caught
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        await reap(proc)
+
+
+async def test_a_write_to_a_closed_backend_raises_ipc_closed_error(make: Make) -> None:
+    """After `close()`, a backend's `append` raises `IPCClosedError` on both
+    backends: an `IPCError`, still the `ConnectionAbortedError` it was."""
+    ipc = await make().start()
+    backend = ipc._backend
+    assert backend is not None
+    await ipc.destroy()
+    with pytest.raises(IPCClosedError) as raised:
+        await backend.append(())
+    assert isinstance(raised.value, IPCError)
+    assert isinstance(raised.value, ConnectionAbortedError)

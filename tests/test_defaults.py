@@ -73,3 +73,45 @@ def test_asyncio_run_twice(default_dir: Path) -> None:
 
 def test_public_names() -> None:
     assert set(ivip_ipc_async.__all__) >= {"IPC", "Cache", "AsyncIPC", "AsyncCache"}
+
+
+def test_every_public_name_is_exported_at_the_top() -> None:
+    """What a user imports comes from `ivip_ipc_async`: the public names of
+    the submodules (errors, leadership, the gap event) are the same objects at
+    the top, and no page or example imports them from a submodule."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    for module_name in ("errors", "leader", "ipc", "coordination", "cache"):
+        module = importlib.import_module(f"ivip_ipc_async.{module_name}")
+        for name in module.__all__:
+            assert name in ivip_ipc_async.__all__, f"{module_name}.{name}"
+            assert getattr(ivip_ipc_async, name) is getattr(module, name), name
+    assert sorted(ivip_ipc_async.__all__) == sorted(set(ivip_ipc_async.__all__))
+    root = Path(__file__).parent.parent
+    pages = [*root.glob("docs/*.md"), root / "README.md", *root.glob("examples/*.py")]
+    pages += [root / "tests" / "typing" / "usage.py"]
+    submodule = re.compile(
+        r"from ivip_ipc_async\.(errors|leader|ipc|coordination|emitter|cache|records) import"
+    )
+    found = [
+        f"{page.name}: {line.strip()}"
+        for page in pages
+        if page.name != "design.md"  # the map of the modules names them on purpose
+        for line in page.read_text().splitlines()
+        if submodule.search(line)
+    ]
+    assert found == []
+
+
+def test_loss_causes_are_stable_names() -> None:
+    """The `records_lost_<cause>` counters and the metrics' `cause` label are
+    named from `LossCause`, whose values never change (dashboards use them)."""
+    from ivip_ipc_async import LossCause
+
+    assert {c.value for c in LossCause} == {
+        "retention", "cap", "displaced", "corruption", "truncation", "trimmed", "restart"
+    }  # fmt: skip
+    assert LossCause.CAP == "cap"
+    assert LossCause("retention").counter == "records_lost_retention"

@@ -56,8 +56,6 @@ def test_docstring_examples(name: str, temp_in_ipc_dir: Path) -> None:
 
 PUBLIC: dict[str, list[str]] = {
     "ivip_ipc_async": list(ivip_ipc_async.__all__),
-    "ivip_ipc_async.ipc": ["GAP_EVENT"],
-    "ivip_ipc_async.leader": ["run_once", "reset_run_once", "Leadership"],
     "ivip_ipc_async.integrations.starlette": [
         "ipc_lifespan",
         "get_ipc",
@@ -83,11 +81,19 @@ def public_members(cls: type) -> Iterator[tuple[str, object]]:
             yield name, value
 
 
+# Constants exported at the top, with the module whose source documents them.
+DEFINED_IN: dict[str, str] = {"GAP_EVENT": "ivip_ipc_async.ipc"}
+
+
 def attribute_docstrings(module_name: str) -> dict[str, tuple[str, int]]:
-    """Module attributes documented by a string after their assignment, with its line."""
+    """Module attributes documented by a string after their assignment, with its line
+    (a re-exported constant's from the module that defines it)."""
     module = importlib.import_module(module_name)
-    tree = ast.parse(inspect.getsource(module))
     docs = {}
+    for name, where in DEFINED_IN.items():
+        if module_name != where and hasattr(module, name):
+            docs[name] = attribute_docstrings(where)[name]
+    tree = ast.parse(inspect.getsource(module))
     for node, after in zip(tree.body, tree.body[1:], strict=False):
         target = node.target if isinstance(node, ast.AnnAssign) else None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:

@@ -357,3 +357,58 @@ def test_a_record_whose_key_is_not_a_cache_key_is_ignored() -> None:
     assert m.rejected == 3
     assert m.apply(Record(Kind.CACHE_SET, "c", encode_key("k"), b"1", hlc=1, node=1))
     assert m.count() == 1
+
+
+# -- the private CPython fast paths, and their public fallbacks -----------------------
+
+JSON_SAMPLES = [{"id": 7, "name": "Ana é ✓", "tags": ["a", "b"], "x": 1.5, "n": None}, [], "", 0]
+
+
+def test_json_codec_falls_back_to_the_public_encoder_with_the_same_bytes_and_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without `json.encoder.c_make_encoder` (a private API), `JsonCodec` encodes
+    through `JSONEncoder.encode`: the same bytes, the same `TypeError`s."""
+    from ivip_ipc_async import records
+
+    fast = [JsonCodec().dumps(v) for v in JSON_SAMPLES]
+    monkeypatch.setattr(records, "_c_encoder", None)
+    codec = JsonCodec()
+    assert [codec.dumps(v) for v in JSON_SAMPLES] == fast
+    circular: list[object] = []
+    circular.append(circular)
+    for bad in (float("nan"), circular, object()):
+        with pytest.raises(TypeError):
+            codec.dumps(bad)
+
+
+def test_a_c_encoder_that_changed_is_not_used() -> None:
+    """The private C encoder is used only if it still takes the nine arguments
+    it is given and encodes a probe as the public encoder does."""
+    from ivip_ipc_async import records
+
+    def wrong_signature(*args: object) -> object:
+        raise TypeError("make_encoder() takes 10 arguments")
+
+    def wrong_output(*args: object) -> object:
+        return lambda value, indent: ["{}"]
+
+    assert records._checked_c_encoder(None) is None
+    assert records._checked_c_encoder(wrong_signature) is None
+    assert records._checked_c_encoder(wrong_output) is None
+    assert records._checked_c_encoder(json.encoder.c_make_encoder) is not None  # type: ignore[attr-defined]
+
+
+async def test_the_current_task_lookup_falls_back_to_the_public_function() -> None:
+    """The group commit asks for the current task on every write: on 3.11 through
+    asyncio's private dict when it is there, else `asyncio.current_task`."""
+    import asyncio
+    import types
+
+    from ivip_ipc_async.backends.directory import segments
+
+    loop = asyncio.get_running_loop()
+    assert segments._current_task_getter(asyncio.tasks)(loop) is asyncio.current_task()
+    fallback = segments._current_task_getter(types.SimpleNamespace())  # no private dict
+    assert fallback is asyncio.current_task
+    assert fallback(loop) is asyncio.current_task()

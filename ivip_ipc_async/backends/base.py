@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from enum import StrEnum
 from typing import Any, Final, Protocol
 
 from ..records import Record
@@ -18,13 +19,70 @@ __all__ = [
     "Backend",
     "Contender",
     "LockProvider",
+    "LossCause",
     "RecordSink",
     "check_lock_name",
     "check_lock_note",
+    "count_loss",
 ]
 
 LOCK_NAME: Final = re.compile(r"^[a-z]\.[A-Za-z0-9_][A-Za-z0-9._-]{0,159}$")
 MAX_LOCK_NOTE: Final = 512  # characters of a lock holder's note
+
+
+class LossCause(StrEnum):
+    """Why records were lost to a process (a gap), on either backend.
+
+    Each names a counter of `stats()`, `records_lost_<cause>` (present once
+    records were lost to it), and the `cause` label of the `records_lost`
+    metric. The values are stable: dashboards and alerts use them. Records lost
+    for a reason not known (Redis cannot always tell) are counted in
+    `records_lost` only.
+
+    Example:
+        >>> LossCause.RETENTION.counter, LossCause("cap") is LossCause.CAP
+        ('records_lost_retention', True)
+    """
+
+    RETENTION = "retention"
+    """Directory: deleted before this process read them (it fell more than the
+    retention window behind)."""
+    CAP = "cap"
+    """Directory: deleted by their writer to keep the namespace under `max_footprint`."""
+    DISPLACED = "displaced"
+    """Directory: written where this process could not read them (the namespace
+    directory was removed or moved)."""
+    CORRUPTION = "corruption"
+    """Directory: unreadable bytes, or a segment replaced by something unsafe."""
+    TRUNCATION = "truncation"
+    """Directory: a segment was cut short before this process read it."""
+    TRIMMED = "trimmed"
+    """Redis: trimmed or deleted from the stream before this process read them."""
+    RESTART = "restart"
+    """Redis: the server restarted without them."""
+
+    @property
+    def counter(self) -> str:
+        """The `stats()` key that counts the records lost for this cause.
+
+        Example:
+            >>> LossCause.CAP.counter
+            'records_lost_cap'
+        """
+        return f"records_lost_{self.value}"
+
+
+def count_loss(counters: dict[str, int], cause: LossCause, lost: int) -> None:
+    """Count `lost` records in `records_lost` and in `cause`'s counter.
+
+    Example:
+        >>> counters = {"records_lost": 0}
+        >>> count_loss(counters, LossCause.CAP, 3)
+        >>> counters
+        {'records_lost': 3, 'records_lost_cap': 3}
+    """
+    counters["records_lost"] += lost
+    counters[cause.counter] = counters.get(cause.counter, 0) + lost
 
 
 def check_lock_name(name: str) -> str:

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.ipc import GAP_EVENT
+from ivip_ipc_async import GAP_EVENT, AsyncCache, AsyncIPC, LossCause
 from ivip_ipc_async.records import Kind, Record, encode_frame
 
 from .helpers import FAST, Peer, message, write_segment
@@ -200,6 +199,12 @@ async def test_reader_that_falls_behind_reports_the_gap_and_resyncs_its_cache(
             stats = reader.stats()
             assert stats["gaps"] >= 1
             assert stats["records_lost"] > 0
+            # Counted by cause, each counter named from `LossCause` (the cap, or
+            # the retention window here), together every record lost.
+            by_cause = {k: v for k, v in stats.items() if k.startswith("records_lost_")}
+            assert set(by_cause) <= {c.counter for c in LossCause}, by_cause
+            assert set(by_cause) & {LossCause.CAP.counter, LossCause.RETENTION.counter}
+            assert sum(by_cause.values()) == stats["records_lost"]
             assert gaps[0]["lost"] > 0
             assert "gap in the records" in caplog.text
     finally:

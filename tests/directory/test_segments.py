@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.backends.directory import segments
+from ivip_ipc_async.backends.directory import segments, snapshots
+from ivip_ipc_async.errors import BackendFullError
 
 from .helpers import FAST, namespace_bytes
 
@@ -52,9 +53,12 @@ async def test_disk_full_raises_to_the_caller_and_recovers(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(segments, "_write_to_segment", full)
-    with pytest.raises(OSError, match="No space left"):
+    # The documented `BackendFullError` (as on Redis), still the OSError it was.
+    with pytest.raises(BackendFullError, match="No space left") as raised:
         await ipc.notify("e", "lost")
-    with pytest.raises(OSError, match="No space left"):
+    assert isinstance(raised.value, OSError)
+    assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(BackendFullError, match="No space left"):
         await AsyncCache(ipc).set("k", "lost")
     assert await AsyncCache(ipc).get("k") is None  # not applied locally either
     monkeypatch.setattr(segments, "_write_to_segment", real_write)
@@ -79,7 +83,7 @@ async def test_half_written_batch_is_never_delivered(
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
     monkeypatch.setattr(segments, "_write_to_segment", half_then_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(BackendFullError, match="No space left"):
         await ipc.notify("e", "x" * 1000)
     monkeypatch.setattr(segments, "_write_to_segment", real_write)
     await ipc.notify("e", "next")
@@ -174,7 +178,7 @@ async def test_a_batch_is_all_or_nothing(
     results = await asyncio.gather(
         *(ipc.notify("e", i) for i in range(10, 210)), return_exceptions=True
     )
-    assert all(isinstance(r, OSError) for r in results)
+    assert all(isinstance(r, BackendFullError) for r in results)
     acked = list(range(10))
     failing = False
     await ipc.notify("e", "next")
@@ -242,10 +246,30 @@ async def test_a_set_cancelled_after_its_write_still_applies_here(
     assert await theirs.get("k") == 39  # ... as every peer did
 
 
+async def test_a_write_no_snapshot_makes_room_for_is_refused_as_full(
+    ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At its share of `max_footprint`, with no snapshot to make room, a cache
+    write waits, then is refused with `BackendFullError` (errno ENOSPC)."""
+    monkeypatch.setattr(segments, "_ROOM_WAIT", 0.2)
+    monkeypatch.setattr(snapshots.Snapshots, "request", lambda self: None)
+    async with AsyncIPC(ipc_dir, segment_bytes=64 * 1024, max_footprint=512 * 1024) as ipc:
+        cache = AsyncCache(ipc)
+
+        async def fill() -> None:
+            for i in range(1000):
+                await cache.set(f"k{i}", "x" * 4000, 0)
+
+        with pytest.raises(BackendFullError, match="max_footprint") as raised:
+            await fill()
+        assert raised.value.errno == errno.ENOSPC
+
+
 FILE_SIZE_LIMITED = textwrap.dedent(
     """
     import asyncio, resource, signal, sys
     from ivip_ipc_async import AsyncIPC
+    from ivip_ipc_async.errors import BackendFullError
 
     async def main():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of dying
@@ -257,7 +281,7 @@ FILE_SIZE_LIMITED = textwrap.dedent(
                 while True:
                     await ipc.notify("fill", {"n": acked, "pad": "x" * 1000})
                     acked += 1
-            except OSError as exc:
+            except BackendFullError as exc:  # an OSError, errno EFBIG
                 print(f"error {exc.errno} after {acked}", flush=True)
             resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space is back
             await ipc.notify("fill", {"n": "after"})

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.ipc import GAP_EVENT
+from ivip_ipc_async import GAP_EVENT, AsyncCache, AsyncIPC, LossCause
 
 from ..redis_server import Relay, Server
 from ..test_backends import REDIS_URL, needs_redis
@@ -66,6 +65,8 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
         lost = 21 if await _server_major() >= 7 else None  # counted from XINFO on Redis 7+
         assert gaps == [{"peer": "redis", "lost": lost}]
         assert reader.stats()["records_lost"] == (lost or 0)
+        # The cause, as the directory counts its own (`LossCause`).
+        assert reader.stats().get(LossCause.TRIMMED.counter, 0) == (lost or 0)
         assert reader.stats()["reconnects"] >= 1
         assert await AsyncCache(reader).get("kept") == "yes"
         assert await AsyncCache(reader).get("missed") == "while away"  # only a reload has it
@@ -196,6 +197,7 @@ async def test_an_entry_deleted_before_it_was_read_is_reported(
         await until(lambda: got == [0, 1, 3, 4])
         assert gaps == [{"peer": "redis", "lost": 1}]
         assert reader.stats()["records_lost"] == 1
+        assert reader.stats()[LossCause.TRIMMED.counter] == 1  # deleted, counted as trimmed
         after: list[int] = []
         reader.on("after", after.append)
         await writer.notify("after", 1)

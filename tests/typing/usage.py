@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from typing import Any, TypedDict, assert_type
 
-from ivip_ipc_async import IPC, AsyncCache, AsyncIPC, Cache, MessageStream, Subscription
+from ivip_ipc_async import (
+    GAP_EVENT,
+    IPC,
+    AsyncCache,
+    AsyncIPC,
+    BackendFullError,
+    BackendUnavailableError,
+    Cache,
+    IPCError,
+    Leadership,
+    MessageStream,
+    Subscription,
+    run_once,
+)
 
 
 class User(TypedDict):
@@ -70,3 +83,22 @@ async def memoized(ipc: AsyncIPC) -> None:
         return x * x
 
     await square(3)
+
+
+async def from_the_top(ipc: AsyncIPC) -> None:
+    """Every public name comes from `ivip_ipc_async` itself."""
+    ipc.on(GAP_EVENT, lambda gap: None)
+    leadership = Leadership(ipc, "scheduler")
+    assert_type(leadership.is_leader, bool)
+
+    async def migrate() -> None: ...
+
+    assert_type(await run_once(ipc, "migrations", migrate, generation="v1"), bool)
+    try:
+        await ipc.notify("e", 1)
+    except BackendFullError as full:
+        assert_type(full.errno, int | None)  # ENOSPC, or the kernel's errno
+    except BackendUnavailableError:
+        pass
+    except IPCError:
+        pass

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ... import forks
 from ...logs import logger
 from ...records import Record
 from ..base import RecordSink
@@ -150,7 +150,7 @@ class DirectoryBackend:
         ns = self._ns
         ns.sink = sink
         ns.loop = asyncio.get_running_loop()
-        _started.add(self)
+        forks.forget_in_child(self, DirectoryBackend._drop_inherited)  # (a forked child)
         try:
             ns.open_directories()
             self._peers.announce()
@@ -361,17 +361,3 @@ class DirectoryBackend:
             ),
             **ns.counters,
         }
-
-
-# Started backends of this process, so that a forked child can let go of their
-# descriptors at once (see `_drop_inherited`).
-_started: weakref.WeakSet[DirectoryBackend] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for backend in list(_started):
-        backend._drop_inherited()
-    _started.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -26,12 +26,29 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
 from ...records import FrameReader, Record
-from ..base import RecordSink
+from ..base import LossCause, RecordSink
+
+
+class Loss(NamedTuple):
+    """Why a writer's records may be missing next, for the gap report: the cause
+    (which counter) and what happened, in words (for the warning).
+
+    Example:
+        >>> str(Loss(LossCause.TRUNCATION, "its segment was cut short"))
+        'truncation (its segment was cut short)'
+    """
+
+    cause: LossCause
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.cause.value} ({self.detail})"
+
 
 # ASCII digits and the very end of the name (`\d` takes any Unicode digit, `$`
 # a trailing newline): names in the directory are untrusted input.

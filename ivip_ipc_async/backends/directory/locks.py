@@ -3,7 +3,7 @@
 The kernel releases an `flock` when the last descriptor of the open file is
 closed, so a holder lets go by closing its descriptor, and dies letting go
 however it dies (even `kill -9`). A child forked without exec inherits the
-descriptors: it closes its copies at once (`os.register_at_fork`), so a child
+descriptors: it closes its copies at once (`forks.forget_in_child`), so a child
 never keeps its parent's lock alive (closing a copy is not `LOCK_UN`: the
 parent keeps the lock while it lives).
 
@@ -41,10 +41,10 @@ import json
 import os
 import re
 import stat
-import weakref
 from pathlib import Path
 from typing import Any, Final
 
+from ... import forks
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
 from ...waiting import wait_event
@@ -62,20 +62,6 @@ _FENCE_SIZE: Final = 24  # the copy: the token in ASCII digits, padded, one pwri
 _DIGITS: Final = re.compile(rb"[1-9][0-9]{0,18}")
 _FENCE_MAX: Final = 2**63 - 2  # the next one still fits a signed 64-bit store
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-# Contenders with a descriptor open in this process: closed in a forked child.
-_open_here: weakref.WeakSet[_FileContender] = weakref.WeakSet()
-_providers: weakref.WeakSet[DirectoryLocks] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for contender in list(_open_here):
-        contender._forget()
-    for provider in list(_providers):
-        provider._forget()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def valid_fence(value: object) -> int | None:
@@ -148,7 +134,7 @@ class DirectoryLocks:
         self._keeper: asyncio.Task[None] | None = None
         self._wakeups: LockWakeups | None = None  # one inotify fd for every waiter here
         self._held_fences: dict[str, int] = {}  # the largest token held here, per lock
-        _providers.add(self)
+        forks.forget_in_child(self, DirectoryLocks._forget)  # a forked child closes them
 
     def _guard(self) -> None:
         """Locks held here are let go when the event loop ends (its tasks are cancelled)."""
@@ -373,7 +359,7 @@ class _FileContender:
             path = self._provider.file_path(self.name)
             raise UnsafeDirectoryError(f"refusing lock file {path}: {problem}")
         self._fd, self._inode = fd, file_id(st)
-        _open_here.add(self)
+        forks.forget_in_child(self, _FileContender._forget)  # a forked child closes it
         self._provider._contenders.add(self)
         return fd
 
@@ -525,7 +511,7 @@ class _FileContender:
 
     def _close(self) -> None:
         fd, self._fd = self._fd, None
-        _open_here.discard(self)
+        forks.discard(self)
         self._provider._contenders.discard(self)
         if fd is not None:
             os.close(fd)  # the last descriptor of the open file: the flock goes with it

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Final
 from ... import fault_points
 from ...logs import logger, rate_limited
 from ...records import FrameReader, Kind, Record
+from ..base import LossCause
 from .layout import (
     READ_CHUNK,
     SEGMENT_RE,
     SLICE,
     STEP,
+    Loss,
     Namespace,
     after_timers_due,
     breathe,
@@ -60,7 +62,7 @@ class WriterState:
     dead: bool = False
     refused: bool = False  # a segment could not be opened safely (warned once)
     last_read: float = 0.0  # monotonic time of the last bytes read
-    cause: str = ""  # why records may be missing next: named in the gap report
+    cause: Loss | None = None  # why records may be missing next: named in the gap report
     stuck_at: int = -1  # offset of an incomplete frame seen at the last safety re-scan
 
 
@@ -190,7 +192,9 @@ class LogReader:
             self._ns.counters["garbage_bytes"] += skipped
             w = self.writers.get(peer)
             if w is not None:
-                w.cause = f"corruption ({why}: {skipped} unreadable bytes in its segment)"
+                w.cause = Loss(
+                    LossCause.CORRUPTION, f"{why}: {skipped} unreadable bytes in its segment"
+                )
             rate_limited(
                 logging.WARNING,
                 ("garbage", peer),
@@ -248,7 +252,9 @@ class LogReader:
                         w.refused = True
                         logger.warning("refusing to read %s-%08d.seg: %s", w.peer, w.segment, exc)
                     if w.segment < w.newest_segment:
-                        w.cause = "corruption (a segment was replaced by something unsafe)"
+                        w.cause = Loss(
+                            LossCause.CORRUPTION, "a segment was replaced by something unsafe"
+                        )
                         w.segment += 1
                         w.offset = 0
                         continue

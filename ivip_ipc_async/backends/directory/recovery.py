@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from ...logs import logger, rate_limited
 from ...records import HEADER_SIZE, FrameReader, Kind
-from ..base import RecordSink
-from .layout import READ_CHUNK, SEGMENT_RE, Namespace, breathe, open_regular, sliced
+from ..base import LossCause, RecordSink, count_loss
+from .layout import READ_CHUNK, SEGMENT_RE, Loss, Namespace, breathe, open_regular, sliced
 
 if TYPE_CHECKING:
     from .peers import Peers
@@ -69,7 +69,9 @@ class FrameRecovery:
         """A segment shrank under this reader (someone truncated it): read it
         again from the start; what was delivered is skipped by sequence number."""
         logger.warning("segment %s-%08d was truncated: reading it again", w.peer, w.segment)
-        w.cause = "truncation (its segment was cut short before this process read it)"
+        w.cause = Loss(
+            LossCause.TRUNCATION, "its segment was cut short before this process read it"
+        )
         w.reader.discard_pending()
         w.offset = 0
         w.stuck_at = -1
@@ -117,11 +119,9 @@ class Gaps:
         """`lost` records of `w` were never read: count, warn, resync the cache."""
         counters = self._ns.counters
         counters["gaps"] += 1
-        counters["records_lost"] += lost
         cause = w.cause or self.cause(w.peer, w.segment - 1)
-        w.cause = ""
-        key = cause.split(" ", 1)[0]
-        counters[f"records_lost_{key}"] = counters.get(f"records_lost_{key}", 0) + lost
+        w.cause = None
+        count_loss(counters, cause.cause, lost)
         rate_limited(
             logging.WARNING,
             ("gap", w.peer),
@@ -134,23 +134,26 @@ class Gaps:
             self._ns.sink.gap(w.peer, lost)
             self._ns.spawn(self._resync_state)
 
-    def cause(self, peer: str, segment: int) -> str:
+    def cause(self, peer: str, segment: int) -> Loss:
         """Why a segment of `peer` is gone: written in a namespace directory that
         was removed or moved, or deleted under the size cap (its writer says
         either in its lock file); else the retention window."""
         if segment <= self._peers.noted(peer, "displaced_through"):
-            return (
-                "displaced (its writer wrote them in the namespace directory after it "
-                "was removed or moved, where this process could not read them)"
+            return Loss(
+                LossCause.DISPLACED,
+                "its writer wrote them in the namespace directory after it "
+                "was removed or moved, where this process could not read them",
             )
         if segment <= self._peers.capped_through(peer):
-            return (
-                "cap (its writer deleted them to keep the namespace under max_footprint "
-                "before this process read them)"
+            return Loss(
+                LossCause.CAP,
+                "its writer deleted them to keep the namespace under max_footprint "
+                "before this process read them",
             )
-        return (
-            "retention (they were deleted before this process read them: it fell more "
-            "than the retention window behind)"
+        return Loss(
+            LossCause.RETENTION,
+            "they were deleted before this process read them: it fell more "
+            "than the retention window behind",
         )
 
     async def _resync_state(self) -> None:

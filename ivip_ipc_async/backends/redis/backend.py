@@ -9,6 +9,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from ...errors import IPCClosedError
 from ...logs import logger
 from ...records import FrameReader, Record
 from ..base import RecordSink
@@ -279,11 +280,12 @@ class RedisBackend:
         share a round trip and keep their order.
 
         Raises:
+            IPCClosedError: the backend is closed.
             ConnectionError: Redis could not be reached for `retry_timeout`
                 seconds; the records may or may not have been stored.
         """
         if self.listener.closing or self.connections.control is None:
-            raise ConnectionAbortedError("the IPC instance is closed")
+            raise IPCClosedError("the IPC instance is closed")
         await self.writer.append(records)
 
     async def catch_up(self) -> None:

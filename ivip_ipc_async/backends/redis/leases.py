@@ -30,14 +30,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-from ... import fault_points
+from ... import fault_points, forks
 from ...errors import BackendUnavailableError, IPCError
 from ...logs import logger, rate_limited
 from ...waiting import cancel_and_wait, wait_event
@@ -102,17 +101,6 @@ _SHA: Final = {
     )
 }
 _SCRIPT: Final = {"acquire": _ACQUIRE, "renew": _RENEW, "note": _NOTE, "release": _RELEASE}
-
-# Leases held in this process: a forked child holds none of them.
-_held_here: weakref.WeakSet[_LeaseContender] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for contender in list(_held_here):
-        contender._forget()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RedisLeases:
@@ -487,7 +475,7 @@ class _LeaseContender:
                 return False
         self._token, self.fence = token, int(fence)
         self._loop, self._deadline, self._lost = loop, sent + self.lease, False
-        _held_here.add(self)
+        forks.forget_in_child(self, _LeaseContender._forget)  # a forked child holds none
         self._renewer = loop.create_task(self._renew(), name=f"ivip-ipc-lease:{self.name}")
         return True
 
@@ -571,7 +559,7 @@ class _LeaseContender:
             self._provider.unwatch(self.key, wake)
         was_ours = not self._lost and bool(self._token)
         self._lost = True
-        _held_here.discard(self)
+        forks.discard(self)
         await self._stop_renewing()
         if was_ours:
             # Compare-and-delete: a lease that expired and was taken meanwhile is left alone.

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from ...logs import logger
 from ...records import MAGIC, FrameReader
+from ..base import LossCause, count_loss
 from .connections import Connections
 from .delivery import Delivery
 from .position import Position
@@ -179,7 +180,9 @@ class Listener:
         if restarted:
             self.position.added = None  # a restarted server's counts may have lost some
         self._counters["gaps"] += 1
-        self._counters["records_lost"] += lost or 0
+        cause = LossCause.RESTART if restarted else LossCause.TRIMMED
+        if lost is not None:
+            count_loss(self._counters, cause, lost)
         logger.warning(
             "records may have been lost before this process read them from Redis "
             "(%s; %s): reloading the cache state",

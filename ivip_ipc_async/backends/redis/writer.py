@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
+from ...errors import IPCClosedError
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
 from .connections import Connections, retryable, wrap
 from .scripts import APPEND_SHA, SET_IF_NEWER_SHA, load_scripts
@@ -197,7 +198,7 @@ class Writer:
 
         client = self._connections.write
         if client is None:
-            raise ConnectionAbortedError("the IPC instance is closed")
+            raise IPCClosedError("the IPC instance is closed")
         connection = client.connection
         if connection is None:  # (connects it; a failure is retried like any write)
             connection = (await client.initialize()).connection
