@@ -11,13 +11,16 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Protocol
 
+from ..conditions import Conditional, Outcome
 from ..records import Record
 
 __all__ = [
     "MAX_LOCK_NOTE",
     "Backend",
+    "Conditional",
     "Contender",
     "LockProvider",
+    "Outcome",
     "RecordSink",
     "check_lock_name",
     "check_lock_note",
@@ -91,6 +94,12 @@ class RecordSink(Protocol):
         is being re-established and records may have been missed), cache reads go
         to `Backend.fetch` instead of the mirror."""
 
+    def current(self, topic: str, key: bytes) -> Record | None:
+        """The winning record of one cache key in this process's mirror (a
+        tombstone or an expired entry included; None: never seen). What a
+        conditional write decides on, once the backend has delivered every
+        record written before it (`Backend.write_if`)."""
+
     def gap(self, peer: str, lost: int | None) -> None:
         """`lost` records of `peer` were gone before they could be read (None: an
         unknown number, maybe none).
@@ -123,6 +132,19 @@ class Backend(Protocol):
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """The current state record of one cache key, from the shared medium."""
+
+    async def write_if(self, op: Conditional) -> Outcome:
+        """Store `op.record` only if the key's current state allows it
+        (`conditions.decide`), atomically with respect to every other
+        `write_if` of the same key from any process.
+
+        When this returns, the outcome is final: an applied write is stored
+        (every live peer will receive it, and it is applied here); a refused
+        one stored nothing, and the current record it was refused by has been
+        given to this process's mirror (`RecordSink.written`). Raising, it may
+        or may not have been stored (a lost connection to Redis); see
+        docs/api.md.
+        """
 
     def stats(self) -> dict[str, Any]:
         """Counters and health for `AsyncIPC.stats()`."""

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ...conditions import Conditional, Outcome
 from ...logs import logger
 from ...records import Record
 from ..base import RecordSink
+from .conditional import ConditionalWrites
 from .layout import Namespace
 from .locks import DirectoryLocks
 from .peers import Peers
@@ -131,6 +133,7 @@ class DirectoryBackend:
         self._peers.connect(self._reader, self._segments, self._wakeups)
         self._snapshots.connect(self._reader, self._segments)
         self._locks: DirectoryLocks | None = None  # made by locks() on first use
+        self._conditional = ConditionalWrites(ns, self._reader, self._writer.append, self.locks)
         # The hot path: `append` is the group commit's own, one coroutine per
         # call instead of two (the method below says what it does).
         self.append = self._writer.append  # type: ignore[method-assign]
@@ -279,6 +282,11 @@ class DirectoryBackend:
         if self._locks is None:
             self._locks = DirectoryLocks(self._ns.path)
         return self._locks
+
+    async def write_if(self, op: Conditional) -> Outcome:
+        """A conditional cache write: under the key's bucket lock, after reading
+        every writer to its end (conditional.py)."""
+        return await self._conditional.write_if(op)
 
     # -- cache reads -----------------------------------------------------------------------
 

@@ -338,6 +338,19 @@ class LogReader:
         self.live = True
         self.dirty.clear()
 
+    async def barrier(self) -> None:
+        """Deliver every record that was in the log when this was called: list
+        `log/`, then read every writer to the end of its newest segment, a
+        slice at a time. (What a conditional write decides on: whatever another
+        process stored before it released a lock is delivered here by the time
+        this returns.)"""
+        if not self.live:
+            return  # (never: conditional writes start after the restore)
+        self.scan()
+        for w in list(self.writers.values()):
+            while not self._read_writer(w, time.perf_counter() + SLICE):
+                await breathe()
+
     # -- the safety re-scan ----------------------------------------------------------------
 
     def safety_rescan(self, full: bool) -> None:

@@ -9,9 +9,11 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from ...conditions import Conditional, Outcome
 from ...logs import logger
 from ...records import FrameReader, Record
 from ..base import RecordSink
+from .conditional import ConditionalWrites
 from .connections import Connections, check_redis_url, redacted, retryable, wrap
 from .delivery import Delivery
 from .leases import RedisLeases
@@ -154,6 +156,7 @@ class RedisBackend:
             shared, self.connections, self.position, self.state, self.delivery, self.writer
         )
         self._leases: RedisLeases | None = None  # made by locks() on first use
+        self._conditional = ConditionalWrites(shared, self.writer)
 
     # -- life -------------------------------------------------------------------------
 
@@ -272,6 +275,16 @@ class RedisBackend:
         if self.listener.closing or self.connections.control is None:
             raise ConnectionAbortedError("the IPC instance is closed")
         await self.writer.append(records)
+
+    async def write_if(self, op: Conditional) -> Outcome:
+        """A conditional cache write: one script, one round trip (conditional.py).
+
+        Raises:
+            BackendUnavailableError: no answer: it may or may not have been stored.
+        """
+        if self.listener.closing or self.connections.control is None:
+            raise ConnectionAbortedError("the IPC instance is closed")
+        return await self._conditional.write_if(op)
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """One cache entry, read from Redis (while the mirror is being rebuilt).
