@@ -1,0 +1,172 @@
+"""add, incr, the versioned write and the bulk operations, across real OS processes,
+on the directory and on Redis (the `medium` fixture of test_backends.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+
+from .processes import reap
+from .test_backends import Make, make, medium  # noqa: F401 - the parametrized fixtures
+
+CHILD = str(Path(__file__).with_name("atomic_child.py"))
+PROCESSES = 4
+
+
+class Child:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[Any] = []
+
+    async def line(self, timeout: float = 30) -> Any:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not raw:
+            raise EOFError(f"child {self.proc.pid} exited ({await self.proc.wait()})")
+        return json.loads(raw)
+
+    def send(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+
+    async def results(self) -> list[Any]:
+        """Every line up to `done`."""
+        while (item := await self.line()) != "done":
+            self.lines.append(item)
+        return self.lines
+
+
+async def run_children(where: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+    """Start one child per job, start them together, return each one's results."""
+    children: list[Child] = []
+    try:
+        for name, args in jobs:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                CHILD,
+                where,
+                name,
+                json.dumps(args),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            children.append(Child(proc))
+        for child in children:
+            assert await child.line() == "ready"
+        for child in children:
+            child.send()
+        results = [await child.results() for child in children]
+        for child in children:
+            child.send()
+            await asyncio.wait_for(child.proc.wait(), 10)
+        return results
+    finally:
+        for child in children:
+            await reap(child.proc)
+
+
+async def test_add_has_exactly_one_winner_and_everyone_sees_it(medium: str) -> None:  # noqa: F811
+    keys = [f"job:{i}" for i in range(40)]
+    results = await run_children(medium, [("add", {"keys": keys})] * PROCESSES)
+    for key in keys:
+        tries = [item for lines in results for item in lines if item["key"] == key]
+        winners = [item for item in tries if item["won"]]
+        assert len(tries) == PROCESSES
+        assert len(winners) == 1, (key, tries)
+        # Every process, when its add returned, read the winner's value.
+        assert {item["seen"] for item in tries} == {winners[0]["seen"]}, (key, tries)
+
+
+async def test_incr_from_processes_counts_every_increment_once(medium: str) -> None:  # noqa: F811
+    count = 150
+    results = await run_children(medium, [("incr", {"key": "hits", "count": count})] * PROCESSES)
+    returned = [value for lines in results for value in lines]
+    # Each increment got its own result: 1 .. N x M, each exactly once.
+    assert sorted(returned) == list(range(1, PROCESSES * count + 1))
+    for lines in results:
+        assert lines == sorted(lines)  # each process's own results only grow
+    check = await run_children(
+        medium, [("read", {"keys": ["hits"], "expect": {"hits": PROCESSES * count}})]
+    )
+    assert check == [[{"found": {"hits": PROCESSES * count}}]]
+
+
+async def test_decr_and_mixed_deltas_sum_exactly(medium: str) -> None:  # noqa: F811
+    jobs = [("incr", {"key": "stock", "count": 100, "delta": d}) for d in (5, -3, 7, -2)]
+    await run_children(medium, jobs)
+    total = 100 * (5 - 3 + 7 - 2)
+    check = await run_children(medium, [("read", {"keys": ["stock"], "expect": {"stock": total}})])
+    assert check == [[{"found": {"stock": total}}]]
+
+
+async def test_versioned_write_loses_no_update(medium: str) -> None:  # noqa: F811
+    count = 60
+    results = await run_children(medium, [("cas", {"key": "balance", "count": count})] * 4)
+    total = 4 * count
+    check = await run_children(
+        medium, [("read", {"keys": ["balance"], "expect": {"balance": total}})]
+    )
+    assert check == [[{"found": {"balance": total}}]]
+    # Refusals happened (else the race was not exercised) and were retried.
+    assert sum(tries for lines in results for tries in lines) >= total
+
+
+async def test_bulk_operations_reach_other_processes(make: Make, medium: str) -> None:  # noqa: F811
+    items = {f"user:{i}": {"id": i} for i in range(50)} | {"order:1": 1}
+    await run_children(medium, [("set_many", {"items": items})])
+    ipc: AsyncIPC = await make().start()
+    cache: AsyncCache[Any] = AsyncCache(ipc, name="atomic")
+    assert await cache.get_many([*items, "absent"]) == items
+    assert await cache.delete_prefix("user:") == 50
+    assert await cache.delete_many(["order:1", "absent"]) == 1
+    check = await run_children(medium, [("read", {"keys": list(items), "expect": {}})])
+    assert check == [[{"found": {}}]]
+
+
+async def test_atomic_operations_in_one_process(make: Make) -> None:  # noqa: F811
+    ipc: AsyncIPC = await make().start()
+    cache: AsyncCache[Any] = AsyncCache(ipc)
+    # Concurrent tasks of one process: the same promises.
+    wins = await asyncio.gather(*(cache.add("k", i) for i in range(20)))
+    assert Counter(wins) == {True: 1, False: 19}
+    assert await cache.get("k") == wins.index(True)
+    values = await asyncio.gather(*(cache.incr("n") for _ in range(50)))
+    assert sorted(values) == list(range(1, 51))
+    await cache.set("text", "abc")
+    with pytest.raises(TypeError):
+        await cache.incr("text")
+    with pytest.raises(TypeError):
+        await cache.incr("n", 1.5)  # type: ignore[arg-type]
+    await cache.set("big", 2**53 - 1)
+    with pytest.raises(OverflowError):
+        await cache.incr("big")
+    assert await cache.get("big") == 2**53 - 1  # nothing stored
+    # An expired key is absent for add, incr and the versioned write.
+    await cache.set("gone", 1, 0.05)
+    _, version = await cache.get_with_version("gone")
+    assert version is not None
+    await asyncio.sleep(0.1)
+    assert await cache.get_with_version("gone") == (None, None)
+    assert not await cache.set("gone", 2, if_version=version)
+    assert await cache.set("gone", 3, if_version=None)
+    assert await cache.add("gone", 4) is False
+    # incr keeps an existing key's expiry; a key it creates gets the ttl.
+    await cache.set("ttl", 1, 60)
+    await cache.incr("ttl")
+    entry = ipc.mirror.lookup("default", "ttl")
+    assert entry is not None
+    assert entry.record.expires > 0
+    await cache.incr("forever", ttl=0)
+    entry = ipc.mirror.lookup("default", "forever")
+    assert entry is not None
+    assert entry.record.expires == 0
+    stats = cache.stats()
+    assert min(stats["hits"], stats["misses"], stats["expired"]) >= 1
