@@ -16,7 +16,7 @@ import json
 import time
 from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, version_of
 from .ipc import AsyncIPC, _fork_generation
@@ -24,11 +24,12 @@ from .logs import logger
 from .mirror import NO_ENTRIES, SHARDS, new_shards
 from .records import CacheKey, Kind, Record, encode_key
 
-__all__ = ["AsyncCache"]
+__all__ = ["AsyncCache", "MemoizeDecorator", "Memoized"]
 
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
 V = TypeVar("V")
 
@@ -703,7 +704,7 @@ class AsyncCache(Generic[V]):
         *,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    ) -> Memoized[P, R]: ...
 
     @overload
     def memoize(
@@ -714,7 +715,13 @@ class AsyncCache(Generic[V]):
         *,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    ) -> Memoized[P, R]: ...
+
+    @overload
+    def memoize(self, name: Callable[P, Awaitable[R]], /) -> Memoized[P, R]: ...
+
+    @overload
+    def memoize(self, name: Callable[P, R], /) -> Memoized[P, R]: ...
 
     @overload
     def memoize(
@@ -724,7 +731,7 @@ class AsyncCache(Generic[V]):
         ttl: float | None = ...,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[[Callable[P, Any]], Callable[P, Coroutine[Any, Any, Any]]]: ...
+    ) -> MemoizeDecorator: ...
 
     def memoize(
         self,
@@ -796,7 +803,7 @@ class AsyncCache(Generic[V]):
 
         label = name
 
-        def decorate(func: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
+        def decorate(func: Callable[..., Any]) -> Any:
             return self._memoized(label or _qualname(func), func, ttl, *options)
 
         return decorate
@@ -857,6 +864,15 @@ class AsyncCache(Generic[V]):
             return codec.loads(data)
 
         memoized.cache_name = name  # type: ignore[attr-defined]
+
+        def key(*args: Any, **kwargs: Any) -> str:
+            return _memo_key(name, args, kwargs)
+
+        async def invalidate(*args: Any, **kwargs: Any) -> bool:
+            return await self.delete(_memo_key(name, args, kwargs))
+
+        memoized.key = key  # type: ignore[attr-defined]
+        memoized.invalidate = invalidate  # type: ignore[attr-defined]
         return memoized
 
     def _stored(self, key: str) -> bytes | None:
@@ -903,6 +919,63 @@ class AsyncCache(Generic[V]):
             except asyncio.CancelledError:
                 await release
                 raise
+
+
+def _memo_key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The cache key of a memoized call (as `memoized` makes it)."""
+    try:
+        return f"{name}:" + json.dumps(
+            [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"memoized arguments must be JSON-encodable: {exc}") from exc
+
+
+class Memoized(Protocol[P, R_co]):
+    """What `AsyncCache.memoize` returns: the function, async, with its signature
+    and result type kept for type checkers, and two helpers.
+
+    `key(*args, **kwargs)` is the cache key of a call; `await
+    invalidate(*args, **kwargs)` deletes its cached result everywhere (returns
+    whether it was present here). A computation of those arguments under way
+    meanwhile still stores its result when it ends.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         cache = AsyncCache(ipc)
+        ...         @cache.memoize("price", ttl=60)
+        ...         async def price(item: str, *, currency: str = "EUR") -> float:
+        ...             return 9.5
+        ...         await price("pear")
+        ...         key = price.key("pear")
+        ...         return key, await cache.has(key), await price.invalidate("pear")
+        >>> asyncio.run(main())
+        ('price:[["pear"],{}]', True, True)
+    """
+
+    cache_name: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key of the call with these arguments."""
+        ...
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Delete the cached result of the call with these arguments, everywhere."""
+        ...
+
+
+class MemoizeDecorator(Protocol):
+    """What `memoize(name=..., ttl=...)` returns: a decorator keeping the types."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Memoized[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Memoized[P, R]: ...
 
 
 def _qualname(fn: Callable[..., Any]) -> str:

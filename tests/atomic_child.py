@@ -47,6 +47,14 @@ async def job(cache: AsyncCache[Any], name: str, args: dict[str, Any]) -> None:
     elif name == "set_many":
         await cache.set_many(args["items"], ttl=0)
         say("stored")
+    elif name == "memo_invalidate":  # another process's memoized call, invalidated here
+
+        async def never(*_: Any, **__: Any) -> None:
+            raise AssertionError("not computed here")
+
+        memoized = cache.memoize(args["name"], never)
+        say(memoized.key(*args["args"], **args["kwargs"]))
+        say(await memoized.invalidate(*args["args"], **args["kwargs"]))
     elif name == "read":  # until the keys hold the expected values (or the deadline)
         deadline = time.monotonic() + args.get("timeout", 10)
         while True:

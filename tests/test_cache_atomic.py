@@ -173,3 +173,35 @@ async def test_atomic_operations_in_one_process(make: Make) -> None:  # noqa: F8
     assert entry.record.expires == 0
     stats = cache.stats()
     assert min(stats["hits"], stats["misses"], stats["expired"]) >= 1
+
+
+async def test_memoize_key_and_invalidate_from_another_process(
+    make: Make,  # noqa: F811
+    medium: str,  # noqa: F811
+    until: Any,
+) -> None:
+    ipc: AsyncIPC = await make().start()
+    cache: AsyncCache[Any] = AsyncCache(ipc, name="atomic")
+    calls: list[int] = []
+
+    @cache.memoize("price", ttl=60)
+    async def price(item: int, *, currency: str = "EUR") -> dict[str, Any]:
+        calls.append(item)
+        return {"item": item, "currency": currency, "n": len(calls)}
+
+    assert (await price(7, currency="USD"))["n"] == 1
+    assert (await price(7, currency="USD"))["n"] == 1  # cached
+    key = price.key(7, currency="USD")
+    assert key == 'price:[[7],{"currency":"USD"}]'
+    assert await cache.keys() == [key]  # the key the call used
+    args = {"name": "price", "args": [7], "kwargs": {"currency": "USD"}}
+    (got,) = await run_children(medium, [("memo_invalidate", args)])
+    assert got == [key, True]
+    await until(lambda: key not in cache.ipc.mirror.live_keys("atomic"), timeout=10)
+    assert (await price(7, currency="USD"))["n"] == 2  # computed again
+    assert await price.invalidate(7, currency="USD") is True
+    assert await price.invalidate(7, currency="USD") is False
+    # The function form has them too.
+    fetch = cache.memoize("fetch", price.__wrapped__, 60)  # type: ignore[attr-defined]
+    assert fetch.key(1) == "fetch:[[1],{}]"
+    assert await fetch.invalidate(1) is False
