@@ -157,8 +157,8 @@ class LockProvider(Protocol):
     """Locks shared by every process of a namespace (and every host, on Redis).
 
     A lock name is 3-160 characters: a one-letter kind, a dot, then letters,
-    digits, `.`, `_` or `-` (the kinds keep users' locks, leaderships and
-    memoize's locks apart: `u.`, `l.`, `m.`).
+    digits, `.`, `_` or `-` (the kinds keep users' locks, leaderships,
+    memoize's locks and conditional cache writes' apart: `u.`, `l.`, `m.`, `c.`).
     """
 
     leased: bool
