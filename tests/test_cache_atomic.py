@@ -205,3 +205,44 @@ async def test_memoize_key_and_invalidate_from_another_process(
     fetch = cache.memoize("fetch", price.__wrapped__, 60)  # type: ignore[attr-defined]
     assert fetch.key(1) == "fetch:[[1],{}]"
     assert await fetch.invalidate(1) is False
+
+
+async def test_incr_with_a_process_killed_mid_way_loses_only_its_unacknowledged(
+    medium: str,  # noqa: F811
+) -> None:
+    """One of two incrementing processes is killed (SIGKILL) mid-way: the other
+    is never blocked (the directory's bucket lock dies with its holder), and the
+    count is what both were told, plus at most the one increment the killed
+    process had under way."""
+    victim = await asyncio.create_subprocess_exec(
+        sys.executable,
+        CHILD,
+        medium,
+        "incr",
+        json.dumps({"key": "n", "count": 1_000_000}),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    killed = Child(victim)
+    try:
+        assert await killed.line() == "ready"
+        killed.send()
+        told = 0
+        while told < 100:  # its acknowledged increments so far
+            await killed.line()
+            told += 1
+        survivor_task = asyncio.ensure_future(
+            run_children(medium, [("incr", {"key": "n", "count": 200})])
+        )
+        await asyncio.sleep(0.2)  # (the survivor starts; correctness does not depend on it)
+        victim.kill()
+        assert victim.stdout is not None
+        rest = await asyncio.wait_for(victim.stdout.read(), 10)
+        told += len(rest.splitlines())  # lines it printed before it died
+        (survivor,) = await asyncio.wait_for(survivor_task, 60)
+    finally:
+        await reap(victim)
+    assert survivor == sorted(survivor)
+    final = await run_children(medium, [("read", {"keys": ["n"], "expect": {"n": told + 200}})])
+    count = final[0][0]["found"]["n"]
+    assert told + 200 <= count <= told + 201, (told, count)
