@@ -22,7 +22,7 @@ from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, versio
 from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
 from .mirror import NO_ENTRIES, SHARDS, new_shards
-from .records import CacheKey, Kind, Record, encode_key
+from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 
 __all__ = ["AsyncCache", "MemoizeDecorator", "Memoized"]
 
@@ -393,8 +393,9 @@ class AsyncCache(Generic[V]):
         """Store every item of `mapping` for `ttl` seconds, in one write.
 
         On the directory the items are one record batch: every process sees all
-        of them or (the writer killed mid-write) none. On Redis, one round trip
-        (one pipeline): each key is stored on its own, last writer wins per key.
+        of them or (the writer killed mid-write) none (past `max_record_size`
+        in all, several such batches, in order). On Redis, one round trip (one
+        pipeline): each key is stored on its own, last writer wins per key.
 
         Example:
             >>> import asyncio, tempfile
@@ -467,18 +468,26 @@ class AsyncCache(Generic[V]):
         return len(keys)
 
     async def _write_many(self, kind: Kind, items: list[tuple[bytes, bytes]], ttl: float) -> None:
-        """Records of one kind for many keys, in one append (one write, one round trip)."""
+        """Records of one kind for many keys, in one append (one write, one round
+        trip); past `max_record_size` in all (a batch is one frame), in several
+        such parts, in order, each all or none."""
         if not items:
             return
         ipc = self.ipc
         backend = await ipc._ensure()
         expires = time.time() + ttl if ttl > 0 else 0.0
         tick, node, codec = ipc.clock.tick, backend.node, ipc.codec.id
-        records = [
-            Record(kind, self.name, raw_key, data, tick(), node, expires, 0, codec)
-            for raw_key, data in items
-        ]
-        await backend.append(records)
+        name_len = len(self.name.encode())
+        part: list[Record] = []
+        room = ipc.max_record_size - HEADER_SIZE
+        for raw_key, data in items:
+            size = HEADER_SIZE + name_len + len(raw_key) + len(data)
+            if part and size > room:
+                await backend.append(part)
+                part, room = [], ipc.max_record_size - HEADER_SIZE
+            part.append(Record(kind, self.name, raw_key, data, tick(), node, expires, 0, codec))
+            room -= size
+        await backend.append(part)
 
     # -- counters ---------------------------------------------------------------------------
 

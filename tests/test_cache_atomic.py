@@ -246,3 +246,20 @@ async def test_incr_with_a_process_killed_mid_way_loses_only_its_unacknowledged(
     final = await run_children(medium, [("read", {"keys": ["n"], "expect": {"n": told + 200}})])
     count = final[0][0]["found"]["n"]
     assert told + 200 <= count <= told + 201, (told, count)
+
+
+async def test_set_many_past_the_record_size_goes_out_in_parts(make: Make) -> None:  # noqa: F811
+    """More than `max_record_size` in all: several batches, every key stored,
+    seen by another instance (a batch over the limit would be unreadable)."""
+    a, b = await make(max_record_size=4096).start(), await make(max_record_size=4096).start()
+    cache: AsyncCache[Any] = AsyncCache(a)
+    items = {f"k{i}": "x" * 500 for i in range(40)}  # about 22 KB
+    await cache.set_many(items)
+    other: AsyncCache[Any] = AsyncCache(b)
+    deadline = asyncio.get_running_loop().time() + 10
+    while await other.get_many(items) != items:
+        assert asyncio.get_running_loop().time() < deadline, len(await other.get_many(items))
+        await asyncio.sleep(0.01)
+    # Read as records, not skipped as garbage (and then learnt from a snapshot).
+    assert b.stats().get("garbage_bytes", 0) == 0
+    assert await cache.delete_many(items) == 40
