@@ -11,6 +11,7 @@ retained log as state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import operator
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .wakeups import Wakeups
 
 _SEQ: Final = operator.itemgetter(7)  # Record.seq, by index: the faster getter
+_RESYNC_TASK: Final = "ivip-ipc_resync_state"  # Gaps._resync_state, as Namespace.spawn names it
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
 
 
@@ -350,6 +352,11 @@ class LogReader:
         for w in list(self.writers.values()):
             while not self._read_writer(w, time.perf_counter() + SLICE):
                 await breathe()
+        # Records lost to a gap (deleted before they were read) are in the state
+        # the resync loads: decide on it only once it is loaded.
+        resyncs = [t for t in self._ns.tasks if t.get_name() == _RESYNC_TASK and not t.done()]
+        if resyncs:
+            await asyncio.wait(resyncs)
 
     # -- the safety re-scan ----------------------------------------------------------------
 
