@@ -132,3 +132,26 @@ async def test_an_entry_that_is_not_an_integer_is_refused_and_kept(
                 await cache.incr("v")
             assert await cache.get("v") == value
         await asyncio.sleep(0)
+
+
+async def test_an_incr_waits_through_an_outage_before_anything_is_sent(
+    relay: tuple[Relay, str], namespace: str
+) -> None:
+    """Redis unreachable (connections refused) when an `incr` is made: nothing
+    was sent, so it is tried again until `retry_timeout`, and counts once."""
+    proxy, url = relay
+    async with AsyncIPC(url, namespace=namespace, retry_timeout=5) as ipc:
+        counter = AsyncCache(ipc)
+        assert await counter.incr("n") == 1
+        proxy.cut()
+        # The connections' ends seen by this process (not a sleep: a condition).
+        deadline = asyncio.get_running_loop().time() + 10
+        while ipc.stats()["connected"]:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        call = asyncio.ensure_future(counter.incr("n"))
+        await asyncio.sleep(0.3)  # (the outage; the call is retrying meanwhile)
+        assert not call.done()
+        proxy.restore()
+        assert await asyncio.wait_for(call, 10) == 2
+        assert ipc.stats()["write_retries"] >= 1

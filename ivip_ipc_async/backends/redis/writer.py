@@ -119,28 +119,45 @@ class Writer:
             self._seq += 1
             command = request(self._seq)
             sent = False
-            try:
-                async with asyncio.timeout(max(self._settings.retry_timeout, 1.0)):
-                    connection = client.connection
-                    if connection is None:
-                        connection = (await client.initialize()).connection
-                    for _ in range(2):
-                        sent = True
-                        await connection.send_packed_command(command, check_health=False)
-                        try:
-                            return await connection.read_response()
-                        except NoScriptError:
-                            # Not run: Redis lost its scripts (a restart, SCRIPT FLUSH).
-                            await load_scripts(self._connections.control)
-                    raise ConnectionError("Redis lost its scripts twice")
-            except ResponseError as exc:
-                raise wrap(exc, "a conditional write", self._settings.url) from exc
-            except BaseException as exc:
-                if sent:  # Redis may have run it (or may yet): its push is applied here
-                    self.own_until = loop.time() + OWN_WINDOW
-                if isinstance(exc, Exception) and not isinstance(exc, ConnectionAbortedError):
+            deadline = loop.time() + max(self._settings.retry_timeout, 1.0)
+            delay = 0.05
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        connection = client.connection
+                        if connection is None:
+                            connection = (await client.initialize()).connection
+                        for _ in range(2):
+                            # Connected first (redis-py reconnects a dropped
+                            # connection on send): a failure here sent nothing.
+                            await _drop_if_closed(connection)
+                            await connection.connect()
+                            sent = True
+                            await connection.send_packed_command(command, check_health=False)
+                            try:
+                                return await connection.read_response()
+                            except NoScriptError:
+                                # Not run: Redis lost its scripts (a restart, SCRIPT FLUSH).
+                                sent = False
+                                await load_scripts(self._connections.control)
+                        raise ConnectionError("Redis lost its scripts twice")
+                except ResponseError as exc:
                     raise wrap(exc, "a conditional write", self._settings.url) from exc
-                raise
+                except BaseException as exc:
+                    if sent:  # Redis may have run it (or may yet): its push is applied here
+                        self.own_until = loop.time() + OWN_WINDOW
+                    elif (
+                        isinstance(exc, Exception)
+                        and retryable(exc)
+                        and loop.time() + delay < deadline
+                    ):
+                        self._counters["write_retries"] += 1
+                        await asyncio.sleep(delay)  # nothing sent: safe to try again
+                        delay = min(delay * 2, 1.0)
+                        continue
+                    if isinstance(exc, Exception) and not isinstance(exc, ConnectionAbortedError):
+                        raise wrap(exc, "a conditional write", self._settings.url) from exc
+                    raise
         finally:
             done.set_result(None)
             if self._queue:  # appends that came meanwhile
@@ -294,6 +311,25 @@ class Writer:
             None if reply is None else wrap(reply, "a write", self._settings.url)
             for reply in replies
         ]
+
+
+async def _drop_if_closed(connection: Any) -> None:
+    """Disconnect a connection the server has closed (its end of stream already
+    seen) or that holds an unread answer, so that `connect()` makes a new one
+    before anything is sent on it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if not getattr(connection, "is_connected", True):
+        return
+    check = getattr(connection, "can_read", None)
+    if check is None:  # redis-py 7
+        check = connection.can_read_destructive
+    try:
+        stale = await check()
+    except (RedisConnectionError, OSError):
+        stale = True
+    if stale:
+        await connection.disconnect()
 
 
 class _Packer:
