@@ -110,6 +110,14 @@ class AsyncCache(Generic[V]):
 
     # -- writes ---------------------------------------------------------------------
 
+    @overload
+    async def set(self, key: CacheKey, value: V, ttl: float | None = None) -> None: ...
+
+    @overload
+    async def set(
+        self, key: CacheKey, value: V, ttl: float | None = None, *, if_version: str | None
+    ) -> bool: ...
+
     async def set(
         self,
         key: CacheKey,
@@ -117,7 +125,7 @@ class AsyncCache(Generic[V]):
         ttl: float | None = None,
         *,
         if_version: str | None = _ANY_VERSION,
-    ) -> bool:
+    ) -> bool | None:
         """Store `value` under `key` for `ttl` seconds, in every process.
 
         `ttl` None uses `default_ttl`; 0 or negative means no expiry. When this
@@ -125,8 +133,8 @@ class AsyncCache(Generic[V]):
 
         With `if_version` (a version from `get_with_version`; None: the key was
         absent), the write applies only if the key is still at that version, in
-        every process's view: a versioned write (compare-and-set). Returns
-        whether it was stored (always True without `if_version`). See
+        every process's view: a versioned write (compare-and-set), which returns
+        whether it was stored (without `if_version`, `set` returns None). See
         `get_with_version` and docs/api.md for what that means across processes.
 
         Raises:
@@ -149,7 +157,7 @@ class AsyncCache(Generic[V]):
         self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
         if if_version is _ANY_VERSION:
             await self._write(Kind.CACHE_SET, raw_key, data, seconds)
-            return True
+            return None
         if if_version is not None and not isinstance(if_version, str):
             raise TypeError(f"if_version must be a version str or None, not {if_version!r}")
         outcome = await self._write_if(Mode.IF_VERSION, raw_key, data, seconds, if_version)
