@@ -74,6 +74,24 @@ STAGES: dict[str, str] = {
     "with an asyncio receiver)",
 }
 
+TIMING_NOTE = (
+    "Slow-handler detection (issue #25) times each dispatch as a whole: two "
+    "`perf_counter` reads per batch of records, not per handler. Measured in one process,"
+    " A/B against the previous `_dispatch` interleaved round by round (100 paired rounds "
+    "of 20,000 records to one sync `on` handler, CPU time, medians of the differences, on"
+    " this 2-CPU machine while other work loaded it): +46 ns per record in batches of "
+    "1,000 and +15 ns in batches of 10 (noise), +407 ns (min +193 ns) for a batch of one "
+    "record, the two clock reads (about 90 ns each here under load) and the bookkeeping; "
+    "that is the case of an awaited sender one record at a time, where the receiver "
+    "spends 4-12 us of CPU per message. Timing each handler call instead cost +307 ns per"
+    " record at any batch size, so it is done only for `slow_handler_log_interval` "
+    "seconds after a slow dispatch that ran several handlers. `python -m "
+    "benchmarks.budget --quick`, 5 runs each side by side: receiver whole 12.1 vs 10.9 us"
+    " (before vs after, medians), from `notify_many` 7.9 vs 7.4 us; the dispatch row "
+    "ranged from -0.8 to 7.6 us on both sides, swamped by the load."
+)
+"""The cost of timing dispatches, measured when it was added (printed under the table)."""
+
 WORKLOAD = (
     "Directory backend, the run's codec (default: stdlib JSON), messages of about 100 "
     "bytes (`{'t': ..., 'i': ..., 'pad': 'x' * 60}`), event name `m`. Each in-process "

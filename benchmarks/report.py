@@ -265,6 +265,8 @@ def write_markdown(
             "",
             budget.render(results["budget"], repeats),
             "",
+            budget.TIMING_NOTE,
+            "",
         ]
     lines += per_python.section(results)
     if plot:

@@ -34,24 +34,27 @@ __version__ = "0.1.0"
 
 
 class _Misconfigured(AsyncIPC):
-    """The default instance when `$IVIP_IPC_CODEC` names no usable codec.
+    """The default instance when `$IVIP_IPC_CODEC` names no usable codec (or
+    `$IVIP_IPC_SLOW_HANDLER` no threshold).
 
     Importing the package (and `ivip-ipc --help`) must not fail on a bad
     environment: the error is raised where the instance is used instead.
     """
 
     def __init__(self, error: Exception) -> None:
-        super().__init__(codec="json")
+        super().__init__(codec="json", slow_handler_threshold=None)
         self._error = error
 
     async def start(self) -> AsyncIPC:
-        raise ValueError(f"$IVIP_IPC_CODEC: {self._error}") from self._error
+        text = str(self._error)
+        named = text if text.startswith("$IVIP_IPC_") else f"$IVIP_IPC_CODEC: {text}"
+        raise ValueError(named) from self._error
 
 
 def _default_ipc() -> AsyncIPC:
     try:
         return AsyncIPC()
-    except (ValueError, ImportError) as exc:  # only the codec is read at construction
+    except (ValueError, ImportError) as exc:  # only the environment is read here
         return _Misconfigured(exc)
 
 

@@ -23,6 +23,7 @@ from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
 from .mirror import NO_ENTRIES, SHARDS, new_shards
 from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
+from .waiting import CancelGuard
 
 __all__ = ["AsyncCache", "MemoizeDecorator", "Memoized"]
 
@@ -98,7 +99,7 @@ class AsyncCache(Generic[V]):
         self.ipc = ipc
         self.name = name
         self.default_ttl = _check_ttl(default_ttl)
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._inflight: dict[str, _Flight] = {}
         # Reads of this instance (see `stats`): found a value / found none, and
         # of those found none, how many found an expired entry.
         self._hits = 0
@@ -840,45 +841,30 @@ class AsyncCache(Generic[V]):
 
         @functools.wraps(fn)
         async def memoized(*args: Any, **kwargs: Any) -> Any:
-            try:
-                key = f"{name}:" + json.dumps(
-                    [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
-                )
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"memoized arguments must be JSON-encodable: {exc}") from exc
+            key = _memo_key(name, args, kwargs)
             hit = await self.get(key, _MISSING)
             if hit is not _MISSING:
                 return hit
-            running = self._inflight.get(key)
-            if running is not None and running.get_loop() is asyncio.get_running_loop():
-                return codec.loads(await asyncio.shield(running))
+            loop = asyncio.get_running_loop()
+            flight = self._inflight.get(key)
+            if flight is None or not flight.joinable(loop):
 
-            async def compute() -> bytes:
-                result = fn(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-                data = codec.dumps(result)
-                raw_key = encode_key(key)
-                self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
-                await self._write(Kind.CACHE_SET, raw_key, data, seconds)
-                return data
+                async def compute() -> bytes:
+                    result = fn(*args, **kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    data = codec.dumps(result)
+                    raw_key = encode_key(key)
+                    self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+                    await self._write(Kind.CACHE_SET, raw_key, data, seconds)
+                    return data
 
-            fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
-            try:
-                if across_processes:
-                    data = await self._single_flight(key, compute, lease)
-                else:
-                    data = await compute()
-            except BaseException as exc:
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: waiters re-raise it, nobody else must
-                raise
-            finally:
-                if self._inflight.get(key) is fut:
-                    del self._inflight[key]
-            fut.set_result(data)
-            return codec.loads(data)
+                work = self._single_flight(key, compute, lease) if across_processes else compute()
+                flight = self._inflight[key] = _Flight(
+                    loop.create_task(work, name=f"ivip-memoize:{name}")
+                )
+                flight.task.add_done_callback(functools.partial(self._landed, key, flight))
+            return codec.loads(await flight.join())
 
         memoized.cache_name = name  # type: ignore[attr-defined]
 
@@ -892,6 +878,10 @@ class AsyncCache(Generic[V]):
         memoized.invalidate = invalidate  # type: ignore[attr-defined]
         return memoized
 
+    def _landed(self, key: str, flight: _Flight, _: object) -> None:
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+
     def _stored(self, key: str) -> bytes | None:
         """The encoded value of `key` in this process's mirror, if live."""
         if not self.ipc._mirror_ready:
@@ -901,6 +891,19 @@ class AsyncCache(Generic[V]):
             return None
         return entry.data
 
+    async def _settled(self, key: str) -> bytes | None:
+        """The encoded value of `key` as the shared medium has it now: with every
+        write acknowledged before this call (on Redis read from Redis, whose
+        mirror may lag; on the directory, the log read up to now first)."""
+        backend = await self.ipc._ensure()
+        if backend.locks().leased:
+            rec = await backend.fetch(self.name, encode_key(key))
+            if rec is None or rec.kind is not Kind.CACHE_SET:
+                return None
+            return rec.data if not rec.expires or rec.expires > time.time() else None
+        await backend.catch_up()
+        return self._stored(key)
+
     async def _single_flight(
         self, key: str, compute: Callable[[], Awaitable[bytes]], lease: float
     ) -> bytes:
@@ -908,24 +911,16 @@ class AsyncCache(Generic[V]):
         backend = await self.ipc._ensure()
         digest = hashlib.sha256(f"{self.name}\0{key}".encode()).hexdigest()[:40]
         contender = backend.locks().contender(f"m.{digest}", lease=lease)
+        guard = CancelGuard()  # every caller gone: a wait must not swallow that
         try:
             while True:
                 if await contender.try_acquire():
-                    # A holder before us may have finished just now: its write precedes
-                    # its release (directory: read from the doorbell it rang first;
-                    # Redis: the mirror may lag, the entry's hash does not).
-                    data = self._stored(key)
-                    if data is None and backend.locks().leased:
-                        rec = await backend.fetch(self.name, encode_key(key))
-                        live = rec is not None and rec.kind is Kind.CACHE_SET
-                        if (
-                            live
-                            and rec is not None
-                            and (not rec.expires or rec.expires > time.time())
-                        ):
-                            data = rec.data
+                    # A holder before us may have finished just now: its write was
+                    # stored before its release, whether or not we have read it yet.
+                    data = await self._settled(key)
                     return data if data is not None else await compute()
                 await contender.wait(_MEMO_POLL)
+                guard.check()
                 data = self._stored(key)
                 if data is not None:
                     return data
@@ -936,6 +931,32 @@ class AsyncCache(Generic[V]):
             except asyncio.CancelledError:
                 await release
                 raise
+
+
+class _Flight:
+    """One computation of a memoized key in this process, in a task of its own,
+    shared by every concurrent caller: a caller that is cancelled (its client went
+    away) takes only itself away; the computation is cancelled when its last
+    caller has gone."""
+
+    __slots__ = ("callers", "task")
+
+    def __init__(self, task: asyncio.Task[bytes]) -> None:
+        self.task = task
+        self.callers = 0
+
+    def joinable(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Still running for callers of `loop` (not being cancelled)."""
+        return self.task.get_loop() is loop and not self.task.done() and self.callers > 0
+
+    async def join(self) -> bytes:
+        self.callers += 1
+        try:
+            return await asyncio.shield(self.task)
+        finally:
+            self.callers -= 1
+            if not self.callers and not self.task.done():
+                self.task.cancel()  # nobody waits for it any more
 
 
 def _memo_key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The `ivip-ipc` command (also `python -m ivip_ipc_async`).
 
-Commands: `demo`, `listen`, `notify`, `cache get|set|delete|list`, `stats`, `peers`,
+Commands: `demo`, `listen`, `notify`, `cache ls|get|set|del|clear` (`list` and
+`delete` are the same as `ls` and `del`), `stats`, `peers`,
 `bench` (the benchmark suite of a source checkout). `--dir`, `--namespace` and
 `--app-dir` may be given anywhere on the line and default like `AsyncIPC()`;
 every command says on stderr where it went (`--quiet` to hush it).
@@ -29,9 +30,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
+from .backends import REDIS_SCHEMES
 from .cache import AsyncCache
 from .errors import UnsafeDirectoryError
 from .ipc import AsyncIPC
+from .waiting import wait_for
 
 __all__ = ["main"]
 
@@ -151,10 +154,10 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     raw = args.dir if args.dir is not None else os.environ.get("IVIP_IPC_DIR")
     if raw is not None and "://" in raw:
         scheme = raw.partition("://")[0]
-        if scheme not in ("file", "redis", "rediss", "unix"):
+        if scheme != "file" and scheme not in REDIS_SCHEMES:
             raise UsageError(
                 f"unsupported URL scheme {scheme!r} in {_redact(raw)!r}: use a directory "
-                "path, file://, redis://, rediss:// or unix://"
+                "path, file://, redis://, rediss://, unix:// or redis+sentinel://"
             )
         if scheme != "file":
             try:
@@ -238,25 +241,34 @@ async def _notify(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     return EXIT_OK
 
 
+# The cache actions' other names (the first ones the CLI had): alias -> name.
+_ACTION_NAMES = {"list": "ls", "delete": "del"}
+
+
 async def _cache(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     cache: AsyncCache[Any] = AsyncCache(ipc, name=args.cache)
     where = f"cache {args.cache!r} in {_where(args, ipc)}"
-    if args.action == "list":
+    action = _ACTION_NAMES.get(args.action, args.action)
+    if action == "clear":
+        cleared = await cache.clear()
+        _say(args, f"deleted {cleared} key{'' if cleared == 1 else 's'} from {where}")
+        return EXIT_OK
+    if action == "ls":
         for key in sorted(await cache.keys(), key=lambda k: (isinstance(k, str), k)):
             print(json.dumps({"key": key, "value": await cache.get(key)}, ensure_ascii=False))
     else:
         key = _key(args.key, string=args.str_key)
         missing = object()
         value: Any = None
-        if args.action == "get":
+        if action == "get":
             value = await cache.get(key, missing)
             if value is not missing:
                 print(json.dumps(value, ensure_ascii=False))
-        elif args.action == "set":
+        elif action == "set":
             await cache.set(key, args.value, args.ttl)
         elif not await cache.delete(key):
             value = missing
-        if args.action != "set" and value is missing:
+        if action != "set" and value is missing:
             print(f"ivip-ipc: {key!r}: not found in {where}", file=sys.stderr)
             return EXIT_FAILED
     _say(args, where)
@@ -346,7 +358,7 @@ async def _demo_worker(me: int, workers: int, messages: int, path: str) -> dict[
         for seq in range(_SINGLES):
             await ipc.notify("single", {"from": me, "seq": seq, "t": time.time()})
             await asyncio.sleep(_SINGLE_GAP)
-        await asyncio.wait_for(singles_in.wait(), 30)
+        await wait_for(singles_in.wait(), 30)
         await everyone("quiet")
         # 2. Every worker sends all its messages at once: throughput, and queueing.
         started = time.perf_counter()
@@ -354,7 +366,7 @@ async def _demo_worker(me: int, workers: int, messages: int, path: str) -> dict[
             await ipc.notify("burst", {"from": me, "seq": seq, "t": time.time()})
         sent_s = time.perf_counter() - started
         await cache.set(f"worker:{me}", {"pid": os.getpid(), "sent": messages}, 0)
-        await asyncio.wait_for(burst_in.wait(), 60)
+        await wait_for(burst_in.wait(), 60)
         await _until(lambda: all(_has(cache, f"worker:{i}") for i in range(workers)))
         keys = sorted(str(k) for k in await cache.keys() if str(k).startswith("worker:"))
         result = {
@@ -605,12 +617,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     notify.add_argument("--string", action="store_true", help="send MESSAGE as a string, as is")
 
-    cache = command("cache", "read or write the shared cache")
+    cache = command(
+        "cache",
+        "read or write the shared cache",
+        "Read or write a shared cache: every running process of the application sees "
+        "the change. The cache outlives the processes (its entries stay in the shared "
+        "directory or in Redis until their TTL ends): `cache clear` starts it clean.",
+    )
     cache.add_argument("--cache", default="default", metavar="NAME", help="cache name")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help, description=help, formatter_class=formatter)
+    def action(name: str, help: str, *aliases: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(
+            name, help=help, description=help, formatter_class=formatter, aliases=aliases
+        )
         _common(p, top=False)
         p.add_argument("--cache", default=argparse.SUPPRESS, metavar="NAME", help="cache name")
         return p
@@ -621,6 +641,7 @@ def _parser() -> argparse.ArgumentParser:
             "--str-key", action="store_true", help="KEY is a str even if it looks like an int"
         )
 
+    action("ls", "print every key and value, one JSON object per line", "list")
     key(action("get", "print a key's value as JSON (exit 1 when missing)"))
     put = action("set", "set a key in every process")
     key(put)
@@ -632,8 +653,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds; 0 never expires (default: the cache's default, 60)",
     )
-    key(action("delete", "delete a key in every process (exit 1 when missing)"))
-    action("list", "print every key and value, one JSON object per line")
+    key(action("del", "delete a key in every process (exit 1 when missing)", "delete"))
+    action("clear", "delete every key of the cache, in every process")
 
     command("stats", "peers, segments, footprint, counters (JSON)")
     command("peers", "list live peers")

@@ -34,6 +34,8 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
+from .waiting import CancelGuard
+
 if TYPE_CHECKING:
     from .backends.base import Contender
     from .ipc import AsyncIPC
@@ -75,6 +77,42 @@ async def release_on_exit(
     except asyncio.CancelledError:
         await releasing
         raise
+
+
+async def hold(
+    contender: Contender,
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    note: str = "",
+    enough: Callable[[], Awaitable[bool]] | None = None,
+) -> bool:
+    """Wait until `contender` holds its lock: True; `TimeoutError` after `timeout`.
+
+    `enough()`, asked before each wait, ends the wait early (False) when it says
+    the lock is not needed any more (say, the job it guards is done).
+
+    Whatever else ends the wait (a timeout, a cancellation) leaves nothing held,
+    even when the lock was won in the very loop iteration the cancellation came
+    in, or a wait swallowed it (3.11's `asyncio.wait_for`): the lock is let go,
+    and the cancellation (or the timeout's `TimeoutError`) raised.
+    """
+    guard = CancelGuard()
+    won = False
+    try:
+        async with asyncio.timeout(timeout):
+            while not await contender.try_acquire(note):
+                if enough is not None and await enough():
+                    return False
+                await contender.wait(poll_interval)
+                guard.check()
+            guard.check()  # won as the task was cancelled: not ours to keep
+        won = True
+        return True
+    finally:
+        if not won:
+            # Shielded: a second cancellation must not leave a won lock held.
+            await release_on_exit(contender, contender.release)
 
 
 class Lock:
@@ -242,13 +280,7 @@ class Lock:
         if timeout is not None and timeout < 0:
             timeout = self.timeout
         contender = await self._new_contender()
-        try:
-            async with asyncio.timeout(timeout):
-                while not await contender.try_acquire():
-                    await contender.wait(self.poll_interval)
-        finally:
-            if not contender.held:
-                await contender.release()  # cancelled or timed out: nothing is held
+        await hold(contender, timeout=timeout, poll_interval=self.poll_interval)
 
     async def verify(self) -> bool:
         """Ask the medium whether this object still holds the lock.

@@ -10,6 +10,13 @@ record it dispatches, in record order. Ordering given to handlers:
   hold back later records, so async handlers may *finish* out of order.
 
 A handler that raises is logged (with the event name) and the others still run.
+Slow handlers: `AsyncIPC` times each dispatch as a whole (two clock reads per
+batch of records, not per handler) and hands one that held the loop longer
+than `slow_threshold` seconds to `held_loop`, which names the handler that ran
+(with one handler, it is the one) or, when several ran, names them and times
+each call for the next `slow_interval` seconds (`timing`), which then names the
+slow one exactly. Warnings are rate-limited per handler and event; each is
+counted in `slow_handlers`; `dispatch_seconds` sums the dispatch time.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 from .logs import logger, rate_limited
@@ -93,6 +101,14 @@ class Emitter:
         self._listeners: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.handler_errors = 0
+        # Slow handlers: warn past `slow_threshold` s (inf: never), at most once per
+        # handler and event per `slow_interval` s; count them, and the time spent.
+        self.slow_threshold = float("inf")
+        self.slow_interval = 10.0
+        self.slow_handlers = 0
+        self.dispatch_seconds = 0.0
+        self.timing = False  # True: each handler call is timed (see `held_loop`)
+        self._timing_until = 0.0
         self._wanted: frozenset[bytes] | None = None  # see `wanted`
 
     # -- registration -------------------------------------------------------
@@ -194,11 +210,14 @@ class Emitter:
             except Exception:
                 self._undecodable(event)
                 return
-            try:
-                result = sub.handler(message)
-            except Exception:
-                self._failed(event, sub)
-                continue
+            if self.timing:
+                result = self._call_timed(event, sub, message)
+            else:
+                try:
+                    result = sub.handler(message)
+                except Exception:
+                    self._failed(event, sub)
+                    continue
             if result is not None and inspect.isawaitable(result):  # sync handlers: None
                 self._start(event, sub.handler, result)
 
@@ -224,6 +243,104 @@ class Emitter:
             return
         if result is not None and inspect.isawaitable(result):  # sync handlers: None
             self._start(event, sub.handler, result)
+
+    def emit_data_timed(
+        self, event: str, subs: list[Subscription], data: bytes, loads: Callable[[bytes], Any]
+    ) -> None:
+        """`emit_data`, timing the handler's call (while `timing`)."""
+        if len(subs) != 1 or subs[0].once:
+            self.emit(event, partial(loads, data))
+            return
+        sub = subs[0]
+        try:
+            message = loads(data)
+        except Exception:
+            self._undecodable(event)
+            return
+        result = self._call_timed(event, sub, message)
+        if result is not None and inspect.isawaitable(result):  # sync handlers: None
+            self._start(event, sub.handler, result)
+
+    def _call_timed(self, event: str, sub: Subscription, message: Any) -> Any:
+        start = perf_counter()
+        try:
+            result = sub.handler(message)
+        except Exception:
+            self._failed(event, sub)
+            result = None
+        held = perf_counter() - start
+        if held > self.slow_threshold:
+            self._slow({(event, sub.handler): 1}, held, timed=True)
+        return result
+
+    # -- slow handlers ---------------------------------------------------------
+
+    def still_timing(self) -> bool:
+        """Whether each handler call is still to be timed (`timing` ends
+        `slow_interval` seconds after the slow dispatch that began it).
+
+        Example:
+            >>> Emitter().still_timing()
+            False
+        """
+        if self.timing and time.monotonic() >= self._timing_until:
+            self.timing = False
+        return self.timing
+
+    def held_loop(
+        self, held: float, calls: dict[tuple[str, Handler], int], *, shared: bool = False
+    ) -> None:
+        """A dispatch held the loop `held` seconds; `calls` counts the handler
+        calls it made, by (event, handler). Past `slow_threshold`, name them in a
+        warning; with several, time each call for the next `slow_interval` s.
+        `shared`: the dispatch also did other work (applied cache records), so
+        its time is not the handlers' alone: nobody is named, each call is timed
+        for the next `slow_interval` s instead.
+
+        Example:
+            >>> emitter = Emitter(); emitter.slow_threshold = 0.05
+            >>> emitter.held_loop(0.2, {("a", print): 1, ("b", repr): 1})
+            >>> emitter.slow_handlers, emitter.timing
+            (1, True)
+            >>> emitter = Emitter(); emitter.slow_threshold = 0.05
+            >>> emitter.held_loop(0.2, {("a", print): 1}, shared=True)
+            >>> emitter.slow_handlers, emitter.timing
+            (0, True)
+        """
+        if self.still_timing():
+            return  # its calls were timed one by one
+        if held <= self.slow_threshold or not calls:
+            return
+        if not shared:
+            self._slow(calls, held, timed=False)
+        if shared or len(calls) > 1:
+            self.timing = True
+            self._timing_until = time.monotonic() + self.slow_interval
+
+    def _slow(self, calls: dict[tuple[str, Handler], int], held: float, *, timed: bool) -> None:
+        self.slow_handlers += 1
+        named = sorted(
+            (handler_name(handler), event, count) for (event, handler), count in calls.items()
+        )
+        advice = "make it async, or run its blocking part in a thread (asyncio.to_thread)"
+        limit = f"slow_handler_threshold is {self.slow_threshold * 1000:.0f} ms"
+        if len(named) == 1:
+            name, event, count = named[0]
+            over = "" if timed or count == 1 else f" over {count} calls"
+            key: tuple[Any, ...] = ("slow", name, event)
+            text = (
+                f"handler {name} for event {event!r} held the event loop for "
+                f"{held * 1000:.0f} ms{over} ({limit}): {advice}"
+            )
+        else:
+            key = ("slow", *((name, event) for name, event, _ in named))
+            listed = ", ".join(f"{name} for {event!r} ({count}x)" for name, event, count in named)
+            text = (
+                f"handlers {listed} held the event loop for {held * 1000:.0f} ms together "
+                f"({limit}); timing each call for {self.slow_interval:g} s to name the slow "
+                "one"
+            )
+        rate_limited(logging.WARNING, key, "%s", text, interval=self.slow_interval)
 
     def _undecodable(self, event: str) -> None:
         rate_limited(
@@ -367,7 +484,8 @@ class MessageStream:
             ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
             ...         stream = ipc.subscribe("price")
             ...         await ipc.notify("price", 42, include_self=True)
-            ...         first = await asyncio.wait_for(stream.get(), 5)  # with a deadline
+            ...         async with asyncio.timeout(5):  # with a deadline
+            ...             first = await stream.get()
             ...         stream.close()
             ...         try:
             ...             await stream.get()
@@ -403,6 +521,26 @@ class MessageStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def handler_name(handler: Handler) -> str:
+    """`module.qualified.name` of a handler, as a slow-handler warning names it.
+
+    Example:
+        >>> class Worker:
+        ...     def handle(self, message): ...
+        >>> handler_name(Worker().handle).endswith("Worker.handle")
+        True
+        >>> handler_name(print)
+        'builtins.print'
+    """
+    target = handler.func if isinstance(handler, partial) else handler
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return repr(handler)
+    module = getattr(target, "__module__", None)
+    name = f"{module}.{qualname}" if isinstance(module, str) else qualname
+    return f"partial({name})" if target is not handler else name
 
 
 def _check_event(event: object) -> None:

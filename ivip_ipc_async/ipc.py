@@ -16,8 +16,11 @@ from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
+from . import waiting
+from .backends import REDIS_SCHEMES
 from .backends.base import Backend
 
 # The default backend, imported with the package: importing it at the first
@@ -76,6 +79,16 @@ _fork_generation = [0]
 os.register_at_fork(after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1))
 
 
+class _FromEnvironment:
+    """The default of `slow_handler_threshold`: read `$IVIP_IPC_SLOW_HANDLER`."""
+
+    def __repr__(self) -> str:
+        return "$IVIP_IPC_SLOW_HANDLER or 0.05"
+
+
+_FROM_ENVIRONMENT: Final = _FromEnvironment()
+
+
 class AsyncIPC:
     """Events between the processes that share a directory.
 
@@ -91,6 +104,11 @@ class AsyncIPC:
             (the default, stdlib) or "orjson" (faster; the `fast` extra). None:
             `$IVIP_IPC_CODEC`, else "json". Nothing read is ever executed.
         max_record_size: Largest record in bytes; bigger ones raise `ValueError`.
+        slow_handler_threshold: Seconds a sync handler may hold the event loop
+            before a warning names it and the event (at most once per handler
+            and event per `slow_handler_log_interval` seconds; every one counted
+            in `stats()["slow_handlers"]`). None or 0: no warnings. Default:
+            `$IVIP_IPC_SLOW_HANDLER` if set (seconds, or "off"), else 0.05.
         **backend_options: Passed to the backend (see `DirectoryBackend`).
 
     Example:
@@ -109,6 +127,9 @@ class AsyncIPC:
     """Seconds `health()` stays unhealthy after a gap (then healthy again, if
     nothing else is wrong). Set it on the class or on one instance."""
 
+    DEFAULT_SLOW_HANDLER_THRESHOLD: Final = 0.05
+    """Seconds, when neither the argument nor `$IVIP_IPC_SLOW_HANDLER` says."""
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -117,6 +138,7 @@ class AsyncIPC:
         backend: Backend | None = None,
         codec: Codec | str | None = None,
         max_record_size: int = 16 << 20,
+        slow_handler_threshold: float | _FromEnvironment | None = _FROM_ENVIRONMENT,
         **backend_options: Any,
     ) -> None:
         if namespace is not None:
@@ -136,6 +158,11 @@ class AsyncIPC:
         self.codec: Codec = codec_named(codec) if isinstance(codec, str) else codec
         self.max_record_size = max_record_size
         self._emitter = Emitter()
+        if isinstance(slow_handler_threshold, _FromEnvironment):
+            slow_handler_threshold = _threshold_from_environment(
+                self.DEFAULT_SLOW_HANDLER_THRESHOLD
+            )
+        self.slow_handler_threshold = slow_handler_threshold
         self.clock = HybridLogicalClock()
         self.mirror = Mirror()
         self._backend: Backend | None = None
@@ -243,7 +270,7 @@ class AsyncIPC:
             if "://" in text:
                 scheme, _, rest = text.partition("://")
                 scheme = scheme.lower()
-                if scheme in ("redis", "rediss", "unix"):
+                if scheme in REDIS_SCHEMES:
                     # Imported only when used: redis-py is an optional extra.
                     from .backends.redis import RedisBackend
 
@@ -256,7 +283,8 @@ class AsyncIPC:
                 if scheme != "file":
                     raise ValueError(
                         f"unsupported backend URL scheme {scheme!r} in {text!r} "
-                        "(use a directory path, file://, redis://, rediss:// or unix://)"
+                        "(use a directory path, file://, redis://, rediss://, unix:// "
+                        "or redis+sentinel://)"
                     )
                 text = rest
             root = Path(text).expanduser().absolute()
@@ -308,6 +336,44 @@ class AsyncIPC:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.destroy()
+
+    @property
+    def slow_handler_threshold(self) -> float | None:
+        """Seconds a sync handler may hold the loop before it is named in a
+        warning; None: never (see the constructor). Settable.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused", slow_handler_threshold=0.2)
+            >>> ipc.slow_handler_threshold
+            0.2
+            >>> ipc.slow_handler_threshold = 0; ipc.slow_handler_threshold is None
+            True
+        """
+        threshold = self._emitter.slow_threshold
+        return None if threshold == float("inf") else threshold
+
+    @slow_handler_threshold.setter
+    def slow_handler_threshold(self, seconds: float | None) -> None:
+        if seconds is not None and not seconds >= 0:  # also refuses NaN
+            raise ValueError(f"slow_handler_threshold must be >= 0 seconds, not {seconds!r}")
+        self._emitter.slow_threshold = float(seconds) if seconds else float("inf")
+
+    @property
+    def slow_handler_log_interval(self) -> float:
+        """Seconds between two slow-handler warnings for one handler and event
+        (10 by default); the next one says how many were left out meanwhile.
+
+        Example:
+            >>> ipc = AsyncIPC("/tmp/unused")
+            >>> ipc.slow_handler_log_interval = 60.0
+            >>> ipc.slow_handler_log_interval
+            60.0
+        """
+        return self._emitter.slow_interval
+
+    @slow_handler_log_interval.setter
+    def slow_handler_log_interval(self, seconds: float) -> None:
+        self._emitter.slow_interval = float(seconds)
 
     # -- listeners ------------------------------------------------------------------
 
@@ -386,7 +452,7 @@ class AsyncIPC:
         sub.on_stop = closed
         try:
             await self._ensure()
-            return await asyncio.wait_for(fut, timeout)
+            return await waiting.wait_for(fut, timeout)  # 3.11's loses cancellations
         finally:
             sub.on_stop = None
             sub.stop()
@@ -486,7 +552,7 @@ class AsyncIPC:
         if write_now is None or not write_now(records):
             await backend.append(records)
         if include_self:
-            self._emitter.emit(event, partial(self.codec.loads, data))
+            self._emit_here(event, partial(self.codec.loads, data))
 
     async def notify_many(
         self, event: str, messages: Iterable[Any], *, include_self: bool = False
@@ -537,7 +603,7 @@ class AsyncIPC:
         if include_self:
             loads = self.codec.loads
             for data in encoded:
-                self._emitter.emit(event, partial(loads, data))
+                self._emit_here(event, partial(loads, data))
 
     def _check_size(self, name_len: int, data_len: int) -> None:
         size = HEADER_SIZE + name_len + data_len
@@ -556,13 +622,23 @@ class AsyncIPC:
     # -- receiving ----------------------------------------------------------------------
 
     def _dispatch(self, records: Sequence[Record]) -> None:
+        # Timed as a whole (two clock reads per batch, not per handler): see
+        # `Emitter.held_loop` for how a slow one is named.
+        start = _clock()
         codec_id = self.codec.id
         loads = self.codec.loads
-        emit = self._emitter.emit_data
-        listeners = self._emitter._listeners
+        emitter = self._emitter
+        # (`timing` is rare: the clock is read again only then)
+        emit = (
+            emitter.emit_data_timed
+            if emitter.timing and emitter.still_timing()
+            else emitter.emit_data
+        )
+        listeners = emitter._listeners
         message = _MESSAGE
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
         get = listeners.get
+        applied = 0  # cache records: their time is in `held` too
         for rec in records:
             # One unpacking instead of an attribute lookup per field.
             kind, topic, _, data, hlc, _, _, _, codec = rec
@@ -578,6 +654,36 @@ class AsyncIPC:
             elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
                 self.clock.observe(hlc)
                 self.mirror.apply(rec)
+                applied += 1
+        held = _clock() - start
+        emitter.dispatch_seconds += held
+        if held > emitter.slow_threshold:
+            emitter.held_loop(held, self._calls_of(records), shared=applied > 0)
+
+    def _calls_of(self, records: Sequence[Record]) -> dict[tuple[str, Handler], int]:
+        """The handler calls a dispatch of `records` made (the listeners now), by
+        (event, handler): asked only after a slow dispatch."""
+        calls: dict[tuple[str, Handler], int] = {}
+        listeners = self._emitter._listeners
+        for rec in records:
+            if rec.kind is _MESSAGE and rec.codec == self.codec.id:
+                for sub in listeners.get(rec.topic, ()):
+                    key = (rec.topic, sub.handler)
+                    calls[key] = calls.get(key, 0) + 1
+        return calls
+
+    def _emit_here(self, event: str, decode: Callable[[], Any]) -> None:
+        """`include_self`: this process's handlers, timed as a dispatch is."""
+        emitter = self._emitter
+        if emitter.timing:
+            emitter.still_timing()
+        start = _clock()
+        emitter.emit(event, decode)
+        held = _clock() - start
+        emitter.dispatch_seconds += held
+        if held > emitter.slow_threshold:
+            subs = emitter._listeners.get(event, ())
+            emitter.held_loop(held, {(event, sub.handler): 1 for sub in subs})
 
     def _foreign_codec(self, rec: Record) -> None:
         if rec.codec not in self._foreign_codec_warned:
@@ -602,6 +708,8 @@ class AsyncIPC:
             "started": self.started,
             "listeners": self._emitter.listener_count(),
             "handler_errors": self._emitter.handler_errors,
+            "slow_handlers": self._emitter.slow_handlers,
+            "dispatch_seconds": self._emitter.dispatch_seconds,
             "cache_entries": self.mirror.count(),
         }
         if self._backend is not None:
@@ -633,6 +741,8 @@ class AsyncIPC:
         else:
             if not stats.get("maintenance_alive", True):
                 problems.append("maintenance task is not running")
+            if stats.get("layout_problem"):
+                problems.append(stats["layout_problem"])
             if not stats.get("watcher_alive", True):
                 problems.append("watcher is not running (re-scans still deliver)")
             if not stats.get("connected", True):
@@ -660,6 +770,7 @@ class AsyncIPC:
             "healthy": stats["started"]
             and stats.get("maintenance_alive", True)
             and stats.get("connected", True)
+            and not stats.get("layout_problem")
             and not recent_gap,
             "problems": problems,
             "peers": len(stats.get("peers", [])),
@@ -686,7 +797,7 @@ class AsyncIPC:
         waiter = asyncio.get_running_loop().create_future()
         self._ready_waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await waiting.wait_for(waiter, timeout)
         except TimeoutError:
             raise self._mirror_unavailable(timeout) from None
         finally:
@@ -757,10 +868,27 @@ class _Sink:
         self._ipc._emitter.emit(GAP_EVENT, lambda: {"peer": peer, "lost": lost})
 
 
+def _threshold_from_environment(default: float) -> float | None:
+    raw = os.environ.get("IVIP_IPC_SLOW_HANDLER")
+    if raw is None or not raw.strip():
+        return default
+    if raw.strip().lower() in ("off", "none", "no", "false"):
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(
+            f"$IVIP_IPC_SLOW_HANDLER must be seconds (e.g. 0.05) or 'off', not {raw!r}"
+        )
+    return seconds or None
+
+
 def _check_url(text: str) -> None:
     """Refuse what looks like a Redis URL but is not a valid one (`ValueError`
     naming the problem), rather than take it for a directory path."""
-    match = re.match(r"(?i)(rediss?|unix):", text)
+    match = re.match(r"(?i)(rediss?|unix|redis\+sentinel):", text)
     if match is None:
         return
     if not text[match.end() :].startswith("//"):

@@ -14,7 +14,9 @@ both tools work the same on the shared directory and on Redis:
 Two tools:
 
 * `run_once(ipc, name, job)`: start-up jobs (migrations, warming a cache) that
-  must run in one worker of a fleet, while the others wait until it is done.
+  must run in one worker of a fleet, while the others wait until it is done;
+  once per start-up of the fleet, or once per `generation` (a release),
+  recorded durably in the namespace (see `jobs`).
 * `Leadership(ipc, name)`: work that must keep running in exactly one process
   (a scheduler), handed over when that process dies.
 
@@ -35,24 +37,27 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .coordination import DEFAULT_LEASE, check_name, check_timing, release_on_exit
+from .coordination import DEFAULT_LEASE, check_name, check_timing, hold, release_on_exit
+from .jobs import JobRecords, check_generation, record_key
 
 if TYPE_CHECKING:
     from .backends.base import Contender
     from .ipc import AsyncIPC
 
-__all__ = ["Leadership", "run_once"]
+__all__ = ["Leadership", "reset_run_once", "run_once"]
 
 _DONE: Final = "done"
 _RUNNING: Final = "running"
 
-# Leaderships won by `run_once`, kept for the life of the process (or of its
-# event loop, or of its `AsyncIPC`). A forked child keeps none of them.
+# Leaderships won by `run_once` without a generation, kept for the life of the
+# process (or of its event loop, or of its `AsyncIPC`): while one is held with
+# the note "done", later callers know the job was done in this start-up.
+# A forked child keeps none of them.
 _kept: list[Contender] = []
 os.register_at_fork(after_in_child=_kept.clear)
 
@@ -196,9 +201,7 @@ class Leadership:
         """
         contender = await self._contend()
         try:
-            async with asyncio.timeout(timeout):
-                while not await contender.try_acquire(_RUNNING):
-                    await contender.wait(self.poll_interval)
+            await hold(contender, timeout=timeout, poll_interval=self.poll_interval, note=_RUNNING)
         finally:
             if not contender.held:
                 await self.release()
@@ -235,30 +238,44 @@ async def run_once(
     name: str,
     job: Callable[[], Awaitable[Any]],
     *,
+    generation: str | int | None = None,
     timeout: float | None = None,
     poll_interval: float = 1.0,
     lease: float = DEFAULT_LEASE,
 ) -> bool:
-    """Run `job` in one living process of the namespace; the others wait until it is done.
+    """Run `job` in one process of the fleet; the others wait until it is done.
 
     Every worker of a fleet calls it at start-up; one of them (the leader of
-    `name`) runs `job()`, and the call returns in the others once the job has
-    finished. The leader keeps the leadership while its process (its event
-    loop, its `AsyncIPC`) lives, so a worker that starts or restarts later
-    returns False at once, without running the job again. Returns True in the
-    process that ran `job` (this call).
+    `name`) runs `job()`, and the call returns False in the others once the job
+    has finished, even if the leader's process exits right after it. Returns
+    True in the process that ran `job` (this call). What "once" means:
 
-    If the leader dies before `job` finishes, or `job` raises there, a waiting
-    process takes over and runs it. If the leader dies *after* the job, the next
-    process to call `run_once` (a restarted worker, a new deployment) runs it
-    again: jobs must be idempotent, as migrations and cache warm-ups are. On
-    Redis the same holds with the lease: a leader paused for longer than
-    `lease` seconds counts as dead.
+    * By default (`generation=None`), **once per start-up of the fleet**. The
+      leader keeps the leadership of `name` while its process (its event loop,
+      its `AsyncIPC`) lives, so a worker that starts later returns False at
+      once. Once no process holds it (every worker was stopped, a redeploy),
+      the next caller runs the job again. Each run ends with a record in the
+      namespace, which a caller that waited during the run sees appear: it
+      returns False even when the leader has exited since.
+    * With a `generation` (your release or schema version), **once per
+      generation, for the life of the namespace**: the record says which
+      generation was done, and every later call with the same one returns False
+      without running the job, whatever became of the leader. Another
+      generation runs it again, once; `reset_run_once` drops the record.
+
+    If the leader dies before the job's end is recorded (killed mid-job, or
+    right after it), or `job` raises there, a waiting process takes over and
+    runs it: at least once when a runner dies, exactly once otherwise. Jobs
+    should be idempotent, as migrations and cache warm-ups are. On Redis the
+    same holds with the lease: a leader paused for longer than `lease` seconds
+    counts as dead.
 
     Args:
         ipc: An `AsyncIPC` on any backend (started if not).
         name: The job's name (as for `Leadership`).
         job: An async callable with no arguments.
+        generation: None (once per start-up of the fleet), or what "once" is
+            counted per: a str of at most 200 characters, or an int.
         timeout: Seconds to wait for another process's job; `TimeoutError` after.
         poll_interval: Seconds between tries while waiting (see `Leadership`).
         lease: Redis only: see `Leadership`.
@@ -281,23 +298,144 @@ async def run_once(
         ...         )
         >>> sorted(asyncio.run(main()))  # one ran it, the other waited for it
         [False, True]
+
+        Once per release, whichever worker starts first, even across restarts::
+
+            await run_once(IPC, "migrations", migrate, generation=os.environ["RELEASE"])
     """
+    check_name(name, "job")
+    check_timing(lease, poll_interval)
+    if generation is None:
+        return await _once_per_start_up(
+            ipc, name, job, timeout=timeout, poll_interval=float(poll_interval), lease=lease
+        )
+    wanted = check_generation(generation)
+    records = JobRecords(ipc)
+
+    async def done() -> bool:
+        # Asked of the medium, not of this process's mirror, which may still show
+        # a record since reset (or of a generation since replaced).
+        return await records.current(name) == wanted
+
+    if await done():
+        return False  # done before: no lock needed
+
+    contender = await _generation_lock(ipc, name, lease)
+    try:
+        if not await hold(
+            contender,
+            timeout=timeout,
+            poll_interval=float(poll_interval),
+            note=_RUNNING,
+            enough=done,  # asked at each wake-up: the leader recorded it
+        ):
+            return False
+        # Ours now; the holder before us may have finished: its record was
+        # stored before it let go.
+        if await done():
+            return False
+        await job()
+        await records.mark_done(name, wanted, fence=contender.fence)
+    finally:
+        await release_on_exit(contender, contender.release)
+    return True
+
+
+async def _once_per_start_up(
+    ipc: AsyncIPC,
+    name: str,
+    job: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float | None,
+    poll_interval: float,
+    lease: float,
+) -> bool:
+    """`run_once` without a generation: the leader keeps the leadership while it
+    lives; a run's end is recorded for those who waited during it."""
+    # A run that ended after this call began was done for this call, even if its
+    # leader has exited since: its record is stamped after `began` (the clock of
+    # one machine; across Redis hosts, as close as theirs), or differs from the
+    # record read as the call began.
+    began = time.time()
+    records = JobRecords(ipc)
+    key = record_key(name, None)
+    before = await records.latest(key)
+
+    async def ended_since() -> bool:
+        latest = await records.latest(key)
+        if latest is None:
+            return False
+        at = latest.get("at")
+        return latest != before or (isinstance(at, int | float) and at >= began)
+
     leadership = Leadership(ipc, name, poll_interval=poll_interval, lease=lease)
     contender = await leadership._contend()
+
+    async def done() -> bool:
+        # Asked when the leadership is taken: "done" is its living leader's note.
+        return await contender.holder_note() == _DONE or await ended_since()
+
+    keep = False
     try:
-        async with asyncio.timeout(timeout):
-            while not await contender.try_acquire(_RUNNING):
-                if await contender.holder_note() == _DONE:
-                    return False  # done by the living leader
-                await contender.wait(leadership.poll_interval)
-    finally:
-        if not contender.held:
-            await contender.release()
-    try:
+        if not await hold(
+            contender, timeout=timeout, poll_interval=poll_interval, note=_RUNNING, enough=done
+        ):
+            return False
+        # Ours now; the holder before us may have finished during our wait: its
+        # record was stored before it let go.
+        if await ended_since():
+            return False
         await job()
+        await records.mark_done(name, None, fence=contender.fence)
         await contender.set_note(_DONE)
-    except BaseException:
-        await contender.release()
-        raise
+        keep = True
+    finally:
+        if not keep:
+            await release_on_exit(contender, contender.release)
     _kept.append(contender)
     return True
+
+
+async def _generation_lock(ipc: AsyncIPC, name: str, lease: float) -> Contender:
+    """The lock of `name`'s runs with a generation: not the leadership that a
+    run without one keeps for life, so that neither waits for the other."""
+    backend = await ipc._ensure()
+    return backend.locks().contender(f"g.{name}", lease=float(lease))
+
+
+async def reset_run_once(
+    ipc: AsyncIPC,
+    name: str,
+    *,
+    timeout: float | None = None,
+    lease: float = DEFAULT_LEASE,
+) -> None:
+    """Forget that job `name` was done: the next `run_once` of it runs the job.
+
+    For jobs run with a `generation`: waits for such a run in progress to end
+    first (it takes the job's lock), so the record of that run cannot come back
+    after the reset. Changing the `generation` is the other way to run a job
+    again. A job run without a generation runs again at the next start-up of
+    the fleet anyway; its leader's leadership is left alone.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         async def job():
+        ...             pass
+        ...         first = await run_once(ipc, "warm-up", job, generation=1)
+        ...         await reset_run_once(ipc, "warm-up")
+        ...         return first, await run_once(ipc, "warm-up", job, generation=1)
+        >>> asyncio.run(main())
+        (True, True)
+    """
+    check_name(name, "job")
+    check_timing(lease, 1.0)
+    contender = await _generation_lock(ipc, name, lease)
+    try:
+        await hold(contender, timeout=timeout, poll_interval=1.0, note=_RUNNING)
+        await JobRecords(ipc).forget(name)
+    finally:
+        await release_on_exit(contender, contender.release)

@@ -40,5 +40,5 @@ def rate_limited(
         _last.clear()
     _last[key] = [now, 0]
     if suppressed:
-        message += f" ({suppressed} similar messages suppressed in the last {interval:.0f}s)"
+        message += f" ({suppressed} similar messages suppressed in the last {interval:g}s)"
     logger.log(level, message, *args, **kwargs)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, Lock
-from ivip_ipc_async.leader import Leadership, run_once
+from ivip_ipc_async.leader import Leadership, reset_run_once, run_once
 
 from .processes import reap
 from .test_backends import Make, make, medium  # noqa: F401 - the parametrized fixtures
@@ -102,9 +102,21 @@ AGENT = textwrap.dedent(
                 elif op == "run_once":
                     async def job():
                         append(cmd["path"], f"job {os.getpid()}")
+                        gate = cmd.get("gate")  # the job ends only once this file exists
+                        while gate and not os.path.exists(gate):
+                            await asyncio.sleep(0.01)
                         await asyncio.sleep(cmd["seconds"])
-                    ran = await run_once(ipc, "start-up", job, poll_interval=30, lease=lease)
+                    more = {"generation": cmd["generation"]} if "generation" in cmd else {}
+                    if cmd.get("announce"):  # the call begins now
+                        say(calling=os.getpid())
+                    ran = await run_once(
+                        ipc, "start-up", job, poll_interval=30, lease=lease, **more
+                    )
                     say(ran=ran)
+                    if cmd.get("exit"):  # a one-shot script: done, it exits
+                        break
+                elif op == "exit":  # a clean exit: the AsyncIPC lets go of everything
+                    break
                 elif op == "memo":
                     results = await asyncio.gather(
                         *(slow(cmd["seconds"], cmd["path"]) for _ in range(cmd["calls"]))
@@ -433,6 +445,100 @@ async def test_run_once_is_taken_over_when_the_leader_dies_mid_job(
     assert [line.split()[0] for line in path.read_text().splitlines()] == ["job", "job"]
 
 
+@pytest.mark.parametrize("generation", [None, "v1"])
+async def test_run_once_is_not_run_again_when_its_leader_exits_after_the_job(
+    agents: Any, tmp_path: Path, generation: str | None
+) -> None:
+    """Issue #20, item 2: a one-shot leader exits right after its job; the
+    processes that waited during the job must not run it again, by default
+    (once per start-up of the fleet) as with a generation; with a generation,
+    nor may one that comes later."""
+    path, gate = tmp_path / "jobs", tmp_path / "gate"
+    more = {} if generation is None else {"generation": generation}
+    leader, *waiters = await agents(3, lease=2.0)
+    # The leader's job runs until the waiters' calls have begun (the gate).
+    await leader.send(op="run_once", path=str(path), gate=str(gate), seconds=0, exit=True, **more)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not (path.exists() and path.read_text()):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    for waiter in waiters:
+        await waiter.send(op="run_once", path=str(path), seconds=0, announce=True, **more)
+        assert (await waiter.read(timeout=20)).keys() == {"calling"}
+    gate.touch()
+    assert await leader.read(timeout=20) == {"ran": True}
+    async with asyncio.timeout(20):
+        assert await leader.proc.wait() == 0  # gone, and its lock with it
+    assert [await waiter.read(timeout=20) for waiter in waiters] == [{"ran": False}] * 2
+    assert len(path.read_text().splitlines()) == 1
+    if generation is None:
+        return  # a later caller finds no living leader: see the fleet test below
+    (late,) = await agents(1, lease=2.0)
+    assert await late.ask(op="run_once", path=str(path), seconds=0, **more) == {"ran": False}
+    assert len(path.read_text().splitlines()) == 1
+    # A new generation runs it once more, in one process only.
+    for agent in (*waiters, late):
+        await agent.send(op="run_once", path=str(path), seconds=0.2, generation="v2")
+    answers = [await agent.read(timeout=20) for agent in (*waiters, late)]
+    assert sorted(a["ran"] for a in answers) == [False, False, True]
+    assert len(path.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("generation", [None, "v1"])
+async def test_run_once_when_the_whole_fleet_restarts(
+    agents: Any, tmp_path: Path, generation: str | None
+) -> None:
+    """By default a job runs once per start-up of the fleet: a worker that
+    starts while the leader lives returns False at once; once every process
+    has exited, the next start-up runs it again. With a generation, never
+    again for that generation."""
+    path = tmp_path / "jobs"
+    more = {} if generation is None else {"generation": generation}
+    fleet = await agents(3, lease=2.0)
+    for agent in fleet:
+        await agent.send(op="run_once", path=str(path), seconds=0.3, **more)
+    answers = [await agent.read(timeout=20) for agent in fleet]
+    assert sorted(a["ran"] for a in answers) == [False, False, True]
+    (late,) = await agents(1, lease=2.0)  # the leader lives: done, at once (poll: 30 s)
+    assert await late.ask(timeout=5, op="run_once", path=str(path), seconds=0, **more) == {
+        "ran": False
+    }
+    for agent in (*fleet, late):
+        await agent.send(op="exit")
+    async with asyncio.timeout(20):
+        for agent in (*fleet, late):
+            assert await agent.proc.wait() == 0
+    (fresh,) = await agents(1, lease=2.0)  # a new start-up of the fleet
+    ran = await fresh.ask(timeout=5, op="run_once", path=str(path), seconds=0, **more)
+    assert ran == {"ran": generation is None}
+    assert len(path.read_text().splitlines()) == (2 if generation is None else 1)
+
+
+async def test_run_once_generations_and_reset(make: Make) -> None:  # noqa: F811
+    one, two = await make().start(), await make().start()
+    ran: list[str] = []
+
+    async def job() -> None:
+        ran.append("ran")
+
+    assert await run_once(one, "migrate", job)
+    assert not await run_once(two, "migrate", job)
+    assert await run_once(two, "migrate", job, generation=2, timeout=5)  # another: again
+    assert not await run_once(one, "migrate", job, generation="2")
+    three = await make().start()  # a process started later reads the record
+    assert not await run_once(three, "migrate", job, generation=2)
+    # One keeps the leadership of its default run while it lives: neither a
+    # reset nor a generation waits for it.
+    await reset_run_once(three, "migrate", timeout=5)  # run it again, deliberately
+    assert await run_once(one, "migrate", job, generation=2, timeout=5)
+    assert ran == ["ran"] * 3
+    with pytest.raises(TypeError, match="generation"):
+        await run_once(one, "migrate", job, generation=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="generation"):
+        await run_once(one, "migrate", job, generation="x" * 201)
+
+
 async def test_run_once_job_failure_is_raised_and_another_may_run_it(make: Make) -> None:  # noqa: F811
     one, two = await make().start(), await make().start()
 
@@ -627,3 +733,116 @@ async def test_a_lease_is_renewed_while_held(make: Make) -> None:  # noqa: F811
         assert lock.held
         assert await lock.verify()
     assert await two.lock("long").try_acquire()
+
+
+# -- memoize: a cancelled caller takes only itself away (issue #20, item 4) -----------------
+
+
+@pytest.mark.parametrize("across", [True, False], ids=["across", "per-process"])
+async def test_memoize_a_cancelled_caller_leaves_the_others_their_result(
+    make: Make,  # noqa: F811
+    across: bool,
+) -> None:
+    ipc = await make().start()
+    cache = AsyncCache(ipc, name="m")
+    calls: list[int] = []
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    @cache.memoize("slow", ttl=60, across_processes=across)
+    async def slow(x: int) -> int:
+        calls.append(x)
+        started.set()
+        await gate.wait()
+        return x * 2
+
+    callers = [asyncio.ensure_future(slow(21)) for _ in range(4)]
+    async with asyncio.timeout(10):
+        await started.wait()
+    callers[0].cancel()  # its HTTP client went away
+    with pytest.raises(asyncio.CancelledError):
+        await callers[0]
+    gate.set()
+    async with asyncio.timeout(10):
+        assert await asyncio.gather(*callers[1:]) == [42, 42, 42]
+    assert calls == [21]
+    assert await slow(21) == 42  # cached
+    assert calls == [21]
+
+
+@pytest.mark.parametrize("across", [True, False], ids=["across", "per-process"])
+async def test_memoize_computation_ends_when_its_last_caller_is_cancelled(
+    make: Make,  # noqa: F811
+    across: bool,
+) -> None:
+    one, two = await make().start(), await make().start()
+    calls: list[str] = []
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def compute(who: str) -> str:
+        calls.append(who)
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            ended.set()
+        return who
+
+    first = AsyncCache(one, name="m").memoize(
+        "c", lambda: compute("one"), 60, across_processes=across
+    )
+    callers = [asyncio.ensure_future(first()) for _ in range(2)]
+    async with asyncio.timeout(10):
+        await started.wait()
+    callers[0].cancel()
+    await asyncio.gather(callers[0], return_exceptions=True)
+    for _ in range(5):  # loop turns: a computation cancelled with it would end in these
+        await asyncio.sleep(0)
+    assert not ended.is_set()  # one caller is left: the computation goes on
+    callers[1].cancel()
+    await asyncio.gather(callers[1], return_exceptions=True)
+    async with asyncio.timeout(10):
+        await ended.wait()  # nobody is left: it is cancelled
+    # ... and its lock is let go: another process computes at once.
+    second = AsyncCache(two, name="m").memoize(
+        "c", lambda: asyncio.sleep(0, "two"), 60, across_processes=across
+    )
+    async with asyncio.timeout(5):
+        assert await second() == "two"
+    assert calls == ["one"]
+
+
+async def test_memoize_a_cancelled_caller_does_not_make_another_process_compute(
+    agents: Any,
+    make: Make,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ipc = await make().start()
+    cache = AsyncCache(ipc, name="memo")  # the agents' cache and function
+    path = tmp_path / "computed"
+    gate = asyncio.Event()
+
+    @cache.memoize("slow", ttl=60, lease=5.0)
+    async def slow(seconds: float, log: str) -> dict[str, int]:
+        with open(log, "a") as f:
+            f.write(f"compute {os.getpid()}\n")
+        await gate.wait()
+        return {"by": os.getpid()}
+
+    callers = [asyncio.ensure_future(slow(1.0, str(path))) for _ in range(4)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not (path.exists() and path.read_text()):  # this process computes, under the lock
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    (other,) = await agents(1, lease=5.0)
+    await other.send(op="memo", seconds=1.0, path=str(path), calls=2)  # waits for our result
+    await asyncio.sleep(0.2)
+    callers[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await callers[0]
+    gate.set()
+    mine = {"by": os.getpid()}
+    async with asyncio.timeout(10):
+        assert await asyncio.gather(*callers[1:]) == [mine] * 3
+    assert await other.read(timeout=20) == {"results": [mine, mine]}
+    assert path.read_text().splitlines() == [f"compute {os.getpid()}"]

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -56,14 +57,17 @@ def test_docstring_examples(name: str, temp_in_ipc_dir: Path) -> None:
 PUBLIC: dict[str, list[str]] = {
     "ivip_ipc_async": list(ivip_ipc_async.__all__),
     "ivip_ipc_async.ipc": ["GAP_EVENT"],
-    "ivip_ipc_async.leader": ["run_once", "Leadership"],
+    "ivip_ipc_async.leader": ["run_once", "reset_run_once", "Leadership"],
     "ivip_ipc_async.integrations.starlette": [
         "ipc_lifespan",
         "get_ipc",
         "get_cache",
         "ipc_from",
         "cache_from",
+        "health_endpoint",
     ],
+    "ivip_ipc_async.integrations.prometheus": ["IPCCollector", "multiprocess_exporter"],
+    "ivip_ipc_async.integrations.otel": ["instrument"],
 }
 # Methods of the leader module are reworked by another change; it gives them examples.
 NOT_CHECKED: set[str] = set()
@@ -440,8 +444,24 @@ async def test_fastapi_page_leadership(docs_env: Path, capsys: pytest.CaptureFix
             await asyncio.sleep(0.01)
 
 
+async def test_fastapi_page_probes(docs_env: Path) -> None:
+    """The readiness block serves 200 from a started instance, and the Kubernetes
+    example probes the routes that block defines."""
+    import yaml
+
+    async with serve(fastapi_page_app(6)) as url, httpx.AsyncClient(base_url=url) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["problems"] == []
+        assert (await client.get("/livez")).json() == {"ok": True}
+    (pod,) = md_blocks(DOCS / "fastapi.md", "yaml")
+    (container,) = yaml.safe_load(pod)["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+
 def test_every_fastapi_page_block_is_run() -> None:
-    assert len(md_blocks(DOCS / "fastapi.md", "python")) == 6  # a new block needs a test
+    assert len(md_blocks(DOCS / "fastapi.md", "python")) == 7  # a new block needs a test
 
 
 def test_index_command_line_session(ipc_dir: Path, tmp_path: Path) -> None:
@@ -486,3 +506,80 @@ def test_index_command_line_session(ipc_dir: Path, tmp_path: Path) -> None:
     finally:
         listener.terminate()
         listener.communicate(timeout=10)
+
+
+# -- docs/metrics.md ---------------------------------------------------------------------------
+# (its multi-worker block runs under `uvicorn --workers 2` in tests/test_metrics.py)
+
+
+def test_every_metrics_page_block_is_run() -> None:
+    assert len(md_blocks(DOCS / "metrics.md", "python")) == 3  # a new block needs a test
+
+
+def test_metrics_page_one_process_app(ipc_dir: Path, tmp_path: Path) -> None:
+    """The single-process block, served by a real uvicorn and scraped."""
+    (tmp_path / "metrics_one.py").write_text(md_blocks(DOCS / "metrics.md", "python")[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "uvicorn", "metrics_one:app", "--app-dir", str(tmp_path),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        command,
+        cwd=DOCS.parent,
+        env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "no answer from the app"
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+                if 'ivip_ipc_healthy{namespace="default"' in text:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        assert "ivip_ipc_records_lost_total{" in text
+        assert "ivip_ipc_footprint_bytes{" in text
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=15)
+    assert "Traceback" not in err, err
+
+
+def test_metrics_page_opentelemetry_setup(ipc_dir: Path) -> None:
+    """The OpenTelemetry block, in a process of its own (it sets the global
+    meter provider), then the IPC started and the reader flushed."""
+    code = md_blocks(DOCS / "metrics.md", "python")[2] + textwrap.dedent(
+        """
+        import asyncio
+
+        async def main():
+            async with IPC:
+                reader.force_flush()
+
+        asyncio.run(main())
+        metrics.get_meter_provider().shutdown()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "IVIP_IPC_DIR": str(ipc_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    exported = json.loads(done.stdout.split("\n}\n")[0] + "\n}")
+    (scope,) = exported["resource_metrics"][0]["scope_metrics"]
+    names = {metric["name"]: metric for metric in scope["metrics"]}
+    assert names["ivip_ipc.lag"]["unit"] == "By"
+    (point,) = names["ivip_ipc.healthy"]["data"]["data_points"]
+    assert point["value"] == 1
+    assert point["attributes"]["ivip_ipc.namespace"] == "default"

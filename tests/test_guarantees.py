@@ -126,6 +126,34 @@ def test_a_lost_message_is_found_unless_a_gap_covers_it() -> None:
     assert h.kinds() == []
 
 
+def test_a_gap_excuses_only_what_it_counts_within_the_window() -> None:
+    """A gap excuses at most `lost` messages of its sender, sent before it, and
+    only if reported by the receiver's delivery horizon (its last dump): a later
+    gap of one record does not excuse an earlier loss as well; an unknown count
+    excuses every message sent before it; a gap after the horizon excuses none."""
+    h = _two()
+    h.add(10, "p1.1", "send", qs=[1]).add(11, "p1.1", "ack", qs=[1])  # lost
+    h.add(2000, "p1.1", "send", qs=[2]).add(2001, "p1.1", "ack", qs=[2])  # lost
+    h.add(2500, "p2.1", "gap", peer="peer-p1.1", lost=1)  # counts #2 only
+    h.dump(5000, {}, "p1.1", "p2.1")
+    assert h.kinds() == ["lost"]
+    (violation,) = check(History(list(h.records)))
+    assert "1 acknowledged message(s)" in violation.message
+    assert "(first #1," in violation.message
+    h.add(2600, "p2.1", "gap", peer="peer-p1.1", lost=None)  # how many is unknown
+    assert h.kinds() == []
+    h = _two()
+    h.add(10, "p1.1", "send", qs=[1]).add(11, "p1.1", "ack", qs=[1])
+    h.dump(5000, {}, "p1.1", "p2.1")
+    h.add(6000, "p2.1", "gap", peer="peer-p1.1", lost=None)  # after the horizon
+    assert h.kinds() == ["lost"]
+    h = _two()  # a gap of another sender excuses nothing of this one
+    h.add(10, "p1.1", "send", qs=[1]).add(11, "p1.1", "ack", qs=[1])
+    h.add(2500, "p2.1", "gap", peer="peer-p9.1", lost=None)
+    h.dump(5000, {}, "p1.1", "p2.1")
+    assert h.kinds() == ["lost"]
+
+
 def test_a_message_sent_before_the_receiver_was_live_is_not_owed() -> None:
     h = H().life("p1.1").life("p2.1", start_ms=50)
     h.add(10, "p1.1", "send", qs=[1]).add(11, "p1.1", "ack", qs=[1])
@@ -273,6 +301,15 @@ def test_cancellation_violations_are_found() -> None:
 
 def test_errors_hung_starts_and_crashes_are_found() -> None:
     h = _two().add(10, "p1.1", "op_error", op="lock", error="IsADirectoryError", message="x")
+    assert h.kinds() == ["error"]
+    # A clear refusal of a lock file the driver replaced by a directory is expected;
+    # the same error on another lock, or before the replacement, is not.
+    refused = "refusing lock file /x/locks/u.a: it is a directory"
+    h = _two().drive(5, "lockfile", did="replaced locks/u.a by a directory", how="directory")
+    h.add(10, "p1.1", "op_error", op="lock", error="UnsafeDirectoryError", message=refused)
+    assert h.kinds() == []
+    h = _two().drive(15, "lockfile", did="replaced locks/u.b by a directory", how="directory")
+    h.add(10, "p1.1", "op_error", op="lock", error="UnsafeDirectoryError", message=refused)
     assert h.kinds() == ["error"]
     h = _two().add(0, "p3.1", "start_call").add(20_000, "p1.1", "ack", qs=[])
     assert h.kinds() == ["start"]

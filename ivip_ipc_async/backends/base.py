@@ -131,7 +131,12 @@ class Backend(Protocol):
         """Release resources synchronously when the event loop is already gone."""
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
-        """The current state record of one cache key, from the shared medium."""
+        """The current state record of one cache key, from the shared medium
+        (None where the medium is read in order into the mirror: see `catch_up`)."""
+
+    async def catch_up(self) -> None:
+        """Read now what peers have written so far: afterwards the sink has every
+        record acknowledged before this call (a no-op where `fetch` answers)."""
 
     async def write_if(self, op: Conditional) -> Outcome:
         """Store `op.record` only if the key's current state allows it

@@ -100,8 +100,10 @@ class Peer:
 
     async def read_line(self, timeout: float = 10.0) -> str:
         """The next line the peer prints (without the newline)."""
+        from ivip_ipc_async.waiting import wait_for  # 3.11's asyncio.wait_for loses cancellations
+
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        line = await wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
         if not line:
             raise EOFError(f"peer exited with status {self.proc.poll()} before printing")
         return line.rstrip("\n")

@@ -6,8 +6,12 @@ IPC and a cache in the lifespan state. Requests reach them as
 `request.state.ipc` / `request.state.cache`, through the FastAPI dependencies
 `get_ipc` / `get_cache`, or with `ipc_from(request)` / `cache_from(request)`.
 
-Starlette is imported only when FastAPI inspects a dependency, never when this
-module is imported (install it with `ivip-ipc-async[starlette]`).
+`health_endpoint()` is a readiness route: 200 while `ipc.health()` says the
+instance is healthy, 503 with its problems otherwise (a Kubernetes
+`readinessProbe` takes the worker out of rotation meanwhile).
+
+Starlette is imported only when FastAPI inspects a dependency or a health
+route answers, never when this module is imported (install it with `ivip-ipc-async[starlette]`).
 
 Example:
     A FastAPI app, run here in process (a server does the same per worker):
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
@@ -47,7 +51,8 @@ from ..cache import AsyncCache
 from ..ipc import AsyncIPC
 
 if TYPE_CHECKING:
-    from starlette.requests import HTTPConnection
+    from starlette.requests import HTTPConnection, Request
+    from starlette.responses import Response
 
 __all__ = [
     "IPCLifespan",
@@ -55,6 +60,7 @@ __all__ = [
     "cache_from",
     "get_cache",
     "get_ipc",
+    "health_endpoint",
     "ipc_from",
     "ipc_lifespan",
 ]
@@ -280,3 +286,60 @@ Example:
     ... async def load(uid: int, cache: Annotated[AsyncCache[Any], Depends(get_cache)]) -> Any:
     ...     return await cache.get(uid)
 """
+
+
+# -- readiness ---------------------------------------------------------------------------------
+
+
+def health_endpoint(
+    ipc: AsyncIPC | None = None,
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """A readiness route: 200 while the IPC is healthy, 503 with its problems.
+
+    The body is `ipc.health()` as JSON: `healthy`, `problems` (plain sentences:
+    "not connected to Redis ...", a recent gap, a maintenance task that is not
+    running), `peers`, `lag_bytes`, `errors`. Answered in the event loop, no I/O:
+    cheap enough for a probe every second. Not cached (`Cache-Control: no-store`).
+
+    Mount it with `app.add_route(path, health_endpoint())` (Starlette and
+    FastAPI alike; FastAPI leaves such routes out of its OpenAPI schema), or
+    `Route(path, health_endpoint())`. For Kubernetes, point the
+    `readinessProbe` at it; a `livenessProbe` should not (restarting a worker
+    does not bring Redis back): see docs/fastapi.md.
+
+    Args:
+        ipc: The instance to report on. None: the one `ipc_lifespan` put in the
+            lifespan state (a `RuntimeError` names the fix when there is none).
+
+    Example:
+        >>> import asyncio, tempfile, httpx
+        >>> from starlette.applications import Starlette
+        >>> from ivip_ipc_async import AsyncIPC
+        >>> ipc = AsyncIPC(tempfile.mkdtemp())
+        >>> app = Starlette()  # with lifespan=ipc_lifespan(ipc), health_endpoint() finds it
+        >>> app.add_route("/readyz", health_endpoint(ipc))
+        >>> async def probe():
+        ...     transport = httpx.ASGITransport(app=app)
+        ...     async with httpx.AsyncClient(transport=transport, base_url="http://a") as c:
+        ...         response = await c.get("/readyz")
+        ...     return response.status_code, response.json()["problems"]
+        >>> async def main():
+        ...     before = await probe()              # not started: out of rotation
+        ...     async with ipc:
+        ...         return before, await probe()
+        >>> asyncio.run(main())
+        ((503, ['not started']), (200, []))
+    """
+
+    async def health(request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        instance = ipc if ipc is not None else ipc_from(request)
+        report = instance.health()
+        return JSONResponse(
+            report,
+            status_code=200 if report["healthy"] else 503,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    return health

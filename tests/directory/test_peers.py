@@ -74,3 +74,26 @@ async def test_a_peer_cannot_make_another_delete_files_outside(
         (ipc_dir / "default" / "log" / f"{FAKE_PEER}-00000001.seg").symlink_to(victim / "data")
         await until(lambda: not lock.exists())
     assert (victim / "data").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"[" * 4000, b'{"a":' * 800, b'{"capped_through": Infinity}', b"\xff\xfe", b"[1]"],
+)
+def test_a_planted_peer_lock_file_reads_as_no_note(ipc_dir: Path, garbage: bytes) -> None:
+    """Another peer's lock file is read when a gap's cause is named (inside a read
+    pass): garbage in it (nested 4000 deep: a RecursionError, not a ValueError;
+    an infinite number) reads as "nothing noted", never an exception."""
+    from ivip_ipc_async.backends.directory.layout import Namespace
+    from ivip_ipc_async.backends.directory.peers import Peers
+
+    ns = Namespace(ipc_dir / "ns")
+    ns.open_directories()
+    try:
+        (ipc_dir / "ns" / "peers" / f"{FAKE_PEER}.lock").write_bytes(garbage)
+        peers = Peers(ns)
+        assert peers.noted(FAKE_PEER, "capped_through") == 0
+        assert peers.capped_through(FAKE_PEER) == 0
+    finally:
+        for fd in ns.fds.values():
+            os.close(fd)

@@ -485,3 +485,27 @@ async def test_a_planted_segment_name_with_other_digits_costs_only_itself(
             await writer.notify("e", 1)
             await until(lambda: got == [0, 1], timeout=5)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_doorbell_of_the_same_inode_on_another_device_is_not_ours(
+    ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file at the doorbell's name with the doorbell's inode number but on another
+    device (another file system mounted over peers/, say) is not the doorbell:
+    `doorbell_bound` compares the device too (before: only the inode number)."""
+    async with AsyncIPC(ipc_dir) as ipc:
+        wakeups = ipc._backend._wakeups  # type: ignore[union-attr]
+        assert wakeups.bell is not None
+        assert wakeups.doorbell_bound()
+        real = os.stat
+
+        def other_device(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            st = real(path, *args, **kwargs)
+            if not str(path).endswith(".sock"):
+                return st
+            fields = list(st[:10])
+            fields[2] += 1  # st_dev: same inode number, another device
+            return os.stat_result(fields)
+
+        monkeypatch.setattr(os, "stat", other_device)
+        assert not wakeups.doorbell_bound()

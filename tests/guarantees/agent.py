@@ -567,6 +567,9 @@ class Life:
         if what in ("lock", "leader", "lock_timeout"):
             await self._cancel_lock_wait(what, after)
             return
+        # An event of its own: the random `wait_for` ops (and another cancelled
+        # wait) may be waiting on NEVER at the same moment.
+        never = f"{NEVER}-{self.next_id()}"
         if what == "memo":
             key = f"cw-{self.next_id()}"
 
@@ -580,7 +583,7 @@ class Life:
             lease = self.lease * 3
             call: Awaitable[Any] = self.memo_cache.memoize("cw", slow, MEMO_TTL, lease=lease)(key)
         else:
-            call = self.ipc.wait_for(NEVER)
+            call = self.ipc.wait_for(never)
         task = asyncio.ensure_future(call)
         await asyncio.sleep(after)
         sent = task.cancel()
@@ -593,7 +596,7 @@ class Life:
                 await asyncio.wait_for(again(key), 3)
             except TimeoutError:
                 held = True
-        listeners = self.ipc.listener_count(NEVER) if what == "wait_for" else 0
+        listeners = self.ipc.listener_count(never) if what == "wait_for" else 0
         self.log(
             "cancel_result", what=what, sent=sent, outcome=outcome, held=held, listeners=listeners
         )

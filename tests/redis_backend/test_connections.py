@@ -189,6 +189,12 @@ async def test_start_waits_for_a_server_that_comes_up_in_time(
         ("-xadd", "xadd"),
         ("-scan", "scan"),
         ("-info", None),  # not needed: evictions then go unnoticed, nothing else
+        # What only the locks use (their scripts; EVAL after a restart lost them):
+        ("-incr", "incr"),
+        ("-del", "del"),
+        ("-eval", "eval"),
+        ("-exists", "exists"),  # (the check after evictions)
+        ("resetchannels &ivip:*:live", r"PUBLISH on the locks' channels \(ivip:\{ns\}:lk:\*"),
     ],
 )
 async def test_missing_permissions_fail_start_before_anything_is_stored(
@@ -198,7 +204,7 @@ async def test_missing_permissions_fail_start_before_anything_is_stored(
     `BackendPermissionError` naming it, and nothing was stored (the database
     stays empty); a wrong password is refused at once too."""
     admin = server.admin()
-    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", acl)
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", *acl.split())
     url = f"redis://app:pw@127.0.0.1:{server.port}/0"
     if refused is None:
         async with AsyncIPC(url, namespace=namespace, protocol=protocol) as ipc:

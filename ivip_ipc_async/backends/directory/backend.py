@@ -32,6 +32,7 @@ from .locks import DirectoryLocks
 from .peers import Peers
 from .reader import LogReader
 from .recovery import FrameRecovery, Gaps
+from .rejoin import Rejoin
 from .segments import GroupCommit, OwnSegments
 from .snapshots import Snapshots
 from .wakeups import Wakeups
@@ -124,6 +125,7 @@ class DirectoryBackend:
         self._wakeups = Wakeups(ns)
         self._peers = Peers(ns)
         self._snapshots = Snapshots(ns)
+        self._rejoin = Rejoin(ns)
         self._segments.connect(self._peers, self._snapshots)
         self._writer.connect(self._segments, self._wakeups, self._snapshots)
         self._reader.connect(self._wakeups, self._snapshots, self._recovery, self._gaps)
@@ -132,6 +134,11 @@ class DirectoryBackend:
         self._wakeups.connect(self._reader, self._segments)
         self._peers.connect(self._reader, self._segments, self._wakeups)
         self._snapshots.connect(self._reader, self._segments)
+        self._rejoin.connect(
+            self._peers, self._segments, self._wakeups, self._reader, self._snapshots
+        )
+        self._wakeups.on_displaced = self._rejoin.soon
+        self._rejoin.on_moved = self._namespace_moved
         self._locks: DirectoryLocks | None = None  # made by locks() on first use
         self._conditional = ConditionalWrites(ns, self._reader, self._writer.append, self.locks)
         # The hot path: `append` is the group commit's own, one coroutine per
@@ -214,6 +221,7 @@ class DirectoryBackend:
         """Close every file and socket, let go of the locks, fail waiting appends."""
         if self._locks is not None:
             self._locks.abandon()  # closing their files releases the locks held here
+        self._rejoin.close()
         self._wakeups.close()
         self._reader.close()
         self._segments.close()
@@ -222,6 +230,7 @@ class DirectoryBackend:
         for fd in self._ns.fds.values():
             os.close(fd)
         self._ns.fds.clear()
+        self._ns.close_retired()
         self._writer.abort()
 
     def _drop_inherited(self) -> None:
@@ -239,7 +248,8 @@ class DirectoryBackend:
         self._wakeups.drop_inherited()
         self._reader.drop_inherited()
         fds = [self._segments.seg_fd, self._snapshots.lock_fd, self._peers.lock_fd]
-        fds += ns.fds.values()
+        fds += [*ns.fds.values(), *ns.retired]
+        ns.retired = []
         self._segments.seg_fd = self._snapshots.lock_fd = self._peers.lock_fd = None
         ns.fds.clear()
         for fd in fds:
@@ -256,8 +266,14 @@ class DirectoryBackend:
             while not ns.closing:
                 await asyncio.sleep(ns.rescan_interval)
                 rounds += 1
+                # First: is the namespace still where this process opened it?
+                # (If not, and it cannot be re-created, nobody is judged dead
+                # and nothing is collected or snapshotted in the old place.)
+                in_place = self._rejoin.check()
                 self._reader.safety_rescan(full=rounds % 10 == 0)
                 self._wakeups.supervise_watcher()
+                if not in_place:
+                    continue
                 if rounds % 3 == 0:
                     self._wakeups.peers_wanted = True
                     self._peers.check()
@@ -277,6 +293,10 @@ class DirectoryBackend:
 
     # -- locks -------------------------------------------------------------------------------
 
+    def _namespace_moved(self) -> None:
+        if self._locks is not None:
+            self._locks.moved()
+
     def locks(self) -> DirectoryLocks:
         """The lock capability: `flock`s on files in `locks/` (locks.py)."""
         if self._locks is None:
@@ -294,6 +314,26 @@ class DirectoryBackend:
         """Never needed: the directory is read in order, with gaps detected and
         repaired, so the mirror always answers."""
         return None
+
+    async def catch_up(self, limit: float = 5.0) -> None:
+        """Read now what peers have written so far (log/ listed afresh, every
+        writer read to its end, in slices), for at most `limit` seconds.
+
+        For a decision that must see a peer's write made before something this
+        process has just observed (`run_once`: the record of a job done, made
+        before the lock this process now holds was let go), whether or not its
+        wake-up has been handled yet.
+        """
+        reader = self._reader
+        if self._ns.closing:
+            return
+        reader.full_scan_wanted = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        reader.read_pass()
+        while reader.dirty and not self._ns.closing and loop.time() < deadline:
+            await asyncio.sleep(0)  # a slice at a time: the loop breathes between
+            reader.read_pass()
 
     # -- stats ---------------------------------------------------------------------------
 
@@ -323,6 +363,7 @@ class DirectoryBackend:
             "snapshot_holder": self._snapshots.lock_fd is not None,
             "watcher": self._wakeups.watcher,
             "watcher_alive": self._wakeups.watcher_alive,
+            "layout_problem": self._rejoin.problem,
             "maintenance_alive": any(
                 t.get_name() == "ivip-ipc_maintain" and not t.done() for t in ns.tasks
             ),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import re
 import secrets
@@ -105,18 +106,21 @@ COUNTERS: Final = (
     "write_errors",
     "task_failures",
     "watcher_restarts",
+    "layout_repairs",
+    "records_stranded",
 )
 
 
 # -- where the directory is: ivip_ipc_async/namespaces.py (shared with the CLI) --
 
 
-def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
+def secure_directory(path: Path | str, *, dir_fd: int | None = None, create: bool = True) -> int:
     """Create (0700) or open a directory the current user may trust; returns its fd.
 
     Refuses, with `UnsafeDirectoryError`, a symlink, a directory owned by another
     user, or one that group or others can write. With `dir_fd`, `path` is a name
-    relative to that directory, so no symlink can be swapped in between.
+    relative to that directory, so no symlink can be swapped in between. With
+    `create=False`, a directory that is not there is `FileNotFoundError`.
 
     Example:
         >>> import tempfile, os
@@ -127,11 +131,12 @@ def secure_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
         '0o700'
     """
     path = os.fspath(path)
-    if dir_fd is None:
+    if create and dir_fd is None:
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700, dir_fd=dir_fd)
     try:
         fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
@@ -176,6 +181,24 @@ def open_regular(name: str, flags: int, dir_fd: int, mode: int = 0o600) -> int:
     raise UnsafeFileError(errno.EPERM, f"refusing {name!r}: {what}")
 
 
+def json_object(data: bytes) -> dict[str, Any]:
+    """`data` parsed as one JSON object, or {} when it is not one.
+
+    Every JSON record read from the directory (a lock's record, a peer's note, a
+    snapshot's header) goes through here: the bytes are untrusted, and
+    `json.loads` raises more than ValueError (RecursionError on deep nesting).
+
+    Example:
+        >>> json_object(b'{"pid": 7}'), json_object(b"[" * 5000), json_object(b"[1]")
+        ({'pid': 7}, {}, {})
+    """
+    try:
+        value = json.loads(data)
+    except Exception:  # damaged, nested too deep, too large: no record at all
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def unlink(name: str, dir_fd: int) -> bool:
     try:
         os.unlink(name, dir_fd=dir_fd)
@@ -200,6 +223,45 @@ def exists(name: str, dir_fd: int) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+FileId = tuple[int, int]  # (st_dev, st_ino): which file, on which device
+
+
+def file_id(st: os.stat_result) -> FileId:
+    """The identity of the file `st` describes: device and inode number."""
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(name: str, dir_fd: int | None, held: int | FileId, *, unknown: bool = True) -> bool:
+    """Whether `name` (relative to `dir_fd`) is still the file `held` is: an open
+    fd, or the `file_id` it had. Not there: False. Not known (EACCES, ELOOP...):
+    `unknown`. Never follows a symlink. An inode number is not reused while a
+    descriptor keeps the file, and is unique only on its device.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     fd = os.open(tmp, os.O_RDONLY)
+        ...     kept = same_file(tmp, None, fd)
+        ...     os.rmdir(tmp); os.mkdir(tmp)
+        ...     print(kept, same_file(tmp, None, fd), same_file("gone", fd, (0, 0)))
+        ...     os.close(fd)
+        True False False
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return unknown
+    return file_id(st) == (file_id(os.fstat(held)) if isinstance(held, int) else held)
+
+
+def _moved(name: str, fd: int, dir_fd: int | None) -> bool:
+    """Whether `name` (relative to `dir_fd`) is no longer the directory `fd` is
+    (not known to be gone, EACCES, ELOOP...: not moved, no repair for that)."""
+    return not same_file(name, dir_fd, fd)
 
 
 def segment_name(peer: str, number: int) -> str:
@@ -235,7 +297,9 @@ class Namespace:
         doorbell: bool = True,
         node: int | None = None,
     ) -> None:
-        self.path = Path(path)
+        # Absolute: the path is looked at again while running (`displaced`), and
+        # a relative one would follow the process's working directory.
+        self.path = Path(os.path.abspath(path))
         self.max_record_size = max_record_size
         self.segment_bytes = segment_bytes
         self.retention = retention
@@ -249,6 +313,7 @@ class Namespace:
         self.sink: RecordSink | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fds: dict[str, int] = {}  # "root", "log", "peers"
+        self.retired: list[int] = []  # fds of directories removed or moved, see reopen
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -264,6 +329,62 @@ class Namespace:
         self.fds["root"] = root
         for name in ("log", "peers"):
             self.fds[name] = secure_directory(name, dir_fd=root)
+
+    def displaced(self) -> str:
+        """What of the namespace is no longer where this process opened it ("":
+        nothing): the directory at `path`, and its log/ and peers/, must be the
+        very ones this process's fds refer to (same device and inode). A logout
+        may clear `$XDG_RUNTIME_DIR`, a cleaner may `rm -rf`, someone may rename.
+
+        Example:
+            >>> import tempfile
+            >>> ns = Namespace(tempfile.mkdtemp() + "/ns")
+            >>> ns.open_directories()
+            >>> ns.displaced()
+            ''
+        """
+        root = self.fds.get("root")
+        if root is None:
+            return ""
+        if _moved(str(self.path), root, None):
+            return f"the namespace directory {self.path} was removed or moved"
+        for name in ("log", "peers"):
+            fd = self.fds.get(name)
+            if fd is not None and _moved(name, fd, root):
+                return f"{self.path / name} was removed or moved"
+        return ""
+
+    def reopen_directories(self) -> set[str]:
+        """Open (creating them 0700, with the checks of `secure_directory`) the
+        namespace at `path` and its log/ and peers/, in place of those that were
+        removed or moved; returns the names of the fds replaced. The fds replaced
+        are kept open in `retired` (a snapshot being written may still use the old
+        root) until `close_retired`."""
+        root = self.fds["root"]
+        fresh = Namespace(self.path)
+        try:
+            if _moved(str(self.path), root, None):
+                fresh.open_directories()
+            else:
+                for name in ("log", "peers"):
+                    if _moved(name, self.fds[name], root):
+                        fresh.fds[name] = secure_directory(name, dir_fd=root)
+        except BaseException:
+            for fd in fresh.fds.values():
+                os.close(fd)
+            raise
+        replaced = set(fresh.fds)
+        for name in replaced:
+            self.retired.append(self.fds[name])
+            self.fds[name] = fresh.fds[name]
+        return replaced
+
+    def close_retired(self) -> None:
+        """Close the fds of directories replaced by `reopen_directories`."""
+        retired, self.retired = self.retired, []
+        for fd in retired:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def spawn(
         self, factory: Callable[[], Coroutine[Any, Any, None]], restart: bool = False

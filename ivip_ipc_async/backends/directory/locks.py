@@ -7,17 +7,28 @@ descriptors: it closes its copies at once (`os.register_at_fork`), so a child
 never keeps its parent's lock alive (closing a copy is not `LOCK_UN`: the
 parent keeps the lock while it lives).
 
-Nothing blocks the event loop: the lock is only tried with `LOCK_NB`. A
-waiter watches the lock file with inotify (on its own descriptor's inode):
-a holder closing its descriptor, at release or death, raises
-`IN_CLOSE_WRITE`, a note being written `IN_MODIFY`, a discarded file
-`IN_ATTRIB`. Waiters keep their descriptor open while they wait (they never
-write), so their tries wake nobody. A timer is the safety net (a file system
-without inotify events from other hosts, a lost event).
+The lock is the file *at the path*: a contender takes the `flock` of the file
+it opened, then checks (fstat against stat) that this file is still the one at
+`locks/<name>`; a file unlinked or replaced since is an orphan, let go of and
+tried again. A holder whose file is unlinked or replaced while it holds it has
+lost the lock (someone else may now take the file at the path): its `held` and
+`verify()` compare the two at every call, so they read False from that moment
+on, and a warning names the file. So two processes never see `held` True at
+the same moment (see docs/coordination.md, "A tampered lock directory").
+
+Nothing blocks the event loop: the lock is only tried with `LOCK_NB`. Waiters
+are woken by one inotify instance per `DirectoryLocks` (`lock_wakeups.py`):
+a holder closing its file, at release or death, raises `IN_CLOSE_WRITE`. A
+timer is the safety net (a file system without inotify events from other
+hosts, a lost event).
 
 The file holds a record for the others: one JSON object (holder pid, fencing
 token, note), written at offset 0 in one `pwrite` while the lock is held. The
-fencing token is the previous holder's plus one.
+fencing token is one more than the largest of: the lock file's token, the copy
+in `<namespace>/fences/<name>` (written after it), and the largest this process has
+held. Each is taken only if it is a JSON integer in 1..2**63-2; a damaged or
+missing token is reported with a warning. So garbage written into, or the
+deletion of, one of the two files never sends the token back.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import weakref
 from pathlib import Path
@@ -35,26 +47,21 @@ from typing import Any, Final
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
+from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
-from .inotify import (
-    IN_ATTRIB,
-    IN_CLOSE_WRITE,
-    IN_DELETE_SELF,
-    IN_MODIFY,
-    IN_MOVE_SELF,
-    LIBC,
-    open_inotify,
-)
-from .layout import secure_directory
+from .inotify import LIBC
+from .layout import FileId, file_id, json_object, same_file, secure_directory
+from .lock_wakeups import LockWakeups
 
 __all__ = ["DirectoryLocks"]
 
 _SUBDIR: Final = "locks"
+_FENCES: Final = "fences"  # fences/<name>: the copy of each lock's last token
 _RECORD_SIZE: Final = 1024
+_FENCE_SIZE: Final = 24  # the copy: the token in ASCII digits, padded, one pwrite
+_DIGITS: Final = re.compile(rb"[1-9][0-9]{0,18}")
+_FENCE_MAX: Final = 2**63 - 2  # the next one still fits a signed 64-bit store
 _FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-# What a waiter is woken by on the lock file (inotify, Linux; elsewhere it polls).
-_IN_MASK: Final = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_DELETE_SELF | IN_MOVE_SELF
 
 # Contenders with a descriptor open in this process: closed in a forked child.
 _open_here: weakref.WeakSet[_FileContender] = weakref.WeakSet()
@@ -69,6 +76,49 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def valid_fence(value: object) -> int | None:
+    """`value` if it is a fencing token that can be trusted (a JSON integer in
+    1..2**63-2), else None.
+
+    Example:
+        >>> [valid_fence(v) for v in (7, 0, -7, True, 1e308, "12", [1], 2**63)]
+        [7, None, None, None, None, None, None, None]
+    """
+    if type(value) is int and 0 < value <= _FENCE_MAX:
+        return value
+    return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "not a regular file"
+
+
+def _read_copy(fd: int | None) -> int | None:
+    """The token in a fence copy: ASCII digits only, else None."""
+    if fd is None:
+        return None
+    try:
+        raw = os.pread(fd, _FENCE_SIZE, 0).strip(b" \n")
+    except OSError:
+        return None
+    return valid_fence(int(raw)) if _DIGITS.fullmatch(raw) else None
+
+
+def _write_copy(fd: int, fence: int) -> None:
+    try:
+        os.pwrite(fd, (b"%d" % fence).ljust(_FENCE_SIZE - 1) + b"\n", 0)
+    except OSError as exc:  # the lock file keeps the token; only the copy is lost
+        logger.warning("could not write a fence copy: %s", exc)
 
 
 class DirectoryLocks:
@@ -91,10 +141,13 @@ class DirectoryLocks:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._dir: int | None = None
+        self._fences_dir: int | None = None
         # Contenders with a file open (strong: a held lock outlives its Lock object
         # until it is released, the provider closes, or the event loop ends).
         self._contenders: set[_FileContender] = set()
         self._keeper: asyncio.Task[None] | None = None
+        self._wakeups: LockWakeups | None = None  # one inotify fd for every waiter here
+        self._held_fences: dict[str, int] = {}  # the largest token held here, per lock
         _providers.add(self)
 
     def _guard(self) -> None:
@@ -110,6 +163,7 @@ class DirectoryLocks:
         finally:
             for contender in list(self._contenders):
                 contender._drop()
+            self._stop_wakeups()
 
     def _dir_fd(self) -> int:
         if self._dir is None:
@@ -119,6 +173,50 @@ class DirectoryLocks:
             finally:
                 os.close(root)
         return self._dir
+
+    def _dir_if_there(self) -> int | None:
+        """`locks/`, as `_dir_fd` opens it, but never created (None: it is not
+        there, or is refused): looking at a lock must not make the namespace again
+        while an `rm -rf` of it may be under way."""
+        if self._dir is None:
+            try:
+                root = secure_directory(self.path, create=False)
+                try:
+                    self._dir = secure_directory(_SUBDIR, dir_fd=root, create=False)
+                finally:
+                    os.close(root)
+            except OSError:  # UnsafeDirectoryError included
+                return None
+        return self._dir
+
+    def _reopen(self) -> None:
+        """`locks/` (or the namespace) was removed and made again: use the one at
+        the path from now on (files in the removed one are orphans)."""
+        self._stop_wakeups()  # watching the removed directory
+        for fd in (self._dir, self._fences_dir):
+            if fd is not None:
+                os.close(fd)
+        self._dir = self._fences_dir = None
+
+    def _fences_dir_fd(self) -> int:
+        if self._fences_dir is None:
+            root = secure_directory(self.path)
+            try:
+                self._fences_dir = secure_directory(_FENCES, dir_fd=root)
+            finally:
+                os.close(root)
+        return self._fences_dir
+
+    def file_path(self, name: str) -> Path:
+        """Where lock `name`'s file is (for messages)."""
+        return self.path / _SUBDIR / name
+
+    def moved(self) -> None:
+        """The namespace was re-created at its path (rejoin.py): later attempts
+        open its new locks/. A lock held across the move is lost (its file is not
+        at the lock's path any more): the next `held` or `verify()` reads False,
+        with a warning, and lets go of it."""
+        self._reopen()
 
     def contender(self, name: str, *, lease: float) -> _FileContender:
         """One attempt at lock `name` (`lease` is ignored: the kernel's lock is not lost)."""
@@ -132,20 +230,84 @@ class DirectoryLocks:
         """As `close`: nothing here needs the event loop."""
         for contender in list(self._contenders):
             contender._drop()
+        self._stop_wakeups()
         keeper, self._keeper = self._keeper, None
         if keeper is not None and not keeper.get_loop().is_closed():
             keeper.cancel()
-        fd, self._dir = self._dir, None
-        if fd is not None:
-            os.close(fd)
+        for fd in (self._dir, self._fences_dir):
+            if fd is not None:
+                os.close(fd)
+        self._dir = self._fences_dir = None
 
     def _forget(self) -> None:
         self._keeper = None
         self._contenders.clear()
-        fd, self._dir = self._dir, None
-        if fd is not None:
+        wakeups, self._wakeups = self._wakeups, None
+        if wakeups is not None:
+            wakeups.forget()
+        for fd in (self._dir, self._fences_dir):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dir = self._fences_dir = None
+
+    # -- wake-ups ------------------------------------------------------------------------
+
+    def _waiting_on(self) -> LockWakeups | None:
+        """The waiters' inotify watch on this event loop (opened by the first
+        waiter); None when inotify cannot be had (the waiters' timers remain)."""
+        loop = asyncio.get_running_loop()
+        wakeups = self._wakeups
+        if wakeups is not None and wakeups.loop is loop:
+            return wakeups
+        self._stop_wakeups()  # made on another event loop: its waiters are gone
+        if LIBC is None:
+            return None
+        try:
+            self._wakeups = LockWakeups(loop, self._dir_fd())
+        except OSError as exc:  # e.g. out of inotify instances
+            logger.debug("lock waiters fall back on their timer: %s", exc)
+            return None
+        self._guard()  # the watch ends with the event loop
+        return self._wakeups
+
+    def _stop_waiting(self, name: str, wake: tuple[LockWakeups, asyncio.Event]) -> None:
+        wakeups, event = wake
+        if wakeups is self._wakeups and wakeups.discard(name, event):
+            self._stop_wakeups()  # the last waiter: no inotify instance while none waits
+
+    def _stop_wakeups(self) -> None:
+        wakeups, self._wakeups = self._wakeups, None
+        if wakeups is not None:
+            wakeups.close()
+
+    # -- the copy of the fencing tokens -----------------------------------------------------
+
+    def _open_fence_copy(self, name: str) -> int | None:
+        """The copy of lock `name`'s last token, opened (None, with a warning, when
+        something else is in its place or fences/ cannot be had)."""
+        try:
+            try:
+                fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
+            except FileNotFoundError:  # fences/ was removed: the one at the path now
+                if self._fences_dir is not None:
+                    os.close(self._fences_dir)
+                    self._fences_dir = None
+                fd = os.open(name, _FLAGS, 0o600, dir_fd=self._fences_dir_fd())
+        except OSError as exc:
+            logger.warning("could not open the fence copy of lock %r: %s", name, exc)
+            return None
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        logger.warning("the fence copy of lock %r is not a regular file", name)
+        return None
+
+    def _discard_fence(self, name: str) -> None:
+        self._held_fences.pop(name, None)
+        if self._fences_dir is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.unlink(name, dir_fd=self._fences_dir)
 
 
 class _FileContender:
@@ -156,62 +318,84 @@ class _FileContender:
         self.name = name
         self.fence = 0
         self._fd: int | None = None
+        self._inode: FileId = (0, 0)  # the open file's
         self._held = False
         self._note = ""
-        self._inotify: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake: tuple[LockWakeups, asyncio.Event] | None = None
 
     def __repr__(self) -> str:
         return f"<lock {self.name!r} {'held' if self._held else 'free'} fence={self.fence}>"
 
     @property
     def held(self) -> bool:
-        return self._held
+        """Held, and the file still at the lock's path (one `stat`)."""
+        if not self._held:
+            return False
+        if self._fd is not None and self._linked():
+            return True
+        logger.warning(
+            "lock file %s was removed or replaced while held (fence %d): this holding is "
+            "lost; the next holder's fence is larger",
+            self._provider.file_path(self.name),
+            self.fence,
+        )
+        self._held = False
+        self._close()  # the orphan's flock protects nothing now
+        return False
 
     # -- the file -------------------------------------------------------------------
 
     def _open(self) -> int:
         if self._fd is not None:
             return self._fd
-        dir_fd = self._provider._dir_fd()
         try:
-            fd = os.open(self.name, _FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                fd = os.open(self.name, _FLAGS, 0o600, dir_fd=self._provider._dir_fd())
+            except FileNotFoundError:  # locks/ itself was removed: the one at the path now
+                self._provider._reopen()
+                fd = os.open(self.name, _FLAGS, 0o600, dir_fd=self._provider._dir_fd())
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeDirectoryError(f"refusing lock file {self.name!r}: a symlink") from None
+            what = {errno.ELOOP: "a symlink", errno.EISDIR: "a directory", errno.ENXIO: "a socket"}
+            if exc.errno in what:
+                path = self._provider.file_path(self.name)
+                raise UnsafeDirectoryError(
+                    f"refusing lock file {path}: it is {what[exc.errno]}"
+                ) from None
             raise
         st = os.fstat(fd)
         problem = None
         if not stat.S_ISREG(st.st_mode):
-            problem = "it is not a regular file"
+            problem = f"it is {_kind(st.st_mode)}"
         elif st.st_uid != os.geteuid():
             problem = f"it is owned by uid {st.st_uid}, not by this user"
         if problem:
             os.close(fd)
-            raise UnsafeDirectoryError(f"refusing lock file {self.name!r}: {problem}")
-        self._fd = fd
+            path = self._provider.file_path(self.name)
+            raise UnsafeDirectoryError(f"refusing lock file {path}: {problem}")
+        self._fd, self._inode = fd, file_id(st)
         _open_here.add(self)
         self._provider._contenders.add(self)
         return fd
 
-    def _linked(self, fd: int) -> bool:
-        """Is `fd` still the file at the lock's path (not discarded by a holder)?"""
+    def _linked(self) -> bool:
+        """Is the open file still the one at the lock's path (not unlinked, not
+        replaced)? An inode number is not reused while a descriptor keeps it.
+        Never creates a directory: no locks/ (or no namespace) is "not linked"."""
+        dir_fd = self._provider._dir_if_there()
+        # Not known (EACCES...): not linked, the safe side for a lock.
+        return dir_fd is not None and same_file(self.name, dir_fd, self._inode, unknown=False)
+
+    def _read_raw(self) -> bytes:
+        if self._fd is None:
+            return b""
         try:
-            now = os.stat(self.name, dir_fd=self._provider._dir_fd(), follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        st = os.fstat(fd)
-        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+            return os.pread(self._fd, _RECORD_SIZE, 0)
+        except OSError:
+            return b""
 
     def _read(self) -> dict[str, Any]:
-        if self._fd is None:
-            return {}
-        try:
-            info = json.loads(os.pread(self._fd, _RECORD_SIZE, 0))
-        except (OSError, ValueError):  # empty, or read while being written: no hint
-            return {}
-        return info if isinstance(info, dict) else {}
+        # Empty, damaged, or read while being written: {}, no hint.
+        return json_object(self._read_raw())
 
     def _write(self) -> None:
         if self._fd is None:
@@ -223,45 +407,76 @@ class _FileContender:
         except OSError as exc:  # only the hint is lost; the flock is the truth
             logger.warning("could not write the record of lock %r: %s", self.name, exc)
 
+    def _next_fence(self, copy_fd: int | None) -> int:
+        """One more than the largest trusted token (read while holding the lock)."""
+        raw = self._read_raw()
+        in_file = valid_fence(json_object(raw).get("fence"))
+        copy = _read_copy(copy_fd)
+        held_here = self._provider._held_fences.get(self.name)
+        last = max(in_file or 0, copy or 0, held_here or 0)
+        if (in_file or 0) < last or (in_file is None and raw.strip(b"\0 \n")):
+            logger.warning(
+                "lock file %s: its fencing token was damaged or removed (%r); the largest "
+                "known is %d (copy %s, held here %s): continuing from it",
+                self._provider.file_path(self.name),
+                raw[:40],
+                last,
+                copy,
+                held_here,
+            )
+        return min(last, _FENCE_MAX - 1) + 1
+
     # -- the contract ----------------------------------------------------------------
 
     async def try_acquire(self, note: str = "") -> bool:
-        if self._held:
+        if self.held:
             return True
         check_lock_note(note)
-        for _ in range(8):  # a discarded file is replaced: try the new one
+        for _ in range(8):  # an orphaned file (discarded, unlinked, replaced): the new one
+            was_open = self._fd is not None
             fd = self._open()
+            if was_open and not self._linked():  # a waiter's file, orphaned since
+                self._close()
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            if self._linked(fd):
+            if self._linked():
                 break
-            self._close()  # discarded by its last holder: let go of the orphan
+            self._close()  # orphaned between the check and the flock: let go of it
         else:
             return False
-        previous = self._read().get("fence")
-        self.fence = (previous if isinstance(previous, int) and previous >= 0 else 0) + 1
-        self._held = True
-        self._note = note
-        self._write()
+        copy_fd = self._provider._open_fence_copy(self.name)
+        try:
+            self.fence = self._next_fence(copy_fd)
+            self._held = True
+            self._note = note
+            self._write()  # the file first, then the copy: a crash between leaves the larger
+            if copy_fd is not None:
+                _write_copy(copy_fd, self.fence)
+        finally:
+            if copy_fd is not None:
+                os.close(copy_fd)
+        self._provider._held_fences[self.name] = self.fence
+        self._unwait()
         self._provider._guard()
         return True
 
     async def wait(self, timeout: float) -> None:
-        fd = self._open()
-        if self._inotify is None and LIBC is not None and self._watch(fd):
-            # Watched from now on (only waiters pay for it): a release between the
-            # last try and this watch raised no event for us, so try again at once.
-            await asyncio.sleep(0)
-            return
-        wake = self._wake
-        if wake is None or self._inotify is None:
+        wakeups = self._provider._waiting_on()
+        if wakeups is None:
             await asyncio.sleep(timeout)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout)
-        wake.clear()
+        if self._wake is None or self._wake[0] is not wakeups:
+            self._wake = wakeups, wakeups.add(self.name)
+            # Woken from now on: a release between the last try and now raised no
+            # event for us, so try again at once.
+            await asyncio.sleep(0)
+            return
+        event = self._wake[1]
+        await wait_event(event, timeout)
+        event.clear()
 
     async def holder_note(self) -> str | None:
         info = self._read()
@@ -274,24 +489,25 @@ class _FileContender:
             os.kill(pid, 0)  # a record left by a holder that died says nothing
         except ProcessLookupError:
             return None
-        except PermissionError:
+        except (PermissionError, OverflowError):
             pass
         return note
 
     async def set_note(self, note: str) -> None:
         check_lock_note(note)
-        if self._held:
+        if self.held:
             self._note = note
             self._write()
 
     async def verify(self) -> bool:
-        return self._held  # the kernel's lock is never taken from a living holder
+        return self.held  # the kernel's lock, on the file still at the lock's path
 
     async def release(self, *, discard: bool = False) -> None:
-        if self._held and discard and self._fd is not None:
+        if discard and self.held:
+            # The copy first: a crash between leaves the lock file's token, the larger.
+            self._provider._discard_fence(self.name)
             with contextlib.suppress(OSError):
-                if self._linked(self._fd):
-                    os.unlink(self.name, dir_fd=self._provider._dir_fd())
+                os.unlink(self.name, dir_fd=self._provider._dir_fd())
         self._drop()
 
     # -- descriptors -------------------------------------------------------------------
@@ -299,10 +515,15 @@ class _FileContender:
     def _drop(self) -> None:
         """Close everything: the lock, if held, goes with the descriptor."""
         self._held = False
+        self._unwait()
         self._close()
 
+    def _unwait(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            self._provider._stop_waiting(self.name, wake)
+
     def _close(self) -> None:
-        self._unwatch()
         fd, self._fd = self._fd, None
         _open_here.discard(self)
         self._provider._contenders.discard(self)
@@ -310,41 +531,10 @@ class _FileContender:
             os.close(fd)  # the last descriptor of the open file: the flock goes with it
 
     def _forget(self) -> None:
-        """In a forked child: close the copies, never `LOCK_UN` (the parent's lock)."""
+        """In a forked child: close the copy, never `LOCK_UN` (the parent's lock)."""
         self._held = False
-        self._loop = self._wake = None
-        for fd in (self._fd, self._inotify):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._inotify = None
-
-    def _watch(self, fd: int) -> bool:
-        """Watch the inode `fd` opened; False when inotify is not to be had."""
-        loop = asyncio.get_running_loop()
-        try:
-            ino = open_inotify([(fd, None, _IN_MASK)])  # the inode this descriptor opened
-        except OSError:
-            return False  # e.g. out of inotify instances: the timer still wakes us
-        self._inotify, self._loop, self._wake = ino, loop, asyncio.Event()
-        loop.add_reader(ino, self._on_event)
-        return True
-
-    def _on_event(self) -> None:
-        if self._inotify is None:
-            return
-        with contextlib.suppress(OSError):
-            while os.read(self._inotify, 4096):
-                pass
-        if self._wake is not None:
-            self._wake.set()
-
-    def _unwatch(self) -> None:
-        ino, self._inotify = self._inotify, None
-        loop, self._loop = self._loop, None
-        if ino is None:
-            return
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(Exception):
-                loop.remove_reader(ino)
-        os.close(ino)
+        self._wake = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -17,7 +17,16 @@ import time
 from typing import TYPE_CHECKING
 
 from ...logs import logger
-from .layout import LOCK_RE, SEGMENT_RE, Namespace, exists, open_regular, unlink
+from .layout import (
+    LOCK_RE,
+    SEGMENT_RE,
+    Namespace,
+    exists,
+    json_object,
+    open_regular,
+    same_file,
+    unlink,
+)
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -37,6 +46,10 @@ class Peers:
     def __init__(self, ns: Namespace) -> None:
         self._ns = ns
         self.lock_fd: int | None = None  # peers/<peer>.lock, flock held for life
+        # What the lock file says (read by the others): who, and the causes of
+        # records they may miss (see `note`).
+        self._note: dict[str, int | float] = {}
+        self.settle_until = 0.0  # monotonic: no peer is judged dead before this
 
     def connect(self, reader: LogReader, segments: OwnSegments, wakeups: Wakeups) -> None:
         self._reader = reader
@@ -65,8 +78,10 @@ class Peers:
                     time.sleep(0.001)
             else:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            info = {"pid": os.getpid(), "started": time.time(), "node": ns.node}
-            os.write(fd, json.dumps(info).encode())
+            self._note = {"pid": os.getpid(), "started": time.time(), "node": ns.node} | {
+                k: v for k, v in self._note.items() if k.endswith("_through")
+            }
+            os.write(fd, json.dumps(self._note).encode())
             os.rename(tmp, f"{ns.peer}.lock", src_dir_fd=peers, dst_dir_fd=peers)
         except BaseException:
             os.close(fd)
@@ -79,13 +94,23 @@ class Peers:
     def note_capped(self, segment: int) -> None:
         """Say in this peer's lock file that its segments up to `segment` were
         deleted under the size cap (readers name that cause in a gap report)."""
+        self.note("capped_through", segment)
+
+    def note(self, key: str, segment: int) -> None:
+        """Say in this peer's lock file that its segments up to `segment` may be
+        missing for `key`'s cause: "capped_through" (deleted under the size cap),
+        "displaced_through" (written in a namespace directory removed or moved)."""
+        self._note[key] = segment
         if self.lock_fd is not None:
-            note = {"pid": os.getpid(), "node": self._ns.node, "capped_through": segment}
             with contextlib.suppress(OSError):
-                os.pwrite(self.lock_fd, json.dumps(note).encode().ljust(128), 0)
+                os.pwrite(self.lock_fd, json.dumps(self._note).encode().ljust(192), 0)
 
     def capped_through(self, peer: str) -> int:
         """The last segment `peer` deleted under the size cap (0: none)."""
+        return self.noted(peer, "capped_through")
+
+    def noted(self, peer: str, key: str) -> int:
+        """The segment number `peer` noted for `key` in its lock file (0: none)."""
         peers_fd = self._ns.fds.get("peers")
         if peers_fd is None:
             return 0
@@ -94,12 +119,42 @@ class Peers:
         except OSError:
             return 0
         try:
-            note = json.loads(os.pread(fd, 4096, 0))
-            return int(note.get("capped_through", 0))
-        except (OSError, ValueError, TypeError, AttributeError):
+            value = json_object(os.pread(fd, 4096, 0)).get(key)
+        except OSError:
             return 0
         finally:
             os.close(fd)
+        return value if type(value) is int and value > 0 else 0  # untrusted: a count
+
+    def announced(self) -> bool:
+        """Whether this peer's lock file is still at its name in peers/ (someone
+        may have deleted it, or all of peers/: the others would take this peer
+        for dead)."""
+        peers_fd = self._ns.fds.get("peers")
+        if self.lock_fd is None or peers_fd is None:
+            return True
+        return same_file(f"{self._ns.peer}.lock", peers_fd, self.lock_fd)
+
+    def announce_again(self) -> None:
+        """Announce this peer anew in peers/ (its lock file and doorbell were
+        removed, or all of peers/); the old lock is let go once the new one
+        is in place."""
+        old, self.lock_fd = self.lock_fd, None
+        self._wakeups.close_doorbell()
+        try:
+            self.announce()
+        except BaseException:
+            self._back_to(old)
+            raise
+        if old is not None:
+            os.close(old)
+
+    def _back_to(self, old: int | None) -> None:
+        """`announce_again` failed: close the new lock file if it is in place (the
+        doorbell failed), keep the old one."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+        self.lock_fd = old
 
     def holds_lock(self, peer: str) -> bool:
         """Whether `peer` is alive: its lock file is there and locked."""
@@ -145,10 +200,21 @@ class Peers:
                 except BlockingIOError:
                     alive.add(m.group(1))
                     continue
+                if time.monotonic() < self.settle_until:
+                    continue  # see below
                 # We hold its lock: that peer is gone.
                 self._collect(m.group(1), now)
             finally:
                 os.close(fd)
+        for peer, w in self._reader.writers.items():
+            if w.dead and peer in alive:
+                # Taken for dead while its lock file was missing (peers/ removed
+                # under it): it has announced itself again.
+                w.dead = False
+                self._reader.dirty.add(peer)
+                self._reader.schedule_read()
+        if time.monotonic() < self.settle_until:
+            return  # peers/ was re-created here: the others may not be back yet
         # Segments whose writer has no lock file at all are orphans.
         for peer in list(self._reader.writers):
             if peer not in alive:

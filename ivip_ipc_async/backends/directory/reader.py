@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _SEQ: Final = operator.itemgetter(7)  # Record.seq, by index: the faster getter
 _RESYNC_TASK: Final = "ivip-ipc_resync_state"  # Gaps._resync_state, as Namespace.spawn names it
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
+_NOTHING: Final[frozenset[bytes]] = frozenset()  # the events wanted from a writer being restored
 
 
 @dataclass(slots=True)
@@ -80,6 +81,7 @@ class LogReader:
         self.dirty: set[str] = set()  # writers with news to read
         self.full_scan_wanted = False
         self.live = False  # True once the log present at start has been restored
+        self.listed = False  # log/ has been listed once: the writers present at start are known
         self._read_scheduled = False
         self._log_mtime = 0  # st_mtime_ns of log/ at the last full scan
 
@@ -159,12 +161,18 @@ class LogReader:
                 continue
             lowest[peer] = min(number, lowest.get(peer, number))
             highest[peer] = max(number, highest.get(peer, number))
+        # Only the writers of the first listing are restored as history: one
+        # found later began to write after this process began to start (a peer
+        # started meanwhile, maybe during the restore), so it is live from its
+        # first record. Were it restored instead, nothing would ever make it live.
+        live = self.listed
+        self.listed = True
         for peer, top in highest.items():
             w = self.writers.get(peer)
             if w is None:
                 # At start, the snapshot already holds this writer's state up to a
                 # position; a writer found later is read from its beginning.
-                known = self._snapshots.positions.get(peer) if not self.live else None
+                known = self._snapshots.positions.get(peer) if not live else None
                 start, offset, last_seq = known or (0, 0, 0)
                 if start < lowest[peer]:
                     start, offset, last_seq = lowest[peer], 0, 0
@@ -174,7 +182,7 @@ class LogReader:
                     FrameReader(self._ns.max_record_size, self.garbage_reporter(peer)),
                     offset=offset,
                     last_seq=last_seq,
-                    live=self.live,
+                    live=live,
                 )
             w.newest_segment = max(w.newest_segment, top)
             self.dirty.add(peer)
@@ -208,8 +216,13 @@ class LogReader:
         wanted = getattr(self._ns.sink, "wanted", None)
         # Messages of events nobody here listens to are skipped unread (their
         # sequence numbers still count). Asked again at each read: a listener
-        # added by a handler hears the messages read after it was added.
-        reader.wanted = wanted() if wanted is not None else None
+        # added by a handler hears the messages read after it was added. While
+        # a writer is history, no message is dispatched, so none is decoded: a
+        # joiner restores a long log of messages at the cost of its headers.
+        if not w.live:
+            reader.wanted = _NOTHING
+        else:
+            reader.wanted = wanted() if wanted is not None else None
         while True:
             if reader.backlog:
                 self.take(w, reader.feed(limit=STEP))
@@ -328,8 +341,12 @@ class LogReader:
             sink.restore(records)
 
     async def restore_log(self) -> None:
-        """At start: read the retained log as state only, then go live."""
-        for w in list(self.writers.values()):
+        """At start: read the log of the writers present at start as state only
+        (cache writes apply, messages were sent before this process was a peer),
+        each to its end, then go live: every record read from then on is
+        dispatched. A writer found meanwhile is live already (see `scan`), and
+        what the read passes of the restore left to read is read next."""
+        for w in [w for w in self.writers.values() if not w.live]:
             done = False
             while not done:
                 done = self._read_writer(w, time.perf_counter() + SLICE)
@@ -338,7 +355,8 @@ class LogReader:
                     await fault_points.pause("restore_slice")
             w.live = True
         self.live = True
-        self.dirty.clear()
+        if self.dirty:
+            self.schedule_read()
 
     async def barrier(self) -> None:
         """Deliver every record that was in the log when this was called: list

@@ -135,8 +135,14 @@ class Gaps:
             self._ns.spawn(self._resync_state)
 
     def cause(self, peer: str, segment: int) -> str:
-        """Why a segment of `peer` is gone: the size cap (its writer says so in
-        its lock file) or the retention window."""
+        """Why a segment of `peer` is gone: written in a namespace directory that
+        was removed or moved, or deleted under the size cap (its writer says
+        either in its lock file); else the retention window."""
+        if segment <= self._peers.noted(peer, "displaced_through"):
+            return (
+                "displaced (its writer wrote them in the namespace directory after it "
+                "was removed or moved, where this process could not read them)"
+            )
         if segment <= self._peers.capped_through(peer):
             return (
                 "cap (its writer deleted them to keep the namespace under max_footprint "

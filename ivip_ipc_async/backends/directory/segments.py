@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ...logs import rate_limited
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
-from .layout import GROUP_WRITE, Namespace, segment_name, unlink
+from .layout import GROUP_WRITE, Namespace, same_file, segment_name, unlink
 
 if TYPE_CHECKING:
     from .peers import Peers
@@ -90,6 +90,33 @@ class OwnSegments:
             dir_fd=self._ns.fds["log"],
         )
         self.segments.append(OwnSegment(number))
+
+    def linked(self) -> bool:
+        """Whether the segment being written is still at its name in log/ (not
+        deleted or replaced by someone else: records written to it would reach
+        no reader that has not opened it yet)."""
+        fd, log_fd = self.seg_fd, self._ns.fds.get("log")
+        if fd is None or log_fd is None or not self.segments:
+            return True
+        return same_file(segment_name(self._ns.peer, self.segments[-1].number), log_fd, fd)
+
+    def start_again(self, moved: bool) -> int:
+        """Continue in a new segment in log/ (the one at the namespace's path now);
+        returns the number of the last segment written before. `moved`: log/ is
+        a new directory, so the older segments are not in it (forgotten here).
+        Sequence numbers go on: a reader that missed records sees the gap."""
+        last = self.segments[-1].number
+        if self.seg_fd is not None:
+            os.close(self.seg_fd)
+            self.seg_fd = None
+        self.segments[-1].closed_at = time.time()
+        if moved:
+            del self.segments[:-1]
+            self.own_bytes = 0
+        self.must_rotate = True  # until the open succeeds: the next write tries again
+        self.open_segment(last + 1)
+        self.must_rotate = False
+        return last
 
     def close(self) -> None:
         if self.seg_fd is not None:

@@ -30,6 +30,7 @@ from .layout import (
     SNAPSHOT,
     STEP,
     Namespace,
+    json_object,
     open_regular,
     size_of,
     sliced,
@@ -78,6 +79,18 @@ class Snapshots:
 
     def measure(self) -> None:
         self.bytes = size_of(SNAPSHOT, self._ns.fds["root"])
+
+    def moved(self) -> None:
+        """The namespace directory was replaced (rejoin.py): let go of the old
+        snapshot.lock, forget what was known of the old snapshot.bin, and take
+        the new snapshot.lock if nobody holds it: then write a snapshot at once
+        (the cache state must not wait for a maintenance round to be where
+        joiners look)."""
+        self.close()
+        self._written = self._positions_of = self._seen = None
+        self.bytes = 0
+        self._last_at = 0.0
+        self.maybe_write()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -327,16 +340,14 @@ class Snapshots:
 
 def _snapshot_end(data: bytes) -> int:
     """The record count of a snapshot's closing frame (-1: not one)."""
-    try:
-        return int(json.loads(data)["records"])
-    except (ValueError, KeyError, TypeError):
-        return -1
+    records = json_object(data).get("records")
+    return records if type(records) is int and records >= 0 else -1
 
 
 def _positions(data: bytes) -> Positions:
     try:
-        raw = json.loads(data)["positions"]
+        raw = json_object(data)["positions"]
         return {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
-    except (ValueError, KeyError, TypeError, IndexError):
+    except Exception:  # missing, not a mapping of triples, an infinite number...
         logger.warning("the cache snapshot has an unreadable header; ignoring its positions")
         return {}

@@ -37,8 +37,10 @@ from .inotify import (
     IN_CLOSE_WRITE,
     IN_CREATE,
     IN_DELETE,
+    IN_DELETE_SELF,
     IN_IGNORED,
     IN_MODIFY,
+    IN_MOVE_SELF,
     IN_MOVED_FROM,
     IN_MOVED_TO,
     IN_ONLYDIR,
@@ -47,7 +49,7 @@ from .inotify import (
     open_inotify,
     read_events,
 )
-from .layout import LOCK_RE, SEGMENT_RE, Namespace
+from .layout import LOCK_RE, SEGMENT_RE, FileId, Namespace, file_id, same_file
 
 if TYPE_CHECKING:
     from .reader import LogReader
@@ -68,6 +70,13 @@ _WATCHERS: Final = ("", "auto", "inotify", "watchfiles")
 _IN_PEERS: Final = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_CLOSE_WRITE | IN_ONLYDIR
 _IN_LOG: Final = _IN_PEERS | IN_MODIFY
 _IN_APPEARED: Final = IN_CREATE | IN_MOVED_TO | IN_MODIFY | IN_CLOSE_WRITE
+# The namespace directory, peers/ or log/ itself renamed (see rejoin.py); removed:
+# the kernel says so only once no process holds it open, so what says it is the
+# removal of this peer's own files from peers/, and of log/ or peers/ from the
+# namespace (`_IN_ROOT`), before the directory itself goes.
+_IN_SELF: Final = IN_DELETE_SELF | IN_MOVE_SELF
+_IN_ROOT: Final = _IN_SELF | IN_DELETE | IN_ONLYDIR
+_GONE: Final = IN_DELETE | IN_MOVED_FROM
 
 
 class Wakeups:
@@ -82,6 +91,8 @@ class Wakeups:
     def __init__(self, ns: Namespace) -> None:
         self._ns = ns
         self.bell: socket.socket | None = None
+        self._bell_id: FileId = (0, 0)  # file_id of peers/<peer>.sock once bound
+        self.on_displaced: Callable[[], object] | None = None  # see rejoin.py
         self._ringers: dict[str, socket.socket] = {}
         self._peers_mtime = 0  # st_mtime_ns of peers/ when the ringers were last refreshed
         self.peers_wanted = False  # peers/ changed: refresh the ringers at the next read
@@ -96,6 +107,9 @@ class Wakeups:
         self._inotify: int | None = None  # the inotify fd, read by `_inotify_loop`
         self._inotify_loop: asyncio.AbstractEventLoop | None = None
         self._own_prefix = f"{ns.peer}-"
+        # Deleted by another process (this one deletes them only when closing, or
+        # announcing again): this peer was removed from peers/.
+        self._own_files = (f"{ns.peer}.lock", f"{ns.peer}.sock", "log", "peers")
         self.watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
         self._watch_done: asyncio.Future[None] | None = None
@@ -126,12 +140,51 @@ class Wakeups:
             )
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        sock.bind(path)
-        os.chmod(f"{ns.peer}.sock", 0o600, dir_fd=ns.fds["peers"])
+        try:
+            sock.setblocking(False)
+            sock.bind(path)
+            os.chmod(f"{ns.peer}.sock", 0o600, dir_fd=ns.fds["peers"])
+            self._bell_id = file_id(
+                os.stat(f"{ns.peer}.sock", dir_fd=ns.fds["peers"], follow_symlinks=False)
+            )
+        except BaseException:
+            sock.close()
+            raise
         self.bell = sock
         assert ns.loop is not None
         ns.loop.add_reader(sock.fileno(), self._on_doorbell)
+
+    def doorbell_bound(self) -> bool:
+        """Whether this peer's doorbell is still at its name in peers/ (False:
+        someone deleted the socket file, and no peer can ring it)."""
+        peers_fd = self._ns.fds.get("peers")
+        if self.bell is None or peers_fd is None:
+            return True
+        # The socket's own fd is of sockfs: the file's identity was kept at bind.
+        return same_file(f"{self._ns.peer}.sock", peers_fd, self._bell_id)
+
+    def close_doorbell(self) -> None:
+        """Stop listening on the doorbell, close it, delete its socket file."""
+        ns = self._ns
+        if self.bell is None:
+            return
+        loop = ns.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.bell.fileno())
+        self.bell.close()
+        self.bell = None
+        if "peers" in ns.fds:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{ns.peer}.sock", dir_fd=ns.fds["peers"])
+
+    def forget_peers(self) -> None:
+        """Drop every ringer (the peers' doorbells moved): found again by
+        `refresh_peers`."""
+        for sock in self._ringers.values():
+            sock.close()
+        self._ringers.clear()
+        self._peers_mtime = 0
 
     def refresh_peers_if_wanted(self) -> None:
         if self.peers_wanted:
@@ -227,9 +280,11 @@ class Wakeups:
             self._owed.add(peer)
             self._retry_later()
         except OSError:
-            # ECONNREFUSED: the peer died; it is collected by the liveness check.
+            # ECONNREFUSED: the peer died (collected by the liveness check), or
+            # bound a new doorbell (peers/ re-created): look at peers/ again.
             self._ringers.pop(peer, None)
             sock.close()
+            self.peers_wanted = True
 
     def _retry_later(self) -> None:
         loop = self._ns.loop
@@ -324,8 +379,15 @@ class Wakeups:
     def _start_inotify(self) -> None:
         ns = self._ns
         loop = asyncio.get_running_loop()
-        wanted = self._paths()
-        fd = open_inotify([(ns.fds[name], str(ns.path / name), mask) for name, mask in wanted])
+        # Each directory of the namespace is watched for its own removal or
+        # renaming too (rejoin.py); the namespace itself for nothing else.
+        masks = dict(self._paths())
+        masks.setdefault("log", IN_ONLYDIR)
+        wanted: list[tuple[int, str | None, int]] = [
+            (ns.fds[name], str(ns.path / name), mask | _IN_SELF) for name, mask in masks.items()
+        ]
+        wanted.append((ns.fds["root"], str(ns.path), _IN_ROOT))
+        fd = open_inotify(wanted)
         try:
             loop.add_reader(fd, self._on_inotify)
         except BaseException:
@@ -351,7 +413,11 @@ class Wakeups:
         own = self._own_prefix
         count = 0
         lost = False
+        displaced = False
         for _wd, mask, name in events:
+            if mask & _IN_SELF or (mask & _GONE and name in self._own_files):
+                displaced = True
+                continue
             if mask & (IN_Q_OVERFLOW | IN_IGNORED):
                 # Events were dropped, or a watched directory is gone: look at
                 # everything. IN_IGNORED: the watch is dead, start a new one.
@@ -373,9 +439,12 @@ class Wakeups:
             else:
                 reader.full_scan_wanted = True
         self._ns.counters["watch_events"] += count
+        if displaced and self.on_displaced is not None:
+            self.on_displaced()
         if lost:
             self._stop_inotify()
-            self._watch_failed(OSError("a watched directory was removed or unmounted"))
+            if not displaced:  # else the rejoin starts a new watcher, or says what is wrong
+                self._watch_failed(OSError("a watched directory was removed or unmounted"))
         if count or reader.full_scan_wanted or self.peers_wanted:
             reader.schedule_read()
 
@@ -437,6 +506,21 @@ class Wakeups:
                 self._ns.rescan_interval,
             )
 
+    def restart_watcher(self) -> None:
+        """Watch the directories now at the namespace's path (rejoin.py): an
+        inotify watcher is replaced at once; the watchfiles thread is told to
+        stop, and its supervisor starts a new one at the next round."""
+        if self._ns.closing or self.watcher is None:
+            return
+        self._watch_backoff = 0.0
+        self._watch_retry_at = 0.0
+        if self.watcher == "inotify" or self._inotify is not None:
+            self._stop_inotify()
+            self.start_watcher()
+        else:
+            self._watch_error = OSError("the namespace directory was re-created")
+            self._watch_stop.set()
+
     def supervise_watcher(self) -> None:
         """Restart a watcher that stopped, with a growing pause between tries (a
         new inotify watcher first, the watchfiles thread if that cannot be had)."""
@@ -480,20 +564,8 @@ class Wakeups:
         """Close the doorbell (and delete its socket file), every ringer, and the
         inotify fd."""
         self._stop_inotify()
-        ns = self._ns
-        loop = ns.loop
-        if self.bell is not None:
-            if loop is not None and not loop.is_closed():
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self.bell.fileno())
-            self.bell.close()
-            self.bell = None
-            if "peers" in ns.fds:
-                with contextlib.suppress(OSError):
-                    os.unlink(f"{ns.peer}.sock", dir_fd=ns.fds["peers"])
-        for sock in self._ringers.values():
-            sock.close()
-        self._ringers.clear()
+        self.close_doorbell()
+        self.forget_peers()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None

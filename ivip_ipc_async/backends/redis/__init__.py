@@ -1,8 +1,9 @@
 """The Redis backend: the same records, stored in a Redis stream and pushed by
 pub/sub, for processes on several hosts.
 
-Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`
-and `unix://`); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
+Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`,
+`unix://`, `redis+sentinel://`, and any node of a Redis Cluster: see
+endpoints.py); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
 Works with redis-py 5 to 8, over RESP2 and RESP3 (`protocol=2` or `3`).
 
 Keys of a namespace (the `{ns}` hash tag keeps them in one cluster slot):
@@ -85,6 +86,7 @@ docs/design.md, "The Redis backend's files"):
 
     backend.py      RedisBackend: the parts composed; start, close, fetch, stats
     settings.py     the settings and key names, counters and sink the parts share
+    endpoints.py    where the server is: plain, Sentinel, or a cluster's slot owner
     connections.py  URL checks, connections by role, the listener connection's
                     guards, retries, redis-py's errors as the library's
     scripts.py      the Lua scripts, loading them, naming a refused command

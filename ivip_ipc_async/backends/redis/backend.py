@@ -32,7 +32,9 @@ class RedisBackend:
     """Records stored in a Redis stream and pushed by pub/sub; cache state in hashes.
 
     Args:
-        url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it).
+        url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it), a
+            `redis+sentinel://host:port[,host:port…]/service[/db]` URL, or any
+            node's URL of a Redis Cluster (see endpoints.py).
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.
         stream_maxlen: Entries kept in the stream (at least; it is trimmed
@@ -206,12 +208,18 @@ class RedisBackend:
         settings = self.settings
         client = self.connections.control
         await client.ping()
+        await self.connections.endpoint.discover(client)  # a cluster: go to the slot's master
         await load_scripts(client)
         self.state.note_server(await self.state.server_info())
         full = None
+        pipe = client.pipeline(transaction=False)
+        # Every write command and PUBLISH (the locks' too, on their channels), on
+        # a key that is gone when it ends; and EVAL, which the locks fall back on
+        # when Redis lost their scripts (a restart).
+        pipe.evalsha(PROBE_SHA, 1, settings.probe_key, settings.channel, settings.lock_prefix)
+        pipe.eval("return 1", 0)
         try:
-            # Every write command and PUBLISH, on a key that is gone when it ends.
-            await client.evalsha(PROBE_SHA, 1, settings.probe_key, settings.channel)
+            await pipe.execute()
         except OutOfMemoryError as exc:  # a reader may start: writes will say it
             full = exc
         await self.connections.note_reader_connection()
@@ -255,7 +263,12 @@ class RedisBackend:
     def locks(self) -> RedisLeases:
         """The lock capability: leases with fencing tokens (backends/redis/leases.py)."""
         if self._leases is None:
-            self._leases = RedisLeases(lambda: self.connections.make("l"), self.namespace)
+            self._leases = RedisLeases(
+                lambda: self.connections.make("l"),
+                self.namespace,
+                retry_timeout=self.retry_timeout,
+                url=self.url,
+            )
         return self._leases
 
     # -- records -------------------------------------------------------------------------
@@ -285,6 +298,9 @@ class RedisBackend:
         if self.listener.closing or self.connections.control is None:
             raise ConnectionAbortedError("the IPC instance is closed")
         return await self._conditional.write_if(op)
+
+    async def catch_up(self) -> None:
+        """Nothing to do: a read that must see the present asks Redis (`fetch`)."""
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
         """One cache entry, read from Redis (while the mirror is being rebuilt).

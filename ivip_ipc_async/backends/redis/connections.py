@@ -28,6 +28,7 @@ from ...errors import (
     BackendUnavailableError,
 )
 from ...logs import rate_limited
+from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget
 from .replies import is_kind
 from .scripts import script_command
 from .settings import Shared
@@ -69,8 +70,16 @@ def check_redis_url(url: str) -> None:
     def bad(problem: str) -> ValueError:
         return ValueError(f"bad Redis URL {shown!r}: {problem}")
 
-    if scheme not in ("redis", "rediss", "unix") or not url[len(scheme) :].startswith("://"):
-        raise bad("it must start with redis://, rediss:// or unix://")
+    if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES) or not url[
+        len(scheme) :
+    ].startswith("://"):
+        raise bad("it must start with redis://, rediss://, unix:// or redis+sentinel://")
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            SentinelTarget.parse(url)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
+        return
     try:
         port = parts.port
     except ValueError as exc:  # not a number, or out of range
@@ -110,7 +119,9 @@ def _wrapped(exc: BaseException, doing: str, url: str) -> Exception:
         return BackendPermissionError(f"{where} refused {doing}: {exc}")
     text = str(exc)
     if isinstance(exc, rx.ResponseError) and (
-        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text) or "can't run this command" in text
+        re.search(r"\b(NOPERM|WRONGPASS|NOAUTH)\b", text)
+        or "can't run this command" in text
+        or "executing the script can't" in text  # (a key or channel, Redis 7.0)
     ):
         return BackendPermissionError(f"{where} refused {doing}: {exc}{script_command(text)}")
     if isinstance(exc, rx.OutOfMemoryError) or (
@@ -128,11 +139,29 @@ def retryable(exc: BaseException) -> bool:
 
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | BackendError):
         return False  # (redis-py's auth errors are ConnectionErrors; no retry cures them)
+    if _certificate_refused(exc):
+        return False  # nor does one cure a certificate that cannot be verified
     # ReadOnlyError: connected to a replica after a failover; NoScriptError: the
     # server restarted between loading the script and running it.
     return isinstance(
         exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError | rx.NoScriptError | OSError
     )
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """A TLS certificate verification failure, in `exc` or what it was raised from."""
+    import ssl
+
+    seen: BaseException | None = exc
+    for _ in range(5):  # (redis-py chains the ssl error under its ConnectionError)
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or (
+            "CERTIFICATE_VERIFY_FAILED" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _as_is(response: Any) -> Any:
@@ -149,6 +178,7 @@ class Connections:
     def __init__(self, shared: Shared) -> None:
         self._settings = shared.settings
         self._counters = shared.counters
+        self.endpoint = Endpoint(shared.settings.url, shared.settings.namespace)
         self.control: Any = None  # the listener's requests (c)
         self.write: Any = None  # writes (w)
         self.reader: Any = None  # the subscription (r)
@@ -160,7 +190,6 @@ class Connections:
 
     def make(self, role: str) -> Any:
         """A redis-py client for `role` (see the module's docstring)."""
-        import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
@@ -189,7 +218,7 @@ class Connections:
             options.setdefault("socket_timeout", timeout)
             if role in ("g", "w"):  # one connection, serialised (the writer sends
                 options["single_connection_client"] = True  # on it by hand)
-        return aioredis.Redis.from_url(settings.url, **options)
+        return self.endpoint.client(options)
 
     def open(self) -> None:
         """Make the clients of the control, write and reader roles (they connect
@@ -208,6 +237,7 @@ class Connections:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+        await self.endpoint.close()
 
     def drop(self) -> None:
         """The loop is gone: forget the clients without awaiting."""

@@ -31,17 +31,21 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import secrets
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, TypeVar
 
 from ... import fault_points
+from ...errors import BackendUnavailableError, IPCError
 from ...logs import logger, rate_limited
+from ...waiting import cancel_and_wait, wait_event
 from ..base import check_lock_name, check_lock_note
 
 __all__ = ["RedisLeases"]
 
+_T = TypeVar("_T")
 _KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
 
 # KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
@@ -118,7 +122,10 @@ class RedisLeases:
         make_client: Makes the redis-py asyncio client the locks use (its own
             connections; `decode_responses` off).
         namespace: The namespace's name, as in its other keys.
-        command_timeout: Seconds one lock command may take.
+        command_timeout: Seconds one attempt of a lock command may take.
+        retry_timeout: Seconds a lock command keeps retrying a lost connection
+            (a restart, a failover) before it raises `BackendUnavailableError`.
+        url: The server's URL, for error messages (its password is not shown).
     """
 
     leased = True
@@ -129,8 +136,12 @@ class RedisLeases:
         namespace: str,
         *,
         command_timeout: float = 5.0,
+        retry_timeout: float = 10.0,
+        url: str = "redis://",
     ) -> None:
         self._make_client = make_client
+        self.retry_timeout = retry_timeout
+        self.url = url
         self.prefix = f"ivip:{{{namespace}}}:lk:"
         self.fence_key = f"ivip:{{{namespace}}}:lk-fence"
         self.command_timeout = command_timeout
@@ -163,30 +174,101 @@ class RedisLeases:
             self._client = self._make_client()
         return self._client
 
-    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one of the scripts (EVALSHA, loading it on NOSCRIPT), with a deadline."""
+    async def run(
+        self, script: str, keys: list[str], args: list[Any], *, retry: bool = True
+    ) -> Any:
+        """Run one of the scripts (EVALSHA, loading it on NOSCRIPT), each attempt
+        with a deadline; retried through lost connections for `retry_timeout`
+        seconds (once only when not `retry`)."""
+
+        async def once() -> Any:
+            return await self._script(script, keys, args)
+
+        return await self._retrying(f"lock command ({script})", once, retry=retry)
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import NoScriptError
 
         client = self.client()
         try:
-            async with asyncio.timeout(self.command_timeout):
-                try:
-                    return await client.evalsha(_SHA[script], len(keys), *keys, *args)
-                except NoScriptError:
-                    return await client.eval(_SCRIPT[script], len(keys), *keys, *args)
-        except TimeoutError:  # not to be taken for the caller's own timeout
-            raise self._silent() from None
+            return await client.evalsha(_SHA[script], len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(_SCRIPT[script], len(keys), *keys, *args)
+
+    async def acquire(
+        self, key: str, note_key: str, ms: int, note: str
+    ) -> tuple[bytes, int, int, float]:
+        """Try to take lease `key` for `ms` milliseconds: (token, fence, pttl, loop
+        time sent). Fence 0: another holds it, for `pttl` ms more. Retried like
+        `run`, each attempt with a new token: an attempt whose answer was lost may
+        have taken the lease, so it is released in the background."""
+        loop = asyncio.get_running_loop()
+        token, sent = b"", 0.0
+
+        async def once() -> Any:
+            nonlocal token, sent
+            if token:
+                self.release_later(key, note_key, token)
+            token, sent = secrets.token_hex(16).encode(), loop.time()
+            return await self._script("acquire", [key, note_key, self.fence_key], [token, ms, note])
+
+        try:
+            fence, pttl = await self._retrying("lock command (acquire)", once)
+        except BaseException:
+            # Cancelled or cut off after sending: the lease may be ours, unknown to us.
+            if token:
+                self.release_later(key, note_key, token)
+            raise
+        return token, int(fence), int(pttl), sent
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            async with asyncio.timeout(self.command_timeout):
-                value: bytes | None = await self.client().get(key)
-                return value
-        except TimeoutError:
-            raise self._silent() from None
+        async def once() -> bytes | None:
+            value: bytes | None = await self.client().get(key)
+            return value
 
-    def _silent(self) -> ConnectionError:
-        return ConnectionError(f"Redis did not answer a lock command in {self.command_timeout} s")
+        return await self._retrying("lock read", once)
+
+    async def _retrying(
+        self, what: str, attempt: Callable[[], Awaitable[_T]], *, retry: bool = True
+    ) -> _T:
+        """`attempt()`, within `command_timeout` seconds, again after a lost
+        connection or no answer (Redis restarting, a failover) for up to
+        `retry_timeout` seconds; redis-py's errors raised as the library's."""
+        from .connections import redacted, retryable, wrap
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.retry_timeout if retry else 0.0)
+        delay = 0.05
+        while True:
+            try:
+                async with asyncio.timeout(self.command_timeout):
+                    return await attempt()
+            except TimeoutError as exc:  # (asyncio's: not the caller's own timeout)
+                error: Exception = exc
+                error.args = error.args or (f"no answer in {self.command_timeout:g} s",)
+            except IPCError:
+                raise
+            except Exception as exc:
+                if not retryable(exc):
+                    raise wrap(exc, f"a {what}", self.url) from exc
+                error = exc
+            if loop.time() + delay > deadline:
+                raise BackendUnavailableError(
+                    f"Redis at {redacted(self.url)} did not answer for "
+                    f"{self.retry_timeout if retry else self.command_timeout:g} s "
+                    f"({what}): {error}"
+                ) from error
+            rate_limited(
+                logging.WARNING,
+                ("redis-lock-retry", self.prefix),
+                "Redis %s failed (%s); retrying for up to %gs",
+                what,
+                error,
+                self.retry_timeout,
+                interval=5.0,
+            )
+            await asyncio.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, 1.0)
 
     def release_later(self, key: str, note_key: str, token: bytes) -> None:
         """Compare-and-delete in the background (a try whose answer was not read)."""
@@ -249,8 +331,11 @@ class RedisLeases:
                 self.background(self._pubsub.unsubscribe(key))
 
     async def _listen(self) -> None:
-        pubsub = self._pubsub
-        while pubsub is not None and not self._closed:
+        failures = 0  # in a row: the pause before subscribing again grows
+        while not self._closed:
+            pubsub = self._pubsub  # (a new one after each lost connection)
+            if pubsub is None:
+                return
             try:
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
@@ -258,8 +343,11 @@ class RedisLeases:
             except Exception as exc:
                 # A lost subscription: the waiters' timers still wake them.
                 rate_limited(logging.WARNING, "lock-listener", "lock notices interrupted: %s", exc)
-                await self._resubscribe()
+                failures += 1
+                if not await self._resubscribe(failures):
+                    return  # nobody waits: the next `watch` subscribes anew
                 continue
+            failures = 0
             if message is None or message.get("type") != "message":
                 continue
             channel = message.get("channel")
@@ -271,15 +359,18 @@ class RedisLeases:
             for wake in list(self._waiters.get(key, ())):
                 wake.set()
 
-    async def _resubscribe(self) -> None:
-        await asyncio.sleep(0.5)
+    async def _resubscribe(self, failures: int) -> bool:
+        """A new pub/sub connection, subscribed to the channels waited on (after a
+        pause growing from 0.1 s to 5 s with failures in a row). False when
+        nobody waits (then no connection is made)."""
+        await asyncio.sleep(min(0.1 * 2 ** min(failures - 1, 6), 5.0))
         old, self._pubsub = self._pubsub, None
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.aclose()
-        if self._closed:
-            return
         keys, self._subscribed = set(self._waiters), set()
+        if self._closed or not keys:
+            return False
         try:
             self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
             if keys:
@@ -291,6 +382,7 @@ class RedisLeases:
         for waiters in self._waiters.values():
             for wake in waiters:
                 wake.set()  # something may have been released meanwhile
+        return True
 
     # -- life ----------------------------------------------------------------------------
 
@@ -370,21 +462,29 @@ class _LeaseContender:
         await self._stop_renewing()
         loop = asyncio.get_running_loop()
         self._notices = self._provider.notices.get(self.key, 0)
-        token = secrets.token_hex(16).encode()
         ms = max(1, int(self.lease * 1000))
-        sent = loop.time()
-        try:
-            fence, pttl = await self._provider.run(
-                "acquire", [self.key, self.note_key, self._provider.fence_key], [token, ms, note]
-            )
-        except BaseException:
-            # Cancelled or cut off after sending: the lease may be ours, unknown to us.
-            self._provider.release_later(self.key, self.note_key, token)
-            raise
+        token, fence, pttl, sent = await self._provider.acquire(self.key, self.note_key, ms, note)
         if not fence:
-            pttl = int(pttl)
             self._retry_in = pttl / 1000 if pttl > 0 else 0.01
             return False
+        if loop.time() - sent > self.lease / 3:
+            # A late answer (a frozen server resuming): Redis started the lease when
+            # it ran the script, anywhere since `sent`. Renew it now from a known
+            # time, or let go: a lock returned is held.
+            sent = loop.time()
+            try:
+                renewed = await self._provider.run(
+                    "renew", [self.key, self.note_key], [token, ms], retry=False
+                )
+            except Exception:
+                renewed = False
+            except BaseException:
+                self._provider.release_later(self.key, self.note_key, token)
+                raise
+            if not renewed:
+                self._provider.release_later(self.key, self.note_key, token)
+                self._retry_in = 0.01
+                return False
         self._token, self.fence = token, int(fence)
         self._loop, self._deadline, self._lost = loop, sent + self.lease, False
         _held_here.add(self)
@@ -402,7 +502,7 @@ class _LeaseContender:
                 sent = loop.time()
                 try:
                     renewed = await self._provider.run(
-                        "renew", [self.key, self.note_key], [self._token, ms]
+                        "renew", [self.key, self.note_key], [self._token, ms], retry=False
                     )
                 except asyncio.CancelledError:
                     raise
@@ -423,15 +523,15 @@ class _LeaseContender:
             if not self._lost and self._token:
                 self._lost = True
                 with contextlib.suppress(Exception):
-                    await self._provider.run("release", [self.key, self.note_key], [self._token])
+                    await self._provider.run(
+                        "release", [self.key, self.note_key], [self._token], retry=False
+                    )
             raise
 
     async def _stop_renewing(self) -> None:
         task, self._renewer = self._renewer, None
         if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # the caller's own cancellation still propagates
 
     async def wait(self, timeout: float) -> None:
         wake = self._wake
@@ -445,8 +545,7 @@ class _LeaseContender:
         if self._provider.notices.get(self.key, 0) != self._notices:
             return  # released while our last try was on the wire
         delay = min(timeout, self._retry_in + 0.001)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay)
+        await wait_event(wake, delay)  # never swallows the caller's cancellation
         wake.clear()
 
     async def holder_note(self) -> str | None:

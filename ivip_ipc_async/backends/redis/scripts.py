@@ -75,10 +75,16 @@ end
 return token
 """
 
-# Every write command the backend sends, on a key of the namespace that is gone
-# when the script ends, and a PUBLISH of nothing (readers skip it): a user that
-# lacks one of them is refused at start, before anything is stored.
+# Every write command the backend and its locks send, on a key of the namespace
+# that is gone when the script ends, and a PUBLISH of nothing on the channel
+# (readers skip it) and on a lock channel nobody waits on (ARGV[2], the locks'
+# prefix): a user that lacks one of them is refused at start, before anything is
+# stored.
 PROBE: Final = """
+redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('HSET', KEYS[1], 'v', '')
 redis.call('HGET', KEYS[1], 'v')
 redis.call('PERSIST', KEYS[1])
@@ -90,7 +96,8 @@ redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('SET', KEYS[1], '', 'PX', 60000)
 redis.call('GET', KEYS[1])
 redis.call('PEXPIREAT', KEYS[1], 1)
-redis.call('PUBLISH', ARGV[1], '')
+redis.call('PUBLISH', ARGV[1], '') -- on the namespace's channel
+redis.call('PUBLISH', ARGV[2], '') -- on the locks' channels (ivip:{ns}:lk:*)
 return 1
 """
 
@@ -229,8 +236,10 @@ def script_command(error: str) -> str:
     only "can't run this command ... script: <sha>, on @user_script:<line>").
 
     Example:
-        >>> script_command(f"script: {PROBE_SHA}, on @user_script:2.")
-        ' (the command refused: HSET)'
+        >>> script_command(f"script: {PROBE_SHA}, on @user_script:3.")
+        ' (the command refused: DEL)'
+        >>> script_command(f"script: {PROBE_SHA}, on @user_script:18.")
+        " (the command refused: PUBLISH on the locks' channels (ivip:{ns}:lk:*))"
     """
     found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)
     if found is None:
@@ -239,7 +248,9 @@ def script_command(error: str) -> str:
     scripts = dict(zip(shas, SCRIPTS, strict=True))
     lines = scripts.get(found.group(1), "").splitlines()
     line = int(found.group(2))
-    command = (
-        re.search(r"redis\.call\('(\w+)'", lines[line - 1]) if 0 < line <= len(lines) else None
-    )
-    return f" (the command refused: {command.group(1)})" if command else ""
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    command = re.search(r"redis\.call\('(\w+)'", text)
+    where = text.partition(" -- ")[2]  # what the line's comment says it touches
+    if command is None:
+        return ""
+    return f" (the command refused: {command.group(1)}{' ' + where if where else ''})"

@@ -63,6 +63,8 @@ class Settings:
     """The namespace's marker (a token: see `NamespaceState.keep`)."""
     probe_key: str = field(init=False)
     """The scratch key of the permission check at start (gone when it ends)."""
+    lock_prefix: str = field(init=False)
+    """The prefix of the locks' keys and channels (backends/redis/leases.py)."""
 
     def __post_init__(self) -> None:
         tag = f"ivip:{{{self.namespace}}}"
@@ -72,6 +74,7 @@ class Settings:
             ("entry_prefix", f"{tag}:c:".encode()),
             ("marker_key", f"{tag}:id"),
             ("probe_key", f"{tag}:probe:{self.node:016x}"),
+            ("lock_prefix", f"{tag}:lk:"),
         ):
             object.__setattr__(self, name, value)
 

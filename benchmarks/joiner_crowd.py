@@ -1,0 +1,213 @@
+"""Joiners starting together over a long retained log (issue #20, item 8).
+
+Run: `python -m benchmarks.joiner_crowd [--records 600000] [--kind cache|messages]
+[--peers 9] [--max-footprint BYTES] [--after 3] [--out FILE.json]`
+
+A writer fills the namespace with `--records` records, with room for all of
+them in the log (`max_footprint` 1 GiB, no snapshot), then exits: a retained
+log and no snapshot, as after a one-shot import script. `cache`: a key set per
+record (`{"i": i}`, gathered 1,000 at a time); `messages`: `notify_many` of an
+event every peer listens to. Then `--peers` processes (the default options but
+`--max-footprint`, and a retention that keeps that log for the run) start at
+the same moment; each times its `start()` (wall and CPU) and the phases inside
+it (snapshot load, log restore, resyncs after gaps), then sets a key and
+notifies every 100 ms for `--after` seconds, timing each write (one that finds
+no room under the cap waits for a snapshot). A single joiner alone runs first,
+over a copy, for comparison. Everything runs in /dev/shm; this prints a table.
+
+CPU per start is the figure to compare: on a shared machine the wall time of a
+crowd is what the scheduler gives it (N processes restoring the same log on 2
+cores take N times the CPU of one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def say(obj: Any) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# -- roles (each in its own process) ------------------------------------------------
+
+
+async def role_fill(path: str, records: int, kind: str) -> None:
+    from ivip_ipc_async import AsyncCache, AsyncIPC
+
+    options = {"max_footprint": 1 << 30, "snapshot_interval": 1e9, "retention": 3600}
+    async with AsyncIPC(path, **options) as ipc:
+        cache: AsyncCache[Any] = AsyncCache(ipc)
+        for start in range(0, records, 1000):
+            stop = min(records, start + 1000)
+            if kind == "messages":  # an event the peers listen to
+                await ipc.notify_many("tick", [{"i": i} for i in range(start, stop)])
+            else:
+                sets = [cache.set(f"k{i}", {"i": i}, 3600) for i in range(start, stop)]
+                await asyncio.gather(*sets)
+        say({"filled": records, "footprint": ipc.stats()["footprint_bytes"]})
+
+
+def _timed(phases: dict[str, float], owner: Any, name: str) -> None:
+    """Add the wall time of each call of the coroutine method `owner.name` to
+    `phases[name]`."""
+    real = getattr(owner, name)
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+
+    setattr(owner, name, timed)
+
+
+async def role_peer(path: str, after: float, max_footprint: int) -> None:
+    from ivip_ipc_async import AsyncCache, AsyncIPC
+    from ivip_ipc_async.backends.directory.reader import LogReader
+    from ivip_ipc_async.backends.directory.recovery import Gaps
+    from ivip_ipc_async.backends.directory.snapshots import Snapshots
+
+    phases: dict[str, float] = {}
+    _timed(phases, Snapshots, "load_at_start")
+    _timed(phases, LogReader, "restore_log")
+    _timed(phases, Snapshots, "load")  # at start, and again at each resync after a gap
+    _timed(phases, Gaps, "_resync_state")
+    loop = asyncio.get_running_loop()
+    ticks = [0]
+    say({"ready": os.getpid()})
+    await loop.run_in_executor(None, sys.stdin.readline)  # the starting gun
+    ipc = AsyncIPC(path, retention=3600, max_footprint=max_footprint)
+    ipc.on("tick", lambda _message: ticks.__setitem__(0, ticks[0] + 1))
+    cpu, t = time.process_time(), time.perf_counter()
+    await ipc.start()
+    start_s, start_cpu = time.perf_counter() - t, time.process_time() - cpu
+    records_read = ipc.stats()["records_read"]
+    cache: AsyncCache[Any] = AsyncCache(ipc)
+    writes: list[float] = []
+    end = time.perf_counter() + after
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        try:
+            await cache.set(f"peer:{os.getpid()}", len(writes))
+            await ipc.notify("tick", len(writes))
+        except OSError as exc:
+            writes.append(-1.0)
+            say({"error": str(exc)})
+        else:
+            writes.append(time.perf_counter() - t)
+        await asyncio.sleep(0.1)
+    stats = ipc.stats()
+    await ipc.destroy()
+    say(
+        {
+            "start_s": round(start_s, 3),
+            "start_cpu_s": round(start_cpu, 3),
+            **{f"{k}_s": round(v, 3) for k, v in phases.items()},
+            "records_read": records_read,
+            "keys": ipc.mirror.count(),
+            "write_max_s": round(max(writes, default=0.0), 3),
+            "write_failed": writes.count(-1.0),
+            "snapshots_written": stats["snapshots_written"],
+            "gaps": stats["gaps"],
+            "ticks": ticks[0],
+            "cpu_s": round(time.process_time(), 3),
+        }
+    )
+
+
+# -- the orchestrator ---------------------------------------------------------------
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def line(proc: subprocess.Popen[str]) -> Any:
+    assert proc.stdout is not None
+    while True:
+        text = proc.stdout.readline()
+        if not text:
+            raise RuntimeError(f"a role ended (exit {proc.wait()})")
+        out = json.loads(text)
+        if "error" not in out:
+            return out
+
+
+def crowd(path: Path, peers: int, after: float, cap: int) -> list[dict[str, Any]]:
+    procs = [spawn("peer", str(path), str(after), str(cap)) for _ in range(peers)]
+    try:
+        for proc in procs:
+            line(proc)  # ready: imported, waiting for the gun
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return [line(proc) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=600_000)
+    parser.add_argument("--peers", type=int, default=9)
+    parser.add_argument("--after", type=float, default=3.0, help="seconds of writes after start")
+    parser.add_argument("--max-footprint", type=int, default=64 << 20, help="the peers' cap")
+    parser.add_argument("--kind", choices=["cache", "messages"], default="cache")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    base = Path("/dev/shm") / f"ivip-joiner-crowd-{os.getpid()}"
+    results: dict[str, Any] = {"records": args.records, "peers": args.peers}
+    try:
+        t = time.perf_counter()
+        fill = spawn("fill", str(base / "ns"), str(args.records), args.kind)
+        print("fill:", line(fill), f"{time.perf_counter() - t:.1f}s", flush=True)
+        fill.wait()
+        shutil.copytree(base / "ns", base / "alone", symlinks=True)
+        results["alone"] = crowd(base / "alone", 1, args.after, args.max_footprint)
+        results["crowd"] = crowd(base / "ns", args.peers, args.after, args.max_footprint)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    keys = ["start_s", "start_cpu_s", "load_at_start_s", "restore_log_s", "records_read"]
+    keys += ["load_s", "_resync_state_s", "gaps", "cpu_s"]
+    keys += ["keys", "write_max_s", "write_failed", "snapshots_written"]
+    print(" ".join(f"{k.removesuffix('_s')[:9]:>9}" for k in ["run", *keys]))
+    for run in ("alone", "crowd"):
+        for row in sorted(results[run], key=lambda r: r["start_s"]):
+            print(" ".join(f"{v!s:>9}" for v in [run, *(row.get(k, "-") for k in keys)]))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--role":
+        role, *rest = sys.argv[2:]
+        if role == "fill":
+            asyncio.run(role_fill(rest[0], int(rest[1]), rest[2]))
+        else:
+            asyncio.run(role_peer(rest[0], float(rest[1]), int(rest[2])))
+    else:
+        main()
