@@ -7,7 +7,7 @@ import platform
 import sys
 from importlib import metadata
 
-from . import budget, coordination, per_python
+from . import budget, cache_ops, coordination, per_python
 from . import targets as T
 from .loop_stall import WORKLOAD as STALL_WORKLOAD
 from .loop_stall import stall_table
@@ -288,6 +288,7 @@ def write_markdown(
             "",
         ]
     lines += coordination.section(results, repeats)
+    lines += cache_ops.section(results, repeats)
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .budget import budget
+from .cache_ops import SCENARIOS as CACHE_OPS
 from .coordination import SCENARIOS as COORDINATION
 from .harness import (
     Worker,
@@ -322,3 +323,4 @@ SCENARIOS: dict[str, Callable[[Size, str], Result]] = {
     "budget": budget,
 }
 SCENARIOS.update(COORDINATION)  # locks and stampede: benchmarks/coordination.py
+SCENARIOS.update(CACHE_OPS)  # add, incr, versioned writes, bulk: benchmarks/cache_ops.py

@@ -623,9 +623,10 @@ def main() -> None:
 
         run_role(role, args)
     else:
+        from .cache_ops import run_role as cache_ops_role  # the cache operations' roles
         from .coordination import run_role  # the coordination scenarios' roles
 
-        if not run_role(role, args):
+        if not run_role(role, args) and not cache_ops_role(role, args):
             raise SystemExit(f"unknown role {role}")
     resource.getrusage(resource.RUSAGE_SELF)
 

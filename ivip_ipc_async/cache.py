@@ -15,25 +15,28 @@ import inspect
 import json
 import time
 from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 
+from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, version_of
 from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
 from .mirror import NO_ENTRIES, SHARDS, new_shards
-from .records import CacheKey, Kind, Record, encode_key
+from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 from .waiting import CancelGuard
 
-__all__ = ["AsyncCache"]
+__all__ = ["AsyncCache", "MemoizeDecorator", "Memoized"]
 
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
 V = TypeVar("V")
 
 _IMMUTABLE: Final = frozenset({str, int, float, bool, type(None)})
 _MISSING: Final[Any] = object()
+_ANY_VERSION: Final[Any] = object()  # `set` without a condition
 _COPY_BELOW: Final = 512  # encoded bytes; measured: tree copy 2x faster than json below
 _MEMO_POLL: Final = 0.5  # seconds: the safety net while waiting for another process's result
 
@@ -97,17 +100,43 @@ class AsyncCache(Generic[V]):
         self.name = name
         self.default_ttl = _check_ttl(default_ttl)
         self._inflight: dict[str, _Flight] = {}
+        # Reads of this instance (see `stats`): found a value / found none, and
+        # of those found none, how many found an expired entry.
+        self._hits = 0
+        self._misses = 0
+        self._expired = 0
 
     def __repr__(self) -> str:
         return f"<AsyncCache {self.name!r} default_ttl={self.default_ttl}>"
 
     # -- writes ---------------------------------------------------------------------
 
-    async def set(self, key: CacheKey, value: V, ttl: float | None = None) -> None:
+    @overload
+    async def set(self, key: CacheKey, value: V, ttl: float | None = None) -> None: ...
+
+    @overload
+    async def set(
+        self, key: CacheKey, value: V, ttl: float | None = None, *, if_version: str | None
+    ) -> bool: ...
+
+    async def set(
+        self,
+        key: CacheKey,
+        value: V,
+        ttl: float | None = None,
+        *,
+        if_version: str | None = _ANY_VERSION,
+    ) -> bool | None:
         """Store `value` under `key` for `ttl` seconds, in every process.
 
         `ttl` None uses `default_ttl`; 0 or negative means no expiry. When this
         returns, the write is in the shared directory and visible here.
+
+        With `if_version` (a version from `get_with_version`; None: the key was
+        absent), the write applies only if the key is still at that version, in
+        every process's view: a versioned write (compare-and-set), which returns
+        whether it was stored (without `if_version`, `set` returns None). See
+        `get_with_version` and docs/api.md for what that means across processes.
 
         Raises:
             TypeError: the key is not str/int, or the value cannot be encoded.
@@ -127,7 +156,13 @@ class AsyncCache(Generic[V]):
         seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
         data = self.ipc.codec.dumps(value)
         self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
-        await self._write(Kind.CACHE_SET, raw_key, data, seconds)
+        if if_version is _ANY_VERSION:
+            await self._write(Kind.CACHE_SET, raw_key, data, seconds)
+            return None
+        if if_version is not None and not isinstance(if_version, str):
+            raise TypeError(f"if_version must be a version str or None, not {if_version!r}")
+        outcome = await self._write_if(Mode.IF_VERSION, raw_key, data, seconds, if_version)
+        return outcome.applied
 
     async def delete(self, key: CacheKey) -> bool:
         """Remove `key` everywhere; returns whether it was present here.
@@ -185,6 +220,311 @@ class AsyncCache(Generic[V]):
         )
         await ipc._write_cache(record)
 
+    async def _write_if(
+        self,
+        mode: Mode,
+        raw_key: bytes,
+        data: bytes,
+        ttl: float,
+        expected: str | None = None,
+        delta: int = 0,
+    ) -> Outcome:
+        """A conditional write through the backend (`Backend.write_if`)."""
+        ipc = self.ipc
+        backend = await ipc._ensure()
+        expires = time.time() + ttl if ttl > 0 else 0.0
+        record = Record(
+            Kind.CACHE_SET,
+            self.name,
+            raw_key,
+            data,
+            ipc.clock.tick(),
+            backend.node,
+            expires,
+            0,
+            ipc.codec.id,
+        )
+        return await backend.write_if(Conditional(mode, record, ipc.clock.tick, expected, delta))
+
+    # -- atomic operations ---------------------------------------------------------------
+
+    async def add(self, key: CacheKey, value: V, ttl: float | None = None) -> bool:
+        """Store `value` only if `key` is absent (or deleted, or expired); returns
+        whether this call stored it.
+
+        Atomic across processes: of several calls racing on one key, in any
+        processes, exactly one returns True, and when each returns, `get` in its
+        process sees the winner's value (see docs/api.md: "Atomic operations").
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         first = await cache.add("job:7", "worker-1")
+            ...         second = await cache.add("job:7", "worker-2")
+            ...         return first, second, await cache.get("job:7")
+            >>> asyncio.run(main())
+            (True, False, 'worker-1')
+        """
+        raw_key = encode_key(key)
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        data = self.ipc.codec.dumps(value)
+        self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+        outcome = await self._write_if(Mode.ADD, raw_key, data, seconds)
+        return outcome.applied
+
+    async def incr(self, key: CacheKey, delta: int = 1, ttl: float | None = None) -> int:
+        """Add `delta` to the integer under `key` (0 when absent) and return the result.
+
+        Atomic across processes: N processes making M increments each end at
+        exactly N x M. A key it creates lives `ttl` seconds (`default_ttl` when
+        None; 0: forever); an existing key keeps its expiry. Counters are exact
+        within ±(2**53 - 1) on every backend.
+
+        Raises:
+            TypeError: `delta` is not an int, the key holds something else than
+                an integer, or the cache's codec is not JSON-compatible.
+            OverflowError: the result would be beyond ±(2**53 - 1) (nothing stored).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.incr("hits"); await cache.incr("hits", 10)
+            ...         return await cache.decr("hits"), await cache.get("hits")
+            >>> asyncio.run(main())
+            (10, 10)
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"incr: delta must be an int, not {type(delta).__name__}")
+        if abs(delta) > MAX_COUNTER:
+            raise OverflowError(f"incr: delta beyond ±{MAX_COUNTER}")
+        if self.ipc.codec.id != 1:
+            raise TypeError("incr needs a JSON-compatible codec (counters are JSON integers)")
+        raw_key = encode_key(key)
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        outcome = await self._write_if(Mode.INCR, raw_key, b"", seconds, delta=delta)
+        assert outcome.record is not None  # (an increment is never refused)
+        return int(outcome.record.data)
+
+    async def decr(self, key: CacheKey, delta: int = 1, ttl: float | None = None) -> int:
+        """`incr(key, -delta, ttl)`.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         return await AsyncCache(ipc).decr("stock", 3)
+            >>> asyncio.run(main())
+            -3
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"decr: delta must be an int, not {type(delta).__name__}")
+        return await self.incr(key, -delta, ttl)
+
+    @overload
+    async def get_with_version(self, key: CacheKey) -> tuple[V | None, str | None]: ...
+
+    @overload
+    async def get_with_version(self, key: CacheKey, default: T) -> tuple[V | T, str | None]: ...
+
+    async def get_with_version(self, key: CacheKey, default: Any = None) -> tuple[Any, str | None]:
+        """The value of `key` (or `default`) and its version (None: absent), for a
+        versioned write: `set(key, new, if_version=version)` applies only if
+        nobody wrote the key since (compare-and-set).
+
+        The version is an opaque string that changes with every write of the
+        key and never comes back (its clock and writer).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set("cart", ["apple"])
+            ...         items, version = await cache.get_with_version("cart")
+            ...         ok = await cache.set("cart", items + ["pear"], if_version=version)
+            ...         stale = await cache.set("cart", [], if_version=version)
+            ...         return ok, stale, await cache.get("cart")
+            >>> asyncio.run(main())
+            (True, False, ['apple', 'pear'])
+        """
+        ipc = self.ipc
+        await ipc._ensure()
+        normal = _normal(key)
+        record: Record | None
+        if ipc._mirror_ready:
+            entry = ipc.mirror.lookup(self.name, normal)
+            record = None if entry is None else entry.record
+        else:
+            record = await (await ipc._ensure()).fetch(self.name, encode_key(normal))
+        if not is_live(record, time.time()):
+            self._misses += 1
+            if record is not None and record.kind is Kind.CACHE_SET:
+                self._expired += 1
+            return default, None
+        assert record is not None
+        try:
+            value = ipc.codec.loads(record.data)
+        except ValueError:
+            logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
+            self._misses += 1
+            return default, None
+        self._hits += 1
+        return value, version_of(record)
+
+    # -- many keys at once --------------------------------------------------------------
+
+    async def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, V]:
+        """The present keys among `keys`, with their values (from this process's
+        mirror: no round trip at all).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set_many({"a": 1, "b": 2})
+            ...         return await cache.get_many(["a", "b", "c"])
+            >>> asyncio.run(main())
+            {'a': 1, 'b': 2}
+        """
+        found: dict[CacheKey, V] = {}
+        for key in keys:
+            value = await self.get(key, _MISSING)
+            if value is not _MISSING:
+                found[_normal(key)] = value
+        return found
+
+    async def set_many(self, mapping: Mapping[CacheKey, V], ttl: float | None = None) -> None:
+        """Store every item of `mapping` for `ttl` seconds, in one write.
+
+        On the directory the items are one record batch: every process sees all
+        of them or (the writer killed mid-write) none (past `max_record_size`
+        in all, several such batches, in order). On Redis, one round trip (one
+        pipeline): each key is stored on its own, last writer wins per key.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set_many({"a": 1, 2: "b"}, ttl=60)
+            ...         return await cache.get("a"), await cache.get(2)
+            >>> asyncio.run(main())
+            (1, 'b')
+        """
+        seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
+        name_len = len(self.name.encode())
+        items = []
+        for key, value in mapping.items():
+            raw_key = encode_key(key)
+            data = self.ipc.codec.dumps(value)
+            self.ipc._check_size(name_len + len(raw_key), len(data))
+            items.append((raw_key, data))
+        await self._write_many(Kind.CACHE_SET, items, seconds)
+
+    async def delete_many(self, keys: Iterable[CacheKey]) -> int:
+        """Remove `keys` everywhere, in one write; returns how many were present here.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set_many({"a": 1, "b": 2})
+            ...         return await cache.delete_many(["a", "b", "c"]), await cache.keys()
+            >>> asyncio.run(main())
+            (2, [])
+        """
+        normal = [_normal(key) for key in keys]
+        await self.ipc._ensure()
+        present = 0
+        if normal:
+            if not self.ipc._mirror_ready:
+                await self.ipc._wait_mirror()
+            now = time.time()
+            for key in normal:
+                entry = self.ipc.mirror.lookup(self.name, key)
+                present += entry is not None and entry.live(now)
+        raw_keys = [encode_key(key) for key in normal]
+        await self._write_many(Kind.CACHE_DELETE, [(raw, b"") for raw in raw_keys], 0.0)
+        return present
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Remove every `str` key that starts with `prefix` (as this process's
+        mirror holds them), in one write; returns how many.
+
+        A key another process sets while this runs, and that this process has
+        not seen yet, is not removed (see docs/api.md).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set_many({"user:1": 1, "user:2": 2, "order:1": 3})
+            ...         return await cache.delete_prefix("user:"), await cache.keys()
+            >>> asyncio.run(main())
+            (2, ['order:1'])
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        keys = [k for k in await self.keys() if type(k) is str and k.startswith(prefix)]
+        await self._write_many(Kind.CACHE_DELETE, [(encode_key(k), b"") for k in keys], 0.0)
+        return len(keys)
+
+    async def _write_many(self, kind: Kind, items: list[tuple[bytes, bytes]], ttl: float) -> None:
+        """Records of one kind for many keys, in one append (one write, one round
+        trip); past `max_record_size` in all (a batch is one frame), in several
+        such parts, in order, each all or none."""
+        if not items:
+            return
+        ipc = self.ipc
+        backend = await ipc._ensure()
+        expires = time.time() + ttl if ttl > 0 else 0.0
+        tick, node, codec = ipc.clock.tick, backend.node, ipc.codec.id
+        name_len = len(self.name.encode())
+        part: list[Record] = []
+        room = ipc.max_record_size - HEADER_SIZE
+        for raw_key, data in items:
+            size = HEADER_SIZE + name_len + len(raw_key) + len(data)
+            if part and size > room:
+                await backend.append(part)
+                part, room = [], ipc.max_record_size - HEADER_SIZE
+            part.append(Record(kind, self.name, raw_key, data, tick(), node, expires, 0, codec))
+            room -= size
+        await backend.append(part)
+
+    # -- counters ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Reads of this instance in this process: `hits` (a value found),
+        `misses` (none found: absent, deleted or expired), and `expired` (of
+        the misses, those that found an expired entry); `entries`: keys
+        present here now.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         cache = AsyncCache(ipc)
+            ...         await cache.set("k", 1)
+            ...         await cache.get("k"); await cache.get("k"); await cache.get("nope")
+            ...         return cache.stats()
+            >>> asyncio.run(main())
+            {'hits': 2, 'misses': 1, 'expired': 0, 'entries': 1}
+        """
+        entries = len(self.ipc.mirror.live_keys(self.name)) if self.ipc._mirror_ready else 0
+        return {
+            "hits": self._hits,
+            "misses": self._misses,
+            "expired": self._expired,
+            "entries": entries,
+        }
+
     # -- reads -------------------------------------------------------------------------
 
     @overload
@@ -230,16 +570,24 @@ class AsyncCache(Generic[V]):
             if memo is not None:
                 until, value, copier = memo
                 if until and until <= time.time():
+                    self._misses += 1
+                    self._expired += 1
                     return default
+                self._hits += 1
                 return value if copier is None else copier(value)
         shards = mirror.caches.get(self.name)
         if shards is None:
+            self._misses += 1
             return default
         state = shards[shard].get(key)
         if state is None:
+            self._misses += 1
             return default
         until = state[0]  # mirror.UNTIL
         if until and (until < 0 or until <= time.time()):
+            self._misses += 1
+            if until > 0:
+                self._expired += 1
             return default
         data = state[1]  # mirror.DATA
         try:
@@ -251,7 +599,9 @@ class AsyncCache(Generic[V]):
                 self.name,
                 exc_info=True,
             )
+            self._misses += 1
             return default
+        self._hits += 1
         kind = type(value)
         if kind in _IMMUTABLE:
             copier = None  # safe to share: nobody can mutate it
@@ -278,14 +628,20 @@ class AsyncCache(Generic[V]):
         backend = await self.ipc._ensure()
         rec = await backend.fetch(self.name, encode_key(key))
         if rec is None or rec.kind is not Kind.CACHE_SET:
+            self._misses += 1
             return default
         if rec.expires and rec.expires <= time.time():
+            self._misses += 1
+            self._expired += 1
             return default
         try:
-            return self.ipc.codec.loads(rec.data)
+            value = self.ipc.codec.loads(rec.data)
         except ValueError:
             logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
+            self._misses += 1
             return default
+        self._hits += 1
+        return value
 
     async def has(self, key: CacheKey) -> bool:
         """Whether `key` is present and not expired.
@@ -366,7 +722,7 @@ class AsyncCache(Generic[V]):
         *,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    ) -> Memoized[P, R]: ...
 
     @overload
     def memoize(
@@ -377,7 +733,13 @@ class AsyncCache(Generic[V]):
         *,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    ) -> Memoized[P, R]: ...
+
+    @overload
+    def memoize(self, name: Callable[P, Awaitable[R]], /) -> Memoized[P, R]: ...
+
+    @overload
+    def memoize(self, name: Callable[P, R], /) -> Memoized[P, R]: ...
 
     @overload
     def memoize(
@@ -387,7 +749,7 @@ class AsyncCache(Generic[V]):
         ttl: float | None = ...,
         across_processes: bool = ...,
         lease: float = ...,
-    ) -> Callable[[Callable[P, Any]], Callable[P, Coroutine[Any, Any, Any]]]: ...
+    ) -> MemoizeDecorator: ...
 
     def memoize(
         self,
@@ -459,7 +821,7 @@ class AsyncCache(Generic[V]):
 
         label = name
 
-        def decorate(func: Callable[P, Any]) -> Callable[P, Coroutine[Any, Any, Any]]:
+        def decorate(func: Callable[..., Any]) -> Any:
             return self._memoized(label or _qualname(func), func, ttl, *options)
 
         return decorate
@@ -479,12 +841,7 @@ class AsyncCache(Generic[V]):
 
         @functools.wraps(fn)
         async def memoized(*args: Any, **kwargs: Any) -> Any:
-            try:
-                key = f"{name}:" + json.dumps(
-                    [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
-                )
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"memoized arguments must be JSON-encodable: {exc}") from exc
+            key = _memo_key(name, args, kwargs)
             hit = await self.get(key, _MISSING)
             if hit is not _MISSING:
                 return hit
@@ -510,6 +867,15 @@ class AsyncCache(Generic[V]):
             return codec.loads(await flight.join())
 
         memoized.cache_name = name  # type: ignore[attr-defined]
+
+        def key(*args: Any, **kwargs: Any) -> str:
+            return _memo_key(name, args, kwargs)
+
+        async def invalidate(*args: Any, **kwargs: Any) -> bool:
+            return await self.delete(_memo_key(name, args, kwargs))
+
+        memoized.key = key  # type: ignore[attr-defined]
+        memoized.invalidate = invalidate  # type: ignore[attr-defined]
         return memoized
 
     def _landed(self, key: str, flight: _Flight, _: object) -> None:
@@ -591,6 +957,63 @@ class _Flight:
             self.callers -= 1
             if not self.callers and not self.task.done():
                 self.task.cancel()  # nobody waits for it any more
+
+
+def _memo_key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The cache key of a memoized call (as `memoized` makes it)."""
+    try:
+        return f"{name}:" + json.dumps(
+            [args, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"memoized arguments must be JSON-encodable: {exc}") from exc
+
+
+class Memoized(Protocol[P, R_co]):
+    """What `AsyncCache.memoize` returns: the function, async, with its signature
+    and result type kept for type checkers, and two helpers.
+
+    `key(*args, **kwargs)` is the cache key of a call; `await
+    invalidate(*args, **kwargs)` deletes its cached result everywhere (returns
+    whether it was present here). A computation of those arguments under way
+    meanwhile still stores its result when it ends.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         cache = AsyncCache(ipc)
+        ...         @cache.memoize("price", ttl=60)
+        ...         async def price(item: str, *, currency: str = "EUR") -> float:
+        ...             return 9.5
+        ...         await price("pear")
+        ...         key = price.key("pear")
+        ...         return key, await cache.has(key), await price.invalidate("pear")
+        >>> asyncio.run(main())
+        ('price:[["pear"],{}]', True, True)
+    """
+
+    cache_name: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key of the call with these arguments."""
+        ...
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Delete the cached result of the call with these arguments, everywhere."""
+        ...
+
+
+class MemoizeDecorator(Protocol):
+    """What `memoize(name=..., ttl=...)` returns: a decorator keeping the types."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Memoized[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Memoized[P, R]: ...
 
 
 def _qualname(fn: Callable[..., Any]) -> str:

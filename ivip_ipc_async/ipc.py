@@ -40,6 +40,7 @@ from .records import (
     Record,
     _new_record,
     codec_named,
+    decode_key,
 )
 
 _MESSAGE = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
@@ -854,6 +855,10 @@ class _Sink:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def current(self, topic: str, key: bytes) -> Record | None:
+        entry = self._ipc.mirror.lookup(topic, decode_key(key))
+        return None if entry is None else entry.record
 
     def gap(self, peer: str, lost: int | None) -> None:
         # Local only: tell this process's listeners; the cache is being reloaded.

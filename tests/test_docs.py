@@ -261,8 +261,15 @@ def test_index_own_instances_program(ipc_dir: Path) -> None:
 
 
 def test_api_page_imports(ipc_dir: Path) -> None:
-    (block,) = md_blocks(DOCS / "api.md", "python")
+    block = md_blocks(DOCS / "api.md", "python")[0]
     assert run_program(block, ipc_dir) == []
+
+
+def test_api_page_atomic_operations(ipc_dir: Path) -> None:
+    """The atomic operations' program prints what the page says it prints."""
+    _, program = md_blocks(DOCS / "api.md", "python")
+    (shown,) = md_blocks(DOCS / "api.md", "text")
+    assert run_program(program, ipc_dir) == shown.splitlines()
 
 
 def fastapi_page_app(index: int) -> Any:

@@ -64,7 +64,7 @@ def test_schedules_are_reproducible_and_round_trip() -> None:
     kinds = {e.kind for seed in range(200) for e in generate(seed).events}
     assert kinds >= {
         "kill", "stop", "fork", "loop_end", "join", "cancel_wait", "plant", "remove",
-        "lockfile", "run_once", "lock_race", "memo_stampede",
+        "lockfile", "run_once", "lock_race", "memo_stampede", "atomic_race",
     }  # fmt: skip
 
 
@@ -317,3 +317,74 @@ def test_errors_hung_starts_and_crashes_are_found() -> None:
     assert h.kinds() == ["crash"]
     h = _two().drive(50, "kill", target="p1").drive(100, "exited", target="p1", code=-9)
     assert h.kinds() == []
+
+
+def _atomic_dump(h: H, ms: float, atomic: dict[str, Any], *nodes: str) -> H:
+    h.drive(ms, "dump")
+    for node in nodes:
+        h.add(ms + 1, node, "dump", kv={}, atomic=atomic)
+    return h
+
+
+def test_add_violations_are_found() -> None:
+    def adds(won1: bool, seen1: str, won2: bool, seen2: str) -> H:
+        h = _two()
+        h.add(10, "p1.1", "add_call", key="a0", w="p1.1/1")
+        h.add(10, "p2.1", "add_call", key="a0", w="p2.1/1")
+        h.add(12, "p1.1", "add_ret", key="a0", w="p1.1/1", won=won1, seen=seen1)
+        return h.add(13, "p2.1", "add_ret", key="a0", w="p2.1/1", won=won2, seen=seen2)
+
+    h = adds(True, "p1.1/1", False, "p1.1/1")
+    assert _atomic_dump(h, 5000, {"a0": "p1.1/1"}, "p1.1", "p2.1").kinds() == []
+    h = adds(True, "p1.1/1", True, "p2.1/1")  # two winners, who read their own
+    assert _atomic_dump(h, 5000, {"a0": "p1.1/1"}, "p1.1", "p2.1").kinds() == ["add", "add"]
+    h = adds(True, "p1.1/1", False, "p2.1/1")  # the loser read something else
+    assert _atomic_dump(h, 5000, {"a0": "p1.1/1"}, "p1.1", "p2.1").kinds() == ["add"]
+    h = adds(True, "p1.1/1", False, "p1.1/1")  # the end state is not the winner's
+    assert _atomic_dump(h, 5000, {"a0": "p2.1/1"}, "p1.1", "p2.1").kinds() == ["add", "add"]
+    # The winner killed before it could log its win: the others read its value.
+    h = H().life("p1.1").life("p2.1").life("p3.1")
+    h.add(10, "p1.1", "add_call", key="a0", w="p1.1/1")
+    h.add(10, "p2.1", "add_call", key="a0", w="p2.1/1")
+    h.add(13, "p2.1", "add_ret", key="a0", w="p2.1/1", won=False, seen="p1.1/1")
+    h.drive(14, "kill", target="p1")
+    assert _atomic_dump(h, 5000, {"a0": "p1.1/1"}, "p2.1", "p3.1").kinds() == []
+
+
+def test_lost_updates_are_found() -> None:
+    def incrs(values: list[int], unacked: int = 0) -> H:
+        h = _two()
+        for n, v in enumerate(values):
+            node = f"p{n % 2 + 1}.1"
+            h.add(10 + n, node, "incr_call", key="c0", i=f"{node}/{n}")
+            h.add(11 + n, node, "incr_ret", key="c0", i=f"{node}/{n}", v=v)
+        for n in range(unacked):
+            h.add(50 + n, "p1.1", "incr_call", key="c0", i=f"p1.1/u{n}")
+        return h
+
+    assert _atomic_dump(incrs([1, 2, 3]), 5000, {"c0": 3}, "p1.1", "p2.1").kinds() == []
+    # Two increments returned 2: one update was lost.
+    h = incrs([1, 2, 2])
+    assert _atomic_dump(h, 5000, {"c0": 2}, "p1.1", "p2.1").kinds() == [
+        "lost_update",
+        "lost_update",
+        "lost_update",
+    ]
+    # Unacknowledged increments may or may not count, no more than their number.
+    assert _atomic_dump(incrs([1, 2], 2), 5000, {"c0": 4}, "p1.1", "p2.1").kinds() == []
+    h = incrs([1, 2], 1)
+    assert _atomic_dump(h, 5000, {"c0": 4}, "p1.1", "p2.1").kinds() == [
+        "lost_update",
+        "lost_update",
+    ]
+    # A versioned read-modify-write is judged the same way.
+    h = _two()
+    h.add(10, "p1.1", "cas_call", key="v0", i="p1.1/1")
+    h.add(10, "p2.1", "cas_call", key="v0", i="p2.1/1")
+    h.add(12, "p1.1", "cas_ret", key="v0", i="p1.1/1", v=1, tries=1)
+    h.add(12, "p2.1", "cas_ret", key="v0", i="p2.1/1", v=1, tries=1)
+    assert _atomic_dump(h, 5000, {"v0": 1}, "p1.1", "p2.1").kinds() == [
+        "lost_update",
+        "lost_update",
+        "lost_update",
+    ]

@@ -12,14 +12,17 @@ from collections.abc import Iterable, Sequence
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
+from ..conditions import Conditional, Outcome
 from ..records import Record
 
 __all__ = [
     "MAX_LOCK_NOTE",
     "Backend",
+    "Conditional",
     "Contender",
     "LockProvider",
     "LossCause",
+    "Outcome",
     "RecordSink",
     "check_lock_name",
     "check_lock_note",
@@ -149,6 +152,12 @@ class RecordSink(Protocol):
         is being re-established and records may have been missed), cache reads go
         to `Backend.fetch` instead of the mirror."""
 
+    def current(self, topic: str, key: bytes) -> Record | None:
+        """The winning record of one cache key in this process's mirror (a
+        tombstone or an expired entry included; None: never seen). What a
+        conditional write decides on, once the backend has delivered every
+        record written before it (`Backend.write_if`)."""
+
     def gap(self, peer: str, lost: int | None) -> None:
         """`lost` records of `peer` were gone before they could be read (None: an
         unknown number, maybe none).
@@ -187,6 +196,19 @@ class Backend(Protocol):
         """Read now what peers have written so far: afterwards the sink has every
         record acknowledged before this call (a no-op where `fetch` answers)."""
 
+    async def write_if(self, op: Conditional) -> Outcome:
+        """Store `op.record` only if the key's current state allows it
+        (`conditions.decide`), atomically with respect to every other
+        `write_if` of the same key from any process.
+
+        When this returns, the outcome is final: an applied write is stored
+        (every live peer will receive it, and it is applied here); a refused
+        one stored nothing, and the current record it was refused by has been
+        given to this process's mirror (`RecordSink.written`). Raising, it may
+        or may not have been stored (a lost connection to Redis); see
+        docs/api.md.
+        """
+
     def stats(self) -> dict[str, Any]:
         """Counters and health for `AsyncIPC.stats()`."""
 
@@ -198,8 +220,8 @@ class LockProvider(Protocol):
     """Locks shared by every process of a namespace (and every host, on Redis).
 
     A lock name is 3-160 characters: a one-letter kind, a dot, then letters,
-    digits, `.`, `_` or `-` (the kinds keep users' locks, leaderships and
-    memoize's locks apart: `u.`, `l.`, `m.`).
+    digits, `.`, `_` or `-` (the kinds keep users' locks, leaderships,
+    memoize's locks and conditional cache writes' apart: `u.`, `l.`, `m.`, `c.`).
     """
 
     leased: bool

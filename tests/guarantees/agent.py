@@ -33,6 +33,9 @@ from ivip_ipc_async.ipc import GAP_EVENT
 from ivip_ipc_async.leader import Leadership, run_once
 
 KEYS = 8  # cache keys k0..k7, shared by every process
+ADD_KEYS = 24  # keys a0..a23 of the "atomic" cache, each `add`ed by whoever comes
+COUNTERS = 2  # keys c0, c1 (incr) and v0, v1 (versioned read-modify-write)
+CAS_TRIES = 100  # a versioned write given up after this many refusals in a row
 LOCKS = ("a", "b")
 MEMO_KEYS = 3
 MEMO_TTL = 1.0
@@ -104,6 +107,7 @@ class Life:
         self.node = f"{plan['name']}.{k}"
         self.commands = commands
         self.rnd = random.Random(f"{plan['seed']}.{k}")
+        self.arnd = random.Random(f"{plan['seed']}.{k}.atomic")  # add, incr, cas
         self.lease = float(plan["lock_lease"])
         self.seq = 0
         self.opn = 0
@@ -115,6 +119,7 @@ class Life:
         self.ipc = AsyncIPC(plan["path"], namespace=plan["namespace"], **plan["options"])
         self.kv: AsyncCache[Any] = AsyncCache(self.ipc, name="kv", default_ttl=0)
         self.memo_cache: AsyncCache[Any] = AsyncCache(self.ipc, name="memo", default_ttl=0)
+        self.atomic: AsyncCache[Any] = AsyncCache(self.ipc, name="atomic", default_ttl=0)
         self.memo: Callable[..., Awaitable[Any]] = self.memo_cache.memoize(
             "f", self._compute, MEMO_TTL, across_processes=True, lease=self.lease * 3
         )
@@ -159,6 +164,7 @@ class Life:
                 continue  # before this life (a rejoin)
             self.timers.append(loop.call_at(when, self._fire, event))
         ops = self._spawn(self._ops(), "ops")
+        atomic_ops = self._spawn(self._atomic_ops(), "atomic_ops")
         commands = self._spawn(self._commands(), "commands")
         await self.ended.wait()
         for timer in self.timers:
@@ -166,6 +172,7 @@ class Life:
         commands.cancel()
         if self.ending is None:  # finish: a clean end
             ops.cancel()
+            atomic_ops.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             log("destroy")
             await ipc.destroy()
@@ -207,10 +214,14 @@ class Life:
         for key in await self.kv.keys():
             value = await self.kv.get(key)
             state[str(key)] = value.get("w") if isinstance(value, dict) else value
+        atomic: dict[str, Any] = {}
+        for key in await self.atomic.keys():
+            atomic[str(key)] = await self.atomic.get(key)
         stats = self.ipc.stats()
         self.log(
             "dump",
             kv=state,
+            atomic=atomic,
             gaps=stats.get("gaps"),
             records_lost=stats.get("records_lost"),
             listeners_never=self.ipc.listener_count(NEVER),
@@ -246,6 +257,33 @@ class Life:
                 self.log("op_error", op=name, error=type(exc).__name__, message=str(exc)[:300])
             await asyncio.sleep(self.rnd.expovariate(1 / pace))
 
+    async def _atomic_ops(self) -> None:
+        """add, incr and versioned writes beside the other operations, drawn from a
+        stream of their own (the other operations' draws stay what they were)."""
+        rnd = self.arnd
+        kinds: list[tuple[str, Callable[[], Awaitable[None]], int]] = [
+            ("add", self.op_add, 3),
+            ("incr", self.op_incr, 5),
+            ("cas", self.op_cas, 3),
+        ]
+        allowed = set(self.plan.get("ops") or [k for k, _, _ in kinds])
+        kinds = [k for k in kinds if k[0] in allowed]
+        if not kinds:
+            return
+        weights = [w for _, _, w in kinds]
+        pace = float(self.plan["pace"]) * 2
+        end = self.at(self.plan["seconds"])
+        loop = asyncio.get_running_loop()
+        while not self.quiet and loop.time() < end:
+            name, op, _ = rnd.choices(kinds, weights)[0]
+            try:
+                await op()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log("op_error", op=name, error=type(exc).__name__, message=str(exc)[:300])
+            await asyncio.sleep(rnd.expovariate(1 / pace))
+
     async def op_notify(self) -> None:
         self.seq += 1
         q = self.seq
@@ -271,6 +309,30 @@ class Life:
         self.log("del", key=key, w=w)
         await self.kv.delete(key)
         self.log("del_ack", key=key, w=w)
+
+    async def op_add(self, key: str | None = None) -> None:
+        key, w = key or f"a{self.arnd.randrange(ADD_KEYS)}", self.next_id()
+        self.log("add_call", key=key, w=w)
+        won = await self.atomic.add(key, w)
+        seen = await self.atomic.get(key)
+        self.log("add_ret", key=key, w=w, won=won, seen=seen)
+
+    async def op_incr(self, key: str | None = None) -> None:
+        key, i = key or f"c{self.arnd.randrange(COUNTERS)}", self.next_id()
+        self.log("incr_call", key=key, i=i)
+        value = await self.atomic.incr(key)
+        self.log("incr_ret", key=key, i=i, v=value)
+
+    async def op_cas(self, key: str | None = None) -> None:
+        """Read, add one, write back only if unchanged; again on a refusal."""
+        key, i = key or f"v{self.arnd.randrange(COUNTERS)}", self.next_id()
+        self.log("cas_call", key=key, i=i)
+        for tries in range(1, CAS_TRIES + 1):
+            value, version = await self.atomic.get_with_version(key, 0)
+            if await self.atomic.set(key, value + 1, if_version=version):
+                self.log("cas_ret", key=key, i=i, v=value + 1, tries=tries)
+                return
+        self.log("cas_giveup", key=key, i=i, tries=CAS_TRIES)
 
     async def _hold(self, kind: str, name: str, held: Callable[[], bool], seconds: float) -> None:
         """Claim the lock now and then while holding it: each claim says `held` was
@@ -395,6 +457,21 @@ class Life:
             if args["leave"] == "abort":
                 os._exit(0)
             self.end("leave:exit" if args["leave"] == "exit" else "loop_end:exit:0")
+
+    async def ev_atomic_race(self, event: dict[str, Any]) -> None:
+        """Every process at once: an `add` of one key, `n` increments of one
+        counter and `n` versioned read-modify-writes of another, concurrently."""
+        key, n = str(event["args"]["key"]), int(event["args"]["n"])
+
+        async def increments() -> None:
+            for _ in range(n):
+                await self.op_incr(f"c-{key}")
+
+        async def versioned() -> None:
+            for _ in range(n):
+                await self.op_cas(f"v-{key}")
+
+        await asyncio.gather(self.op_add(f"a-{key}"), increments(), versioned())
 
     async def ev_lock_race(self, event: dict[str, Any]) -> None:
         """Holder and waiter of one lock, the waiter's deadline at the release."""

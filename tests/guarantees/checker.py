@@ -23,6 +23,10 @@ after t0). The checks:
   is in the cache, unless the computing process died or was paused;
 * **cancellation**: a cancelled wait raises and holds nothing; a deadline that
   fired is never lost; cancelling one memoize caller cancels no other;
+* **add, incr, versioned writes**: one `add` wins per key and every caller
+  reads the winner's value; no two acknowledged increments or versioned
+  writes return the same value, and a counter ends between its acknowledged
+  updates and those plus the ones never acknowledged (killed processes);
 * **errors**: no operation fails with an error nobody asked for; `start()`
   returns; no process crashes.
 """
@@ -392,6 +396,103 @@ class Checker:
                 eventual=True,
             )
 
+    # -- add, incr, the versioned write ------------------------------------------------
+
+    def atomic(self) -> None:
+        """`add`: at most one winner per key, and every process read the winner's
+        value when its call returned; `incr` and the versioned read-modify-write:
+        no two acknowledged updates returned the same value (a lost update), and
+        each counter ends between its acknowledged updates and those plus the
+        ones never acknowledged (calls cut short by a kill, an ended loop or an
+        error)."""
+        calls: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # key -> id -> call
+        for r in self.h.records:
+            ev = r["ev"]
+            if ev in ("add_call", "incr_call", "cas_call"):
+                op_id = r.get("w") or r.get("i")
+                calls[r["key"]][op_id] = {"ev": ev, "t": r["t"], "n": r["n"], "ret": None}
+            elif ev in ("add_ret", "incr_ret", "cas_ret", "cas_giveup"):
+                op_id = r.get("w") or r.get("i")
+                call = calls[r["key"]].get(op_id)
+                if call is not None:
+                    call["ret"] = r
+        survivors = self.survivors()
+        finals = {n.name: (n.last_dump or {}).get("atomic", {}) for n in survivors}
+        for key, ops in sorted(calls.items()):
+            kinds = {c["ev"] for c in ops.values()}
+            if kinds == {"add_call"}:
+                self._add(key, ops, finals)
+            else:
+                self._counter(key, ops, finals)
+
+    def _add(
+        self, key: str, ops: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any]]
+    ) -> None:
+        rets = [c["ret"] for c in ops.values() if c["ret"] is not None]
+        winners = [r for r in rets if r["won"]]
+        if len(winners) > 1:
+            self.add(
+                "add",
+                f"key {key}: {len(winners)} add calls won ("
+                + ", ".join(f"{r['n']} at {self.at(r['t'])}" for r in winners)
+                + ")",
+            )
+        seen = {repr(r["seen"]) for r in rets}
+        if len(seen) > 1:
+            self.add(
+                "add",
+                f"key {key}: processes read different values when their add returned: "
+                + ", ".join(f"{r['n']} {r['seen']!r}" for r in rets[:6]),
+            )
+        agreed = winners[0]["w"] if winners else (rets[0]["seen"] if rets else None)
+        if rets and not winners:
+            # The winner never learnt it won (killed, its loop ended): it must be a
+            # call that never returned.
+            unreturned = {w for w, c in ops.items() if c["ret"] is None}
+            if agreed not in unreturned:
+                self.add(
+                    "add",
+                    f"key {key}: every add returned False, and they read {agreed!r}, "
+                    "which no unfinished add call wrote",
+                )
+        for name, final in sorted(finals.items()):
+            value = final.get(key)
+            if agreed is not None and value != agreed:
+                self.add(
+                    "add",
+                    f"{name}: key {key} holds {value!r} at the end, not the winner's {agreed!r}",
+                    eventual=True,
+                )
+            elif agreed is None and value is not None and value not in ops:
+                self.add("add", f"{name}: key {key} holds {value!r}, which no add wrote")
+
+    def _counter(
+        self, key: str, ops: dict[str, dict[str, Any]], finals: dict[str, dict[str, Any]]
+    ) -> None:
+        acked = [c["ret"] for c in ops.values() if c["ret"] is not None and "v" in c["ret"]]
+        unsure = sum(1 for c in ops.values() if c["ret"] is None)
+        by_value: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in acked:
+            by_value[int(r["v"])].append(r)
+        for value, rs in sorted(by_value.items()):
+            if len(rs) > 1:
+                self.add(
+                    "lost_update",
+                    f"key {key}: {len(rs)} acknowledged updates all returned {value} ("
+                    + ", ".join(f"{r['n']} at {self.at(r['t'])}" for r in rs[:4])
+                    + ")",
+                )
+        for name, final in sorted(finals.items()):
+            value = int(final.get(key) or 0)
+            top = max(by_value, default=0)
+            if value < len(acked) or value < top or value > len(acked) + unsure:
+                self.add(
+                    "lost_update",
+                    f"{name}: key {key} ends at {value}, with {len(acked)} acknowledged "
+                    f"updates (largest result {top}) and {unsure} never acknowledged",
+                    eventual=value < len(acked) or value < top,
+                )
+
     # -- locks ----------------------------------------------------------------------------
 
     def locks(self) -> None:
@@ -640,6 +741,7 @@ class Checker:
         self.errors()
         self.messages()
         self.cache()
+        self.atomic()
         self.locks()
         self.run_once()
         self.memoize()

@@ -35,7 +35,7 @@ __all__ = [
 DRIVER_EVENTS = frozenset({"kill", "stop", "join", "plant", "remove", "lockfile"})
 # Done by the agent named in `target`, at `at`.
 AGENT_EVENTS = frozenset(
-    {"fork", "loop_end", "run_once", "lock_race", "memo_stampede", "cancel_wait"}
+    {"fork", "loop_end", "run_once", "lock_race", "memo_stampede", "cancel_wait", "atomic_race"}
 )
 
 # What the slowed phases may be (fault_points); per process.
@@ -248,6 +248,14 @@ def generate(seed: int, backend: str = "directory", seconds: float = 3.0) -> Sch
             "across": rnd.random() < 0.7,
         }
         events.append(Event(at(), "memo_stampede", rnd.choice(live), args))
+
+    # Every process at the same moment: adds one key (exactly one must win), and
+    # increments one counter and read-modify-writes another a few times each.
+    # Drawn from a stream of its own, so the draws above stay what they were.
+    extra = random.Random(f"{seed}.atomic_race")
+    for g in range(extra.randint(1, 2)):
+        at_s = round(extra.uniform(seconds * 0.1, seconds * 0.8), 3)
+        events.append(Event(at_s, "atomic_race", "*", {"key": f"race{g}", "n": 8}))
 
     events.sort(key=lambda e: e.at)
     options = dict(REDIS_OPTIONS if redis else DIRECTORY_OPTIONS)

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                 len(r["qs"]) for r in h.records if r["ev"] == "ack"
             )
             totals["deliveries"] += h.count("recv")
+            totals["adds"] += h.count("add_ret")
+            totals["add winners"] += sum(1 for r in h.records if r["ev"] == "add_ret" and r["won"])
+            totals["increments"] += h.count("incr_ret")
+            totals["versioned writes"] += h.count("cas_ret")
+            totals["versioned refusals"] += sum(
+                r["tries"] - 1 for r in h.records if r["ev"] == "cas_ret"
+            )
             totals["faults"] += len(schedule.events)
             totals["violations"] += len(outcome.violations)
             for v in outcome.violations:
@@ -89,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         f"summary: {totals['runs']} runs, {totals['processes']} processes, "
         f"{totals['operations']} operations ({totals['messages acknowledged']} messages "
         f"acknowledged, {totals['deliveries']} deliveries), {totals['faults']} faults and "
-        f"coordinated events, {totals['violations']} violations "
+        f"coordinated events; {totals['adds']} adds ({totals['add winners']} won), "
+        f"{totals['increments']} increments, {totals['versioned writes']} versioned writes "
+        f"({totals['versioned refusals']} refusals retried); {totals['violations']} violations "
         f"({', '.join(f'{k}: {n}' for k, n in kinds.most_common()) or 'none'}) "
         f"in {time.monotonic() - began:.0f} s"
     )

@@ -102,3 +102,52 @@ async def from_the_top(ipc: AsyncIPC) -> None:
         pass
     except IPCError:
         pass
+
+
+async def memoized_keeps_types(ipc: AsyncIPC) -> None:
+    cache: AsyncCache[Any] = AsyncCache(ipc)
+
+    @cache.memoize(ttl=30)
+    async def load_user(uid: int, *, fresh: bool = False) -> User:
+        return {"id": uid, "name": "Ana"}
+
+    @cache.memoize
+    async def count(word: str) -> int:
+        return len(word)
+
+    @cache.memoize("half", ttl=30)
+    def half(x: int) -> float:
+        return x / 2
+
+    assert_type(await load_user(7), User)
+    assert_type(await load_user(7, fresh=True), User)
+    assert_type(await count("abc"), int)
+    assert_type(await half(3), float)
+    assert_type(load_user.key(7), str)
+    assert_type(await load_user.invalidate(7), bool)
+
+    async def fetch_user(uid: int, *, fresh: bool = False) -> User:
+        return {"id": uid, "name": "Rui"}
+
+    fetch = cache.memoize("user", fetch_user, 30)
+    assert_type(fetch.key(7, fresh=True), str)
+    assert_type(await fetch.invalidate(7), bool)
+    await load_user("7")  # type: ignore[arg-type]  # the signature is kept
+    load_user.key(7, stale=True)  # type: ignore[call-arg]
+
+
+async def atomic_operations(ipc: AsyncIPC) -> None:
+    counters: AsyncCache[int] = AsyncCache(ipc, name="counters")
+    assert_type(await counters.add("k", 1), bool)
+    assert_type(await counters.incr("k"), int)
+    assert_type(await counters.decr("k", 2, ttl=60), int)
+    value, version = await counters.get_with_version("k")
+    assert_type(value, int | None)
+    assert_type(version, str | None)
+    assert_type(await counters.get_with_version("k", 0), tuple[int, str | None])
+    assert_type(await counters.set("k", 2, if_version=version), bool)
+    assert_type(await counters.get_many(["k", 1]), dict[str | int, int])
+    await counters.set_many({"a": 1, 2: 3}, ttl=10)
+    assert_type(await counters.delete_many(["a"]), int)
+    assert_type(await counters.delete_prefix("a"), int)
+    assert_type(counters.stats(), dict[str, int])

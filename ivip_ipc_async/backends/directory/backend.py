@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ... import forks
+from ...conditions import Conditional, Outcome
 from ...logs import logger
 from ...records import Record
 from ..base import RecordSink
+from .conditional import ConditionalWrites
 from .layout import Namespace
 from .locks import DirectoryLocks
 from .peers import Peers
@@ -138,6 +140,7 @@ class DirectoryBackend:
         self._wakeups.on_displaced = self._rejoin.soon
         self._rejoin.on_moved = self._namespace_moved
         self._locks: DirectoryLocks | None = None  # made by locks() on first use
+        self._conditional = ConditionalWrites(ns, self._reader, self._writer.append, self.locks)
         # The hot path: `append` is the group commit's own, one coroutine per
         # call instead of two (the method below says what it does).
         self.append = self._writer.append  # type: ignore[method-assign]
@@ -300,6 +303,11 @@ class DirectoryBackend:
             self._locks = DirectoryLocks(self._ns.path)
         return self._locks
 
+    async def write_if(self, op: Conditional) -> Outcome:
+        """A conditional cache write: under the key's bucket lock, after reading
+        every writer to its end (conditional.py)."""
+        return await self._conditional.write_if(op)
+
     # -- cache reads -----------------------------------------------------------------------
 
     async def fetch(self, topic: str, key: bytes) -> Record | None:
@@ -307,25 +315,14 @@ class DirectoryBackend:
         repaired, so the mirror always answers."""
         return None
 
-    async def catch_up(self, limit: float = 5.0) -> None:
-        """Read now what peers have written so far (log/ listed afresh, every
-        writer read to its end, in slices), for at most `limit` seconds.
-
-        For a decision that must see a peer's write made before something this
-        process has just observed (`run_once`: the record of a job done, made
-        before the lock this process now holds was let go), whether or not its
-        wake-up has been handled yet.
-        """
-        reader = self._reader
-        if self._ns.closing:
-            return
-        reader.full_scan_wanted = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        reader.read_pass()
-        while reader.dirty and not self._ns.closing and loop.time() < deadline:
-            await asyncio.sleep(0)  # a slice at a time: the loop breathes between
-            reader.read_pass()
+    async def catch_up(self) -> None:
+        """Read now what peers have written so far (`LogReader.barrier`: log/
+        listed afresh, every writer read to its end a slice at a time, a gap's
+        resync awaited), for a decision that must see a peer's write made before
+        something this process has just observed (`run_once`, memoize: a record
+        stored before the lock this process now holds was let go)."""
+        if not self._ns.closing:
+            await self._reader.barrier()
 
     # -- stats ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ retained log as state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import operator
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from .wakeups import Wakeups
 
 _SEQ: Final = operator.itemgetter(7)  # Record.seq, by index: the faster getter
+_RESYNC_TASK: Final = "ivip-ipc_resync_state"  # Gaps._resync_state, as Namespace.spawn names it
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
 _NOTHING: Final[frozenset[bytes]] = frozenset()  # the events wanted from a writer being restored
 
@@ -361,6 +363,24 @@ class LogReader:
         self.live = True
         if self.dirty:
             self.schedule_read()
+
+    async def barrier(self) -> None:
+        """Deliver every record that was in the log when this was called: list
+        `log/`, then read every writer to the end of its newest segment, a
+        slice at a time. (What a conditional write decides on: whatever another
+        process stored before it released a lock is delivered here by the time
+        this returns.)"""
+        if not self.live:
+            return  # (never: conditional writes start after the restore)
+        self.scan()
+        for w in list(self.writers.values()):
+            while not self._read_writer(w, time.perf_counter() + SLICE):
+                await breathe()
+        # Records lost to a gap (deleted before they were read) are in the state
+        # the resync loads: decide on it only once it is loaded.
+        resyncs = [t for t in self._ns.tasks if t.get_name() == _RESYNC_TASK and not t.done()]
+        if resyncs:
+            await asyncio.wait(resyncs)
 
     # -- the safety re-scan ----------------------------------------------------------------
 

@@ -9,10 +9,12 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from ...conditions import Conditional, Outcome
 from ...errors import IPCClosedError
 from ...logs import logger
 from ...records import FrameReader, Record
 from ..base import RecordSink
+from .conditional import ConditionalWrites
 from .connections import Connections, check_redis_url, redacted, retryable, wrap
 from .delivery import Delivery
 from .leases import RedisLeases
@@ -157,6 +159,7 @@ class RedisBackend:
             shared, self.connections, self.position, self.state, self.delivery, self.writer
         )
         self._leases: RedisLeases | None = None  # made by locks() on first use
+        self._conditional = ConditionalWrites(shared, self.writer)
 
     # -- life -------------------------------------------------------------------------
 
@@ -287,6 +290,16 @@ class RedisBackend:
         if self.listener.closing or self.connections.control is None:
             raise IPCClosedError("the IPC instance is closed")
         await self.writer.append(records)
+
+    async def write_if(self, op: Conditional) -> Outcome:
+        """A conditional cache write: one script, one round trip (conditional.py).
+
+        Raises:
+            BackendUnavailableError: no answer: it may or may not have been stored.
+        """
+        if self.listener.closing or self.connections.control is None:
+            raise ConnectionAbortedError("the IPC instance is closed")
+        return await self._conditional.write_if(op)
 
     async def catch_up(self) -> None:
         """Nothing to do: a read that must see the present asks Redis (`fetch`)."""

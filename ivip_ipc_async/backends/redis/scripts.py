@@ -10,6 +10,8 @@ from typing import Any, Final
 __all__ = [
     "APPEND",
     "APPEND_SHA",
+    "CONDITIONAL",
+    "CONDITIONAL_SHA",
     "KEEP",
     "KEEP_SHA",
     "PROBE",
@@ -99,8 +101,124 @@ redis.call('PUBLISH', ARGV[2], '') -- on the locks' channels (ivip:{ns}:lk:*)
 return 1
 """
 
-SCRIPTS: Final = (APPEND, SET_IF_NEWER, KEEP, PROBE)
-APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA = (
+
+def _crc_table() -> str:
+    """CRC-32's table (zlib's polynomial) as a Lua table constructor."""
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        table.append(str(c))
+    return "{" + ",".join(table) + "}"
+
+
+# A conditional cache write (add, versioned set, incr; `conditions.decide` is the
+# same rule in Python), stored and published as SET_IF_NEWER stores a write. The
+# client packs the header's fields; the script may raise the clock above the
+# current entry's (the mirrors keep the greatest (hlc, node): a stored record must
+# win there too), and for incr writes the data itself, so it computes the CRCs of
+# the header and of the digits (the client gives the CRC of topic + key, or of the
+# whole body for add and the versioned set). Numbers above 2**53 never pass through
+# Lua's doubles: the clock is bumped as bytes and as decimal digits.
+# Returns {1, frame} stored, {0, frame or ''} refused (the live entry), {-1} the
+# entry is not an integer, {-2} the sum is out of range.
+CONDITIONAL: Final = (
+    """
+local T = """
+    + _crc_table()
+    + """
+local function crc(c, s)
+  c = bit.bnot(c)
+  for i = 1, #s do
+    c = bit.bxor(bit.rshift(c, 8), T[bit.band(bit.bxor(c, string.byte(s, i)), 255) + 1])
+  end
+  c = bit.bnot(c)
+  if c < 0 then c = c + 4294967296 end
+  return c
+end
+local function bump_bytes(s)
+  local out = {string.byte(s, 1, 8)}
+  for i = 1, 8 do
+    if out[i] < 255 then out[i] = out[i] + 1 break end
+    out[i] = 0
+  end
+  return string.char(unpack(out))
+end
+local function bump_digits(s)
+  local out = {string.byte(s, 1, -1)}
+  for i = #out, 1, -1 do
+    if out[i] < 57 then out[i] = out[i] + 1 break end
+    out[i] = 48
+  end
+  return string.char(unpack(out))
+end
+local held = redis.call('HMGET', KEYS[1], 'r', 'v')
+local r, v = held[1], held[2]
+local mode = ARGV[1]
+local live = false
+if r and string.byte(r, 3) == 2 then
+  local expires = struct.unpack('<d', r, 33)
+  live = expires == 0 or expires * 1000 > tonumber(ARGV[14])
+end
+local data = ARGV[12]
+local expires8 = ARGV[8]
+local body_crc = tonumber(ARGV[18])
+if mode == 'a' then
+  if live then return {0, r} end
+elseif mode == 'v' then
+  local version = ''
+  if live then version = v end
+  if version ~= ARGV[13] then
+    if live then return {0, r} end
+    return {0, ''}
+  end
+else
+  local base = 0
+  if live then
+    local tl, kl = struct.unpack('<HH', r, 41)
+    local digits = string.sub(r, 53 + tl + kl)
+    if string.byte(r, 4) ~= 1 or not string.find(digits, '^%-?%d+$') or #digits > 17 then
+      return {-1}
+    end
+    base = tonumber(digits)
+    if math.abs(base) > 9007199254740991 then return {-1} end
+    expires8 = string.sub(r, 33, 40)
+  end
+  local sum = base + tonumber(data)
+  if math.abs(sum) > 9007199254740991 then return {-2} end
+  data = string.format('%.0f', sum)
+  body_crc = crc(body_crc, data)
+end
+local hlc8, hlc20 = ARGV[4], ARGV[5]
+if v and hlc20 <= string.sub(v, 1, 20) then
+  hlc8, hlc20 = bump_bytes(string.sub(r, 17, 24)), bump_digits(string.sub(v, 1, 20))
+end
+local topic, key = ARGV[10], ARGV[11]
+local body = topic .. key .. data
+local head = ARGV[2] .. struct.pack('<I4', #body) .. ARGV[3] .. hlc8 .. ARGV[6] .. expires8
+  .. struct.pack('<HHI4', #topic, #key, body_crc)
+local frame = head .. struct.pack('<I4', crc(0, head)) .. body
+redis.call('HSET', KEYS[1], 'v', hlc20 .. ARGV[7], 'r', frame)
+if mode ~= 'i' or not live then
+  local expires = tonumber(ARGV[9])
+  if expires > 0 then
+    redis.call('PEXPIREAT', KEYS[1], expires)
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[15], '*', 'r', frame)
+redis.call('PUBLISH', ARGV[16], id .. ' ' .. frame)
+if redis.call('PTTL', KEYS[2]) == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[17])
+end
+return {1, frame}
+"""
+)
+
+SCRIPTS: Final = (APPEND, SET_IF_NEWER, KEEP, PROBE, CONDITIONAL)
+APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA = (
     hashlib.sha1(script.encode()).hexdigest() for script in SCRIPTS
 )
 
@@ -126,7 +244,8 @@ def script_command(error: str) -> str:
     found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)
     if found is None:
         return ""
-    scripts = dict(zip((APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA), SCRIPTS, strict=True))
+    shas = (APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA)
+    scripts = dict(zip(shas, SCRIPTS, strict=True))
     lines = scripts.get(found.group(1), "").splitlines()
     line = int(found.group(2))
     text = lines[line - 1] if 0 < line <= len(lines) else ""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ...errors import IPCClosedError
@@ -91,6 +91,78 @@ class Writer:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._write_queued())
         await fut
+
+    async def alone(self, request: Callable[[int], bytes]) -> Any:
+        """Send one request by itself, in order with this writer's appends (after
+        those appended before it, before those appended after), and return
+        Redis's answer. `request` gets the next sequence number and returns the
+        packed command.
+
+        Sent once, never resent after it may have reached Redis (a conditional
+        write run twice would not be one write): a lost connection, a time limit
+        or a cancellation leaves the outcome unknown (raised as
+        `BackendUnavailableError`, and this process applies its own writes that
+        Redis pushes back for a while, as after any write of unknown outcome).
+        An error Redis answered stored nothing (raised as a `BackendError`).
+        """
+        from redis.exceptions import NoScriptError, ResponseError
+
+        loop = asyncio.get_running_loop()
+        while self._queue or (self._task is not None and not self._task.done()):
+            await self.drain()
+            if self._queue and (self._task is None or self._task.done()):
+                await asyncio.sleep(0)  # (the queue's task is about to start)
+        self._task = done = loop.create_future()
+        try:
+            client = self._connections.write
+            if client is None:
+                raise ConnectionAbortedError("the IPC instance is closed")
+            self._seq += 1
+            command = request(self._seq)
+            sent = False
+            deadline = loop.time() + max(self._settings.retry_timeout, 1.0)
+            delay = 0.05
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        connection = client.connection
+                        if connection is None:
+                            connection = (await client.initialize()).connection
+                        for _ in range(2):
+                            # Connected first (redis-py reconnects a dropped
+                            # connection on send): a failure here sent nothing.
+                            await _drop_if_closed(connection)
+                            await connection.connect()
+                            sent = True
+                            await connection.send_packed_command(command, check_health=False)
+                            try:
+                                return await connection.read_response()
+                            except NoScriptError:
+                                # Not run: Redis lost its scripts (a restart, SCRIPT FLUSH).
+                                sent = False
+                                await load_scripts(self._connections.control)
+                        raise ConnectionError("Redis lost its scripts twice")
+                except ResponseError as exc:
+                    raise wrap(exc, "a conditional write", self._settings.url) from exc
+                except BaseException as exc:
+                    if sent:  # Redis may have run it (or may yet): its push is applied here
+                        self.own_until = loop.time() + OWN_WINDOW
+                    elif (
+                        isinstance(exc, Exception)
+                        and retryable(exc)
+                        and loop.time() + delay < deadline
+                    ):
+                        self._counters["write_retries"] += 1
+                        await asyncio.sleep(delay)  # nothing sent: safe to try again
+                        delay = min(delay * 2, 1.0)
+                        continue
+                    if isinstance(exc, Exception) and not isinstance(exc, ConnectionAbortedError):
+                        raise wrap(exc, "a conditional write", self._settings.url) from exc
+                    raise
+        finally:
+            done.set_result(None)
+            if self._queue:  # appends that came meanwhile
+                self._task = loop.create_task(self._write_queued())
 
     async def drain(self) -> None:
         """Wait until what was accepted is sent: the write under way, and the
@@ -240,6 +312,25 @@ class Writer:
             None if reply is None else wrap(reply, "a write", self._settings.url)
             for reply in replies
         ]
+
+
+async def _drop_if_closed(connection: Any) -> None:
+    """Disconnect a connection the server has closed (its end of stream already
+    seen) or that holds an unread answer, so that `connect()` makes a new one
+    before anything is sent on it."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if not getattr(connection, "is_connected", True):
+        return
+    check = getattr(connection, "can_read", None)
+    if check is None:  # redis-py 7
+        check = connection.can_read_destructive
+    try:
+        stale = await check()
+    except (RedisConnectionError, OSError):
+        stale = True
+    if stale:
+        await connection.disconnect()
 
 
 class _Packer:
