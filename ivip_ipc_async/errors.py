@@ -85,8 +85,11 @@ class BackendPermissionError(BackendError, PermissionError):
 
 
 class BackendFullError(BackendError):
-    """Redis refused a write for lack of memory (`OOM`, `maxmemory` reached with
-    policy `noeviction`): that record was not stored.
+    """The medium is full and refused a write: that record was not stored.
+
+    Redis: out of memory (`OOM`, `maxmemory` reached with policy
+    `noeviction`). The directory backend: the cache's live state would pass
+    `max_state_bytes` (the message names the limit and the option).
 
     Example:
         >>> issubclass(BackendFullError, BackendError)
