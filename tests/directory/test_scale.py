@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.errors import BackendFullError
+
 from .helpers import Script
 
 # Fills a cache with small entries on default settings but a cap of 8 MiB (the
@@ -52,3 +57,70 @@ def test_the_set_rate_stays_flat_past_the_state_the_cap_once_held(ipc_dir: Path)
     assert out["keys"] == 60_000
     first, last = sum(rates[:2]) / 2, sum(rates[-2:]) / 2
     assert last >= first / 3, [round(r) for r in rates]
+
+
+# Sets small keys under a small max_state_bytes, 1,000 gathered at a time, until
+# a whole batch is refused; prints which were acknowledged and the first refusal.
+_FULL = """
+    import asyncio, json, sys
+    from ivip_ipc_async import AsyncCache, AsyncIPC
+    from ivip_ipc_async.errors import BackendFullError
+
+    async def main() -> None:
+        async with AsyncIPC(sys.argv[1], max_state_bytes=int(sys.argv[2])) as ipc:
+            cache = AsyncCache(ipc)
+            acked, refused, first = [], 0, None
+            for start in range(0, 100_000, 1000):
+                results = await asyncio.gather(
+                    *(cache.set(f"k{j}", {"id": j, "name": "x" * 40}, 0)
+                      for j in range(start, start + 1000)),
+                    return_exceptions=True,
+                )
+                for j, result in zip(range(start, start + 1000), results):
+                    if result is None:
+                        acked.append(j)
+                    else:
+                        refused += 1
+                        first = first or f"{type(result).__name__}: {result}"
+                if all(r is not None for r in results):
+                    break
+            print(json.dumps({
+                "acked": acked, "refused": refused, "first": first,
+                "state": ipc.mirror.nbytes,
+            }), flush=True)
+
+    asyncio.run(main())
+"""
+
+
+async def test_a_set_past_max_state_bytes_fails_at_once_and_writes_nothing(
+    ipc_dir: Path,
+) -> None:
+    """Under a limit of 200,000 bytes, sets are refused at once with
+    BackendFullError naming the limit and the option; the state never passes the
+    limit; a late joiner holds exactly the acknowledged keys; the limit is on the
+    shared state (another process is refused too) and deleting makes room."""
+    limit = 200_000
+    script = Script(_FULL, str(ipc_dir), str(limit))
+    try:
+        out = script.line(timeout=60)
+    finally:
+        script.kill()
+    acked = out["acked"]
+    assert 1000 < len(acked) < 5000, len(acked)
+    assert out["refused"] >= 1000
+    assert out["first"].startswith("BackendFullError: the cache is full"), out["first"]
+    assert f"max_state_bytes ({limit} bytes)" in out["first"]
+    assert out["state"] <= limit
+    async with AsyncIPC(ipc_dir, max_state_bytes=limit) as late:
+        cache = AsyncCache(late)
+        keys = await cache.keys()
+        assert sorted(keys) == sorted(f"k{j}" for j in acked)  # nothing lost, nothing extra
+        assert await cache.get(f"k{acked[-1]}") == {"id": acked[-1], "name": "x" * 40}
+        with pytest.raises(BackendFullError, match="max_state_bytes"):
+            await cache.set("other", {"id": -1, "name": "x" * 40}, 0)
+        assert await cache.get("other") is None
+        for j in acked[:100]:
+            await cache.delete(f"k{j}")
+        await cache.set("other", {"id": -1, "name": "x" * 40}, 0)
+        assert await cache.get("other") == {"id": -1, "name": "x" * 40}

@@ -271,6 +271,7 @@ class _Pending:
     """Appends waiting for the end-of-iteration group write: (records, waiter)."""
 
     calls: list[tuple[Sequence[Record], asyncio.Future[None]]] = field(default_factory=list)
+    adds: int = 0  # bytes of cache sets among them (see `GroupCommit.check_state`)
 
 
 class GroupCommit:
@@ -307,8 +308,9 @@ class GroupCommit:
         """
         if self._ns.closing:
             raise ConnectionAbortedError("the IPC instance is closed")
+        adds = 0
         if records[0].kind is not _MESSAGE or len(records) > 1:
-            self.check_state(records)
+            adds = self.check_state(records)
         if self.write_now(records):
             return
         # A task that has written its share of the iteration: written at once all
@@ -334,21 +336,25 @@ class GroupCommit:
                 asyncio.get_running_loop().call_soon(self._end_tick)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.calls.append((records, fut))
+        pending.adds += adds
         await fut
 
-    def check_state(self, records: Sequence[Record]) -> None:
+    def check_state(self, records: Sequence[Record]) -> int:
         """Raise `BackendFullError` when the cache sets among `records` would
         take the live state (the shared cache, as this process's mirror measures
         it: every process's writes count) past `max_state_bytes`. Checked before
         anything is written, so a refused call wrote nothing. Deletes always
-        pass (they are how room is made)."""
+        pass (they are how room is made). Returns the bytes the call may add
+        (counted while it waits in the batch, which the state does not yet hold)."""
         sink = self._ns.sink
         if sink is None:
-            return
+            return 0
         adds = sum(r.size for r in records if r.kind is _CACHE_SET)
         if not adds:
-            return
-        state, limit = sink.state_bytes(), self._ns.max_state_bytes
+            return 0
+        pending = self.pending
+        state = sink.state_bytes() + (pending.adds if pending is not None else 0)
+        limit = self._ns.max_state_bytes
         if state + adds > limit:
             raise BackendFullError(
                 f"the cache is full: its live state takes {state} bytes and this write "
@@ -356,6 +362,7 @@ class GroupCommit:
                 "Delete keys or give them a TTL, or raise the directory backend's "
                 "max_state_bytes option"
             )
+        return adds
 
     def write_now(self, records: Sequence[Record]) -> bool:
         """`append` without a coroutine, when it can be done at once: True when
