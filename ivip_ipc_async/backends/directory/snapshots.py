@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import aiofiles
 
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 Positions = dict[str, tuple[int, int, int]]  # peer: (segment, offset, last seq)
 
+_COST_RATIO: Final = 4.0  # snapshots start at least this many times their cost apart
+_MAX_SPACING: Final = 5.0  # seconds: well within the 10 s a write waits for room
+
 
 class Snapshots:
     """Writing, checking and loading snapshot.bin, and the positions it covers.
@@ -60,6 +63,7 @@ class Snapshots:
         self.last_version = -1  # the sink's state version in the last snapshot written
         self.task: asyncio.Task[None] | None = None  # the snapshot being written
         self._last_at = 0.0
+        self.took = 0.0  # seconds the last snapshot took to write
         # (ino, size, mtime) of snapshot.bin when its positions were read: each
         # snapshot is a new file (renamed into place), whatever its timestamp.
         self._positions_of: tuple[int, int, int] | None = None
@@ -116,7 +120,11 @@ class Snapshots:
         if self._damaged():
             self.last_version = -1  # written again as soon as it is due
         version = sink.state_version()
-        due = time.monotonic() - self._last_at >= ns.snapshot_interval
+        # A snapshot rewrites the whole state: at a million keys, seconds of CPU.
+        # Spaced to take at most a fifth of the holder's time, and never more than
+        # _MAX_SPACING apart (a writer short of room waits for one, see segments.py).
+        spacing = max(ns.snapshot_interval, min(_COST_RATIO * self.took, _MAX_SPACING))
+        due = time.monotonic() - self._last_at >= spacing
         own_pos = self.positions.get(ns.peer, (0, 0, 0))
         segments = self._segments
         moved = own_pos[2] != segments.seq and any(s.has_cache for s in segments.segments)
@@ -183,6 +191,7 @@ class Snapshots:
         """
         ns = self._ns
         assert ns.sink is not None
+        began = time.monotonic()
         positions = {
             w.peer: (w.segment, w.offset - w.reader.pending, w.last_seq)
             for w in self._reader.writers.values()
@@ -228,6 +237,7 @@ class Snapshots:
             return
         self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.bytes = st.st_size
+        self.took = time.monotonic() - began
         self.last_version = version
         self.positions = positions
         ns.counters["snapshots_written"] += 1
