@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 Positions = dict[str, tuple[int, int, int]]  # peer: (segment, offset, last seq)
 
 _COST_RATIO: Final = 4.0  # snapshots start at least this many times their cost apart
-_MAX_SPACING: Final = 5.0  # seconds: well within the 10 s a write waits for room
 
 
 class Snapshots:
@@ -117,14 +116,16 @@ class Snapshots:
         sink = ns.sink
         if sink is None or (self.task is not None and not self.task.done()):
             return
-        if self._damaged():
-            self.last_version = -1  # written again as soon as it is due
+        damaged = self._damaged()
+        if damaged:
+            self.last_version = -1  # written again at once
         version = sink.state_version()
         # A snapshot rewrites the whole state: at a million keys, seconds of CPU.
-        # Spaced to take at most a fifth of the holder's time, and never more than
-        # _MAX_SPACING apart (a writer short of room waits for one, see segments.py).
-        spacing = max(ns.snapshot_interval, min(_COST_RATIO * self.took, _MAX_SPACING))
-        due = time.monotonic() - self._last_at >= spacing
+        # Spaced to take at most a fifth of the holder's time, unless some
+        # writer's history since the last one fills half a share (its next
+        # writes would wait for one, see segments.py).
+        spacing = max(ns.snapshot_interval, _COST_RATIO * self.took)
+        due = damaged or time.monotonic() - self._last_at >= spacing or self._history_filling()
         own_pos = self.positions.get(ns.peer, (0, 0, 0))
         segments = self._segments
         moved = own_pos[2] != segments.seq and any(s.has_cache for s in segments.segments)
@@ -132,6 +133,22 @@ class Snapshots:
             self._last_at = time.monotonic()
             self.task = asyncio.get_running_loop().create_task(self._write(version))
             ns.track(self.task)
+
+    def _history_filling(self) -> bool:
+        """Whether some writer (this one included) has written half a share of
+        the cap since the positions the last snapshot covers (segments count
+        as full: an estimate, on the safe side, of the bytes a snapshot would
+        let it delete)."""
+        limit = self._segments.segment_limit
+        half = self._segments.budget // 2
+        own = self._segments.segments[-1]
+        heads = [(self._ns.peer, own.number, own.size)]
+        heads += [(w.peer, w.segment, w.offset) for w in self._reader.writers.values()]
+        for peer, segment, offset in heads:
+            covered, at, _ = self.positions.get(peer, (0, 0, 0))
+            if (segment - covered) * limit + offset - at >= half:
+                return True
+        return False
 
     def request(self) -> None:
         """Get a snapshot that covers own segments: write one now as the holder,
