@@ -9,7 +9,7 @@ One process (the filler) sets small entries (`{"id": j, "name": "x" * 40}`, no
 TTL), 1,000 gathered at a time, on the backend's default settings (but any
 `--option`), and prints the rate of each `--step` keys. At each size in
 `--joins` it pauses, waits until a snapshot covers what it wrote (directory:
-`snapshots_written` moved on), and a joiner process starts: its `start()` wall
+`snapshots_written` moved on twice), and a joiner process starts: its `start()` wall
 time, the worst loop stall during it (a 1 ms ticker), and its RSS growth per
 key once the cache holds every key; then the disk the namespace uses per key.
 A step slower than `--stop-below` sets/s ends the run (the cliff). The
@@ -67,14 +67,24 @@ async def role_fill(path: str, options: dict[str, Any], keys: int, step: int, jo
                 last = now
             if done in pauses:
                 stats = ipc.stats()
-                if "snapshots_written" in stats:  # wait for a snapshot of every key
+                if "snapshots_written" in stats:  # wait for a snapshot of every key:
+                    # the second from now (the first may have begun before the last set)
                     seen = stats["snapshots_written"]
                     deadline = time.monotonic() + 120
-                    while ipc.stats()["snapshots_written"] <= seen:
+                    while ipc.stats()["snapshots_written"] <= seen + 1:
                         if time.monotonic() > deadline:
                             break
                         await asyncio.sleep(0.05)
-                say({"paused": done, "footprint": stats.get("footprint_bytes")})
+                # The directory's snapshot: what the last one took to write (a
+                # private figure, read here for the measurement only).
+                snaps = getattr(getattr(ipc, "_backend", None), "_snapshots", None)
+                say(
+                    {
+                        "paused": done,
+                        "snapshot_s": getattr(snaps, "took", None),
+                        "snapshot_bytes": getattr(snaps, "bytes", None),
+                    }
+                )
                 await asyncio.to_thread(sys.stdin.readline)
                 last = time.perf_counter()
         say({"end": keys})
@@ -186,13 +196,16 @@ def main() -> None:
                 out, _ = joiner.communicate(timeout=600)
                 got = json.loads(out.strip().splitlines()[-1])
                 got["keys"] = n
+                got["snapshot_s"] = msg["snapshot_s"]
+                got["snapshot_bytes"] = msg["snapshot_bytes"]
                 if tmp:
                     got["disk_per_key"] = disk(Path(tmp) / "scale") / n
                 joins.append(got)
                 print(
                     f"  joiner at {n:,}: start {got['start_s']:.2f} s, worst stall "
                     f"{got['worst_stall_ms']:.1f} ms, RSS {got['rss_per_key']:.0f} B/key, "
-                    f"disk {got.get('disk_per_key', 0):.0f} B/key, has last: {got['has_last']}",
+                    f"disk {got.get('disk_per_key', 0):.0f} B/key, has last: {got['has_last']}; "
+                    f"the last snapshot took {got['snapshot_s'] or 0:.2f} s",
                     flush=True,
                 )
                 fill.stdin.write("go\n")
