@@ -100,9 +100,10 @@ class BackendFullError(BackendError, OSError):
     On Redis: `OOM` (`maxmemory` reached with policy `noeviction`). On the
     directory: the disk or quota is full, the file size limit is reached
     (`ENOSPC`, `EDQUOT`, `EFBIG`, the kernel's error chained), or the namespace
-    is at its `max_footprint` and no snapshot made room in time. Also an
-    `OSError` (what the directory raised before), with `errno` the kernel's, or
-    `ENOSPC` when none was given (Redis).
+    is at its `max_footprint` and no snapshot made room in time, or the cache's
+    live state would pass `max_state_bytes` (the message names the limit and
+    the option). Also an `OSError` (what the directory raised before), with
+    `errno` the kernel's, or `ENOSPC` when none was given.
 
     Example:
         >>> import errno

@@ -62,7 +62,10 @@ class DirectoryBackend:
         max_record_size: Largest record accepted, in bytes (`ValueError` above).
         segment_bytes: A segment is closed and a new one started past this size.
         retention: Seconds a closed segment is kept for slow readers and joiners.
-        max_footprint: Bytes the namespace may use on disk, all peers together.
+        max_footprint: Bytes of history (log segments) the namespace may hold on
+            disk, all peers together; the snapshot is bounded by `max_state_bytes`.
+        max_state_bytes: Bytes the cache's live state may take (encoded, as in a
+            snapshot); a `set` past it raises `BackendFullError`.
         rescan_interval: Seconds between full re-scans (the safety net).
         snapshot_interval: Seconds between snapshots of a changing cache.
         watch_step: The watchfiles thread's polling step in ms, where it is the
@@ -82,6 +85,7 @@ class DirectoryBackend:
     segment_bytes: _Shared[int] = _Shared()
     retention: _Shared[float] = _Shared()
     max_footprint: _Shared[int] = _Shared()
+    max_state_bytes: _Shared[int] = _Shared()
     rescan_interval: _Shared[float] = _Shared()
     snapshot_interval: _Shared[float] = _Shared()
     watch_step: _Shared[int] = _Shared()
@@ -98,6 +102,7 @@ class DirectoryBackend:
         segment_bytes: int = 2 << 20,
         retention: float = 15.0,
         max_footprint: int = 64 << 20,
+        max_state_bytes: int = 512 << 20,
         rescan_interval: float = 2.0,
         snapshot_interval: float = 1.0,
         watch_step: int = 150,
@@ -110,6 +115,7 @@ class DirectoryBackend:
             segment_bytes=segment_bytes,
             retention=retention,
             max_footprint=max_footprint,
+            max_state_bytes=max_state_bytes,
             rescan_interval=rescan_interval,
             snapshot_interval=snapshot_interval,
             watch_step=watch_step,

@@ -308,6 +308,7 @@ class Namespace:
         segment_bytes: int = 2 << 20,
         retention: float = 15.0,
         max_footprint: int = 64 << 20,
+        max_state_bytes: int = 512 << 20,
         rescan_interval: float = 2.0,
         snapshot_interval: float = 1.0,
         watch_step: int = 150,
@@ -321,6 +322,7 @@ class Namespace:
         self.segment_bytes = segment_bytes
         self.retention = retention
         self.max_footprint = max_footprint
+        self.max_state_bytes = max_state_bytes
         self.rescan_interval = rescan_interval
         self.snapshot_interval = snapshot_interval
         self.watch_step = watch_step

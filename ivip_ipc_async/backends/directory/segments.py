@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # 0 (the tests' setting): every append joins the end-of-iteration batch.
 _WRITE_THROUGH_PER_TICK: Final = 64
 _MESSAGE: Final = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
+_CACHE_SET: Final = Kind.CACHE_SET
 _MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
 _ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
 _ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
@@ -76,7 +77,6 @@ class OwnSegments:
         self.must_rotate = False  # a write failed part-way: continue in a new segment
         self.peer_count = 1  # peers with a lock file, dead or alive: they share the cap
         self.budget = ns.max_footprint  # own share of the cap; see update_budget
-        self._state_bytes = 0  # the state's size the budget was computed for
         self.segment_limit = ns.segment_bytes
         self._capped_through = 0  # last own segment deleted early, under the cap
         self.room_since = 0.0  # monotonic time writes started waiting for room under the cap
@@ -151,9 +151,6 @@ class OwnSegments:
             inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
             data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
         size = len(data)
-        sink = self._ns.sink
-        if sink is not None and sink.state_bytes() != self._state_bytes:
-            self.update_budget()  # the state grew or shrank: so does the room kept for it
         if self.own_bytes + size > self.budget and not self.make_room(size):
             raise NoRoom
         seg = self.segments[-1]
@@ -213,16 +210,13 @@ class OwnSegments:
         self.update_budget()
 
     def update_budget(self) -> None:
-        """This writer's share of `max_footprint`: the cap, less room for the
-        snapshot and its next copy, split among every peer with a lock file (the
-        dead ones' segments count until they are collected). Segments shrink so
+        """This writer's share of `max_footprint`, the cap on the history (the
+        segments readers catch up on): the cap split among every peer with a
+        lock file (the dead ones' segments count until they are collected).
+        The snapshot is not charged to it: it is the live state, bounded by
+        `max_state_bytes` (see `GroupCommit.check_state`). Segments shrink so
         that a share always holds several of them."""
-        sink = self._ns.sink
-        self._state_bytes = sink.state_bytes() if sink is not None else 0
-        # The snapshot, and its next copy while it is written; both as large as
-        # the state now is, even before a snapshot of it exists.
-        room = self._ns.max_footprint - 2 * max(self._snapshots.bytes, self._state_bytes)
-        share = room // max(1, self.peer_count)
+        share = self._ns.max_footprint // max(1, self.peer_count)
         self.segment_limit = min(self._ns.segment_bytes, max(_MIN_SEGMENT, share // 4))
         self.budget = max(2 * self.segment_limit, share)
 
@@ -277,6 +271,7 @@ class _Pending:
     """Appends waiting for the end-of-iteration group write: (records, waiter)."""
 
     calls: list[tuple[Sequence[Record], asyncio.Future[None]]] = field(default_factory=list)
+    adds: int = 0  # bytes of cache sets among them (see `GroupCommit.check_state`)
 
 
 class GroupCommit:
@@ -313,6 +308,9 @@ class GroupCommit:
         """
         if self._ns.closing:
             raise IPCClosedError("the IPC instance is closed")
+        adds = 0
+        if records[0].kind is not _MESSAGE or len(records) > 1:
+            adds = self.check_state(records)
         if self.write_now(records):
             return
         # A task that has written its share of the iteration: written at once all
@@ -338,7 +336,33 @@ class GroupCommit:
                 asyncio.get_running_loop().call_soon(self._end_tick)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending.calls.append((records, fut))
+        pending.adds += adds
         await fut
+
+    def check_state(self, records: Sequence[Record]) -> int:
+        """Raise `BackendFullError` when the cache sets among `records` would
+        take the live state (the shared cache, as this process's mirror measures
+        it: every process's writes count) past `max_state_bytes`. Checked before
+        anything is written, so a refused call wrote nothing. Deletes always
+        pass (they are how room is made). Returns the bytes the call may add
+        (counted while it waits in the batch, which the state does not yet hold)."""
+        sink = self._ns.sink
+        if sink is None:
+            return 0
+        adds = sum(r.size for r in records if r.kind is _CACHE_SET)
+        if not adds:
+            return 0
+        pending = self.pending
+        state = sink.state_bytes() + (pending.adds if pending is not None else 0)
+        limit = self._ns.max_state_bytes
+        if state + adds > limit:
+            raise BackendFullError(
+                f"the cache is full: its live state takes {state} bytes and this write "
+                f"adds {adds}, past max_state_bytes ({limit} bytes); nothing was written. "
+                "Delete keys or give them a TTL, or raise the directory backend's "
+                "max_state_bytes option"
+            )
+        return adds
 
     def write_now(self, records: Sequence[Record]) -> bool:
         """`append` without a coroutine, when it can be done at once: True when

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import aiofiles
 
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 Positions = dict[str, tuple[int, int, int]]  # peer: (segment, offset, last seq)
 
+_COST_RATIO: Final = 4.0  # snapshots start at least this many times their cost apart
+
 
 class Snapshots:
     """Writing, checking and loading snapshot.bin, and the positions it covers.
@@ -61,6 +63,7 @@ class Snapshots:
         self.last_version = -1  # the sink's state version in the last snapshot written
         self.task: asyncio.Task[None] | None = None  # the snapshot being written
         self._last_at = 0.0
+        self.took = 0.0  # seconds the last snapshot took to write
         # (ino, size, mtime) of snapshot.bin when its positions were read: each
         # snapshot is a new file (renamed into place), whatever its timestamp.
         self._positions_of: tuple[int, int, int] | None = None
@@ -114,10 +117,16 @@ class Snapshots:
         sink = ns.sink
         if sink is None or (self.task is not None and not self.task.done()):
             return
-        if self._damaged():
-            self.last_version = -1  # written again as soon as it is due
+        damaged = self._damaged()
+        if damaged:
+            self.last_version = -1  # written again at once
         version = sink.state_version()
-        due = time.monotonic() - self._last_at >= ns.snapshot_interval
+        # A snapshot rewrites the whole state: at a million keys, seconds of CPU.
+        # Spaced to take at most a fifth of the holder's time, unless some
+        # writer's history since the last one fills half a share (its next
+        # writes would wait for one, see segments.py).
+        spacing = max(ns.snapshot_interval, _COST_RATIO * self.took)
+        due = damaged or time.monotonic() - self._last_at >= spacing or self._history_filling()
         own_pos = self.positions.get(ns.peer, (0, 0, 0))
         segments = self._segments
         moved = own_pos[2] != segments.seq and any(s.has_cache for s in segments.segments)
@@ -125,6 +134,22 @@ class Snapshots:
             self._last_at = time.monotonic()
             self.task = asyncio.get_running_loop().create_task(self._write(version))
             ns.track(self.task)
+
+    def _history_filling(self) -> bool:
+        """Whether some writer (this one included) has written half a share of
+        the cap since the positions the last snapshot covers (segments count
+        as full: an estimate, on the safe side, of the bytes a snapshot would
+        let it delete)."""
+        limit = self._segments.segment_limit
+        half = self._segments.budget // 2
+        own = self._segments.segments[-1]
+        heads = [(self._ns.peer, own.number, own.size)]
+        heads += [(w.peer, w.segment, w.offset) for w in self._reader.writers.values()]
+        for peer, segment, offset in heads:
+            covered, at, _ = self.positions.get(peer, (0, 0, 0))
+            if (segment - covered) * limit + offset - at >= half:
+                return True
+        return False
 
     def request(self) -> None:
         """Get a snapshot that covers own segments: write one now as the holder,
@@ -184,6 +209,7 @@ class Snapshots:
         """
         ns = self._ns
         assert ns.sink is not None
+        began = time.monotonic()
         positions = {
             w.peer: (w.segment, w.offset - w.reader.pending, w.last_seq)
             for w in self._reader.writers.values()
@@ -229,6 +255,7 @@ class Snapshots:
             return
         self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
         self.bytes = st.st_size
+        self.took = time.monotonic() - began
         self.last_version = version
         self.positions = positions
         ns.counters["snapshots_written"] += 1
