@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from .backends.base import LossCause
-from .cache import AsyncCache
+from .cache import AsyncCache, Memoized, MemoizeDecorator
 from .coordination import Lock
 from .emitter import MessageStream, Subscription
 from .errors import (
@@ -45,6 +45,8 @@ __all__ = [
     "Leadership",
     "Lock",
     "LossCause",
+    "MemoizeDecorator",
+    "Memoized",
     "MessageStream",
     "OrjsonCodec",
     "Subscription",
