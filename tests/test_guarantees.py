@@ -45,6 +45,7 @@ SEEDS: list[tuple[int, str]] = [
 SECONDS = 3.0
 
 
+@pytest.mark.once_per_ci
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("seed", "backend"), SEEDS, ids=[f"{b}-{s}" for s, b in SEEDS])
 def test_seed(seed: int, backend: str) -> None:

@@ -47,6 +47,7 @@ def redis_py7(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+@pytest.mark.once_per_ci
 @pytest.mark.skipif(not REDIS, reason=f"no Redis server answers at {REDIS_URL}")
 @pytest.mark.timeout(420)
 def test_the_redis_contract_holds_on_redis_py_7(redis_py7: Path) -> None:

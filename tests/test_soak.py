@@ -96,6 +96,7 @@ def _missing(survivor: Agent, report: dict[str, Any], agents: list[Agent]) -> in
     return missing
 
 
+@pytest.mark.once_per_ci
 @pytest.mark.timeout(SECONDS + 120)
 async def test_crash_soak(ipc_dir: Path) -> None:
     rnd = random.Random(7)

@@ -26,6 +26,9 @@ from .support import needs_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Whole deployments of redis-server (Sentinels, a cluster): once per CI run.
+pytestmark = pytest.mark.once_per_ci
+
 
 async def _progress(folder: Path, name: str) -> tuple[int, int]:
     try:
