@@ -998,16 +998,50 @@ class Memoized(Protocol[P, R_co]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The cache key of the call with these arguments."""
+        """The cache key of the call with these arguments.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         square = AsyncCache(ipc).memoize("square", lambda x: x * x, 60)
+            ...         return square.key(3)
+            >>> asyncio.run(main())
+            'square:[[3],{}]'
+        """
         ...
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Delete the cached result of the call with these arguments, everywhere."""
+        """Delete the cached result of the call with these arguments, everywhere.
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         square = AsyncCache(ipc).memoize("square", lambda x: x * x, 60)
+            ...         await square(3)
+            ...         return await square.invalidate(3), await square.invalidate(3)
+            >>> asyncio.run(main())
+            (True, False)
+        """
         ...
 
 
 class MemoizeDecorator(Protocol):
-    """What `memoize(name=..., ttl=...)` returns: a decorator keeping the types."""
+    """What `memoize(name=..., ttl=...)` returns: a decorator keeping the types.
+
+    Example:
+        >>> import asyncio, tempfile
+        >>> async def main():
+        ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+        ...         decorate = AsyncCache(ipc).memoize(ttl=60)  # a MemoizeDecorator
+        ...         @decorate
+        ...         async def double(x: int) -> int:
+        ...             return 2 * x
+        ...         return await double(21)
+        >>> asyncio.run(main())
+        42
+    """
 
     @overload
     def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Memoized[P, R]: ...
