@@ -368,16 +368,23 @@ def tls_files(folder: Path) -> dict[str, Path]:
     files = {name: folder / f"{name}" for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
     run = [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
     quiet: dict[str, Any] = {"check": True, "capture_output": True, "timeout": 60}
+    # Extensions as Python 3.13's default context wants them (VERIFY_X509_STRICT:
+    # a CA's key usage, the server's key identifiers), or its handshake fails.
     subprocess.run(
-        [*run, "-x509", "-keyout", files["ca.key"], "-out", files["ca.crt"], "-subj", "/CN=ca"],
+        [*run, "-x509", "-keyout", files["ca.key"], "-out", files["ca.crt"], "-subj", "/CN=ca",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         **quiet,
-    )
+    )  # fmt: skip
     csr = folder / "server.csr"
     subprocess.run(
         [*run, "-keyout", files["server.key"], "-out", csr, "-subj", "/CN=127.0.0.1"], **quiet
     )
     ext = folder / "ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
     subprocess.run(
         [openssl, "x509", "-req", "-in", csr, "-CA", files["ca.crt"], "-CAkey", files["ca.key"],
          "-CAcreateserial", "-out", files["server.crt"], "-days", "1", "-extfile", ext],
