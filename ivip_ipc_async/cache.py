@@ -203,22 +203,17 @@ class AsyncCache(Generic[V]):
             await self._write(Kind.CACHE_DELETE, encode_key(key), b"", 0.0)
         return len(keys)
 
-    async def _write(self, kind: Kind, raw_key: bytes, data: bytes, ttl: float) -> None:
+    def _record(self, kind: Kind, raw_key: bytes, data: bytes, ttl: float, node: int) -> Record:
+        """A cache record of this cache, stamped now by this instance's clock."""
         ipc = self.ipc
-        backend = await ipc._ensure()
         expires = time.time() + ttl if ttl > 0 else 0.0
-        record = Record(
-            kind,
-            self.name,
-            raw_key,
-            data,
-            ipc.clock.tick(),
-            backend.node,
-            expires,
-            0,
-            ipc.codec.id,
+        return Record(
+            kind, self.name, raw_key, data, ipc.clock.tick(), node, expires, 0, ipc.codec.id
         )
-        await ipc._write_cache(record)
+
+    async def _write(self, kind: Kind, raw_key: bytes, data: bytes, ttl: float) -> None:
+        backend = await self.ipc._ensure()
+        await self.ipc._write_cache(self._record(kind, raw_key, data, ttl, backend.node))
 
     async def _write_if(
         self,
@@ -230,21 +225,10 @@ class AsyncCache(Generic[V]):
         delta: int = 0,
     ) -> Outcome:
         """A conditional write through the backend (`Backend.write_if`)."""
-        ipc = self.ipc
-        backend = await ipc._ensure()
-        expires = time.time() + ttl if ttl > 0 else 0.0
-        record = Record(
-            Kind.CACHE_SET,
-            self.name,
-            raw_key,
-            data,
-            ipc.clock.tick(),
-            backend.node,
-            expires,
-            0,
-            ipc.codec.id,
-        )
-        return await backend.write_if(Conditional(mode, record, ipc.clock.tick, expected, delta))
+        backend = await self.ipc._ensure()
+        record = self._record(Kind.CACHE_SET, raw_key, data, ttl, backend.node)
+        tick = self.ipc.clock.tick
+        return await backend.write_if(Conditional(mode, record, tick, expected, delta))
 
     # -- atomic operations ---------------------------------------------------------------
 
