@@ -10,23 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from pathlib import Path
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any, Final
 
 from . import forks, waiting
-from .backends import REDIS_SCHEMES
+from .backends import check_url, open_backend
 from .backends.base import Backend
-
-# The default backend, imported with the package: importing it at the first
-# start() would hold a running event loop for ~50-70 ms (the Redis backend, an
-# optional extra, stays imported only when a redis:// URL asks for it).
-from .backends.directory import DirectoryBackend
 from .clock import HybridLogicalClock
 from .emitter import Emitter, Handler, MessageStream, Subscription
 from .errors import BackendUnavailableError, IPCClosedError
@@ -148,7 +141,7 @@ class AsyncIPC:
         if max_record_size < 1024:
             raise ValueError("max_record_size must be at least 1024 bytes")
         if isinstance(path, str):
-            _check_url(path)
+            check_url(path)
         self._path = path
         self._namespace = namespace
         self._given_backend = backend
@@ -258,39 +251,11 @@ class AsyncIPC:
     def _make_backend(self) -> Backend:
         if self._given_backend is not None:
             return self._given_backend
-        from .namespaces import default_namespace, default_root
-
-        raw = self._path if self._path is not None else os.environ.get("IVIP_IPC_DIR")
-        if raw is None:
-            root = default_root()
-            namespace = self._namespace or default_namespace()
-        else:
-            text = os.fspath(raw)
-            _check_url(text)
-            if "://" in text:
-                scheme, _, rest = text.partition("://")
-                scheme = scheme.lower()
-                if scheme in REDIS_SCHEMES:
-                    # Imported only when used: redis-py is an optional extra.
-                    from .backends.redis import RedisBackend
-
-                    return RedisBackend(
-                        text,
-                        namespace=self._namespace or "default",
-                        max_record_size=self.max_record_size,
-                        **self._backend_options,
-                    )
-                if scheme != "file":
-                    raise ValueError(
-                        f"unsupported backend URL scheme {scheme!r} in {text!r} "
-                        "(use a directory path, file://, redis://, rediss://, unix:// "
-                        "or redis+sentinel://)"
-                    )
-                text = rest
-            root = Path(text).expanduser().absolute()
-            namespace = self._namespace or "default"
-        return DirectoryBackend(
-            root / namespace, max_record_size=self.max_record_size, **self._backend_options
+        return open_backend(
+            self._path,
+            namespace=self._namespace,
+            max_record_size=self.max_record_size,
+            **self._backend_options,
         )
 
     async def _ensure(self) -> Backend:
@@ -881,23 +846,6 @@ def _threshold_from_environment(default: float) -> float | None:
             f"$IVIP_IPC_SLOW_HANDLER must be seconds (e.g. 0.05) or 'off', not {raw!r}"
         )
     return seconds or None
-
-
-def _check_url(text: str) -> None:
-    """Refuse what looks like a Redis URL but is not a valid one (`ValueError`
-    naming the problem), rather than take it for a directory path."""
-    match = re.match(r"(?i)(rediss?|unix|redis\+sentinel):", text)
-    if match is None:
-        return
-    if not text[match.end() :].startswith("//"):
-        raise ValueError(
-            f"bad Redis URL {text!r}: {match.group(1).lower()}: must be followed by "
-            f"// (as in {match.group(1).lower()}://host:6379/0); for a directory "
-            "path that starts like this, use file:// or ./"
-        )
-    from .backends.redis import check_redis_url
-
-    check_redis_url(text)
 
 
 def _check_name(name: object, what: str) -> int:
