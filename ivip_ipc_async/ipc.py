@@ -702,27 +702,15 @@ class AsyncIPC:
         if not stats["started"]:
             problems.append("not started")
         else:
-            if not stats.get("maintenance_alive", True):
-                problems.append("maintenance task is not running")
-            if stats.get("layout_problem"):
-                problems.append(stats["layout_problem"])
-            if not stats.get("watcher_alive", True):
-                problems.append("watcher is not running (re-scans still deliver)")
-            if not stats.get("connected", True):
-                problems.append(
-                    "not connected to Redis (reconnecting; cache reads go to Redis, "
-                    "writes are retried)"
-                )
+            backend = self._backend
+            assert backend is not None  # started
+            problems.extend(backend.problems())
             if self._last_gap is not None:
                 at, lost = self._last_gap
                 age = time.monotonic() - at
                 recent_gap = age < self.unhealthy_after_gap
                 if recent_gap:
-                    why = (
-                        "trimmed or deleted from the stream, or lost by Redis"
-                        if stats.get("backend") == "redis"
-                        else "this process fell behind the retention window"
-                    )
+                    why = backend.gap_cause
                     count = "an unknown number of records" if lost is None else f"{lost} records"
                     problems.append(
                         f"{count} may have been lost in a gap {age:.0f}s ago ({why}; the "
