@@ -22,8 +22,9 @@ from .backends import check_url, open_backend
 from .backends.base import Backend
 from .clock import HybridLogicalClock
 from .emitter import Emitter, Handler, MessageStream, Subscription
-from .errors import BackendUnavailableError, IPCClosedError
+from .errors import IPCClosedError
 from .logs import logger
+from .medium import Medium, check_record_size
 from .mirror import Mirror
 from .records import (
     HEADER_SIZE,
@@ -157,14 +158,11 @@ class AsyncIPC:
             )
         self.slow_handler_threshold = slow_handler_threshold
         self.clock = HybridLogicalClock()
-        self.mirror = Mirror()
-        self._backend: Backend | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pid = -1  # fork generation the backend was started in
+        self.medium = Medium(self.start)
+        """The started backend and the cache mirror, as `AsyncCache` and the
+        coordination layer use them (see `ivip_ipc_async.medium`)."""
         self._starting: asyncio.Future[None] | None = None
         self._foreign_codec_warned: set[int] = set()
-        self._mirror_ready = True  # False: cache reads go to the backend (see RecordSink)
-        self._ready_waiters: list[asyncio.Future[None]] = []  # for the mirror to be ready
         self._last_gap: tuple[float, int | None] | None = None  # (monotonic time, lost)
         self._sink = _Sink(self)
         # Of the started backend, for `notify`: its node id, and its optional
@@ -192,15 +190,45 @@ class AsyncIPC:
             >>> asyncio.run(main())
             (False, True, False)
         """
-        return self._ready()
+        return self.medium.ready()
 
-    def _ready(self) -> bool:
-        if self._backend is None or self._pid != _fork_generation[0]:
-            return False
-        try:
-            return self._loop is asyncio.get_running_loop()
-        except RuntimeError:
-            return self._loop is not None and not self._loop.is_closed()
+    @property
+    def namespace(self) -> str | None:
+        """The namespace given to the constructor (None: chosen at start, see
+        the constructor; `stats()` names the one in use once started).
+
+        Example:
+            >>> AsyncIPC("/tmp/unused", namespace="shop").namespace
+            'shop'
+        """
+        return self._namespace
+
+    @property
+    def mirror(self) -> Mirror:
+        """Every cache's state in this process, as `AsyncCache` reads it
+        (`medium.mirror`: replaced at each start).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncCache
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         await AsyncCache(ipc).set("k", 1)
+            ...         return ipc.mirror.live_keys("default")
+            >>> asyncio.run(main())
+            ['k']
+        """
+        return self.medium.mirror
+
+    @property
+    def _backend(self) -> Backend | None:
+        # Read by tests that look inside a backend; the state is the medium's.
+        return self.medium.backend
+
+    @property
+    def _mirror_ready(self) -> bool:
+        # Read by tests that wait for a rebuilt mirror; the state is the medium's.
+        return self.medium.mirror_current
 
     async def start(self) -> AsyncIPC:
         """Join the shared directory and start receiving. Idempotent.
@@ -217,7 +245,8 @@ class AsyncIPC:
             (True, False)
         """
         loop = asyncio.get_running_loop()
-        while not self._ready():
+        medium = self.medium
+        while not medium.ready():
             starting = self._starting
             if starting is None or starting.get_loop() is not loop:
                 break
@@ -228,10 +257,9 @@ class AsyncIPC:
         self._starting = done = loop.create_future()
         try:
             backend = self._make_backend()
-            self.mirror = Mirror()
-            self._mirror_ready = True
+            medium.reset_mirror()
             await backend.start(self._sink)
-            self._backend, self._loop, self._pid = backend, loop, _fork_generation[0]
+            medium.attach(backend, loop)
             self._node = backend.node
             self._write_now = getattr(backend, "write_now", None)
         finally:
@@ -241,10 +269,10 @@ class AsyncIPC:
 
     def _drop_stale(self) -> None:
         """Forget a backend started in a loop that is gone, or in the parent process."""
-        backend, self._backend = self._backend, None
+        backend = self.medium.detach()
         if backend is None:
             return
-        if self._pid == _fork_generation[0]:
+        if self.medium.generation == _fork_generation[0]:
             backend.abandon()
         # After a fork the files belong to the parent: leave them alone.
 
@@ -259,12 +287,7 @@ class AsyncIPC:
         )
 
     async def _ensure(self) -> Backend:
-        backend = self._backend
-        if backend is not None and self._ready():
-            return backend
-        await self.start()
-        assert self._backend is not None
-        return self._backend
+        return await self.medium.started_backend()
 
     async def destroy(self) -> None:
         """Stop watching, drop every listener, release every file. Safe to repeat.
@@ -284,17 +307,18 @@ class AsyncIPC:
         """
         self._emitter.clear()
         await self._emitter.drain()
-        backend, self._backend = self._backend, None
+        medium = self.medium
+        backend = medium.detach()
         if backend is None:
             return
         same_loop = False
         with contextlib.suppress(RuntimeError):
-            same_loop = self._loop is asyncio.get_running_loop()
-        if same_loop and self._pid == _fork_generation[0]:
+            same_loop = medium.loop is asyncio.get_running_loop()
+        if same_loop and medium.generation == _fork_generation[0]:
             await backend.close()
-        elif self._pid == _fork_generation[0]:
+        elif medium.generation == _fork_generation[0]:
             backend.abandon()
-        self._loop = None
+        medium.loop = None
 
     async def __aenter__(self) -> AsyncIPC:
         return await self.start()
@@ -501,11 +525,16 @@ class AsyncIPC:
         codec = self.codec
         data = codec.dumps(message)
         if HEADER_SIZE + topic_len + len(data) > self.max_record_size:
-            self._check_size(topic_len, len(data))
-        backend = self._backend
-        # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
-        if backend is None or self._loop is not _running_loop() or self._pid != _fork_generation[0]:
-            backend = await self._ensure()
+            check_record_size(self.max_record_size, topic_len, len(data))
+        medium = self.medium
+        backend = medium.backend
+        # `medium.ready()` inlined, and no coroutine: the hot path.
+        if (
+            backend is None
+            or medium.loop is not _running_loop()
+            or medium.generation != _fork_generation[0]
+        ):
+            backend = await medium.started_backend()
         records = (
             _new_record(Record, (_MESSAGE, event, b"", data, 0, self._node, 0.0, 0, codec.id)),
         )
@@ -547,7 +576,7 @@ class AsyncIPC:
         dumps = self.codec.dumps
         encoded = [dumps(message) for message in messages]
         for data in encoded:
-            self._check_size(topic_len, len(data))
+            check_record_size(self.max_record_size, topic_len, len(data))
         backend = await self._ensure()
         node, codec_id = backend.node, self.codec.id
         part: list[Record] = []
@@ -568,17 +597,10 @@ class AsyncIPC:
             for data in encoded:
                 self._emit_here(event, partial(loads, data))
 
-    def _check_size(self, name_len: int, data_len: int) -> None:
-        size = HEADER_SIZE + name_len + data_len
-        if size > self.max_record_size:
-            raise ValueError(
-                f"record of {size} bytes is over the limit of {self.max_record_size} bytes "
-                "(raise max_record_size, or send a reference to the data instead)"
-            )
-
     async def _write_cache(self, record: Record) -> None:
-        """Write a cache record (the cache's only write path). The backend applies it
-        here once stored (`RecordSink.written`), even if this call is cancelled."""
+        """Write one cache record, as `AsyncCache` does (for tests). The backend
+        applies it here once stored (`RecordSink.written`), even if this call is
+        cancelled."""
         backend = await self._ensure()
         await backend.append((record,))
 
@@ -602,6 +624,7 @@ class AsyncIPC:
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
         get = listeners.get
         applied = 0  # cache records: their time is in `held` too
+        medium = self.medium
         for rec in records:
             # One unpacking instead of an attribute lookup per field.
             kind, topic, _, data, hlc, _, _, _, codec = rec
@@ -616,7 +639,7 @@ class AsyncIPC:
                     emit(topic, subs, data, loads)
             elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
                 self.clock.observe(hlc)
-                self.mirror.apply(rec)
+                medium.mirror.apply(rec)
                 applied += 1
         held = _clock() - start
         emitter.dispatch_seconds += held
@@ -675,8 +698,9 @@ class AsyncIPC:
             "dispatch_seconds": self._emitter.dispatch_seconds,
             "cache_entries": self.mirror.count(),
         }
-        if self._backend is not None:
-            out.update(self._backend.stats())
+        backend = self.medium.backend
+        if backend is not None:
+            out.update(backend.stats())
         return out
 
     def health(self) -> dict[str, Any]:
@@ -702,7 +726,7 @@ class AsyncIPC:
         if not stats["started"]:
             problems.append("not started")
         else:
-            backend = self._backend
+            backend = self.medium.backend
             assert backend is not None  # started
             problems.extend(backend.problems())
             if self._last_gap is not None:
@@ -739,29 +763,6 @@ class AsyncIPC:
             },
         }
 
-    async def _wait_mirror(self) -> None:
-        """Wait for the mirror to be current again (the backend reconnecting), for
-        the backend's `read_timeout`; `BackendUnavailableError` past it."""
-        if self._mirror_ready:
-            return
-        timeout = float(getattr(self._backend, "read_timeout", 5.0))
-        waiter = asyncio.get_running_loop().create_future()
-        self._ready_waiters.append(waiter)
-        try:
-            await waiting.wait_for(waiter, timeout)
-        except TimeoutError:
-            raise self._mirror_unavailable(timeout) from None
-        finally:
-            with contextlib.suppress(ValueError):
-                self._ready_waiters.remove(waiter)
-
-    def _mirror_unavailable(self, timeout: float | None = None) -> BackendUnavailableError:
-        waited = f" for {timeout:g}s" if timeout is not None else ""
-        return BackendUnavailableError(
-            f"the cache is being reloaded from the backend (not connected{waited}): "
-            "its keys cannot be listed until it is"
-        )
-
 
 class _Sink:
     """The `RecordSink` a backend delivers to: it feeds `AsyncIPC._dispatch`."""
@@ -780,12 +781,12 @@ class _Sink:
             is_cache = rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE
             if is_cache and rec.codec == ipc.codec.id:
                 ipc.clock.observe(rec.hlc)
-                ipc.mirror.apply(rec)
+                ipc.medium.mirror.apply(rec)
 
     written = restore  # own stored writes: only their state matters here too
 
     def state(self) -> Iterable[Record]:
-        return self._ipc.mirror.records()
+        return self._ipc.medium.mirror.records()
 
     def wanted(self) -> frozenset[bytes]:
         # Optional for a sink: the events whose messages are dispatched here
@@ -793,24 +794,16 @@ class _Sink:
         return self._ipc._emitter.wanted()
 
     def state_version(self) -> int:
-        return self._ipc.mirror.version
+        return self._ipc.medium.mirror.version
 
     def state_bytes(self) -> int:
-        return self._ipc.mirror.nbytes
+        return self._ipc.medium.mirror.nbytes
 
     def mirror_ready(self, ready: bool) -> None:
-        ipc = self._ipc
-        if not ready and ipc._mirror_ready:
-            ipc.mirror = Mirror()  # dropped: rebuilt from the backend before ready again
-        ipc._mirror_ready = ready
-        if ready:
-            waiters, ipc._ready_waiters = ipc._ready_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self._ipc.medium.set_mirror_current(ready)
 
     def current(self, topic: str, key: bytes) -> Record | None:
-        entry = self._ipc.mirror.lookup(topic, decode_key(key))
+        entry = self._ipc.medium.mirror.lookup(topic, decode_key(key))
         return None if entry is None else entry.record
 
     def gap(self, peer: str, lost: int | None) -> None:

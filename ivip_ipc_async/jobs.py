@@ -80,13 +80,13 @@ class JobRecords:
 
     def seen(self, name: str) -> str | None:
         """The generation done, as this process's mirror has it (no I/O; may lag)."""
-        ipc = self.ipc
-        if not ipc._mirror_ready:
+        medium = self.ipc.medium
+        if not medium.mirror_current:
             return None
-        entry = ipc.mirror.lookup(TOPIC, name)
+        entry = medium.mirror.lookup(TOPIC, name)
         if entry is None or entry.deleted or not entry.live(time.time()):
             return None
-        return _generation(_decode(ipc, entry.data))
+        return _generation(_decode(self.ipc, entry.data))
 
     async def latest(self, key: str) -> dict[str, Any] | None:
         """The record at `key` as the medium has it now (None: none, or unreadable).

@@ -147,7 +147,7 @@ def instance_labels(ipc: AsyncIPC, stats: dict[str, object] | None = None) -> di
     namespace = stats.get("namespace")
     if not isinstance(namespace, str):
         path = stats.get("path")
-        namespace = os.path.basename(path) if isinstance(path, str) else ipc._namespace or ""
+        namespace = os.path.basename(path) if isinstance(path, str) else ipc.namespace or ""
     peer = stats.get("peer")
     return {"namespace": namespace, "peer": peer if isinstance(peer, str) else ""}
 
