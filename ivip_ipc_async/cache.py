@@ -22,7 +22,7 @@ from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, versio
 from .forks import generation as _fork_generation
 from .ipc import AsyncIPC
 from .logs import logger
-from .medium import check_record_size
+from .medium import EXPIRED, HITS, MISSES, check_record_size
 from .mirror import SHARDS
 from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 from .waiting import CancelGuard
@@ -103,10 +103,9 @@ class AsyncCache(Generic[V]):
         self.default_ttl = _check_ttl(default_ttl)
         self._inflight: dict[str, _Flight] = {}
         # Reads of this instance (see `stats`): found a value / found none, and
-        # of those found none, how many found an expired entry.
-        self._hits = 0
-        self._misses = 0
-        self._expired = 0
+        # of those found none, how many found an expired entry; summed into
+        # `ipc.stats()` (`cache_hits`, ...) with those of the ipc's other caches.
+        self._reads = ipc.medium.tally.reads(self)
 
     def __repr__(self) -> str:
         return f"<AsyncCache {self.name!r} default_ttl={self.default_ttl}>"
@@ -351,18 +350,18 @@ class AsyncCache(Generic[V]):
         else:
             record = await backend.fetch(self.name, encode_key(normal))
         if not is_live(record, time.time()):
-            self._misses += 1
+            self._reads[MISSES] += 1
             if record is not None and record.kind is Kind.CACHE_SET:
-                self._expired += 1
+                self._reads[EXPIRED] += 1
             return default, None
         assert record is not None
         try:
             value = ipc.codec.loads(record.data)
         except ValueError:
             logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default, None
-        self._hits += 1
+        self._reads[HITS] += 1
         return value, version_of(record)
 
     # -- many keys at once --------------------------------------------------------------
@@ -510,9 +509,9 @@ class AsyncCache(Generic[V]):
         medium = self.ipc.medium
         entries = len(medium.mirror.live_keys(self.name)) if medium.mirror_current else 0
         return {
-            "hits": self._hits,
-            "misses": self._misses,
-            "expired": self._expired,
+            "hits": self._reads[HITS],
+            "misses": self._reads[MISSES],
+            "expired": self._reads[EXPIRED],
             "entries": entries,
         }
 
@@ -562,24 +561,24 @@ class AsyncCache(Generic[V]):
             if memo is not None:
                 until, value, copier = memo
                 if until and until <= time.time():
-                    self._misses += 1
-                    self._expired += 1
+                    self._reads[MISSES] += 1
+                    self._reads[EXPIRED] += 1
                     return default
-                self._hits += 1
+                self._reads[HITS] += 1
                 return value if copier is None else copier(value)
         shards = mirror.caches.get(self.name)
         if shards is None:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         state = shards[shard].get(key)
         if state is None:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         until = state[0]  # mirror.UNTIL
         if until and (until < 0 or until <= time.time()):
-            self._misses += 1
+            self._reads[MISSES] += 1
             if until > 0:
-                self._expired += 1
+                self._reads[EXPIRED] += 1
             return default
         data = state[1]  # mirror.DATA
         try:
@@ -591,9 +590,9 @@ class AsyncCache(Generic[V]):
                 self.name,
                 exc_info=True,
             )
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
-        self._hits += 1
+        self._reads[HITS] += 1
         kind = type(value)
         if kind in _IMMUTABLE:
             copier = None  # safe to share: nobody can mutate it
@@ -615,19 +614,19 @@ class AsyncCache(Generic[V]):
         backend = await self.ipc.medium.started_backend()
         rec = await backend.fetch(self.name, encode_key(key))
         if rec is None or rec.kind is not Kind.CACHE_SET:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         if rec.expires and rec.expires <= time.time():
-            self._misses += 1
-            self._expired += 1
+            self._reads[MISSES] += 1
+            self._reads[EXPIRED] += 1
             return default
         try:
             value = self.ipc.codec.loads(rec.data)
         except ValueError:
             logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
-        self._hits += 1
+        self._reads[HITS] += 1
         return value
 
     async def has(self, key: CacheKey) -> bool:

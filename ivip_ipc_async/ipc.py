@@ -15,12 +15,13 @@ from asyncio import get_running_loop as _running_loop  # (a coroutine always has
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from time import perf_counter as _clock
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from . import forks, waiting
 from .backends import check_url, open_backend
 from .backends.base import Backend
 from .clock import HybridLogicalClock
+from .coordination import Lock
 from .emitter import Emitter, Handler, MessageStream, Subscription
 from .errors import IPCClosedError
 from .logs import logger
@@ -38,9 +39,6 @@ from .records import (
 )
 
 _MESSAGE = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
-
-if TYPE_CHECKING:
-    from .coordination import Lock
 
 __all__ = ["GAP_EVENT", "AsyncIPC"]
 
@@ -488,8 +486,6 @@ class AsyncIPC:
             >>> asyncio.run(main())
             True
         """
-        from .coordination import Lock
-
         return Lock(self, name, timeout=timeout, lease=lease, poll_interval=poll_interval)
 
     # -- sending ----------------------------------------------------------------------
@@ -697,6 +693,7 @@ class AsyncIPC:
             "slow_handlers": self._emitter.slow_handlers,
             "dispatch_seconds": self._emitter.dispatch_seconds,
             "cache_entries": self.mirror.count(),
+            **self.medium.tally.stats(),
         }
         backend = self.medium.backend
         if backend is not None:

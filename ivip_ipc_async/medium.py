@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import forks, waiting
 from .backends.base import Backend
@@ -38,7 +39,79 @@ from .errors import BackendUnavailableError
 from .mirror import Mirror
 from .records import HEADER_SIZE
 
-__all__ = ["HasMedium", "Medium", "check_record_size"]
+__all__ = ["HasMedium", "Medium", "Tally", "check_record_size"]
+
+HITS, MISSES, EXPIRED = 0, 1, 2  # the places of a cache's reads in its counts (`Tally.reads`)
+
+
+class Tally:
+    """What the layers above count for `AsyncIPC.stats()`: lock waits and
+    holdings (`Lock`, `Leadership`), and the reads of every `AsyncCache` of
+    the instance, which only grow (a cache object dropped keeps its part).
+
+    Example:
+        >>> tally = Tally()
+        >>> class Cache: pass
+        >>> cache = Cache()
+        >>> tally.reads(cache)[HITS] += 2
+        >>> del cache  # collected: its counts stay
+        >>> tally.stats()["cache_hits"], tally.stats()["lock_waits"]
+        (2, 0)
+    """
+
+    __slots__ = ("_live", "_retired", "hold_seconds", "holds", "wait_seconds", "waits")
+
+    def __init__(self) -> None:
+        self.waits = 0  # waits for a lock (`acquire`), ended won, timed out or cancelled
+        self.wait_seconds = 0.0
+        self.holds = 0  # holdings won (`acquire`, `try_acquire`)
+        self.hold_seconds = 0.0  # of the holdings let go
+        self._live: dict[int, list[int]] = {}  # id -> counts, of the caches alive
+        self._retired = [0, 0, 0]  # the counts of the caches collected since
+
+    def reads(self, cache: Any) -> list[int]:
+        """The counts `[hits, misses, expired]` of `cache`'s reads, summed here
+        while it lives and kept when it is collected.
+
+        Example:
+            >>> class Cache: pass
+            >>> Tally().reads(Cache())
+            [0, 0, 0]
+        """
+        counts = [0, 0, 0]
+        key = id(counts)
+        self._live[key] = counts
+        weakref.finalize(cache, self._retire, key)
+        return counts
+
+    def _retire(self, key: int) -> None:
+        counts = self._live.pop(key, None)
+        if counts is not None:
+            for i, n in enumerate(counts):
+                self._retired[i] += n
+
+    def stats(self) -> dict[str, Any]:
+        """The figures for `AsyncIPC.stats()`.
+
+        Example:
+            >>> sorted(Tally().stats())  # doctest: +NORMALIZE_WHITESPACE
+            ['cache_expirations', 'cache_hits', 'cache_misses', 'lock_hold_seconds',
+             'lock_holds', 'lock_wait_seconds', 'lock_waits']
+        """
+        hits, misses, expired = self._retired
+        for counts in list(self._live.values()):
+            hits += counts[HITS]
+            misses += counts[MISSES]
+            expired += counts[EXPIRED]
+        return {
+            "lock_waits": self.waits,
+            "lock_wait_seconds": self.wait_seconds,
+            "lock_holds": self.holds,
+            "lock_hold_seconds": self.hold_seconds,
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "cache_expirations": expired,
+        }
 
 
 class Medium:
@@ -56,6 +129,8 @@ class Medium:
             and when the backend drops it to rebuild it).
         mirror_current: False while the backend rebuilds the mirror (Redis
             reconnecting): cache reads then ask the backend (`Backend.fetch`).
+        tally: What the layers above count for `stats()` (lock waits and
+            holdings, cache reads).
 
     Example:
         >>> medium = Medium(start=lambda: asyncio.sleep(0))
@@ -63,7 +138,16 @@ class Medium:
         (False, True, 0)
     """
 
-    __slots__ = ("_start", "_waiters", "backend", "generation", "loop", "mirror", "mirror_current")
+    __slots__ = (
+        "_start",
+        "_waiters",
+        "backend",
+        "generation",
+        "loop",
+        "mirror",
+        "mirror_current",
+        "tally",
+    )
 
     def __init__(self, start: Callable[[], Awaitable[object]]) -> None:
         self._start = start
@@ -73,6 +157,7 @@ class Medium:
         self.mirror = Mirror()
         self.mirror_current = True
         self._waiters: list[asyncio.Future[None]] = []  # for the mirror to be current
+        self.tally = Tally()
 
     def ready(self) -> bool:
         """True while the backend is started in the running loop of this process
