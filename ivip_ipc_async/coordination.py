@@ -42,7 +42,7 @@ from .backends.base import Contender
 from .medium import HasMedium
 from .waiting import CancelGuard
 
-__all__ = ["DEFAULT_LEASE", "Holding", "Leadership", "Lock", "contender"]
+__all__ = ["Leadership", "Lock"]  # exported at the top; the rest serves run_once (jobs.py)
 
 NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 DEFAULT_LEASE: Final = 10.0

@@ -56,14 +56,7 @@ from .coordination import (
 )
 from .ipc import AsyncIPC
 
-__all__ = [
-    "TOPIC",
-    "JobRecords",
-    "check_generation",
-    "record_key",
-    "reset_run_once",
-    "run_once",
-]
+__all__ = ["reset_run_once", "run_once"]  # exported at the top; the records are internal
 
 TOPIC: Final = "ivip.run_once"  # a cache name reserved for these records
 MAX_GENERATION: Final = 200  # characters
