@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .backends.base import LossCause
 from .cache import AsyncCache, Memoized, MemoizeDecorator
-from .coordination import Lock
+from .coordination import Leadership, Lock
 from .emitter import MessageStream, Subscription
 from .errors import (
     BackendError,
@@ -25,7 +25,7 @@ from .errors import (
     UnsafeDirectoryError,
 )
 from .ipc import GAP_EVENT, AsyncIPC
-from .leader import Leadership, reset_run_once, run_once
+from .jobs import reset_run_once, run_once
 from .records import Codec, JsonCodec, OrjsonCodec
 
 __all__ = [

@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, version_of
-from .ipc import AsyncIPC, _fork_generation
+from .forks import generation as _fork_generation
+from .ipc import AsyncIPC
 from .logs import logger
-from .mirror import NO_ENTRIES, SHARDS, new_shards
+from .medium import EXPIRED, HITS, MISSES, check_record_size
+from .mirror import SHARDS
 from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 from .waiting import CancelGuard
 
@@ -101,10 +103,9 @@ class AsyncCache(Generic[V]):
         self.default_ttl = _check_ttl(default_ttl)
         self._inflight: dict[str, _Flight] = {}
         # Reads of this instance (see `stats`): found a value / found none, and
-        # of those found none, how many found an expired entry.
-        self._hits = 0
-        self._misses = 0
-        self._expired = 0
+        # of those found none, how many found an expired entry; summed into
+        # `ipc.stats()` (`cache_hits`, ...) with those of the ipc's other caches.
+        self._reads = ipc.medium.tally.reads(self)
 
     def __repr__(self) -> str:
         return f"<AsyncCache {self.name!r} default_ttl={self.default_ttl}>"
@@ -155,7 +156,9 @@ class AsyncCache(Generic[V]):
         raw_key = encode_key(key)
         seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
         data = self.ipc.codec.dumps(value)
-        self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+        check_record_size(
+            self.ipc.max_record_size, len(self.name.encode()) + len(raw_key), len(data)
+        )
         if if_version is _ANY_VERSION:
             await self._write(Kind.CACHE_SET, raw_key, data, seconds)
             return None
@@ -212,8 +215,8 @@ class AsyncCache(Generic[V]):
         )
 
     async def _write(self, kind: Kind, raw_key: bytes, data: bytes, ttl: float) -> None:
-        backend = await self.ipc._ensure()
-        await self.ipc._write_cache(self._record(kind, raw_key, data, ttl, backend.node))
+        backend = await self.ipc.medium.started_backend()
+        await backend.append((self._record(kind, raw_key, data, ttl, backend.node),))
 
     async def _write_if(
         self,
@@ -225,7 +228,7 @@ class AsyncCache(Generic[V]):
         delta: int = 0,
     ) -> Outcome:
         """A conditional write through the backend (`Backend.write_if`)."""
-        backend = await self.ipc._ensure()
+        backend = await self.ipc.medium.started_backend()
         record = self._record(Kind.CACHE_SET, raw_key, data, ttl, backend.node)
         tick = self.ipc.clock.tick
         return await backend.write_if(Conditional(mode, record, tick, expected, delta))
@@ -254,7 +257,9 @@ class AsyncCache(Generic[V]):
         raw_key = encode_key(key)
         seconds = self.default_ttl if ttl is None else _check_ttl(ttl)
         data = self.ipc.codec.dumps(value)
-        self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+        check_record_size(
+            self.ipc.max_record_size, len(self.name.encode()) + len(raw_key), len(data)
+        )
         outcome = await self._write_if(Mode.ADD, raw_key, data, seconds)
         return outcome.applied
 
@@ -335,28 +340,28 @@ class AsyncCache(Generic[V]):
             >>> asyncio.run(main())
             (True, False, ['apple', 'pear'])
         """
-        ipc = self.ipc
-        await ipc._ensure()
+        ipc, medium = self.ipc, self.ipc.medium
+        backend = await medium.started_backend()
         normal = _normal(key)
         record: Record | None
-        if ipc._mirror_ready:
-            entry = ipc.mirror.lookup(self.name, normal)
+        if medium.mirror_current:
+            entry = medium.mirror.lookup(self.name, normal)
             record = None if entry is None else entry.record
         else:
-            record = await (await ipc._ensure()).fetch(self.name, encode_key(normal))
+            record = await backend.fetch(self.name, encode_key(normal))
         if not is_live(record, time.time()):
-            self._misses += 1
+            self._reads[MISSES] += 1
             if record is not None and record.kind is Kind.CACHE_SET:
-                self._expired += 1
+                self._reads[EXPIRED] += 1
             return default, None
         assert record is not None
         try:
             value = ipc.codec.loads(record.data)
         except ValueError:
             logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default, None
-        self._hits += 1
+        self._reads[HITS] += 1
         return value, version_of(record)
 
     # -- many keys at once --------------------------------------------------------------
@@ -406,7 +411,7 @@ class AsyncCache(Generic[V]):
         for key, value in mapping.items():
             raw_key = encode_key(key)
             data = self.ipc.codec.dumps(value)
-            self.ipc._check_size(name_len + len(raw_key), len(data))
+            check_record_size(self.ipc.max_record_size, name_len + len(raw_key), len(data))
             items.append((raw_key, data))
         await self._write_many(Kind.CACHE_SET, items, seconds)
 
@@ -424,14 +429,14 @@ class AsyncCache(Generic[V]):
             (2, [])
         """
         normal = [_normal(key) for key in keys]
-        await self.ipc._ensure()
+        medium = self.ipc.medium
+        await medium.started_backend()
         present = 0
         if normal:
-            if not self.ipc._mirror_ready:
-                await self.ipc._wait_mirror()
+            await medium.wait_mirror()
             now = time.time()
             for key in normal:
-                entry = self.ipc.mirror.lookup(self.name, key)
+                entry = medium.mirror.lookup(self.name, key)
                 present += entry is not None and entry.live(now)
         raw_keys = [encode_key(key) for key in normal]
         await self._write_many(Kind.CACHE_DELETE, [(raw, b"") for raw in raw_keys], 0.0)
@@ -467,7 +472,7 @@ class AsyncCache(Generic[V]):
         if not items:
             return
         ipc = self.ipc
-        backend = await ipc._ensure()
+        backend = await ipc.medium.started_backend()
         expires = time.time() + ttl if ttl > 0 else 0.0
         tick, node, codec = ipc.clock.tick, backend.node, ipc.codec.id
         name_len = len(self.name.encode())
@@ -501,11 +506,12 @@ class AsyncCache(Generic[V]):
             >>> asyncio.run(main())
             {'hits': 2, 'misses': 1, 'expired': 0, 'entries': 1}
         """
-        entries = len(self.ipc.mirror.live_keys(self.name)) if self.ipc._mirror_ready else 0
+        medium = self.ipc.medium
+        entries = len(medium.mirror.live_keys(self.name)) if medium.mirror_current else 0
         return {
-            "hits": self._hits,
-            "misses": self._misses,
-            "expired": self._expired,
+            "hits": self._reads[HITS],
+            "misses": self._reads[MISSES],
+            "expired": self._reads[EXPIRED],
             "entries": entries,
         }
 
@@ -532,20 +538,21 @@ class AsyncCache(Generic[V]):
             (None, 0)
         """
         ipc = self.ipc
-        # AsyncIPC._ready(), inlined: this is the hot path.
+        medium = ipc.medium
+        # `medium.ready()`, inlined: this is the hot path.
         if (
-            ipc._backend is None
-            or ipc._loop is not _running_loop()
-            or ipc._pid != _fork_generation[0]
+            medium.backend is None
+            or medium.loop is not _running_loop()
+            or medium.generation != _fork_generation[0]
         ):
-            await ipc._ensure()
+            await medium.started_backend()
         kt = type(key)
         if kt is not str and kt is not int:
             encode_key(key)  # raises the TypeError, or normalises a subclass
             key = str(key) if isinstance(key, str) else int(key)
-        if not ipc._mirror_ready:
+        if not medium.mirror_current:
             return await self._get_from_backend(key, default)
-        mirror = ipc.mirror
+        mirror = medium.mirror
         shard = hash(key) % SHARDS
         decoded = mirror.decoded.get(self.name)
         if decoded is not None:
@@ -554,24 +561,24 @@ class AsyncCache(Generic[V]):
             if memo is not None:
                 until, value, copier = memo
                 if until and until <= time.time():
-                    self._misses += 1
-                    self._expired += 1
+                    self._reads[MISSES] += 1
+                    self._reads[EXPIRED] += 1
                     return default
-                self._hits += 1
+                self._reads[HITS] += 1
                 return value if copier is None else copier(value)
         shards = mirror.caches.get(self.name)
         if shards is None:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         state = shards[shard].get(key)
         if state is None:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         until = state[0]  # mirror.UNTIL
         if until and (until < 0 or until <= time.time()):
-            self._misses += 1
+            self._reads[MISSES] += 1
             if until > 0:
-                self._expired += 1
+                self._reads[EXPIRED] += 1
             return default
         data = state[1]  # mirror.DATA
         try:
@@ -583,9 +590,9 @@ class AsyncCache(Generic[V]):
                 self.name,
                 exc_info=True,
             )
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
-        self._hits += 1
+        self._reads[HITS] += 1
         kind = type(value)
         if kind in _IMMUTABLE:
             copier = None  # safe to share: nobody can mutate it
@@ -599,32 +606,27 @@ class AsyncCache(Generic[V]):
             copier = _copy_tree
         else:
             return value  # large: decoded afresh on every read (C speed)
-        if decoded is None:
-            decoded = mirror.decoded[self.name] = new_shards()
-        memos = decoded[shard]
-        if memos is NO_ENTRIES:
-            memos = decoded[shard] = {}
-        memos[key] = (until, value, copier)
+        mirror.remember(self.name, key, (until, value, copier))
         return value if copier is None else copier(value)
 
     async def _get_from_backend(self, key: CacheKey, default: Any) -> Any:
         """Read one key from the shared medium while the mirror may be stale."""
-        backend = await self.ipc._ensure()
+        backend = await self.ipc.medium.started_backend()
         rec = await backend.fetch(self.name, encode_key(key))
         if rec is None or rec.kind is not Kind.CACHE_SET:
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
         if rec.expires and rec.expires <= time.time():
-            self._misses += 1
-            self._expired += 1
+            self._reads[MISSES] += 1
+            self._reads[EXPIRED] += 1
             return default
         try:
             value = self.ipc.codec.loads(rec.data)
         except ValueError:
             logger.error("the value of key %r in cache %r cannot be decoded", key, self.name)
-            self._misses += 1
+            self._reads[MISSES] += 1
             return default
-        self._hits += 1
+        self._reads[HITS] += 1
         return value
 
     async def has(self, key: CacheKey) -> bool:
@@ -638,10 +640,11 @@ class AsyncCache(Generic[V]):
             >>> asyncio.run(main())
             False
         """
-        await self.ipc._ensure()
-        if not self.ipc._mirror_ready:
+        medium = self.ipc.medium
+        await medium.started_backend()
+        if not medium.mirror_current:
             return await self._get_from_backend(key, _MISSING) is not _MISSING
-        entry = self.ipc.mirror.lookup(self.name, _normal(key))
+        entry = medium.mirror.lookup(self.name, _normal(key))
         return entry is not None and entry.live(time.time())
 
     async def keys(self) -> list[CacheKey]:
@@ -663,10 +666,10 @@ class AsyncCache(Generic[V]):
             >>> asyncio.run(main())
             [7, 'user']
         """
-        await self.ipc._ensure()
-        if not self.ipc._mirror_ready:
-            await self.ipc._wait_mirror()
-        return self.ipc.mirror.live_keys(self.name)
+        medium = self.ipc.medium
+        await medium.started_backend()
+        await medium.wait_mirror()
+        return medium.mirror.live_keys(self.name)
 
     async def clean_up(self) -> int:
         """Drop expired entries from this process's memory; returns how many.
@@ -682,8 +685,9 @@ class AsyncCache(Generic[V]):
             >>> asyncio.run(main())
             0
         """
-        await self.ipc._ensure()
-        return self.ipc.mirror.expire(self.name)
+        medium = self.ipc.medium
+        await medium.started_backend()
+        return medium.mirror.expire(self.name)
 
     def __len__(self) -> int:
         """Keys present and not expired in this process's mirror (0 before start).
@@ -691,9 +695,10 @@ class AsyncCache(Generic[V]):
         Raises `BackendUnavailableError` while the mirror is being reloaded
         (Redis reconnecting), where it would count nothing.
         """
-        if not self.ipc._mirror_ready:
-            raise self.ipc._mirror_unavailable()
-        return len(self.ipc.mirror.live_keys(self.name))
+        medium = self.ipc.medium
+        if not medium.mirror_current:
+            raise medium.mirror_unavailable()
+        return len(medium.mirror.live_keys(self.name))
 
     # -- memoize -----------------------------------------------------------------------
 
@@ -839,7 +844,9 @@ class AsyncCache(Generic[V]):
                         result = await result
                     data = codec.dumps(result)
                     raw_key = encode_key(key)
-                    self.ipc._check_size(len(self.name.encode()) + len(raw_key), len(data))
+                    check_record_size(
+                        self.ipc.max_record_size, len(self.name.encode()) + len(raw_key), len(data)
+                    )
                     await self._write(Kind.CACHE_SET, raw_key, data, seconds)
                     return data
 
@@ -868,9 +875,10 @@ class AsyncCache(Generic[V]):
 
     def _stored(self, key: str) -> bytes | None:
         """The encoded value of `key` in this process's mirror, if live."""
-        if not self.ipc._mirror_ready:
+        medium = self.ipc.medium
+        if not medium.mirror_current:
             return None
-        entry = self.ipc.mirror.lookup(self.name, key)
+        entry = medium.mirror.lookup(self.name, key)
         if entry is None or not entry.live(time.time()):
             return None
         return entry.data
@@ -879,7 +887,7 @@ class AsyncCache(Generic[V]):
         """The encoded value of `key` as the shared medium has it now: with every
         write acknowledged before this call (on Redis read from Redis, whose
         mirror may lag; on the directory, the log read up to now first)."""
-        backend = await self.ipc._ensure()
+        backend = await self.ipc.medium.started_backend()
         if backend.locks().leased:
             rec = await backend.fetch(self.name, encode_key(key))
             if rec is None or rec.kind is not Kind.CACHE_SET:
@@ -892,7 +900,7 @@ class AsyncCache(Generic[V]):
         self, key: str, compute: Callable[[], Awaitable[bytes]], lease: float
     ) -> bytes:
         """Compute `key` under its lock, or wait for the holder's result in the cache."""
-        backend = await self.ipc._ensure()
+        backend = await self.ipc.medium.started_backend()
         digest = hashlib.sha256(f"{self.name}\0{key}".encode()).hexdigest()[:40]
         contender = backend.locks().contender(f"m.{digest}", lease=lease)
         guard = CancelGuard()  # every caller gone: a wait must not swallow that

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -28,9 +27,8 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
-from .backends import REDIS_SCHEMES
+from .backends import check_location
 from .cache import AsyncCache
 from .errors import UnsafeDirectoryError
 from .ipc import AsyncIPC
@@ -129,12 +127,10 @@ def _key(text: str, *, string: bool) -> str | int:
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+    """`url` with its password hidden, as the Redis backend shows it."""
+    from .backends.redis.connections import redacted
+
+    return redacted(url)
 
 
 # -- the instance and where it is -----------------------------------------------------
@@ -152,20 +148,11 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
             raise UsageError(f"--app-dir {args.app_dir!r} is not a directory")
         namespace = default_namespace(args.app_dir)
     raw = args.dir if args.dir is not None else os.environ.get("IVIP_IPC_DIR")
-    if raw is not None and "://" in raw:
-        scheme = raw.partition("://")[0]
-        if scheme != "file" and scheme not in REDIS_SCHEMES:
-            raise UsageError(
-                f"unsupported URL scheme {scheme!r} in {_redact(raw)!r}: use a directory "
-                "path, file://, redis://, rediss://, unix:// or redis+sentinel://"
-            )
-        if scheme != "file":
-            try:
-                importlib.import_module("redis")
-            except ImportError:
-                raise UsageError(
-                    f"{_redact(raw)} needs redis-py: pip install 'ivip-ipc-async[redis]'"
-                ) from None
+    if raw is not None:
+        try:
+            check_location(raw)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(str(exc)) from None
     return args.dir, namespace
 
 
@@ -284,8 +271,11 @@ async def _stats(args: argparse.Namespace, ipc: AsyncIPC) -> int:
 async def _peer_ids(args: argparse.Namespace, ipc: AsyncIPC) -> list[str]:
     stats = ipc.stats()
     if stats.get("backend") == "redis":
+        from .backends.redis.connections import listening_peers
+
         url = args.dir if args.dir is not None else os.environ.get("IVIP_IPC_DIR", "")
-        return await _redis_peers(ipc, url, str(stats["namespace"]))
+        mine = str(stats.get("peer"))
+        return [p for p in await listening_peers(url, str(stats["namespace"])) if p != mine]
     return [str(p) for p in stats.get("peers", [])]
 
 
@@ -299,26 +289,6 @@ async def _peers(args: argparse.Namespace, ipc: AsyncIPC) -> int:
     else:  # said even with --quiet: it is the answer
         print(f"ivip-ipc: no peers in {where}", file=sys.stderr)
     return EXIT_OK
-
-
-async def _redis_peers(ipc: AsyncIPC, url: str, namespace: str) -> list[str]:
-    """Live peers on Redis: the listening connections the backend names in CLIENT LIST."""
-    import redis.asyncio as aioredis
-
-    mine = str(ipc.stats().get("peer"))
-    label = re.sub(r"[^!-~]", "_", namespace)
-    client = aioredis.Redis.from_url(url)
-    try:
-        clients = await client.client_list()
-    finally:
-        await client.aclose()
-    peers = set()
-    for entry in clients:
-        parts = str(entry.get("name", "")).split(":")
-        listener = len(parts) == 4 and parts[:2] == ["ivip", label] and parts[3] == "r"
-        if listener and parts[2] != mine:
-            peers.add(parts[2])
-    return sorted(peers)
 
 
 # -- demo ---------------------------------------------------------------------------------

@@ -10,27 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from pathlib import Path
 from time import perf_counter as _clock
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from . import forks, waiting
-from .backends import REDIS_SCHEMES
+from .backends import check_url, open_backend
 from .backends.base import Backend
-
-# The default backend, imported with the package: importing it at the first
-# start() would hold a running event loop for ~50-70 ms (the Redis backend, an
-# optional extra, stays imported only when a redis:// URL asks for it).
-from .backends.directory import DirectoryBackend
 from .clock import HybridLogicalClock
+from .coordination import Lock
 from .emitter import Emitter, Handler, MessageStream, Subscription
-from .errors import BackendUnavailableError, IPCClosedError
+from .errors import IPCClosedError
 from .logs import logger
+from .medium import Medium, check_record_size
 from .mirror import Mirror
 from .records import (
     HEADER_SIZE,
@@ -44,9 +39,6 @@ from .records import (
 )
 
 _MESSAGE = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
-
-if TYPE_CHECKING:
-    from .coordination import Lock
 
 __all__ = ["GAP_EVENT", "AsyncIPC"]
 
@@ -148,7 +140,7 @@ class AsyncIPC:
         if max_record_size < 1024:
             raise ValueError("max_record_size must be at least 1024 bytes")
         if isinstance(path, str):
-            _check_url(path)
+            check_url(path)
         self._path = path
         self._namespace = namespace
         self._given_backend = backend
@@ -164,14 +156,11 @@ class AsyncIPC:
             )
         self.slow_handler_threshold = slow_handler_threshold
         self.clock = HybridLogicalClock()
-        self.mirror = Mirror()
-        self._backend: Backend | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pid = -1  # fork generation the backend was started in
+        self.medium = Medium(self.start)
+        """The started backend and the cache mirror, as `AsyncCache` and the
+        coordination layer use them (see `ivip_ipc_async.medium`)."""
         self._starting: asyncio.Future[None] | None = None
         self._foreign_codec_warned: set[int] = set()
-        self._mirror_ready = True  # False: cache reads go to the backend (see RecordSink)
-        self._ready_waiters: list[asyncio.Future[None]] = []  # for the mirror to be ready
         self._last_gap: tuple[float, int | None] | None = None  # (monotonic time, lost)
         self._sink = _Sink(self)
         # Of the started backend, for `notify`: its node id, and its optional
@@ -199,15 +188,45 @@ class AsyncIPC:
             >>> asyncio.run(main())
             (False, True, False)
         """
-        return self._ready()
+        return self.medium.ready()
 
-    def _ready(self) -> bool:
-        if self._backend is None or self._pid != _fork_generation[0]:
-            return False
-        try:
-            return self._loop is asyncio.get_running_loop()
-        except RuntimeError:
-            return self._loop is not None and not self._loop.is_closed()
+    @property
+    def namespace(self) -> str | None:
+        """The namespace given to the constructor (None: chosen at start, see
+        the constructor; `stats()` names the one in use once started).
+
+        Example:
+            >>> AsyncIPC("/tmp/unused", namespace="shop").namespace
+            'shop'
+        """
+        return self._namespace
+
+    @property
+    def mirror(self) -> Mirror:
+        """Every cache's state in this process, as `AsyncCache` reads it
+        (`medium.mirror`: replaced at each start).
+
+        Example:
+            >>> import asyncio, tempfile
+            >>> from ivip_ipc_async import AsyncCache
+            >>> async def main():
+            ...     async with AsyncIPC(tempfile.mkdtemp()) as ipc:
+            ...         await AsyncCache(ipc).set("k", 1)
+            ...         return ipc.mirror.live_keys("default")
+            >>> asyncio.run(main())
+            ['k']
+        """
+        return self.medium.mirror
+
+    @property
+    def _backend(self) -> Backend | None:
+        # Read by tests that look inside a backend; the state is the medium's.
+        return self.medium.backend
+
+    @property
+    def _mirror_ready(self) -> bool:
+        # Read by tests that wait for a rebuilt mirror; the state is the medium's.
+        return self.medium.mirror_current
 
     async def start(self) -> AsyncIPC:
         """Join the shared directory and start receiving. Idempotent.
@@ -224,7 +243,8 @@ class AsyncIPC:
             (True, False)
         """
         loop = asyncio.get_running_loop()
-        while not self._ready():
+        medium = self.medium
+        while not medium.ready():
             starting = self._starting
             if starting is None or starting.get_loop() is not loop:
                 break
@@ -235,10 +255,9 @@ class AsyncIPC:
         self._starting = done = loop.create_future()
         try:
             backend = self._make_backend()
-            self.mirror = Mirror()
-            self._mirror_ready = True
+            medium.reset_mirror()
             await backend.start(self._sink)
-            self._backend, self._loop, self._pid = backend, loop, _fork_generation[0]
+            medium.attach(backend, loop)
             self._node = backend.node
             self._write_now = getattr(backend, "write_now", None)
         finally:
@@ -248,58 +267,25 @@ class AsyncIPC:
 
     def _drop_stale(self) -> None:
         """Forget a backend started in a loop that is gone, or in the parent process."""
-        backend, self._backend = self._backend, None
+        backend = self.medium.detach()
         if backend is None:
             return
-        if self._pid == _fork_generation[0]:
+        if self.medium.generation == _fork_generation[0]:
             backend.abandon()
         # After a fork the files belong to the parent: leave them alone.
 
     def _make_backend(self) -> Backend:
         if self._given_backend is not None:
             return self._given_backend
-        from .namespaces import default_namespace, default_root
-
-        raw = self._path if self._path is not None else os.environ.get("IVIP_IPC_DIR")
-        if raw is None:
-            root = default_root()
-            namespace = self._namespace or default_namespace()
-        else:
-            text = os.fspath(raw)
-            _check_url(text)
-            if "://" in text:
-                scheme, _, rest = text.partition("://")
-                scheme = scheme.lower()
-                if scheme in REDIS_SCHEMES:
-                    # Imported only when used: redis-py is an optional extra.
-                    from .backends.redis import RedisBackend
-
-                    return RedisBackend(
-                        text,
-                        namespace=self._namespace or "default",
-                        max_record_size=self.max_record_size,
-                        **self._backend_options,
-                    )
-                if scheme != "file":
-                    raise ValueError(
-                        f"unsupported backend URL scheme {scheme!r} in {text!r} "
-                        "(use a directory path, file://, redis://, rediss://, unix:// "
-                        "or redis+sentinel://)"
-                    )
-                text = rest
-            root = Path(text).expanduser().absolute()
-            namespace = self._namespace or "default"
-        return DirectoryBackend(
-            root / namespace, max_record_size=self.max_record_size, **self._backend_options
+        return open_backend(
+            self._path,
+            namespace=self._namespace,
+            max_record_size=self.max_record_size,
+            **self._backend_options,
         )
 
     async def _ensure(self) -> Backend:
-        backend = self._backend
-        if backend is not None and self._ready():
-            return backend
-        await self.start()
-        assert self._backend is not None
-        return self._backend
+        return await self.medium.started_backend()
 
     async def destroy(self) -> None:
         """Stop watching, drop every listener, release every file. Safe to repeat.
@@ -319,17 +305,18 @@ class AsyncIPC:
         """
         self._emitter.clear()
         await self._emitter.drain()
-        backend, self._backend = self._backend, None
+        medium = self.medium
+        backend = medium.detach()
         if backend is None:
             return
         same_loop = False
         with contextlib.suppress(RuntimeError):
-            same_loop = self._loop is asyncio.get_running_loop()
-        if same_loop and self._pid == _fork_generation[0]:
+            same_loop = medium.loop is asyncio.get_running_loop()
+        if same_loop and medium.generation == _fork_generation[0]:
             await backend.close()
-        elif self._pid == _fork_generation[0]:
+        elif medium.generation == _fork_generation[0]:
             backend.abandon()
-        self._loop = None
+        medium.loop = None
 
     async def __aenter__(self) -> AsyncIPC:
         return await self.start()
@@ -499,8 +486,6 @@ class AsyncIPC:
             >>> asyncio.run(main())
             True
         """
-        from .coordination import Lock
-
         return Lock(self, name, timeout=timeout, lease=lease, poll_interval=poll_interval)
 
     # -- sending ----------------------------------------------------------------------
@@ -536,11 +521,16 @@ class AsyncIPC:
         codec = self.codec
         data = codec.dumps(message)
         if HEADER_SIZE + topic_len + len(data) > self.max_record_size:
-            self._check_size(topic_len, len(data))
-        backend = self._backend
-        # `_ready()` inlined, and no `_ensure()` coroutine: the hot path.
-        if backend is None or self._loop is not _running_loop() or self._pid != _fork_generation[0]:
-            backend = await self._ensure()
+            check_record_size(self.max_record_size, topic_len, len(data))
+        medium = self.medium
+        backend = medium.backend
+        # `medium.ready()` inlined, and no coroutine: the hot path.
+        if (
+            backend is None
+            or medium.loop is not _running_loop()
+            or medium.generation != _fork_generation[0]
+        ):
+            backend = await medium.started_backend()
         records = (
             _new_record(Record, (_MESSAGE, event, b"", data, 0, self._node, 0.0, 0, codec.id)),
         )
@@ -582,7 +572,7 @@ class AsyncIPC:
         dumps = self.codec.dumps
         encoded = [dumps(message) for message in messages]
         for data in encoded:
-            self._check_size(topic_len, len(data))
+            check_record_size(self.max_record_size, topic_len, len(data))
         backend = await self._ensure()
         node, codec_id = backend.node, self.codec.id
         part: list[Record] = []
@@ -603,17 +593,10 @@ class AsyncIPC:
             for data in encoded:
                 self._emit_here(event, partial(loads, data))
 
-    def _check_size(self, name_len: int, data_len: int) -> None:
-        size = HEADER_SIZE + name_len + data_len
-        if size > self.max_record_size:
-            raise ValueError(
-                f"record of {size} bytes is over the limit of {self.max_record_size} bytes "
-                "(raise max_record_size, or send a reference to the data instead)"
-            )
-
     async def _write_cache(self, record: Record) -> None:
-        """Write a cache record (the cache's only write path). The backend applies it
-        here once stored (`RecordSink.written`), even if this call is cancelled."""
+        """Write one cache record, as `AsyncCache` does (for tests). The backend
+        applies it here once stored (`RecordSink.written`), even if this call is
+        cancelled."""
         backend = await self._ensure()
         await backend.append((record,))
 
@@ -637,6 +620,7 @@ class AsyncIPC:
         skipped = Kind.SKIPPED  # a message read unparsed: no listener here
         get = listeners.get
         applied = 0  # cache records: their time is in `held` too
+        medium = self.medium
         for rec in records:
             # One unpacking instead of an attribute lookup per field.
             kind, topic, _, data, hlc, _, _, _, codec = rec
@@ -651,7 +635,7 @@ class AsyncIPC:
                     emit(topic, subs, data, loads)
             elif kind is Kind.CACHE_SET or kind is Kind.CACHE_DELETE:
                 self.clock.observe(hlc)
-                self.mirror.apply(rec)
+                medium.mirror.apply(rec)
                 applied += 1
         held = _clock() - start
         emitter.dispatch_seconds += held
@@ -709,9 +693,11 @@ class AsyncIPC:
             "slow_handlers": self._emitter.slow_handlers,
             "dispatch_seconds": self._emitter.dispatch_seconds,
             "cache_entries": self.mirror.count(),
+            **self.medium.tally.stats(),
         }
-        if self._backend is not None:
-            out.update(self._backend.stats())
+        backend = self.medium.backend
+        if backend is not None:
+            out.update(backend.stats())
         return out
 
     def health(self) -> dict[str, Any]:
@@ -737,27 +723,15 @@ class AsyncIPC:
         if not stats["started"]:
             problems.append("not started")
         else:
-            if not stats.get("maintenance_alive", True):
-                problems.append("maintenance task is not running")
-            if stats.get("layout_problem"):
-                problems.append(stats["layout_problem"])
-            if not stats.get("watcher_alive", True):
-                problems.append("watcher is not running (re-scans still deliver)")
-            if not stats.get("connected", True):
-                problems.append(
-                    "not connected to Redis (reconnecting; cache reads go to Redis, "
-                    "writes are retried)"
-                )
+            backend = self.medium.backend
+            assert backend is not None  # started
+            problems.extend(backend.problems())
             if self._last_gap is not None:
                 at, lost = self._last_gap
                 age = time.monotonic() - at
                 recent_gap = age < self.unhealthy_after_gap
                 if recent_gap:
-                    why = (
-                        "trimmed or deleted from the stream, or lost by Redis"
-                        if stats.get("backend") == "redis"
-                        else "this process fell behind the retention window"
-                    )
+                    why = backend.gap_cause
                     count = "an unknown number of records" if lost is None else f"{lost} records"
                     problems.append(
                         f"{count} may have been lost in a gap {age:.0f}s ago ({why}; the "
@@ -786,29 +760,6 @@ class AsyncIPC:
             },
         }
 
-    async def _wait_mirror(self) -> None:
-        """Wait for the mirror to be current again (the backend reconnecting), for
-        the backend's `read_timeout`; `BackendUnavailableError` past it."""
-        if self._mirror_ready:
-            return
-        timeout = float(getattr(self._backend, "read_timeout", 5.0))
-        waiter = asyncio.get_running_loop().create_future()
-        self._ready_waiters.append(waiter)
-        try:
-            await waiting.wait_for(waiter, timeout)
-        except TimeoutError:
-            raise self._mirror_unavailable(timeout) from None
-        finally:
-            with contextlib.suppress(ValueError):
-                self._ready_waiters.remove(waiter)
-
-    def _mirror_unavailable(self, timeout: float | None = None) -> BackendUnavailableError:
-        waited = f" for {timeout:g}s" if timeout is not None else ""
-        return BackendUnavailableError(
-            f"the cache is being reloaded from the backend (not connected{waited}): "
-            "its keys cannot be listed until it is"
-        )
-
 
 class _Sink:
     """The `RecordSink` a backend delivers to: it feeds `AsyncIPC._dispatch`."""
@@ -827,12 +778,12 @@ class _Sink:
             is_cache = rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE
             if is_cache and rec.codec == ipc.codec.id:
                 ipc.clock.observe(rec.hlc)
-                ipc.mirror.apply(rec)
+                ipc.medium.mirror.apply(rec)
 
     written = restore  # own stored writes: only their state matters here too
 
     def state(self) -> Iterable[Record]:
-        return self._ipc.mirror.records()
+        return self._ipc.medium.mirror.records()
 
     def wanted(self) -> frozenset[bytes]:
         # Optional for a sink: the events whose messages are dispatched here
@@ -840,24 +791,16 @@ class _Sink:
         return self._ipc._emitter.wanted()
 
     def state_version(self) -> int:
-        return self._ipc.mirror.version
+        return self._ipc.medium.mirror.version
 
     def state_bytes(self) -> int:
-        return self._ipc.mirror.nbytes
+        return self._ipc.medium.mirror.nbytes
 
     def mirror_ready(self, ready: bool) -> None:
-        ipc = self._ipc
-        if not ready and ipc._mirror_ready:
-            ipc.mirror = Mirror()  # dropped: rebuilt from the backend before ready again
-        ipc._mirror_ready = ready
-        if ready:
-            waiters, ipc._ready_waiters = ipc._ready_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self._ipc.medium.set_mirror_current(ready)
 
     def current(self, topic: str, key: bytes) -> Record | None:
-        entry = self._ipc.mirror.lookup(topic, decode_key(key))
+        entry = self._ipc.medium.mirror.lookup(topic, decode_key(key))
         return None if entry is None else entry.record
 
     def gap(self, peer: str, lost: int | None) -> None:
@@ -881,23 +824,6 @@ def _threshold_from_environment(default: float) -> float | None:
             f"$IVIP_IPC_SLOW_HANDLER must be seconds (e.g. 0.05) or 'off', not {raw!r}"
         )
     return seconds or None
-
-
-def _check_url(text: str) -> None:
-    """Refuse what looks like a Redis URL but is not a valid one (`ValueError`
-    naming the problem), rather than take it for a directory path."""
-    match = re.match(r"(?i)(rediss?|unix|redis\+sentinel):", text)
-    if match is None:
-        return
-    if not text[match.end() :].startswith("//"):
-        raise ValueError(
-            f"bad Redis URL {text!r}: {match.group(1).lower()}: must be followed by "
-            f"// (as in {match.group(1).lower()}://host:6379/0); for a directory "
-            "path that starts like this, use file:// or ./"
-        )
-    from .backends.redis import check_redis_url
-
-    check_redis_url(text)
 
 
 def _check_name(name: object, what: str) -> int:

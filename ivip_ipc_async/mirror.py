@@ -272,6 +272,25 @@ class Mirror:
                         state = _tombstone(state)
                     yield _record(name, state)
 
+    def remember(self, name: str, key: CacheKey, decoded: Decoded) -> None:
+        """Keep the decoded value of a live key of cache `name` that was just
+        read, for the next reads (`decoded`; dropped when the key changes).
+
+        Example:
+            >>> m = Mirror()
+            >>> m.remember("default", "k", (0.0, {"a": 1}, dict.copy))
+            >>> m.decoded["default"][hash("k") % SHARDS]["k"][1]
+            {'a': 1}
+        """
+        shards = self.decoded.get(name)
+        if shards is None:
+            shards = self.decoded[name] = new_shards()
+        shard = hash(key) % SHARDS
+        memos = shards[shard]
+        if memos is NO_ENTRIES:
+            memos = shards[shard] = {}
+        memos[key] = decoded
+
     def _forget_decoded(self, name: str, key: CacheKey) -> None:
         decoded = self.decoded.get(name)
         if decoded is not None:

@@ -117,7 +117,7 @@ def test_demo_runs_workers_and_reports() -> None:
         (["cache", "set", "k", "{oops"], "VALUE '{oops' is not valid JSON"),
         (["notify", "--namespace", "a/b", "ev", "1"], "invalid namespace 'a/b'"),
         (["--namespace", "../x", "stats"], "invalid namespace '../x'"),
-        (["stats", "--dir", "ftp://host/x"], "unsupported URL scheme 'ftp'"),
+        (["stats", "--dir", "ftp://host/x"], "unsupported backend URL scheme 'ftp'"),
         (["cache", "set", "k", "v", "--ttl", "soon"], "'soon' is not a number of seconds"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["notify"], "the following arguments are required: EVENT, MESSAGE"),

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from ivip_ipc_async import AsyncCache, Lock
-from ivip_ipc_async.leader import Leadership, reset_run_once, run_once
+from ivip_ipc_async import AsyncCache, Leadership, Lock, reset_run_once, run_once
 
 from .processes import reap
 from .test_backends import Make, make, medium  # noqa: F401 - the parametrized fixtures
@@ -32,7 +31,7 @@ AGENT = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
     from ivip_ipc_async import AsyncCache, AsyncIPC
-    from ivip_ipc_async.leader import Leadership, run_once
+    from ivip_ipc_async import Leadership, run_once
 
     medium, lease = sys.argv[1], float(sys.argv[2])
 
@@ -399,18 +398,18 @@ async def test_leadership_in_process(make: Make) -> None:  # noqa: F811
     ipc = await make().start()
     first, second = Leadership(ipc, "jobs"), Leadership(ipc, "jobs", poll_interval=30)
     assert await first.try_acquire()
-    assert first.is_leader
+    assert first.held
     assert not await second.try_acquire()
     waiting = asyncio.ensure_future(second.acquire(timeout=5))
     await asyncio.sleep(0.05)
     await first.release()
     await waiting  # woken by the release, not by the 30 s timer
-    assert second.is_leader
-    assert not first.is_leader
+    assert second.held
+    assert not first.held
     assert second.fence > 0
     async with Leadership(ipc, "other") as other:
-        assert other.is_leader
-    assert not other.is_leader
+        assert other.held
+    assert not other.held
     await second.release()
 
 

@@ -27,7 +27,7 @@ APP = textwrap.dedent(
     from fastapi import FastAPI
     from ivip_ipc_async import AsyncCache, AsyncIPC
     from ivip_ipc_async.integrations.starlette import ipc_lifespan
-    from ivip_ipc_async.leader import run_once
+    from ivip_ipc_async import run_once
 
     medium, log = os.environ["COORD_MEDIUM"], os.environ["COORD_LOG"]
     if "#" in medium:

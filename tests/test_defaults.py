@@ -83,7 +83,7 @@ def test_every_public_name_is_exported_at_the_top() -> None:
     import re
     from pathlib import Path
 
-    for module_name in ("errors", "leader", "ipc", "coordination", "cache"):
+    for module_name in ("errors", "jobs", "ipc", "coordination", "cache"):
         module = importlib.import_module(f"ivip_ipc_async.{module_name}")
         for name in module.__all__:
             assert name in ivip_ipc_async.__all__, f"{module_name}.{name}"
@@ -93,7 +93,7 @@ def test_every_public_name_is_exported_at_the_top() -> None:
     pages = [*root.glob("docs/*.md"), root / "README.md", *root.glob("examples/*.py")]
     pages += [root / "tests" / "typing" / "usage.py"]
     submodule = re.compile(
-        r"from ivip_ipc_async\.(errors|leader|ipc|coordination|emitter|cache|records) import"
+        r"from ivip_ipc_async\.(errors|jobs|ipc|coordination|emitter|cache|records) import"
     )
     found = [
         f"{page.name}: {line.strip()}"

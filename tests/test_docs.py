@@ -67,7 +67,6 @@ PUBLIC: dict[str, list[str]] = {
     "ivip_ipc_async.integrations.prometheus": ["IPCCollector", "multiprocess_exporter"],
     "ivip_ipc_async.integrations.otel": ["instrument"],
 }
-# Methods of the leader module are reworked by another change; it gives them examples.
 NOT_CHECKED: set[str] = set()
 
 

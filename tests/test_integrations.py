@@ -239,7 +239,7 @@ LEADER = textwrap.dedent(
     """
     import asyncio, os, sys
     from ivip_ipc_async import AsyncIPC
-    from ivip_ipc_async.leader import Leadership
+    from ivip_ipc_async import Leadership
 
     async def main():
         async with AsyncIPC(sys.argv[1]) as ipc:

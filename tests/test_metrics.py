@@ -19,7 +19,7 @@ import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ivip_ipc_async import AsyncIPC
+from ivip_ipc_async import AsyncCache, AsyncIPC
 from ivip_ipc_async.integrations.figures import KNOWN, figures
 from ivip_ipc_async.integrations.otel import instrument
 from ivip_ipc_async.integrations.prometheus import IPCCollector
@@ -56,7 +56,18 @@ async def test_every_number_of_stats_and_health_is_exported(medium: str) -> None
         while len(got) < 5:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.01)
+        cache, other_cache = AsyncCache(ipc), AsyncCache(ipc, name="other")
+        async with ipc.lock("metrics"):
+            await cache.set("k", 1, 0.05)
+            await cache.get("k")  # a hit
+        await other_cache.get("absent")  # a miss, in another cache of the instance
+        await asyncio.sleep(0.06)
+        await cache.get("k")  # an expired entry: a miss and an expiration
         stats = ipc.stats()
+        assert (stats["lock_waits"], stats["lock_holds"]) == (1, 1)
+        assert stats["lock_wait_seconds"] >= 0
+        assert stats["lock_hold_seconds"] > 0
+        assert (stats["cache_hits"], stats["cache_misses"], stats["cache_expirations"]) == (1, 2, 1)
         exported = {figure.name for figure in figures(ipc)}
         for key, value in stats.items():
             if isinstance(value, bool | int | float) and not key.startswith("records_lost"):
@@ -153,6 +164,17 @@ APP = md_blocks(DOCS / "metrics.md", "python")[1] + textwrap.dedent(
     async def notify():
         await IPC.notify("x", 1)
         return {"pid": os.getpid()}
+
+
+    @app.post("/lock-and-cache")
+    async def lock_and_cache():
+        from ivip_ipc_async import Cache
+
+        async with IPC.lock("metrics-test", timeout=10):
+            await Cache.set("k", 1)
+            await Cache.get("k")  # a hit
+            await Cache.get("absent")  # a miss
+        return {"pid": os.getpid()}
     """
 )
 
@@ -197,6 +219,8 @@ async def test_a_scrape_of_two_uvicorn_workers_shows_both(tmp_path: Path, ipc_di
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             for _ in range(10):
                 assert (await client.post("/notify")).status_code == 200
+            for _ in range(4):
+                assert (await client.post("/lock-and-cache")).status_code == 200
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while True:
@@ -211,7 +235,8 @@ async def test_a_scrape_of_two_uvicorn_workers_shows_both(tmp_path: Path, ipc_di
                 )
                 read = sum(v for (n, _), v in found.items() if n == "ivip_ipc_records_read_total")
                 # Each worker sees the other; every record written was read by the other.
-                if peers == {str(p): 1.0 for p in pids} and written == 10 and read == 10:
+                # (10 messages and 4 cache writes)
+                if peers == {str(p): 1.0 for p in pids} and written == 14 and read == 14:
                     break
                 assert loop.time() < deadline, (pids, peers, written, read)
                 await asyncio.sleep(0.1)
@@ -227,3 +252,15 @@ async def test_a_scrape_of_two_uvicorn_workers_shows_both(tmp_path: Path, ipc_di
                 if name.startswith("ivip_ipc_")
             )
             assert not any(re.search(r"ivip_ipc_\w+_total_total", name) for name, _ in found)
+
+            def total(name: str) -> float:
+                return sum(v for (n, _), v in found.items() if n == name)
+
+            # Lock waits and holdings, and every cache's reads, moved (issue #25).
+            assert total("ivip_ipc_lock_waits_total") == 4
+            assert total("ivip_ipc_lock_holds_total") == 4
+            assert total("ivip_ipc_lock_wait_time_seconds_total") >= 0
+            assert total("ivip_ipc_lock_hold_time_seconds_total") > 0
+            assert total("ivip_ipc_cache_hits_total") == 4
+            assert total("ivip_ipc_cache_misses_total") == 4
+            assert total("ivip_ipc_cache_expirations_total") == 0

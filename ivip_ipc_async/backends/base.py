@@ -215,6 +215,14 @@ class Backend(Protocol):
     def locks(self) -> LockProvider:
         """The lock capability of this medium (made on first use, closed with the backend)."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with this backend now, each a sentence for
+        `AsyncIPC.health()` (empty: nothing)."""
+
+    gap_cause: str
+    """How records are lost to a gap on this medium, in words (`health()`
+    names it while a recent gap makes the instance unhealthy)."""
+
 
 class LockProvider(Protocol):
     """Locks shared by every process of a namespace (and every host, on Redis).

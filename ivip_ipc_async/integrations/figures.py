@@ -3,7 +3,7 @@ exporters (`integrations.prometheus`, `integrations.otel`).
 
 A `Figure` is one number with its kind (counter or gauge), unit, help text and
 labels. The table `KNOWN` names the figures both backends have; any other number
-in `stats()` (a counter added later, e.g. cache hits and misses) is exported too,
+in `stats()` (a counter added later) is exported too,
 as a counter named after its key (a gauge added later needs a row here). Text
 figures (`backend`, `watcher`) become labels of `info`; `peers` (a list) its
 length; `records_lost_<cause>` the `cause` label of `records_lost`.
@@ -125,10 +125,15 @@ KNOWN: dict[str, Spec] = {
     "resyncs": _c("resyncs", "cache reloads from Redis"),
     "state_checks": _c("state_checks", "checks that Redis kept the namespace's state"),
     "state_losses": _c("state_losses", "times Redis had lost the namespace's state"),
-    # issue #24 adds these to stats(); exported as soon as they are there
+    # the layers above the backend (Medium.tally): every AsyncCache of the
+    # instance, and its locks and leaderships
     "cache_hits": _c("cache_hits", "cache reads that found a live entry"),
     "cache_misses": _c("cache_misses", "cache reads that found none"),
-    "cache_expirations": _c("cache_expirations", "entries that expired"),
+    "cache_expirations": _c("cache_expirations", "cache reads that found an expired entry"),
+    "lock_waits": _c("lock_waits", "waits for a lock or leadership (won, timed out or cancelled)"),
+    "lock_wait_seconds": _c("lock_wait_time", "time spent waiting for locks", "seconds"),
+    "lock_holds": _c("lock_holds", "locks and leaderships taken"),
+    "lock_hold_seconds": _c("lock_hold_time", "time locks were held, until let go", "seconds"),
 }
 
 # Not numbers: exported as labels (backend, watcher) or not at all.
@@ -147,7 +152,7 @@ def instance_labels(ipc: AsyncIPC, stats: dict[str, object] | None = None) -> di
     namespace = stats.get("namespace")
     if not isinstance(namespace, str):
         path = stats.get("path")
-        namespace = os.path.basename(path) if isinstance(path, str) else ipc._namespace or ""
+        namespace = os.path.basename(path) if isinstance(path, str) else ipc.namespace or ""
     peer = stats.get("peer")
     return {"namespace": namespace, "peer": peer if isinstance(peer, str) else ""}
 

@@ -54,6 +54,8 @@ _COUNTS = {
     "listeners": "{listener}",
     "cache_entries": "{entry}",
     "problems": "{problem}",
+    "lock_waits": "{wait}",
+    "lock_holds": "{holding}",
 }
 
 

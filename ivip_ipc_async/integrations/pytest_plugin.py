@@ -137,8 +137,7 @@ class Peer:
 def _has_peer(ipc: AsyncIPC, pid: int) -> bool:
     import json
 
-    backend = getattr(ipc, "_backend", None)
-    path = getattr(backend, "path", None)
+    path = getattr(ipc.medium.backend, "path", None)
     if path is None:
         return False
     for lock in Path(path, "peers").glob("*.lock"):

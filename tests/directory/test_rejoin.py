@@ -86,7 +86,7 @@ _CHAT = textwrap.dedent(
                 elif op == "lock":
                     lock = ipc.lock(command["name"], timeout=command["timeout"])
                     try:
-                        await lock.acquire()
+                        await lock.acquire(command["timeout"])
                         say({"held": True})
                     except TimeoutError:
                         say({"held": False})

@@ -28,9 +28,8 @@ import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async import AsyncCache, AsyncIPC, Leadership, run_once
 from ivip_ipc_async.ipc import GAP_EVENT
-from ivip_ipc_async.leader import Leadership, run_once
 
 KEYS = 8  # cache keys k0..k7, shared by every process
 ADD_KEYS = 24  # keys a0..a23 of the "atomic" cache, each `add`ed by whoever comes
@@ -374,7 +373,7 @@ class Life:
             return
         try:
             self.log("lock_acq", kind="l", name="boss", fence=leadership.fence)
-            await self._hold("l", "boss", lambda: leadership.is_leader, self.rnd.uniform(0, 0.1))
+            await self._hold("l", "boss", lambda: leadership.held, self.rnd.uniform(0, 0.1))
             self.log("lock_rel_begin", kind="l", name="boss", fence=leadership.fence)
         finally:
             await leadership.release()
@@ -682,7 +681,7 @@ class _LeaderAsLock:
 
     @property
     def held(self) -> bool:
-        return self.leadership.is_leader
+        return self.leadership.held
 
     @property
     def fence(self) -> int:

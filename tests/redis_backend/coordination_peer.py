@@ -14,8 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.leader import Leadership
+from ivip_ipc_async import AsyncCache, AsyncIPC, Leadership
 
 
 def _name(exc: BaseException) -> str:

@@ -89,7 +89,7 @@ async def from_the_top(ipc: AsyncIPC) -> None:
     """Every public name comes from `ivip_ipc_async` itself."""
     ipc.on(GAP_EVENT, lambda gap: None)
     leadership = Leadership(ipc, "scheduler")
-    assert_type(leadership.is_leader, bool)
+    assert_type(leadership.held, bool)
 
     async def migrate() -> None: ...
 

@@ -364,3 +364,19 @@ class DirectoryBackend:
             ),
             **ns.counters,
         }
+
+    # -- health ----------------------------------------------------------------------------
+
+    gap_cause = "this process fell behind the retention window"
+
+    def problems(self) -> list[str]:
+        """What is wrong now, for `AsyncIPC.health()` (see `Backend.problems`)."""
+        stats = self.stats()
+        problems = []
+        if not stats["maintenance_alive"]:
+            problems.append("maintenance task is not running")
+        if stats["layout_problem"]:
+            problems.append(str(stats["layout_problem"]))
+        if not stats["watcher_alive"]:
+            problems.append("watcher is not running (re-scans still deliver)")
+        return problems

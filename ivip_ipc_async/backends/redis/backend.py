@@ -336,3 +336,19 @@ class RedisBackend:
             "last_id": last_id.decode() if isinstance(last_id, bytes) else str(last_id),
             **self.counters,
         }
+
+    # -- health ----------------------------------------------------------------------------
+
+    gap_cause = "trimmed or deleted from the stream, or lost by Redis"
+
+    def problems(self) -> list[str]:
+        """What is wrong now, for `AsyncIPC.health()` (see `Backend.problems`)."""
+        task = self.listener.task
+        problems = []
+        if task is None or task.done():
+            problems.append("maintenance task is not running")
+        if not self.listener.connected:
+            problems.append(
+                "not connected to Redis (reconnecting; cache reads go to Redis, writes are retried)"
+            )
+        return problems

@@ -33,7 +33,7 @@ from .replies import is_kind
 from .scripts import script_command
 from .settings import Shared
 
-__all__ = ["Connections", "check_redis_url", "redacted", "retryable", "wrap"]
+__all__ = ["Connections", "check_redis_url", "listening_peers", "redacted", "retryable", "wrap"]
 
 _T = TypeVar("_T")
 
@@ -445,3 +445,28 @@ class _Watchdog:
         if self._timer is not None:
             self._timer.cancel()
         self._timer, self._next = None, math.inf
+
+
+async def listening_peers(url: str, namespace: str) -> list[str]:
+    """The peers of `namespace` listening on the Redis server at `url` now: the
+    ids in the names of their subscription connections (role `r`, see the
+    module's docstring) in `CLIENT LIST`, sorted. Needs the `CLIENT` command.
+
+    Example (against a server)::
+
+        peers = await listening_peers("redis://localhost:6379/0", "shop")
+    """
+    import redis.asyncio as aioredis
+
+    label = re.sub(r"[^!-~]", "_", namespace)  # as `Connections.make` names them
+    client = aioredis.Redis.from_url(url)
+    try:
+        clients = await client.client_list()
+    finally:
+        await client.aclose()
+    peers = set()
+    for entry in clients:
+        parts = str(entry.get("name", "")).split(":")
+        if len(parts) == 4 and parts[:2] == ["ivip", label] and parts[3] == "r":
+            peers.add(parts[2])
+    return sorted(peers)
