@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from . import defaults
 from .backends.base import LossCause
 from .cache import AsyncCache, Memoized, MemoizeDecorator
 from .coordination import Leadership, Lock
@@ -58,32 +59,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-class _Misconfigured(AsyncIPC):
-    """The default instance when `$IVIP_IPC_CODEC` names no usable codec (or
-    `$IVIP_IPC_SLOW_HANDLER` no threshold).
-
-    Importing the package (and `ivip-ipc --help`) must not fail on a bad
-    environment: the error is raised where the instance is used instead.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(codec="json", slow_handler_threshold=None)
-        self._error = error
-
-    async def start(self) -> AsyncIPC:
-        text = str(self._error)
-        named = text if text.startswith("$IVIP_IPC_") else f"$IVIP_IPC_CODEC: {text}"
-        raise ValueError(named) from self._error
-
-
-def _default_ipc() -> AsyncIPC:
-    try:
-        return AsyncIPC()
-    except (ValueError, ImportError) as exc:  # only the environment is read here
-        return _Misconfigured(exc)
-
-
-IPC = _default_ipc()
+IPC = defaults.IPC
 """The default instance: `$IVIP_IPC_DIR`, or the per-application default directory.
 
 Register handlers at import time with `IPC.on(...)`; it starts itself on first

@@ -18,6 +18,7 @@ from asyncio import get_running_loop as _running_loop  # (a coroutine always has
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 
+from . import defaults
 from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, version_of
 from .forks import generation as _fork_generation
 from .ipc import AsyncIPC
@@ -91,9 +92,7 @@ class AsyncCache(Generic[V]):
         default_ttl: float | None = 60,
     ) -> None:
         if ipc is None:
-            from . import IPC
-
-            ipc = IPC
+            ipc = defaults.IPC
         if not isinstance(name, str) or not name:
             raise TypeError("cache name must be a non-empty str")
         if len(name.encode()) > 0xFFFF:
