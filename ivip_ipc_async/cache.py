@@ -21,7 +21,7 @@ from typing import Any, Final, Generic, ParamSpec, Protocol, TypeVar, overload
 from .conditions import MAX_COUNTER, Conditional, Mode, Outcome, is_live, version_of
 from .ipc import AsyncIPC, _fork_generation
 from .logs import logger
-from .mirror import NO_ENTRIES, SHARDS, new_shards
+from .mirror import NO_ENTRIES, SHARDS, data_of, new_shards, until_of
 from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 from .waiting import CancelGuard
 
@@ -567,13 +567,13 @@ class AsyncCache(Generic[V]):
         if state is None:
             self._misses += 1
             return default
-        until = state[0]  # mirror.UNTIL
+        until = until_of(state)
         if until and (until < 0 or until <= time.time()):
             self._misses += 1
             if until > 0:
                 self._expired += 1
             return default
-        data = state[1]  # mirror.DATA
+        data = data_of(state)
         try:
             value = ipc.codec.loads(data)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
