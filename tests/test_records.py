@@ -248,6 +248,58 @@ def test_mirror_converges_whatever_the_order(
     assert state(a) == state(b)
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([Kind.CACHE_SET, Kind.CACHE_DELETE, Kind.MESSAGE]),
+            st.sampled_from(["c", "d"]),
+            st.sampled_from([b"sa", b"sb", b"i1", b"i01", b"x", b"s\xff", b""]),
+            st.integers(0, 9),
+            st.integers(0, 2),
+            st.sampled_from([0.0, -0.0, 5.0, -1.0, float("nan"), 2e9]),
+            st.sampled_from([1, 1, 1, 7]),
+        ),
+        max_size=40,
+    ),
+    st.integers(0, 40),
+)
+def test_a_restore_in_bulk_is_a_series_of_applies(
+    ops: list[tuple[Kind, str, bytes, int, int, float, int]], cut: int
+) -> None:
+    """`Mirror.restore` (a joiner's slices) inserts new keys inline and hands the
+    rest to `apply`: the state, the size and the clock it returns are those of
+    applying the records of the codec one by one."""
+    recs = [
+        Record(
+            kind,
+            topic,
+            key,
+            b"%d" % hlc if kind is Kind.CACHE_SET else b"",
+            hlc,
+            node,
+            exp,
+            3,
+            codec,
+        )
+        for kind, topic, key, hlc, node, exp, codec in ops
+    ]
+    one, bulk = Mirror(), Mirror()
+    for rec in recs:
+        if rec.kind is not Kind.MESSAGE and rec.codec == 1:
+            one.apply(rec)
+    top = bulk.restore(recs[:cut], codec_id=1) if cut else 0
+    top = max(top, bulk.restore(recs[cut:], codec_id=1))
+    assert top == max(
+        (r.hlc for r in recs if r.kind is not Kind.MESSAGE and r.codec == 1), default=0
+    )
+
+    def state(m: Mirror) -> dict[tuple[str, object], bytes]:
+        return {(n, k): st for n, shards in m.caches.items() for e in shards for k, st in e.items()}
+
+    assert state(bulk) == state(one)
+    assert (bulk.nbytes, bulk.rejected) == (one.nbytes, one.rejected)
+
+
 def test_mirror_expiry_becomes_tombstone_and_is_forgotten() -> None:
     m = Mirror(tombstone_ttl=10)
     m.apply(Record(Kind.CACHE_SET, "c", encode_key("k"), b"1", hlc=(1000 << 16), expires=5.0))
