@@ -24,7 +24,7 @@ from .forks import generation as _fork_generation
 from .ipc import AsyncIPC
 from .logs import logger
 from .medium import EXPIRED, HITS, MISSES, check_record_size
-from .mirror import SHARDS
+from .mirror import SHARDS, data_of, until_of
 from .records import HEADER_SIZE, CacheKey, Kind, Record, encode_key
 from .waiting import CancelGuard
 
@@ -573,13 +573,13 @@ class AsyncCache(Generic[V]):
         if state is None:
             self._reads[MISSES] += 1
             return default
-        until = state[0]  # mirror.UNTIL
+        until = until_of(state)
         if until and (until < 0 or until <= time.time()):
             self._reads[MISSES] += 1
             if until > 0:
                 self._reads[EXPIRED] += 1
             return default
-        data = state[1]  # mirror.DATA
+        data = data_of(state)
         try:
             value = ipc.codec.loads(data)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

@@ -774,11 +774,9 @@ class _Sink:
 
     def restore(self, records: Sequence[Record]) -> None:
         ipc = self._ipc
-        for rec in records:
-            is_cache = rec.kind is Kind.CACHE_SET or rec.kind is Kind.CACHE_DELETE
-            if is_cache and rec.codec == ipc.codec.id:
-                ipc.clock.observe(rec.hlc)
-                ipc.medium.mirror.apply(rec)
+        latest = ipc.medium.mirror.restore(records, ipc.codec.id)  # one call per slice
+        if latest:
+            ipc.clock.observe(latest)
 
     written = restore  # own stored writes: only their state matters here too
 
