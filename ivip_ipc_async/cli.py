@@ -71,6 +71,17 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds (`--timeout`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
 def _namespace(text: str) -> str:
     from .namespaces import check_namespace
 
@@ -520,6 +531,13 @@ def _common(parser: argparse.ArgumentParser, top: bool) -> None:
         help="reach the application started from PATH (its default namespace)",
     )
     group.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=default(10.0),
+        metavar="SECONDS",
+        help="how long to keep trying to reach Redis before giving up (default: 10)",
+    )
+    group.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -647,7 +665,11 @@ _RUNNERS: dict[str, Callable[[argparse.Namespace, AsyncIPC], Coroutine[Any, Any,
 
 async def _run(args: argparse.Namespace) -> int:
     path, namespace = _target(args)
-    async with AsyncIPC(path, namespace=namespace) as ipc:
+    options: dict[str, Any] = {}
+    where = path if path is not None else os.environ.get("IVIP_IPC_DIR")
+    if where is not None and check_location(where) == "redis":
+        options["retry_timeout"] = args.timeout
+    async with AsyncIPC(path, namespace=namespace, **options) as ipc:
         return await _RUNNERS[args.command](args, ipc)
 
 

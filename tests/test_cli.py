@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,23 +275,36 @@ def test_peers_and_messages_on_redis(redis_namespace: str) -> None:
 
 def test_unreachable_redis_is_one_line_exit_1() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    line = one_line_error(ivip("stats", "--dir", url), 1)
+    line = one_line_error(ivip("stats", "--dir", url, "--timeout", "1"), 1)
     assert line.startswith(f"ivip-ipc: cannot reach Redis at {url}: ")
-    debug = ivip("stats", "--dir", url, "--debug")
+    debug = ivip("stats", "--dir", url, "--debug", "--timeout", "1")
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr
 
 
 def test_unknown_redis_host_is_one_line_exit_1() -> None:
     url = "redis://no-such-host.invalid:6379/0"
-    assert f"cannot reach Redis at {url}" in one_line_error(ivip("peers", "--dir", url), 1)
+    assert f"cannot reach Redis at {url}" in one_line_error(
+        ivip("peers", "--dir", url, "--timeout", "1"), 1
+    )
 
 
 def test_redis_password_is_not_printed() -> None:
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
-    line = one_line_error(ivip("stats", "--dir", url), 1)
+    line = one_line_error(ivip("stats", "--dir", url, "--timeout", "1"), 1)
     assert "s3cret" not in line
     assert "user:***@127.0.0.1" in line
+
+
+def test_timeout_bounds_the_wait_for_an_unreachable_redis() -> None:
+    """`--timeout` is how long the command keeps trying (10 s by default); a bad
+    value is a usage error (exit 2) naming it."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    one_line_error(ivip("stats", "--dir", url, "--timeout", "1"), 1)
+    assert time.monotonic() - started < 9  # the default would wait 10 s
+    for bad in ("0", "-1", "soon", "inf"):
+        assert "--timeout" in one_line_error(ivip("stats", "--dir", url, "--timeout", bad), 2)
 
 
 def test_redis_without_redis_py_says_what_to_install() -> None:
