@@ -176,6 +176,7 @@ class DirectoryBackend:
             dirs,
             counters,
             life,
+            watch_log=lambda: self._doorbell.bell is None,
             on_news=reader.news,
             on_look=reader.look_everywhere,
             on_peers=self._doorbell.peers_changed,
@@ -250,7 +251,7 @@ class DirectoryBackend:
             await self._joining.load_at_start()
             self._reader.scan()
             await self._reader.restore_log()
-            self._watcher.start(watch_log=self._doorbell.bell is None)
+            self._watcher.start()
             life.spawn(self._maintain, restart=True)
             self._doorbell.refresh_peers(ring_new=True)
         except BaseException:

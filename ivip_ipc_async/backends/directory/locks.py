@@ -29,6 +29,9 @@ in `<namespace>/fences/<name>` (written after it), and the largest this process 
 held. Each is taken only if it is a JSON integer in 1..2**63-2; a damaged or
 missing token is reported with a warning. So garbage written into, or the
 deletion of, one of the two files never sends the token back.
+
+Depends on: `layout`, `inotify`, `lock_handover` (waking the waiters),
+`backends.base` (the lock protocol), `forks`, `waiting`. No other part.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class Watcher:
         >>> config, counters = Config.of(tempfile.mkdtemp() + "/ns"), Counters()
         >>> watcher = Watcher(
         ...     config, Dirs(config.path), counters, Life(counters),
-        ...     on_news=print, on_look=print, on_peers=print, on_displaced=print, on_read=print,
+        ...     watch_log=lambda: False, on_news=print, on_look=print, on_peers=print,
+        ...     on_displaced=print, on_read=print,
         ... )
         >>> watcher.kind, watcher.alive
         (None, False)
@@ -94,6 +95,7 @@ class Watcher:
         counters: Counters,
         life: Life,
         *,
+        watch_log: Callable[[], bool],
         on_news: Callable[[str, bytes], object],
         on_look: Callable[[], object],
         on_peers: Callable[[], object],
@@ -104,13 +106,14 @@ class Watcher:
         self._dirs = dirs
         self._counters = counters
         self._life = life
+        # Whether log/ is watched too, for appends: when this peer has no doorbell.
+        self._watch_log = watch_log
         self._on_news = on_news  # a writer's segment appeared or grew
         self._on_look = on_look  # look at every writer: events were lost, or unclear
         self._on_peers = on_peers  # peers/ changed
         self._on_displaced = on_displaced  # a directory of the namespace removed or renamed
         self._on_read = on_read  # read now what was said
         self.kind: str | None = None  # "inotify" or "watchfiles", once started
-        self._watch_log = False  # log/ is watched for appends (no doorbell)
         self._inotify: int | None = None  # the inotify fd, read by `_inotify_loop`
         self._inotify_loop: asyncio.AbstractEventLoop | None = None
         self._own_prefix = f"{config.peer}-"
@@ -134,11 +137,9 @@ class Watcher:
         thread = self.watch_thread
         return thread is not None and thread.is_alive()
 
-    def start(self, watch_log: bool) -> None:
+    def start(self) -> None:
         """Watch with inotify on the event loop; with the watchfiles thread where
-        inotify cannot be had, or when `IVIP_IPC_WATCHER=watchfiles` asks for it.
-        `watch_log`: log/ too, for appends (this peer has no doorbell)."""
-        self._watch_log = watch_log
+        inotify cannot be had, or when `IVIP_IPC_WATCHER=watchfiles` asks for it."""
         choice = os.environ.get(WATCHER_ENV, "").strip().lower()
         if choice not in _WATCHERS:
             rate_limited(
@@ -166,7 +167,7 @@ class Watcher:
         watched segment would cost each watching process an inotify event
         (measured: a 1 us write became 9 us with two watchers)."""
         paths = [("peers", _IN_PEERS)]
-        if self._watch_log:
+        if self._watch_log():
             paths.append(("log", _IN_LOG))
         return paths
 
@@ -313,7 +314,7 @@ class Watcher:
         self._watch_retry_at = 0.0
         if self.kind == "inotify" or self._inotify is not None:
             self._stop_inotify()
-            self.start(self._watch_log)
+            self.start()
         else:
             self._watch_error = OSError("the namespace directory was re-created")
             self._watch_stop.set()
@@ -330,7 +331,7 @@ class Watcher:
         self._watch_retry_at = now + self._watch_backoff
         self._counters.watcher_restarts += 1
         logger.warning("restarting the watcher (it stopped: %s)", self._watch_error)
-        self.start(self._watch_log)
+        self.start()
 
     def _on_watch(self, changes: set[tuple[Any, str]]) -> None:
         self._counters.watch_events += len(changes)
