@@ -40,7 +40,7 @@ async def test_short_lived_peers_leave_nothing_behind(ipc_dir: Path, until: Any)
 async def test_start_never_fails_because_a_peer_looked_at_its_lock(
     ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ivip_ipc_async.backends.directory import peers
+    from ivip_ipc_async.backends.directory import liveness
 
     real = fcntl.flock
     calls = 0
@@ -52,7 +52,7 @@ async def test_start_never_fails_because_a_peer_looked_at_its_lock(
             raise BlockingIOError
         real(fd, op)
 
-    monkeypatch.setattr(peers.fcntl, "flock", busy_once)
+    monkeypatch.setattr(liveness.fcntl, "flock", busy_once)
     async with AsyncIPC(ipc_dir, **FAST) as ipc:
         assert ipc.started
     assert calls >= 2
@@ -84,16 +84,14 @@ def test_a_planted_peer_lock_file_reads_as_no_note(ipc_dir: Path, garbage: bytes
     """Another peer's lock file is read when a gap's cause is named (inside a read
     pass): garbage in it (nested 4000 deep: a RecursionError, not a ValueError;
     an infinite number) reads as "nothing noted", never an exception."""
-    from ivip_ipc_async.backends.directory.layout import Namespace
-    from ivip_ipc_async.backends.directory.peers import Peers
+    from ivip_ipc_async.backends.directory.layout import Dirs
+    from ivip_ipc_async.backends.directory.peerfiles import CAPPED, DISPLACED, read_note
 
-    ns = Namespace(ipc_dir / "ns")
-    ns.open_directories()
+    dirs = Dirs(ipc_dir / "ns")
+    dirs.open()
     try:
         (ipc_dir / "ns" / "peers" / f"{FAKE_PEER}.lock").write_bytes(garbage)
-        peers = Peers(ns)
-        assert peers.noted(FAKE_PEER, "capped_through") == 0
-        assert peers.capped_through(FAKE_PEER) == 0
+        assert read_note(dirs.fds["peers"], FAKE_PEER, CAPPED) == 0
+        assert read_note(dirs.fds["peers"], FAKE_PEER, DISPLACED) == 0
     finally:
-        for fd in ns.fds.values():
-            os.close(fd)
+        dirs.close()

@@ -184,7 +184,7 @@ async def test_due_timers_run_between_any_two_slices_of_reading(
     """A 0.1 ms timer gets its turn after every full slice of reading (restoring
     the log at start, or reading a huge batch live), not after every second one,
     as it did when slices yielded with `asyncio.sleep(0)`."""
-    from ivip_ipc_async.backends.directory.layout import SLICE
+    from ivip_ipc_async.backends.directory.pacing import SLICE
     from ivip_ipc_async.backends.directory.reader import LogReader
 
     events: list[tuple[str, float]] = []

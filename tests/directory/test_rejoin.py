@@ -405,7 +405,7 @@ async def test_a_rejoin_whose_new_segment_fails_still_counts_what_was_stranded(
         assert rejoin.check(wait=False)
         for i in (1, 2, 3):
             await a.notify("chat", i)
-        last = segments.segments[-1].number
+        last = segments.own.head.number
         shutil.rmtree(ipc_dir / "default" / "log")
         real = segments.open_segment
         failures = []
@@ -423,6 +423,6 @@ async def test_a_rejoin_whose_new_segment_fails_still_counts_what_was_stranded(
         assert rejoin.problem == ""
         stats = a.stats()
         assert (stats["records_stranded"], stats["layout_repairs"]) == (3, 1)
-        assert backend._peers._note.get("displaced_through") == last  # type: ignore[attr-defined]
+        assert backend._liveness._note.get("displaced_through") == last  # type: ignore[attr-defined]
         await a.notify("chat", 4)  # the next write opens the new segment
         await until(lambda: got[-1:] == [4])

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
-from ivip_ipc_async.backends.directory import segments, snapshots
+from ivip_ipc_async.backends.directory import cap, segments, snapshots
 from ivip_ipc_async.errors import BackendFullError
 
 from .helpers import FAST, namespace_bytes
@@ -263,7 +263,7 @@ async def test_a_write_no_snapshot_makes_room_for_is_refused_as_full(
 ) -> None:
     """At its share of `max_footprint`, with no snapshot to make room, a cache
     write waits, then is refused with `BackendFullError` (errno ENOSPC)."""
-    monkeypatch.setattr(segments, "_ROOM_WAIT", 0.2)
+    monkeypatch.setattr(cap, "ROOM_WAIT", 0.2)
     monkeypatch.setattr(snapshots.Snapshots, "request", lambda self: None)
     async with AsyncIPC(ipc_dir, segment_bytes=64 * 1024, max_footprint=512 * 1024) as ipc:
         cache = AsyncCache(ipc)

@@ -135,7 +135,7 @@ async def test_a_new_snapshot_with_the_old_timestamp_is_still_read(
 def test_a_garbled_snapshot_header_or_end_reads_as_unknown(header: bytes) -> None:
     """The snapshot's JSON frames are untrusted: nested 5000 deep (a RecursionError)
     or holding an infinite number, they read as no positions and no end."""
-    from ivip_ipc_async.backends.directory.snapshots import _positions, _snapshot_end
+    from ivip_ipc_async.backends.directory.joining import _positions, _snapshot_end
 
     assert _positions(header) == {}
     assert _snapshot_end(header) == -1

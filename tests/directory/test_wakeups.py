@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ivip_ipc_async import AsyncIPC
-from ivip_ipc_async.backends.directory import inotify, wakeups
+from ivip_ipc_async.backends.directory import inotify, watcher
 
 from .helpers import FAKE, FAST, Script, as_nobody, needs_root
 
@@ -60,7 +60,7 @@ async def test_watcher_that_cannot_start_falls_back_with_a_warning(
     def no_inotify(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "inotify instance limit reached")
 
-    monkeypatch.setattr(wakeups, "open_inotify", no_inotify)
+    monkeypatch.setattr(watcher, "open_inotify", no_inotify)
     if watchfiles_too:
         monkeypatch.setattr(watchfiles, "watch", no_inotify)
     with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
@@ -179,7 +179,7 @@ async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until
         await writer.notify("e", 0)
         await until(lambda: got == [0])
         loop = asyncio.get_running_loop()
-        bell = reader._backend._wakeups.bell  # type: ignore[union-attr]
+        bell = reader._backend._doorbell.bell  # type: ignore[union-attr]
         assert bell is not None
         loop.remove_reader(bell.fileno())  # the reader is busy: its queue fills
         sent = writer.stats()["doorbells_sent"]
@@ -190,7 +190,7 @@ async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until
         writer._backend._segments.rotate()  # type: ignore[union-attr]
         await writer.notify("e", "new segment")
         # Drain the stale datagrams the way a busy reader would, and read them.
-        loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
+        loop.add_reader(bell.fileno(), reader._backend._doorbell._on_doorbell)  # type: ignore[union-attr]
         await until(lambda: got[-1:] == ["new segment"], timeout=5)
         assert got == [*range(40), "new segment"]
 
@@ -270,7 +270,7 @@ async def test_destroy_is_prompt_and_leaves_no_inotify_fd(ipc_dir: Path) -> None
     await ipc.start()
     # This instance's own fd (a watchfiles thread of an earlier test may close
     # its own at any moment, so the process's count says nothing).
-    fd = ipc._backend._wakeups._inotify  # type: ignore[union-attr]
+    fd = ipc._backend._watcher._inotify  # type: ignore[union-attr]
     assert fd is not None
     assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
     loop = asyncio.get_running_loop()
@@ -373,7 +373,7 @@ async def test_an_inotify_watcher_that_fails_is_restarted(
 ) -> None:
     """Reading the inotify fd raised: a warning, delivery goes on through re-scans,
     and the supervisor starts a new watcher (counted in `watcher_restarts`)."""
-    real = wakeups.read_events
+    real = watcher.read_events
     failures = 0
 
     def flaky(fd: int) -> Any:
@@ -383,7 +383,7 @@ async def test_an_inotify_watcher_that_fails_is_restarted(
             raise OSError(errno.EIO, "injected")
         return real(fd)
 
-    monkeypatch.setattr(wakeups, "read_events", flaky)
+    monkeypatch.setattr(watcher, "read_events", flaky)
     with caplog.at_level(logging.WARNING, logger="ivip_ipc_async"):
         async with AsyncIPC(ipc_dir, doorbell=False, rescan_interval=0.05) as ipc:
             got: list[Any] = []
@@ -441,23 +441,23 @@ async def test_a_forged_doorbell_datagram_costs_only_itself(
         await writer.notify("e", 0)
         await until(lambda: got == [0])
         loop = asyncio.get_running_loop()
-        bell = reader._backend._wakeups.bell  # type: ignore[union-attr]
+        bell = reader._backend._doorbell.bell  # type: ignore[union-attr]
         assert bell is not None
         loop.remove_reader(bell.fileno())  # queue the datagrams, then take them at once
-        peer = writer._backend._ns.peer.encode()  # type: ignore[union-attr]
+        peer = writer._backend.peer.encode()  # type: ignore[union-attr]
         forger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             forger.connect(bell.getsockname())
             forger.send(b"S" + peer + b"12x45678")  # a known peer, not a segment number
             forger.send(b"S" + peer + b"-0000001")
             forger.send(b"S" + b"\xff" * 16 + b"00000001")  # not a peer id
-            writer._backend._wakeups.ring = lambda: None  # type: ignore[union-attr,method-assign]
+            writer._backend._doorbell.ring = lambda: None  # type: ignore[union-attr,method-assign]
             await writer.notify("e", 1)  # written, not rung: only the real ring below says so
             forger.send(b"S" + peer + b"%08d" % 1)
         finally:
             forger.close()
         with caplog.at_level(logging.WARNING):
-            loop.add_reader(bell.fileno(), reader._backend._wakeups._on_doorbell)  # type: ignore[union-attr]
+            loop.add_reader(bell.fileno(), reader._backend._doorbell._on_doorbell)  # type: ignore[union-attr]
             await until(lambda: got == [0, 1], timeout=5)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
@@ -477,7 +477,7 @@ async def test_a_planted_segment_name_with_other_digits_costs_only_itself(
         reader.on("e", got.append)
         await writer.notify("e", 0)
         await until(lambda: got == [0])
-        peer = writer._backend._ns.peer  # type: ignore[union-attr]
+        peer = writer._backend.peer  # type: ignore[union-attr]
         log = ipc_dir / "default" / "log"
         with caplog.at_level(logging.WARNING):
             (log / f"{peer}-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0662.seg").write_bytes(b"")
@@ -492,11 +492,11 @@ async def test_a_doorbell_of_the_same_inode_on_another_device_is_not_ours(
 ) -> None:
     """A file at the doorbell's name with the doorbell's inode number but on another
     device (another file system mounted over peers/, say) is not the doorbell:
-    `doorbell_bound` compares the device too (before: only the inode number)."""
+    `Doorbell.bound` compares the device too (before: only the inode number)."""
     async with AsyncIPC(ipc_dir) as ipc:
-        wakeups = ipc._backend._wakeups  # type: ignore[union-attr]
-        assert wakeups.bell is not None
-        assert wakeups.doorbell_bound()
+        doorbell = ipc._backend._doorbell  # type: ignore[union-attr]
+        assert doorbell.bell is not None
+        assert doorbell.bound()
         real = os.stat
 
         def other_device(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
@@ -508,4 +508,4 @@ async def test_a_doorbell_of_the_same_inode_on_another_device_is_not_ours(
             return os.stat_result(fields)
 
         monkeypatch.setattr(os, "stat", other_device)
-        assert not wakeups.doorbell_bound()
+        assert not doorbell.bound()

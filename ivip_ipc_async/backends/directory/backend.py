@@ -1,4 +1,4 @@
-"""The shared-directory backend: its life, composed of one part per concern.
+"""The shared-directory backend: `DirectoryBackend` composes the parts and wires them.
 
 Every process writes only its own segments. A write is one `os.write` of a
 whole batch (group commit), then a one-byte-ish datagram to every peer's
@@ -6,10 +6,18 @@ doorbell. Readers keep an offset per segment and a sequence number per writer;
 doorbells, the directory watcher and a periodic re-scan only say "look", so a lost
 wake-up costs latency, never a record.
 
-`DirectoryBackend` implements `backends.base.Backend`: it wires the parts
-(layout, segments, reader, recovery, wake-ups, peers, snapshots), starts and stops
-them, runs the maintenance round, and reports stats. Each part keeps its own
-state; see docs/design.md for the map.
+This is the only module that knows every part. It makes the passive state
+(`state.py`: config, counters, life, the writer table, own log, positions;
+`cap.Budget`; `layout.Dirs`), hands each part the pieces it needs and the
+callbacks it calls, then runs their life: start (the join), the maintenance
+round, close, fork, stats. The parts, one concern each, never hold one another:
+
+    segments.py (the writer) + cap.py     reader.py + recovery.py + gaps.py
+    snapshots.py    joining.py            liveness.py
+    doorbell.py     watcher.py            rejoin.py
+    conditional.py  locks.py + lock_handover.py
+
+Depends on: every part, and `forks`, `logs`, `records`, `conditions`.
 """
 
 from __future__ import annotations
@@ -17,41 +25,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from ... import forks
 from ...conditions import Conditional, Outcome
 from ...logs import logger
 from ...records import Record
 from ..base import RecordSink
+from .cap import Budget
 from .conditional import ConditionalWrites
-from .layout import Namespace
+from .doorbell import Doorbell
+from .gaps import Gaps
+from .joining import Joining
+from .layout import Dirs
+from .liveness import Liveness
 from .locks import DirectoryLocks
-from .peers import Peers
+from .peerfiles import DISPLACED
 from .reader import LogReader
-from .recovery import FrameRecovery, Gaps
-from .rejoin import Rejoin
+from .rejoin import Rejoin, RejoinSteps
 from .segments import GroupCommit, OwnSegments
 from .snapshots import Snapshots
-from .wakeups import Wakeups
-
-T = TypeVar("T")
-
-
-class _Shared(Generic[T]):
-    """An attribute of `DirectoryBackend` kept in its `Namespace`."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    def __get__(self, obj: DirectoryBackend, owner: type | None = None) -> T:
-        value: T = getattr(obj._ns, self._name)
-        return value
-
-    def __set__(self, obj: DirectoryBackend, value: T) -> None:
-        setattr(obj._ns, self._name, value)
+from .state import Config, Counters, Life, OwnLog, Positions, Writers
+from .watcher import Watcher
 
 
 class DirectoryBackend:
@@ -79,20 +76,21 @@ class DirectoryBackend:
         16777216
     """
 
-    # The options and names, kept (and shared with the parts) in the `Namespace`.
-    path: _Shared[Path] = _Shared()
-    max_record_size: _Shared[int] = _Shared()
-    segment_bytes: _Shared[int] = _Shared()
-    retention: _Shared[float] = _Shared()
-    max_footprint: _Shared[int] = _Shared()
-    max_state_bytes: _Shared[int] = _Shared()
-    rescan_interval: _Shared[float] = _Shared()
-    snapshot_interval: _Shared[float] = _Shared()
-    watch_step: _Shared[int] = _Shared()
-    use_doorbell: _Shared[bool] = _Shared()
-    node: _Shared[int] = _Shared()
-    peer: _Shared[str] = _Shared()
-    counters: _Shared[dict[str, int]] = _Shared()
+    append: Callable[[Sequence[Record]], Coroutine[Any, Any, None]]
+    """Write records; when this returns they are in the segment file.
+
+    Written at once (a task that has just written 64 times in a row in this
+    loop iteration then yields once), except while a batch is pending: then
+    it joins the batch written at the end of the iteration (group commit).
+    It is the group commit's own `GroupCommit.append` (one coroutine per call,
+    not two)."""
+
+    write_now: Callable[[Sequence[Record]], bool]
+    """Write records at once if this loop iteration still may: True when they
+    are in the segment file (as `append` would have them), False when the
+    caller must `await append(records)` instead. Optional for a backend:
+    `AsyncIPC.notify` uses it when present, to complete without suspending.
+    It is the group commit's own `GroupCommit.write_now`."""
 
     def __init__(
         self,
@@ -109,8 +107,9 @@ class DirectoryBackend:
         doorbell: bool = True,
         node: int | None = None,
     ) -> None:
-        ns = self._ns = Namespace(
+        config = self._config = Config.of(
             path,
+            node=node,
             max_record_size=max_record_size,
             segment_bytes=segment_bytes,
             retention=retention,
@@ -119,108 +118,176 @@ class DirectoryBackend:
             rescan_interval=rescan_interval,
             snapshot_interval=snapshot_interval,
             watch_step=watch_step,
-            doorbell=doorbell,
-            node=node,
+            use_doorbell=doorbell,
         )
-        # The parts, each with its own state, wired to the ones it talks to.
-        self._segments = OwnSegments(ns)
-        self._writer = GroupCommit(ns)
-        self._reader = LogReader(ns)
-        self._recovery = FrameRecovery(ns)
-        self._gaps = Gaps(ns)
-        self._wakeups = Wakeups(ns)
-        self._peers = Peers(ns)
-        self._snapshots = Snapshots(ns)
-        self._rejoin = Rejoin(ns)
-        self._segments.connect(self._peers, self._snapshots)
-        self._writer.connect(self._segments, self._wakeups, self._snapshots)
-        self._reader.connect(self._wakeups, self._snapshots, self._recovery, self._gaps)
-        self._recovery.connect(self._reader, self._peers)
-        self._gaps.connect(self._reader, self._peers, self._snapshots)
-        self._wakeups.connect(self._reader, self._segments)
-        self._peers.connect(self._reader, self._segments, self._wakeups)
-        self._snapshots.connect(self._reader, self._segments)
-        self._rejoin.connect(
-            self._peers, self._segments, self._wakeups, self._reader, self._snapshots
+        # The options, as given (the config is frozen: these never change).
+        self.path = config.path
+        self.max_record_size = config.max_record_size
+        self.segment_bytes = config.segment_bytes
+        self.retention = config.retention
+        self.max_footprint = config.max_footprint
+        self.max_state_bytes = config.max_state_bytes
+        self.rescan_interval = config.rescan_interval
+        self.snapshot_interval = config.snapshot_interval
+        self.watch_step = config.watch_step
+        self.use_doorbell = config.use_doorbell
+        self.node = config.node
+        self.peer = config.peer
+
+        # The passive state the parts share.
+        self._counters = counters = Counters()
+        self._life = life = Life(counters)
+        self._dirs = dirs = Dirs(config.path)
+        writers: Writers = {}
+        own = OwnLog()
+        positions = Positions()
+        budget = Budget(config)
+
+        # The parts, each given the state it reads or writes and the callbacks
+        # it calls; none holds another. Callbacks that name a part made later
+        # are lambdas, resolved when called.
+        self._gaps = Gaps(config, dirs, counters, life, writers)
+        self._reader = reader = LogReader(
+            config, dirs, counters, life, writers, positions, self._gaps
         )
-        self._wakeups.on_displaced = self._rejoin.soon
-        self._rejoin.on_moved = self._namespace_moved
+        self._segments = OwnSegments(
+            config,
+            dirs.fds,
+            counters,
+            life,
+            own,
+            budget,
+            positions,
+            on_capped=lambda segment: self._liveness.note_capped(segment),
+        )
+        self._doorbell = Doorbell(
+            config,
+            dirs,
+            counters,
+            life,
+            own,
+            on_news=reader.news,
+            on_look=reader.look_everywhere,
+            on_read=reader.read_now,
+            on_listed=lambda names: self._liveness.count_peers(names),
+        )
+        self._watcher = Watcher(
+            config,
+            dirs,
+            counters,
+            life,
+            watch_log=lambda: self._doorbell.bell is None,
+            on_news=reader.news,
+            on_look=reader.look_everywhere,
+            on_peers=self._doorbell.peers_changed,
+            on_displaced=lambda: self._rejoin.soon(),
+            on_read=reader.schedule_read,
+        )
+        self._liveness = Liveness(
+            config,
+            dirs,
+            counters,
+            writers,
+            budget,
+            on_dead=reader.mark_dead,
+            on_back=reader.revive,
+            on_gone=reader.forget,
+            on_announce=self._doorbell.bind,
+            on_withdraw=self._doorbell.unbind,
+        )
+        self._snapshots = Snapshots(
+            config, dirs.fds, counters, life, writers, own, budget, positions
+        )
+        self._joining = Joining(config, dirs.fds, counters, life, writers, positions)
+        self._writer = GroupCommit(
+            config,
+            life,
+            self._segments,
+            budget,
+            on_written=self._doorbell.written,
+            on_flushed=self._doorbell.ring_if_unrung,
+            want_snapshot=self._snapshots.request,
+        )
+        self._rejoin = Rejoin(
+            config,
+            dirs,
+            counters,
+            life,
+            own,
+            RejoinSteps(
+                snapshot_busy=self._snapshot_busy,
+                announced=self._liveness.announced,
+                doorbell_bound=self._doorbell.bound,
+                segment_linked=self._segments.linked,
+                root_replaced=self._root_replaced,
+                note_displaced=lambda segment: self._liveness.note(DISPLACED, segment),
+                start_again=self._segments.start_again,
+                announce_again=self._liveness.announce_again,
+                settle=self._settle,
+                rewatch=self._rewatch,
+            ),
+        )
         self._locks: DirectoryLocks | None = None  # made by locks() on first use
-        self._conditional = ConditionalWrites(ns, self._reader, self._writer.append, self.locks)
-        # The hot path: `append` is the group commit's own, one coroutine per
-        # call instead of two (the method below says what it does).
-        self.append = self._writer.append  # type: ignore[method-assign]
-        self.write_now = self._writer.write_now  # type: ignore[method-assign]
+        self._conditional = ConditionalWrites(life, reader.barrier, self._writer.append, self.locks)
+        # The hot path: the group commit's own methods (see `append`, `write_now`).
+        self.append = self._writer.append
+        self.write_now = self._writer.write_now
 
     # -- life -------------------------------------------------------------------
 
     async def start(self, sink: RecordSink) -> None:
-        """Open the directory, announce this peer, load the present, start watching."""
-        ns = self._ns
-        ns.sink = sink
-        ns.loop = asyncio.get_running_loop()
+        """Open the directory, announce this peer, load the present, start watching.
+
+        The join (see joining.py): the snapshot, then the log of every writer
+        present from the position it covers, then live."""
+        life = self._life
+        life.sink = sink
+        life.loop = asyncio.get_running_loop()
         forks.forget_in_child(self, DirectoryBackend._drop_inherited)  # (a forked child)
         try:
-            ns.open_directories()
-            self._peers.announce()
+            self._dirs.open()
+            self._liveness.announce()  # and the doorbell, bound beside the lock file
             self._segments.open_segment(1)
-            await self._snapshots.load_at_start()
+            await self._joining.load_at_start()
             self._reader.scan()
             await self._reader.restore_log()
-            self._wakeups.start_watcher()
-            ns.spawn(self._maintain, restart=True)
-            self._wakeups.refresh_peers(ring_new=True)
+            self._watcher.start()
+            life.spawn(self._maintain, restart=True)
+            self._doorbell.refresh_peers(ring_new=True)
         except BaseException:
             self.abandon()
             raise
 
-    async def append(self, records: Sequence[Record]) -> None:
-        """Write records; when this returns they are in the segment file.
-
-        Written at once (a task that has just written 64 times in a row in this
-        loop iteration then yields once), except while a batch is pending: then
-        it joins the batch written at the end of the iteration (group commit).
-        """
-        await self._writer.append(records)
-
-    def write_now(self, records: Sequence[Record]) -> bool:
-        """Write records at once if this loop iteration still may: True when they
-        are in the segment file (as `append` would have them), False when the
-        caller must `await append(records)` instead. Optional for a backend:
-        `AsyncIPC.notify` uses it when present, to complete without suspending.
-        """
-        return self._writer.write_now(records)
-
     async def close(self) -> None:
         """Flush what was accepted, stop every task and thread, release files."""
-        ns = self._ns
-        if ns.closing:
+        life = self._life
+        if life.closing:
             return
         self._writer.flush()
-        self._wakeups.ring_if_unrung()
-        ns.closing = True
-        self._wakeups.stop_watcher()
+        self._doorbell.ring_if_unrung()
+        life.closing = True
+        self._watcher.stop()
         snapshot = self._snapshots.task
         if snapshot is not None and not snapshot.done():
             # Let a snapshot being written finish: cancelling aiofiles mid-call
             # can leave its file open in the worker thread.
             await asyncio.wait([snapshot], timeout=5)
-        for task in list(ns.tasks):
+        for task in list(life.tasks):
             task.cancel()
-        if ns.tasks:
-            await asyncio.gather(*ns.tasks, return_exceptions=True)
-        await self._wakeups.wait_watcher()
+        if life.tasks:
+            await asyncio.gather(*life.tasks, return_exceptions=True)
+        await self._watcher.wait()
         self._release()
 
     def abandon(self) -> None:
         """Release everything without the event loop (it may be closed already)."""
-        ns = self._ns
-        ns.closing = True
-        self._wakeups.stop_watcher()
-        for task in list(ns.tasks):
+        life = self._life
+        life.closing = True
+        self._watcher.stop()
+        for task in list(life.tasks):
             if not task.get_loop().is_closed():
                 task.cancel()
-        ns.tasks.clear()
+        life.tasks.clear()
         self._release()
 
     def _release(self) -> None:
@@ -228,15 +295,13 @@ class DirectoryBackend:
         if self._locks is not None:
             self._locks.abandon()  # closing their files releases the locks held here
         self._rejoin.close()
-        self._wakeups.close()
+        self._watcher.close()
+        self._doorbell.close()
         self._reader.close()
         self._segments.close()
         self._snapshots.close()
-        self._peers.close()  # closing releases the flock: we are now "dead" to peers
-        for fd in self._ns.fds.values():
-            os.close(fd)
-        self._ns.fds.clear()
-        self._ns.close_retired()
+        self._liveness.close()  # closing releases the flock: we are now "dead" to peers
+        self._dirs.close()
         self._writer.abort()
 
     def _drop_inherited(self) -> None:
@@ -246,67 +311,83 @@ class DirectoryBackend:
         `multiprocessing` would otherwise keep a killed parent "alive" to its
         peers), and must not unlink the parent's files or settle its futures.
         """
-        ns = self._ns
-        ns.closing = True
-        ns.tasks.clear()
-        self._writer.pending = None
-        ns.loop = None
-        self._wakeups.drop_inherited()
+        life = self._life
+        life.closing = True
+        life.tasks.clear()
+        self._writer.drop_inherited()
+        life.loop = None
+        self._watcher.drop_inherited()
+        self._doorbell.drop_inherited()
         self._reader.drop_inherited()
-        fds = [self._segments.seg_fd, self._snapshots.lock_fd, self._peers.lock_fd]
-        fds += [*ns.fds.values(), *ns.retired]
-        ns.retired = []
-        self._segments.seg_fd = self._snapshots.lock_fd = self._peers.lock_fd = None
-        ns.fds.clear()
-        for fd in fds:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        self._segments.drop_inherited()
+        self._snapshots.drop_inherited()
+        self._liveness.drop_inherited()
+        self._dirs.drop_inherited()
 
     # -- maintenance: re-scan, liveness, collection, retention, snapshots ----------
 
     async def _maintain(self) -> None:
-        ns = self._ns
+        life, config = self._life, self._config
         rounds = 0
         try:
-            while not ns.closing:
-                await asyncio.sleep(ns.rescan_interval)
+            while not life.closing:
+                await asyncio.sleep(config.rescan_interval)
                 rounds += 1
                 # First: is the namespace still where this process opened it?
                 # (If not, and it cannot be re-created, nobody is judged dead
                 # and nothing is collected or snapshotted in the old place.)
                 in_place = self._rejoin.check()
                 self._reader.safety_rescan(full=rounds % 10 == 0)
-                self._wakeups.supervise_watcher()
+                self._watcher.supervise()
                 if not in_place:
                     continue
                 if rounds % 3 == 0:
-                    self._wakeups.peers_wanted = True
-                    self._peers.check()
+                    self._doorbell.peers_changed()
+                    self._liveness.check()
                     self._segments.enforce_retention()
                 self._snapshots.maybe_write()
-                self._snapshots.maybe_reload()
+                self._joining.maybe_reload(holder=self._snapshots.holder)
         except asyncio.CancelledError:
-            if not ns.closing:
+            if not life.closing:
                 # Not cancelled by close(): the event loop is ending (asyncio.run
                 # cancels every task before it closes the loop). Let go of the
                 # locks now; once the loop is gone nothing would, and peers would
                 # wait forever on a process that is alive but no longer serving.
-                logger.info("the event loop of peer %s ended without destroy()", ns.peer)
+                logger.info("the event loop of peer %s ended without destroy()", config.peer)
                 self._writer.flush()
                 self.abandon()
             raise
 
-    # -- locks -------------------------------------------------------------------------------
+    # -- the steps of a rejoin (rejoin.py), across parts --------------------------------
 
-    def _namespace_moved(self) -> None:
+    def _snapshot_busy(self) -> bool:
+        task = self._snapshots.task
+        return task is not None and not task.done()
+
+    def _root_replaced(self) -> None:
+        """The namespace directory is a new one: snapshot.lock and snapshot.bin
+        are others, and later lock attempts open its new locks/."""
+        self._snapshots.moved()
+        self._joining.moved()
         if self._locks is not None:
             self._locks.moved()
+
+    def _settle(self, until: float) -> None:
+        self._liveness.settle_until = until
+
+    def _rewatch(self) -> None:
+        """Ring, watch and read the directories now at the path."""
+        self._doorbell.forget_peers()
+        self._watcher.restart()
+        self._doorbell.refresh_peers(ring_new=True)
+        self._reader.schedule_read(full=True)
+
+    # -- locks -------------------------------------------------------------------------------
 
     def locks(self) -> DirectoryLocks:
         """The lock capability: `flock`s on files in `locks/` (locks.py)."""
         if self._locks is None:
-            self._locks = DirectoryLocks(self._ns.path)
+            self._locks = DirectoryLocks(self._config.path)
         return self._locks
 
     async def write_if(self, op: Conditional) -> Outcome:
@@ -327,17 +408,17 @@ class DirectoryBackend:
         resync awaited), for a decision that must see a peer's write made before
         something this process has just observed (`run_once`, memoize: a record
         stored before the lock this process now holds was let go)."""
-        if not self._ns.closing:
+        if not self._life.closing:
             await self._reader.barrier()
 
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counters, peers, segments and lag of this backend."""
-        ns = self._ns
-        footprint = ns.footprint()
+        config, life, dirs = self._config, self._life, self._dirs
+        footprint = dirs.footprint()
         segments = 0
-        log_fd = ns.fds.get("log")
+        log_fd = dirs.fds.get("log")
         if log_fd is not None:
             segments = len(os.listdir(log_fd))
         writers = self._reader.writers
@@ -348,21 +429,21 @@ class DirectoryBackend:
                     lag += max(0, os.fstat(w.fd).st_size - w.offset)
         return {
             "backend": "directory",
-            "path": str(ns.path),
-            "peer": ns.peer,
-            "peers": self._wakeups.peers if ns.use_doorbell else sorted(writers),
+            "path": str(config.path),
+            "peer": config.peer,
+            "peers": self._doorbell.peers if config.use_doorbell else sorted(writers),
             "writers": len(writers),
             "segments": segments,
             "footprint_bytes": footprint,
             "lag_bytes": lag,
-            "snapshot_holder": self._snapshots.lock_fd is not None,
-            "watcher": self._wakeups.watcher,
-            "watcher_alive": self._wakeups.watcher_alive,
+            "snapshot_holder": self._snapshots.holder,
+            "watcher": self._watcher.kind,
+            "watcher_alive": self._watcher.alive,
             "layout_problem": self._rejoin.problem,
             "maintenance_alive": any(
-                t.get_name() == "ivip-ipc_maintain" and not t.done() for t in ns.tasks
+                t.get_name() == "ivip-ipc_maintain" and not t.done() for t in life.tasks
             ),
-            **ns.counters,
+            **self._counters.as_dict(),
         }
 
     # -- health ----------------------------------------------------------------------------

@@ -17,6 +17,9 @@ writes of every holder before it:
 
 Plain `set`/`delete` take no lock: they race with conditional writes by last
 writer wins, as documented in docs/api.md.
+
+Depends on: `state` (the sink), `conditions`, `records`, and the callables
+`backend.py` hands it (the reader's barrier, the writer's append, the locks).
 """
 
 from __future__ import annotations
@@ -25,15 +28,12 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ...conditions import Conditional, Outcome, decide
 from ...records import Record
-from .layout import Namespace
-
-if TYPE_CHECKING:
-    from .locks import DirectoryLocks
-    from .reader import LogReader
+from ..base import LockProvider
+from .state import Life
 
 __all__ = ["BUCKETS", "ConditionalWrites"]
 
@@ -56,21 +56,26 @@ class ConditionalWrites:
     """`write_if` of the directory backend.
 
     Args:
-        ns: The namespace (its sink is the mirror decided on).
-        reader: The reader whose barrier delivers what others wrote.
+        life: Where the backend runs (its sink is the mirror decided on).
+        barrier: The reader's barrier: delivers what others wrote so far.
         append: The group commit's append.
         locks: The lock capability (made on first use).
+
+    Example:
+        >>> async def nothing(*args): pass
+        >>> from ivip_ipc_async.backends.directory.state import Counters
+        >>> writes = ConditionalWrites(Life(Counters()), nothing, nothing, print)
     """
 
     def __init__(
         self,
-        ns: Namespace,
-        reader: LogReader,
+        life: Life,
+        barrier: Callable[[], Awaitable[None]],
         append: Callable[[Sequence[Record]], Awaitable[None]],
-        locks: Callable[[], DirectoryLocks],
+        locks: Callable[[], LockProvider],
     ) -> None:
-        self._ns = ns
-        self._reader = reader
+        self._life = life
+        self._barrier = barrier
         self._append = append
         self._locks = locks
         # One task of this process at a time per bucket: the others wait here
@@ -88,8 +93,8 @@ class ConditionalWrites:
             try:
                 while not await contender.try_acquire():
                     await contender.wait(_POLL)
-                await self._reader.barrier()
-                sink = self._ns.sink
+                await self._barrier()
+                sink = self._life.sink
                 if sink is None:
                     raise ConnectionAbortedError("the IPC instance is closed")
                 current = sink.current(record.topic, record.key)

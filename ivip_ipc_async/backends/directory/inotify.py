@@ -1,7 +1,10 @@
-"""inotify(7) through libc: the one binding the watcher (`wakeups`) and the lock
-waiters (`locks`) share, with the event flags they use and the event records'
-parser. Linux only: `LIBC` is None elsewhere, and callers fall back (the
-watchfiles thread; a timer)."""
+"""inotify(7) through libc: the one binding the watcher (`watcher.py`) and the lock
+waiters (`lock_handover.py`) share, with the event flags they use and the event
+records' parser. Linux only: `LIBC` is None elsewhere, and callers fall back (the
+watchfiles thread; a timer).
+
+Depends on: nothing of the package.
+"""
 
 from __future__ import annotations
 

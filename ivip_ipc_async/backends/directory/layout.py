@@ -1,6 +1,6 @@
-"""Where the directory is, what its files are called, and how they are opened safely.
+"""The directory's layout: where each file is, what it is called, how it is opened safely.
 
-Layout of one namespace (see docs/design.md for the reasons)::
+Layout of one namespace (docs/format.md describes every byte)::
 
     <root>/<namespace>/              0700, owned by the user, never a symlink
         log/<peer>-<segment>.seg     append-only records of one writer (0600)
@@ -8,47 +8,29 @@ Layout of one namespace (see docs/design.md for the reasons)::
         peers/<peer>.sock            the peer's doorbell (unix datagram socket)
         snapshot.lock                flock of the one peer that writes snapshots
         snapshot.bin                 cache state, replaced atomically
+        locks/, fences/              the lock capability (locks.py)
 
-`Namespace` is what every part of one started backend shares: the directory's
-fds, this peer's name, the options, the counters and the background tasks.
+`Dirs` holds the namespace's directory fds, checks they are still the ones at
+the path, and opens them again. The helpers open what may have been planted
+(`open_regular`), read untrusted JSON (`json_object`) and compare files by
+identity (`same_file`).
+
+Depends on: `errors`, `logs`. No part of the backend.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import json
 import os
 import re
-import secrets
 import stat
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from ...errors import UnsafeDirectoryError
 from ...logs import logger
-from ...records import FrameReader, Record
-from ..base import LossCause, RecordSink
-
-
-class Loss(NamedTuple):
-    """Why a writer's records may be missing next, for the gap report: the cause
-    (which counter) and what happened, in words (for the warning).
-
-    Example:
-        >>> str(Loss(LossCause.TRUNCATION, "its segment was cut short"))
-        'truncation (its segment was cut short)'
-    """
-
-    cause: LossCause
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.cause.value} ({self.detail})"
-
 
 # ASCII digits and the very end of the name (`\d` takes any Unicode digit, `$`
 # a trailing newline): names in the directory are untrusted input.
@@ -56,76 +38,7 @@ SEGMENT_RE: Final = re.compile(r"([0-9a-f]{16})-([0-9]{8})\.seg\Z")
 LOCK_RE: Final = re.compile(r"([0-9a-f]{16})\.lock\Z")
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 SNAPSHOT: Final = "snapshot.bin"
-READ_CHUNK: Final = 256 << 10
-# A ticker on the loop sees up to two slices between its wake-ups (one ends its
-# iteration, the next starts it), so a slice stays well under half of 10 ms.
-SLICE: Final = 0.002  # seconds of reading and dispatch per loop callback, then yield
-STEP: Final = 64  # records parsed and dispatched between two looks at the clock
-GROUP_WRITE: Final = 1 << 20  # bytes of independent appends joined in one frame
-
-
-async def sliced(reader: FrameReader, data: bytes) -> AsyncIterator[list[Record]]:
-    """The records `data` completes, `STEP` at a time, yielding to the event loop
-    whenever a `SLICE` has passed (a restore or a snapshot load of 100,000 keys
-    never holds the loop in one go)."""
-    deadline = time.perf_counter() + SLICE
-    records = reader.feed(data, STEP)
-    while True:
-        yield records
-        if not reader.backlog:
-            return
-        if time.perf_counter() > deadline:
-            await breathe()
-            deadline = time.perf_counter() + SLICE
-        records = reader.feed(limit=STEP)
-
-
-async def breathe() -> None:
-    """Yield to the event loop between two slices of work, behind the timers due.
-
-    `asyncio.sleep(0)` queues the caller ahead of the timers that fall due while
-    it runs, so a task sleeping 1 ms would wait for two slices; a timer of (next
-    to) no delay is queued behind them, so it waits for one.
-    """
-    await asyncio.sleep(_NEXT_TO_NO_DELAY)
-
-
-def after_timers_due(callback: Callable[[], object]) -> None:
-    """Call `callback` (a slice of work) once the timers due now have run, and
-    the tasks they wake: a timer only wakes a task, which runs one loop turn
-    later, so `callback` is queued one turn later too (see `breathe`)."""
-    loop = asyncio.get_running_loop()
-    loop.call_later(0, loop.call_soon, callback)
-
-
-_NEXT_TO_NO_DELAY: Final = 1e-9  # asyncio.sleep(0) is a plain yield, without a timer
-
-
-COUNTERS: Final = (
-    "records_written",
-    "batches_written",
-    "bytes_written",
-    "records_read",
-    "bytes_read",
-    "doorbells_sent",
-    "doorbells_received",
-    "watch_events",
-    "rescans",
-    "gaps",
-    "records_lost",
-    "garbage_bytes",
-    "torn_tails",
-    "peers_collected",
-    "segments_deleted",
-    "snapshots_written",
-    "snapshots_damaged",
-    "segments_capped",
-    "write_errors",
-    "task_failures",
-    "watcher_restarts",
-    "layout_repairs",
-    "records_stranded",
-)
+READ_CHUNK: Final = 256 << 10  # bytes read from a segment or a snapshot in one pread
 
 
 # -- where the directory is: ivip_ipc_async/namespaces.py (shared with the CLI) --
@@ -227,13 +140,6 @@ def unlink(name: str, dir_fd: int) -> bool:
         return False
 
 
-def size_of(name: str, dir_fd: int) -> int:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
-    except OSError:
-        return 0
-
-
 def exists(name: str, dir_fd: int) -> bool:
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -286,60 +192,32 @@ def segment_name(peer: str, number: int) -> str:
     return f"{peer}-{number:08d}.seg"
 
 
-# -- what every part of one started backend shares --------------------------------
+# -- the namespace's directories, as this process opened them ----------------------
 
 
-class Namespace:
-    """One namespace as this backend sees it: where it is, who we are in it, the
-    options, the counters, the directory fds and the background tasks.
+class Dirs:
+    """The namespace at `path` as this process opened it: the fds of the
+    namespace directory ("root"), log/ and peers/.
 
     Example:
         >>> import tempfile
-        >>> ns = Namespace(tempfile.mkdtemp() + "/ns", node=1)
-        >>> ns.peer
-        '0000000000000001'
+        >>> dirs = Dirs(Path(tempfile.mkdtemp()) / "ns")
+        >>> dirs.open()
+        >>> sorted(dirs.fds), dirs.displaced()
+        (['log', 'peers', 'root'], '')
+        >>> dirs.close()
     """
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        max_record_size: int = 16 << 20,
-        segment_bytes: int = 2 << 20,
-        retention: float = 15.0,
-        max_footprint: int = 64 << 20,
-        max_state_bytes: int = 512 << 20,
-        rescan_interval: float = 2.0,
-        snapshot_interval: float = 1.0,
-        watch_step: int = 150,
-        doorbell: bool = True,
-        node: int | None = None,
-    ) -> None:
-        # Absolute: the path is looked at again while running (`displaced`), and
-        # a relative one would follow the process's working directory.
-        self.path = Path(os.path.abspath(path))
-        self.max_record_size = max_record_size
-        self.segment_bytes = segment_bytes
-        self.retention = retention
-        self.max_footprint = max_footprint
-        self.max_state_bytes = max_state_bytes
-        self.rescan_interval = rescan_interval
-        self.snapshot_interval = snapshot_interval
-        self.watch_step = watch_step
-        self.use_doorbell = doorbell
-        self.node = node if node is not None else (secrets.randbits(63) or 1)
-        self.peer = f"{self.node:016x}"
-        self.sink: RecordSink | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.fds: dict[str, int] = {}  # "root", "log", "peers"
         self.retired: list[int] = []  # fds of directories removed or moved, see reopen
-        self.closing = False
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
-    def open_directories(self) -> None:
-        # The directory given (or the default root) and the namespace inside it
-        # are both checked; the namespace is opened through the root's fd.
+    def open(self) -> None:
+        """Open (creating them 0700) the namespace directory, log/ and peers/.
+
+        The directory given (or the default root) and the namespace inside it are
+        both checked; the namespace is opened through the root's fd."""
         base = secure_directory(self.path.parent)
         try:
             root = secure_directory(self.path.name, dir_fd=base)
@@ -353,15 +231,7 @@ class Namespace:
         """What of the namespace is no longer where this process opened it ("":
         nothing): the directory at `path`, and its log/ and peers/, must be the
         very ones this process's fds refer to (same device and inode). A logout
-        may clear `$XDG_RUNTIME_DIR`, a cleaner may `rm -rf`, someone may rename.
-
-        Example:
-            >>> import tempfile
-            >>> ns = Namespace(tempfile.mkdtemp() + "/ns")
-            >>> ns.open_directories()
-            >>> ns.displaced()
-            ''
-        """
+        may clear `$XDG_RUNTIME_DIR`, a cleaner may `rm -rf`, someone may rename."""
         root = self.fds.get("root")
         if root is None:
             return ""
@@ -373,24 +243,23 @@ class Namespace:
                 return f"{self.path / name} was removed or moved"
         return ""
 
-    def reopen_directories(self) -> set[str]:
+    def reopen(self) -> set[str]:
         """Open (creating them 0700, with the checks of `secure_directory`) the
         namespace at `path` and its log/ and peers/, in place of those that were
         removed or moved; returns the names of the fds replaced. The fds replaced
         are kept open in `retired` (a snapshot being written may still use the old
         root) until `close_retired`."""
         root = self.fds["root"]
-        fresh = Namespace(self.path)
+        fresh = Dirs(self.path)
         try:
             if _moved(str(self.path), root, None):
-                fresh.open_directories()
+                fresh.open()
             else:
                 for name in ("log", "peers"):
                     if _moved(name, self.fds[name], root):
                         fresh.fds[name] = secure_directory(name, dir_fd=root)
         except BaseException:
-            for fd in fresh.fds.values():
-                os.close(fd)
+            fresh.close()
             raise
         replaced = set(fresh.fds)
         for name in replaced:
@@ -399,41 +268,30 @@ class Namespace:
         return replaced
 
     def close_retired(self) -> None:
-        """Close the fds of directories replaced by `reopen_directories`."""
+        """Close the fds of directories replaced by `reopen`."""
         retired, self.retired = self.retired, []
         for fd in retired:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def spawn(
-        self, factory: Callable[[], Coroutine[Any, Any, None]], restart: bool = False
-    ) -> None:
-        """Run a background task; one that dies is logged loudly (and restarted)."""
-        name = factory.__name__
-        task = asyncio.get_running_loop().create_task(factory(), name=f"ivip-ipc{name}")
-        self.tasks.add(task)
+    def close(self) -> None:
+        """Close every fd, the retired ones too."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.close_retired()
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self.tasks.discard(t)
-            if t.cancelled() or self.closing:
-                return
-            exc = t.exception()
-            if exc is None:
-                return
-            self.counters["task_failures"] += 1
-            again = ", restarting it" if restart else ""
-            logger.error("background task %s died%s", name, again, exc_info=exc)
-            if restart:
-                self.spawn(factory, restart=True)
-
-        task.add_done_callback(done)
-
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Keep `task` among the background tasks until it is done."""
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def drop_inherited(self) -> None:
+        """In a forked child: close the parent's fds, touch nothing else."""
+        fds = [*self.fds.values(), *self.retired]
+        self.fds.clear()
+        self.retired = []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def segments_of(self, peer: str, newer_than: float | None = None) -> list[str]:
+        """The names of `peer`'s segments in log/ (modified after `newer_than`)."""
         out = []
         for name in os.listdir(self.fds["log"]):
             if not name.startswith(peer + "-"):

@@ -17,7 +17,7 @@ on, and a warning names the file. So two processes never see `held` True at
 the same moment (see docs/coordination.md, "A tampered lock directory").
 
 Nothing blocks the event loop: the lock is only tried with `LOCK_NB`. Waiters
-are woken by one inotify instance per `DirectoryLocks` (`lock_wakeups.py`):
+are woken by one inotify instance per `DirectoryLocks` (`lock_handover.py`):
 a holder closing its file, at release or death, raises `IN_CLOSE_WRITE`. A
 timer is the safety net (a file system without inotify events from other
 hosts, a lost event).
@@ -29,6 +29,9 @@ in `<namespace>/fences/<name>` (written after it), and the largest this process 
 held. Each is taken only if it is a JSON integer in 1..2**63-2; a damaged or
 missing token is reported with a warning. So garbage written into, or the
 deletion of, one of the two files never sends the token back.
+
+Depends on: `layout`, `inotify`, `lock_handover` (waking the waiters),
+`backends.base` (the lock protocol), `forks`, `waiting`. No other part.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from ...waiting import wait_event
 from ..base import check_lock_name, check_lock_note
 from .inotify import LIBC
 from .layout import FileId, file_id, json_object, same_file, secure_directory
-from .lock_wakeups import LockWakeups
+from .lock_handover import LockWakeups
 
 __all__ = ["DirectoryLocks"]
 

@@ -1,71 +1,41 @@
-"""Reading the other writers' segments, in order, a slice at a time.
+"""The reader: every other writer's segments, read in order, a slice at a time.
 
-`LogReader` keeps one `WriterState` per other writer (segment, offset, last
-sequence number), reads what is new when told to look (`schedule_read`, by a
-doorbell, the directory watcher or the safety re-scan), and hands records on in order to
-the sink (`take`). What is not whole or not there goes to `recovery`: torn
-tails, frames stuck behind a forged length, truncation (`FrameRecovery`), and
-segments deleted before they were read (`Gaps`). At start it restores the
-retained log as state.
+`LogReader` keeps the writer table (`Writers`: one `WriterState` per other
+writer: segment, offset, last sequence number), reads what is new when told to
+look (`news`, `look_everywhere`, `schedule_read`, `read_now`: wired by
+`backend.py` to the doorbell, the watcher and the safety re-scan), and hands
+records on in order to the sink (`take`). A frame that is not whole goes to
+`recovery.py`; a jump in sequence numbers to `gaps.py` (part of the reader:
+its `Gaps` is handed in). At start it restores the retained log as state
+(`restore_log`, see `joining.py`); for a conditional write it reads every
+writer to its end (`barrier`); liveness tells it which writers died
+(`mark_dead`, `revive`, `forget`).
+
+Depends on: `state`, `layout`, `pacing`, `recovery`, `gaps`, `records`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import operator
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ... import fault_points
-from ...logs import logger, rate_limited
+from ...logs import logger
 from ...records import FrameReader, Kind, Record
 from ..base import LossCause
-from .layout import (
-    READ_CHUNK,
-    SEGMENT_RE,
-    SLICE,
-    STEP,
-    Loss,
-    Namespace,
-    after_timers_due,
-    breathe,
-    open_regular,
-    segment_name,
-)
-
-if TYPE_CHECKING:
-    from .recovery import FrameRecovery, Gaps
-    from .snapshots import Snapshots
-    from .wakeups import Wakeups
+from .gaps import RESYNC_TASK, Gaps
+from .layout import READ_CHUNK, SEGMENT_RE, Dirs, open_regular, segment_name
+from .pacing import SLICE, STEP, after_timers_due, breathe
+from .recovery import drop_tail, garbage_reporter, truncated, unstick
+from .state import Config, Counters, Life, Loss, Positions, Writers, WriterState
 
 _SEQ: Final = operator.itemgetter(7)  # Record.seq, by index: the faster getter
-_RESYNC_TASK: Final = "ivip-ipc_resync_state"  # Gaps._resync_state, as Namespace.spawn names it
 _MAX_OPEN_SEGMENTS: Final = 128  # reader fds kept open; the idlest are closed past this
 _NOTHING: Final[frozenset[bytes]] = frozenset()  # the events wanted from a writer being restored
-
-
-@dataclass(slots=True)
-class WriterState:
-    """What this process knows of one other writer's segments."""
-
-    peer: str
-    segment: int  # the segment being read
-    reader: FrameReader
-    fd: int | None = None
-    offset: int = 0
-    last_seq: int = 0  # last record sequence number delivered
-    newest_segment: int = 0  # highest segment number seen for this writer
-    live: bool = False  # False while restoring state at start
-    dead: bool = False
-    refused: bool = False  # a segment could not be opened safely (warned once)
-    last_read: float = 0.0  # monotonic time of the last bytes read
-    cause: Loss | None = None  # why records may be missing next: named in the gap report
-    stuck_at: int = -1  # offset of an incomplete frame seen at the last safety re-scan
 
 
 class LogReader:
@@ -73,13 +43,30 @@ class LogReader:
 
     Example:
         >>> import tempfile
-        >>> LogReader(Namespace(tempfile.mkdtemp() + "/ns")).writers
+        >>> config, counters = Config.of(tempfile.mkdtemp() + "/ns"), Counters()
+        >>> dirs, life, writers = Dirs(config.path), Life(counters), {}
+        >>> gaps = Gaps(config, dirs, counters, life, writers)
+        >>> LogReader(config, dirs, counters, life, writers, Positions(), gaps).writers
         {}
     """
 
-    def __init__(self, ns: Namespace) -> None:
-        self._ns = ns
-        self.writers: dict[str, WriterState] = {}
+    def __init__(
+        self,
+        config: Config,
+        dirs: Dirs,
+        counters: Counters,
+        life: Life,
+        writers: Writers,
+        positions: Positions,
+        gaps: Gaps,
+    ) -> None:
+        self._config = config
+        self._dirs = dirs
+        self._counters = counters
+        self._life = life
+        self.writers = writers
+        self._positions = positions  # what the snapshot loaded at start covers
+        self._gaps = gaps
         self.dirty: set[str] = set()  # writers with news to read
         self.full_scan_wanted = False
         self.live = False  # True once the log present at start has been restored
@@ -87,22 +74,20 @@ class LogReader:
         self._read_scheduled = False
         self._log_mtime = 0  # st_mtime_ns of log/ at the last full scan
 
-    def connect(
-        self, wakeups: Wakeups, snapshots: Snapshots, recovery: FrameRecovery, gaps: Gaps
-    ) -> None:
-        self._wakeups = wakeups
-        self._snapshots = snapshots
-        self._recovery = recovery
-        self._gaps = gaps
-
     # -- when to read ----------------------------------------------------------------
 
     def schedule_read(self, full: bool = False) -> None:
+        """Read at the next loop turn (`full`: list log/ first)."""
         if full:
             self.full_scan_wanted = True
-        if not self._read_scheduled and not self._ns.closing and self._ns.loop is not None:
+        life = self._life
+        if not self._read_scheduled and not life.closing and life.loop is not None:
             self._read_scheduled = True
-            self._ns.loop.call_soon(self.read_pass)
+            life.loop.call_soon(self.read_pass)
+
+    def look_everywhere(self) -> None:
+        """List log/ at the next read pass: a writer may have appeared."""
+        self.full_scan_wanted = True
 
     def read_now(self) -> None:
         """Read at once, unless a read pass is scheduled already."""
@@ -125,9 +110,8 @@ class LogReader:
 
     def read_pass(self) -> None:
         self._read_scheduled = False
-        if self._ns.closing:
+        if self._life.closing:
             return
-        self._wakeups.refresh_peers_if_wanted()
         if self.full_scan_wanted:
             self.full_scan_wanted = False
             self.scan()
@@ -146,11 +130,11 @@ class LogReader:
 
     def scan(self) -> None:
         """List log/ and learn every writer's segments (the safety net)."""
-        self._ns.counters["rescans"] += 1
+        self._counters.rescans += 1
         try:
-            names = os.listdir(self._ns.fds["log"])
+            names = os.listdir(self._dirs.fds["log"])
         except OSError as exc:
-            logger.error("cannot list %s: %s", self._ns.path / "log", exc)
+            logger.error("cannot list %s: %s", self._dirs.path / "log", exc)
             return
         lowest: dict[str, int] = {}
         highest: dict[str, int] = {}
@@ -159,7 +143,7 @@ class LogReader:
             if m is None:
                 continue
             peer, number = m.group(1), int(m.group(2))
-            if peer == self._ns.peer:
+            if peer == self._config.peer:
                 continue
             lowest[peer] = min(number, lowest.get(peer, number))
             highest[peer] = max(number, highest.get(peer, number))
@@ -174,14 +158,17 @@ class LogReader:
             if w is None:
                 # At start, the snapshot already holds this writer's state up to a
                 # position; a writer found later is read from its beginning.
-                known = self._snapshots.positions.get(peer) if not live else None
+                known = self._positions.by_peer.get(peer) if not live else None
                 start, offset, last_seq = known or (0, 0, 0)
                 if start < lowest[peer]:
                     start, offset, last_seq = lowest[peer], 0, 0
                 w = self.writers[peer] = WriterState(
                     peer,
                     start,
-                    FrameReader(self._ns.max_record_size, self.garbage_reporter(peer)),
+                    FrameReader(
+                        self._config.max_record_size,
+                        garbage_reporter(peer, self.writers, self._counters),
+                    ),
                     offset=offset,
                     last_seq=last_seq,
                     live=live,
@@ -189,35 +176,16 @@ class LogReader:
             w.newest_segment = max(w.newest_segment, top)
             self.dirty.add(peer)
 
-    def garbage_reporter(self, peer: str) -> Callable[[int, str], None]:
-        def report(skipped: int, why: str) -> None:
-            self._ns.counters["garbage_bytes"] += skipped
-            w = self.writers.get(peer)
-            if w is not None:
-                w.cause = Loss(
-                    LossCause.CORRUPTION, f"{why}: {skipped} unreadable bytes in its segment"
-                )
-            rate_limited(
-                logging.WARNING,
-                ("garbage", peer),
-                "skipped %d unreadable bytes (%s) in segments of peer %s",
-                skipped,
-                why,
-                peer,
-            )
-
-        return report
-
     # -- reading one writer --------------------------------------------------------
 
     def _read_writer(self, w: WriterState, deadline: float) -> bool:
         """Read and hand on what is new from one writer, in order, until
         `deadline` (`time.perf_counter()`); True once everything is read."""
-        log_fd = self._ns.fds.get("log")
+        log_fd = self._dirs.fds.get("log")
         if log_fd is None:
             return True
         reader = w.reader
-        wanted = getattr(self._ns.sink, "wanted", None)
+        wanted = getattr(self._life.sink, "wanted", None)
         # Messages of events nobody here listens to are skipped unread (their
         # sequence numbers still count). Asked again at each read: a listener
         # added by a handler hears the messages read after it was added. While
@@ -269,7 +237,7 @@ class LogReader:
             if data:
                 w.last_read = time.monotonic()
                 w.offset += len(data)
-                self._ns.counters["bytes_read"] += len(data)
+                self._counters.bytes_read += len(data)
                 records = reader.feed(data, STEP)
                 self.take(w, records)
                 if len(records) == STEP:
@@ -280,7 +248,7 @@ class LogReader:
             if w.segment < w.newest_segment:
                 # The writer made a newer segment after finishing this one: this
                 # end is final. What is left unparsed is a torn write.
-                self._recovery.drop_tail(w, "its writer moved on")
+                drop_tail(w, "its writer moved on", self._counters, self.take)
                 os.close(w.fd)
                 w.fd = None
                 w.segment += 1
@@ -289,7 +257,7 @@ class LogReader:
             if w.dead:
                 # Its writer is gone and everything is read: give the fd back
                 # (hundreds of short-lived peers must not exhaust our fds).
-                self._recovery.drop_tail(w, "its writer died")
+                drop_tail(w, "its writer died", self._counters, self.take)
                 os.close(w.fd)
                 w.fd = None
             return True
@@ -337,10 +305,10 @@ class LogReader:
     def _hand_on(self, w: WriterState, records: list[Record]) -> None:
         # A snapshot's meta record (seq 0) never passes the sequence checks, and
         # the sink ignores any record kind it does not handle.
-        sink = self._ns.sink
+        sink = self._life.sink
         if sink is None:
             return
-        self._ns.counters["records_read"] += len(records)
+        self._counters.records_read += len(records)
         if w.live:
             sink.deliver(records)
         else:
@@ -378,7 +346,7 @@ class LogReader:
                 await breathe()
         # Records lost to a gap (deleted before they were read) are in the state
         # the resync loads: decide on it only once it is loaded.
-        resyncs = [t for t in self._ns.tasks if t.get_name() == _RESYNC_TASK and not t.done()]
+        resyncs = [t for t in self._life.tasks if t.get_name() == RESYNC_TASK and not t.done()]
         if resyncs:
             await asyncio.wait(resyncs)
 
@@ -392,7 +360,7 @@ class LogReader:
         so a recent timestamp is looked at again, and every tenth round lists
         the directory whatever it says.
         """
-        mtime = os.fstat(self._ns.fds["log"]).st_mtime_ns
+        mtime = os.fstat(self._dirs.fds["log"]).st_mtime_ns
         if full or mtime != self._log_mtime or time.time_ns() - mtime < 50_000_000:
             self._log_mtime = mtime
             self.full_scan_wanted = True
@@ -405,10 +373,12 @@ class LogReader:
             with contextlib.suppress(OSError):
                 size = os.fstat(w.fd).st_size
                 if size < w.offset:
-                    self._recovery.truncated(w)
+                    truncated(w)
                 if size != w.offset:
                     self.dirty.add(w.peer)
-            self._recovery.unstick(w)
+            salvaged = unstick(w, self._dirs.fds["peers"])
+            if salvaged:
+                self.take(w, salvaged)
         if self.dirty or self.full_scan_wanted:
             self.schedule_read()
 
@@ -419,6 +389,15 @@ class LogReader:
         w = self.writers.get(peer)
         if w is not None and not w.dead:
             w.dead = True
+            self.dirty.add(peer)
+            self.schedule_read()
+
+    def revive(self, peer: str) -> None:
+        """`peer`, taken for dead while its lock file was missing (peers/ removed
+        under it), has announced itself again: read it on."""
+        w = self.writers.get(peer)
+        if w is not None and w.dead:
+            w.dead = False
             self.dirty.add(peer)
             self.schedule_read()
 

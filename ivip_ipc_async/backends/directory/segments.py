@@ -1,11 +1,19 @@
-"""This process's own segments: the write path, rotation, the size cap, retention.
+"""The writer: this process's own segments, written through a group commit.
 
-`OwnSegments` owns the files this process writes (`log/<peer>-<n>.seg`): it
-appends one frame at a time, rotates, and keeps the namespace under
-`max_footprint` on the write path (`make_room`) and within `retention` in the
-maintenance round. `GroupCommit` sits in front of it: the first appends of a
+`OwnSegments` owns the files this process writes (`log/<peer>-<n>.seg`, framed
+as docs/format.md says): it appends one frame at a time, rotates, keeps its
+share of the cap on the write path (the rule is `cap.py`'s) and deletes what
+retention lets go. `GroupCommit` sits in front of it: the first appends of a
 loop iteration are written at once, the rest join one batch written at the end
 of the iteration; writes that find no room wait for a snapshot.
+
+What it tells the others goes through callbacks `backend.py` injects:
+`on_written` after each write and `on_flushed` at the end of an iteration (the
+doorbell), `want_snapshot` when writes wait for room (snapshots), `on_capped`
+when a segment is deleted under the cap (liveness notes it in the lock file).
+What it leaves for them is passive: `OwnLog` (its segments, sequence number).
+
+Depends on: `state`, `cap`, `layout`, `records`, `errors`.
 """
 
 from __future__ import annotations
@@ -13,23 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from ...errors import BackendFullError, IPCClosedError
-from ...logs import rate_limited
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
-from .layout import GROUP_WRITE, Namespace, same_file, segment_name, unlink
-
-if TYPE_CHECKING:
-    from .peers import Peers
-    from .snapshots import Snapshots
-    from .wakeups import Wakeups
+from .cap import ROOM_RETRY, Budget, NoRoom, check_state, covered, make_room
+from .layout import same_file, segment_name, unlink
+from .state import Config, Counters, Life, OwnLog, OwnSegment, Positions
 
 # Appends a task writes at once in a row in one loop iteration before it yields
 # (~0.3 ms of a tight `await notify()` loop, well under a 2 ms reading slice):
@@ -37,85 +40,82 @@ if TYPE_CHECKING:
 # 0 (the tests' setting): every append joins the end-of-iteration batch.
 _WRITE_THROUGH_PER_TICK: Final = 64
 _MESSAGE: Final = Kind.MESSAGE  # a module global: `Kind.MESSAGE` is a class lookup of ~75 ns
-_CACHE_SET: Final = Kind.CACHE_SET
-_MIN_SEGMENT: Final = 64 << 10  # segments shrink to this when many writers share the cap
-_ROOM_RETRY: Final = 0.01  # seconds between tries of a write waiting for room under the cap
-_ROOM_WAIT: Final = 10.0  # seconds a write waits for a snapshot to make room, then fails
+GROUP_WRITE: Final = 1 << 20  # bytes of independent appends joined in one frame
 # What the kernel says when the medium has no room: raised as `BackendFullError`.
 _NO_ROOM: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-class NoRoom(Exception):
-    """The write would put this writer over its share of `max_footprint`, and its
-    oldest segment holds cache writes no snapshot covers yet."""
-
-
-@dataclass(slots=True)
-class OwnSegment:
-    number: int
-    size: int = 0
-    has_cache: bool = False
-    closed_at: float = 0.0
-    last_seq: int = 0
-
-
 class OwnSegments:
-    """The segments this process writes, and its share of the size cap.
+    """The segments this process writes, kept within its share of the cap.
 
     Example:
         >>> import tempfile
-        >>> OwnSegments(Namespace(tempfile.mkdtemp() + "/ns")).seq
-        0
+        >>> config = Config.of(tempfile.mkdtemp() + "/ns")
+        >>> counters = Counters()
+        >>> writer = OwnSegments(
+        ...     config, {}, counters, Life(counters), OwnLog(), Budget(config), Positions(),
+        ...     on_capped=print,
+        ... )
+        >>> writer.seg_fd is None
+        True
     """
 
-    def __init__(self, ns: Namespace) -> None:
-        self._ns = ns
+    def __init__(
+        self,
+        config: Config,
+        fds: dict[str, int],
+        counters: Counters,
+        life: Life,
+        own: OwnLog,
+        budget: Budget,
+        positions: Positions,
+        *,
+        on_capped: Callable[[int], object],
+    ) -> None:
+        self._config = config
+        self._fds = fds  # the namespace's directory fds (`Dirs.fds`)
+        self._counters = counters
+        self._life = life
+        self.own = own
+        self._budget = budget
+        self._positions = positions
+        self._on_capped = on_capped
         self.seg_fd: int | None = None
-        self.segments: list[OwnSegment] = []
-        self.own_bytes = 0  # bytes in own segments
-        self.seq = 0  # sequence number of the last record written
         self.must_rotate = False  # a write failed part-way: continue in a new segment
-        self.peer_count = 1  # peers with a lock file, dead or alive: they share the cap
-        self.budget = ns.max_footprint  # own share of the cap; see update_budget
-        self.segment_limit = ns.segment_bytes
         self._capped_through = 0  # last own segment deleted early, under the cap
-        self.room_since = 0.0  # monotonic time writes started waiting for room under the cap
-
-    def connect(self, peers: Peers, snapshots: Snapshots) -> None:
-        self._peers = peers
-        self._snapshots = snapshots
 
     def open_segment(self, number: int) -> None:
         self.seg_fd = os.open(
-            segment_name(self._ns.peer, number),
+            segment_name(self._config.peer, number),
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
-            dir_fd=self._ns.fds["log"],
+            dir_fd=self._fds["log"],
         )
-        self.segments.append(OwnSegment(number))
+        self.own.segments.append(OwnSegment(number))
 
     def linked(self) -> bool:
         """Whether the segment being written is still at its name in log/ (not
         deleted or replaced by someone else: records written to it would reach
         no reader that has not opened it yet)."""
-        fd, log_fd = self.seg_fd, self._ns.fds.get("log")
-        if fd is None or log_fd is None or not self.segments:
+        fd, log_fd = self.seg_fd, self._fds.get("log")
+        if fd is None or log_fd is None or not self.own.segments:
             return True
-        return same_file(segment_name(self._ns.peer, self.segments[-1].number), log_fd, fd)
+        return same_file(segment_name(self._config.peer, self.own.head.number), log_fd, fd)
 
     def start_again(self, moved: bool) -> int:
         """Continue in a new segment in log/ (the one at the namespace's path now);
         returns the number of the last segment written before. `moved`: log/ is
         a new directory, so the older segments are not in it (forgotten here).
         Sequence numbers go on: a reader that missed records sees the gap."""
-        last = self.segments[-1].number
+        own = self.own
+        last = own.head.number
         if self.seg_fd is not None:
             os.close(self.seg_fd)
             self.seg_fd = None
-        self.segments[-1].closed_at = time.time()
+        own.head.closed_at = time.time()
         if moved:
-            del self.segments[:-1]
-            self.own_bytes = 0
+            del own.segments[:-1]
+            own.own_bytes = 0
         self.must_rotate = True  # until the open succeeds: the next write tries again
         self.open_segment(last + 1)
         self.must_rotate = False
@@ -125,6 +125,13 @@ class OwnSegments:
         if self.seg_fd is not None:
             os.close(self.seg_fd)
             self.seg_fd = None
+
+    def drop_inherited(self) -> None:
+        """In a forked child: close the parent's segment fd, touch nothing else."""
+        fd, self.seg_fd = self.seg_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def write(self, records: Sequence[Record]) -> None:
         """Append records as one frame (several are wrapped in a BATCH frame).
@@ -136,14 +143,15 @@ class OwnSegments:
         race with a reader that has already read the partial bytes.
         """
         if self.seg_fd is None or self.must_rotate:
-            if self._ns.closing:
+            if self._life.closing:
                 raise IPCClosedError("the IPC instance is closed")
             try:
                 self.rotate()
             except OSError as exc:
                 _raise_full_as_such(exc)
                 raise
-        first_seq = self.seq
+        own = self.own
+        first_seq = own.seq
         count = len(records)
         if count == 1:
             data = encode_frame(records[0], first_seq + 1)
@@ -151,50 +159,52 @@ class OwnSegments:
             inner = b"".join([encode_frame(r, first_seq + i + 1) for i, r in enumerate(records)])
             data = encode_frame(Record(Kind.BATCH, "", b"", inner), first_seq + 1)
         size = len(data)
-        if self.own_bytes + size > self.budget and not self.make_room(size):
+        budget = self._budget
+        if own.own_bytes + size > budget.share and not self._make_room(size):
             raise NoRoom
-        seg = self.segments[-1]
+        seg = own.segments[-1]
         fd = self.seg_fd
         assert fd is not None
-        counters = self._ns.counters
+        counters = self._counters
         written = 0
         try:
             written = _write_to_segment(fd, data)
             while written < size:  # a short write: rare, but allowed
                 written += _write_to_segment(fd, data[written:])
         except OSError as exc:
-            counters["write_errors"] += 1
+            counters.write_errors += 1
             # The file says what reached it (more than `written` if the failing
             # call wrote part of its buffer before failing).
             with contextlib.suppress(OSError):
                 written = max(written, os.fstat(fd).st_size - seg.size)
             if written:
                 seg.size += written
-                self.own_bytes += written
+                own.own_bytes += written
                 self.must_rotate = True
                 with contextlib.suppress(OSError):
                     self.rotate()
             _raise_full_as_such(exc)
             raise
-        self.seq = seg.last_seq = first_seq + count
+        own.seq = seg.last_seq = first_seq + count
         seg.size += size
-        self.own_bytes += size
-        self.room_since = 0.0
+        own.own_bytes += size
+        budget.room_since = 0.0
         if count > 1 or records[0].kind is not _MESSAGE:  # a lone message skips this
             state = [r for r in records if r.kind is not _MESSAGE]
             if state:
                 seg.has_cache = True
-                if self._ns.sink is not None:
-                    self._ns.sink.written(state)  # stored: applies here, as in every peer
-        counters["records_written"] += count
-        counters["batches_written"] += 1
-        counters["bytes_written"] += size
-        if seg.size >= self.segment_limit:
+                sink = self._life.sink
+                if sink is not None:
+                    sink.written(state)  # stored: applies here, as in every peer
+        counters.records_written += count
+        counters.batches_written += 1
+        counters.bytes_written += size
+        if seg.size >= budget.segment_limit:
             self.rotate()
 
     def rotate(self) -> None:
         """Close the current segment and start the next (it may fail: disk full)."""
-        seg = self.segments[-1]
+        seg = self.own.head
         if self.seg_fd is not None:
             os.close(self.seg_fd)
             self.seg_fd = None
@@ -202,68 +212,39 @@ class OwnSegments:
         self.open_segment(seg.number + 1)
         self.must_rotate = False
 
-    # -- the size cap --------------------------------------------------------------
+    # -- the cap and retention, as cap.py rules --------------------------------------
 
-    def set_peer_count(self, count: int) -> None:
-        """`count` peers have a lock file (dead or alive): they share the cap."""
-        self.peer_count = count
-        self.update_budget()
+    def _make_room(self, size: int) -> bool:
+        return make_room(
+            self.own, size, self._budget.share, self._covered, self.rotate, self._delete_capped
+        )
 
-    def update_budget(self) -> None:
-        """This writer's share of `max_footprint`, the cap on the history (the
-        segments readers catch up on): the cap split among every peer with a
-        lock file (the dead ones' segments count until they are collected).
-        The snapshot is not charged to it: it is the live state, bounded by
-        `max_state_bytes` (see `GroupCommit.check_state`). Segments shrink so
-        that a share always holds several of them."""
-        share = self._ns.max_footprint // max(1, self.peer_count)
-        self.segment_limit = min(self._ns.segment_bytes, max(_MIN_SEGMENT, share // 4))
-        self.budget = max(2 * self.segment_limit, share)
+    def _covered(self, seg: OwnSegment) -> bool:
+        return covered(seg, self._positions, self._config.peer)
 
-    def make_room(self, size: int) -> bool:
-        """Delete own oldest segments until `size` more bytes fit in the share;
-        False when the oldest holds cache writes no snapshot covers yet."""
-        while self.own_bytes + size > self.budget:
-            if len(self.segments) == 1:
-                if self.segments[0].size == 0:
-                    return True  # one record larger than the share: the slack
-                self.rotate()
-                continue
-            seg = self.segments[0]
-            if not self.covered(seg):
-                return False
-            self.delete(seg, capped=True)
-        return True
-
-    def covered(self, seg: OwnSegment) -> bool:
-        """Whether a closed own segment may go: no cache writes in it, or the
-        snapshot was taken after its last byte was read."""
-        if not seg.has_cache:
-            return True
-        number, offset, _ = self._snapshots.positions.get(self._ns.peer, (0, 0, 0))
-        return seg.number < number or (seg.number == number and offset >= seg.size)
-
-    def delete(self, seg: OwnSegment, capped: bool) -> None:
-        unlink(segment_name(self._ns.peer, seg.number), self._ns.fds["log"])
-        self._ns.counters["segments_deleted"] += 1
-        self.own_bytes -= seg.size
-        self.segments.remove(seg)
-        if capped and seg.number > self._capped_through:
-            # Readers that lose records to this deletion read the cause here.
+    def _delete_capped(self, seg: OwnSegment) -> None:
+        self._delete(seg)
+        if seg.number > self._capped_through:
+            # Readers that lose records to this deletion read the cause in the
+            # lock file (liveness notes it there).
             self._capped_through = seg.number
-            self._ns.counters["segments_capped"] += 1
-            self._peers.note_capped(seg.number)
+            self._counters.segments_capped += 1
+            self._on_capped(seg.number)
+
+    def _delete(self, seg: OwnSegment) -> None:
+        unlink(segment_name(self._config.peer, seg.number), self._fds["log"])
+        self._counters.segments_deleted += 1
+        self.own.own_bytes -= seg.size
+        self.own.segments.remove(seg)
 
     def enforce_retention(self) -> None:
         """Delete own closed segments past the retention window that no snapshot
-        needs (the size cap is kept on the write path, see `make_room`)."""
+        needs (the size cap is kept on the write path, see `cap.make_room`)."""
         now = time.time()
-        for seg in self.segments[:-1]:
-            if now - seg.closed_at <= self._ns.retention or not self.covered(seg):
+        for seg in self.own.segments[:-1]:
+            if now - seg.closed_at <= self._config.retention or not self._covered(seg):
                 break
-            self.delete(seg, capped=False)
-        self._snapshots.measure()
-        self.update_budget()
+            self._delete(seg)
 
 
 @dataclass(slots=True)
@@ -279,23 +260,47 @@ class GroupCommit:
 
     Example:
         >>> import tempfile
-        >>> GroupCommit(Namespace(tempfile.mkdtemp() + "/ns")).pending is None
+        >>> config = Config.of(tempfile.mkdtemp() + "/ns")
+        >>> counters = Counters()
+        >>> life, budget = Life(counters), Budget(config)
+        >>> writer = OwnSegments(
+        ...     config, {}, counters, life, OwnLog(), budget, Positions(), on_capped=print
+        ... )
+        >>> commit = GroupCommit(
+        ...     config, life, writer, budget,
+        ...     on_written=print, on_flushed=print, want_snapshot=print,
+        ... )
+        >>> commit.pending is None
         True
     """
 
-    def __init__(self, ns: Namespace) -> None:
-        self._ns = ns
+    def __init__(
+        self,
+        config: Config,
+        life: Life,
+        segments: OwnSegments,
+        budget: Budget,
+        *,
+        on_written: Callable[[], object],
+        on_flushed: Callable[[], object],
+        want_snapshot: Callable[[], object],
+    ) -> None:
+        self._config = config
+        self._life = life
+        self._segments = segments
+        self._budget = budget
+        # Told after every write (the doorbell rings), at the end of each loop
+        # iteration that wrote (rings what is unrung), and when writes wait for
+        # room (a snapshot makes it).
+        self._on_written = on_written
+        self._on_flushed = on_flushed
+        self._want_snapshot = want_snapshot
         self.pending: _Pending | None = None
         # The task that wrote last in this loop iteration, and how many appends
         # in a row it wrote at once (see `write_now`).
         self._tick_task: asyncio.Task[Any] | None = None
         self._task_writes = 0
         self._tick_scheduled = False
-
-    def connect(self, segments: OwnSegments, wakeups: Wakeups, snapshots: Snapshots) -> None:
-        self._segments = segments
-        self._wakeups = wakeups
-        self._snapshots = snapshots
 
     async def append(self, records: Sequence[Record]) -> None:
         """Write records; when this returns they are in the segment file.
@@ -306,7 +311,7 @@ class GroupCommit:
         `write_now`) yields once after writing. While a batch is pending, the append
         joins it, written at the end of the iteration (group commit).
         """
-        if self._ns.closing:
+        if self._life.closing:
             raise IPCClosedError("the IPC instance is closed")
         adds = 0
         if records[0].kind is not _MESSAGE or len(records) > 1:
@@ -340,29 +345,11 @@ class GroupCommit:
         await fut
 
     def check_state(self, records: Sequence[Record]) -> int:
-        """Raise `BackendFullError` when the cache sets among `records` would
-        take the live state (the shared cache, as this process's mirror measures
-        it: every process's writes count) past `max_state_bytes`. Checked before
-        anything is written, so a refused call wrote nothing. Deletes always
-        pass (they are how room is made). Returns the bytes the call may add
-        (counted while it waits in the batch, which the state does not yet hold)."""
-        sink = self._ns.sink
-        if sink is None:
-            return 0
-        adds = sum(r.size for r in records if r.kind is _CACHE_SET)
-        if not adds:
-            return 0
+        """`cap.check_state` for `records`, counting the sets waiting in the batch
+        (which the state does not hold yet); returns the bytes they may add."""
         pending = self.pending
-        state = sink.state_bytes() + (pending.adds if pending is not None else 0)
-        limit = self._ns.max_state_bytes
-        if state + adds > limit:
-            raise BackendFullError(
-                f"the cache is full: its live state takes {state} bytes and this write "
-                f"adds {adds}, past max_state_bytes ({limit} bytes); nothing was written. "
-                "Delete keys or give them a TTL, or raise the directory backend's "
-                "max_state_bytes option"
-            )
-        return adds
+        waiting = pending.adds if pending is not None else 0
+        return check_state(records, self._life.sink, waiting, self._config.max_state_bytes)
 
     def write_now(self, records: Sequence[Record]) -> bool:
         """`append` without a coroutine, when it can be done at once: True when
@@ -379,9 +366,9 @@ class GroupCommit:
         which must yield to the other tasks now and then. Many tasks notifying
         together (`gather`) each write at once, and end in their first step.
         """
-        if self.pending is not None or self._ns.closing:
+        if self.pending is not None or self._life.closing:
             return False
-        task = _current_task(self._ns.loop)
+        task = _current_task(self._life.loop)
         if task is not self._tick_task:
             self._tick_task = task
             self._task_writes = 0
@@ -396,12 +383,12 @@ class GroupCommit:
         which waits for room, first in line)."""
         if not self._tick_scheduled:
             self._tick_scheduled = True
-            self._ns.loop.call_soon(self._end_tick)  # type: ignore[union-attr]
+            self._life.loop.call_soon(self._end_tick)  # type: ignore[union-attr]
         try:
             self._segments.write(records)
         except NoRoom:
             return False
-        self._wakeups.written()
+        self._on_written()
         return True
 
     def _end_tick(self) -> None:
@@ -410,7 +397,7 @@ class GroupCommit:
         self._tick_task = None
         self._task_writes = 0
         self.flush()
-        self._wakeups.ring_if_unrung()
+        self._on_flushed()
 
     def flush(self) -> None:
         """Write the queued appends: one `os.write` per batch of up to
@@ -428,7 +415,7 @@ class GroupCommit:
         # A group write stays within a segment (the cap counts in segments) and
         # within 1 MiB (a reader checks and copies a frame in one go); one
         # append's records are one frame whatever its size.
-        room = min(self._ns.max_record_size, self._segments.segment_limit, GROUP_WRITE)
+        room = min(self._config.max_record_size, self._budget.segment_limit, GROUP_WRITE)
         room -= HEADER_SIZE
         start = 0
         while start < len(calls):
@@ -454,7 +441,7 @@ class GroupCommit:
                     if not fut.done():
                         fut.set_exception(exc)
                 return
-            self._wakeups.written()
+            self._on_written()
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
@@ -462,36 +449,25 @@ class GroupCommit:
 
     def _wait_for_room(self) -> None:
         """Writes are pending for room under the cap: ask for a snapshot, try
-        again shortly; after `_ROOM_WAIT` seconds, fail them (never acknowledged,
-        so nothing is lost) with `BackendFullError` (errno ENOSPC)."""
-        segments = self._segments
-        now = time.monotonic()
-        if not segments.room_since:
-            segments.room_since = now
-            rate_limited(
-                logging.WARNING,
-                "room",
-                "writes wait for a snapshot: this writer's share of max_footprint (%d of "
-                "%d bytes) is full of cache writes no snapshot covers yet",
-                segments.budget,
-                self._ns.max_footprint,
-            )
-        elif now - segments.room_since > _ROOM_WAIT:
-            segments.room_since = 0.0
+        again shortly; after `cap.ROOM_WAIT` seconds, fail them (never
+        acknowledged, so nothing is lost) with `BackendFullError` (errno ENOSPC)."""
+        exc = self._budget.room_wait()
+        if exc is not None:
             pending, self.pending = self.pending, None
-            exc = BackendFullError(
-                errno.ENOSPC,
-                f"the namespace is at its max_footprint ({self._ns.max_footprint} bytes) and "
-                f"no snapshot made room within {_ROOM_WAIT:.0f}s: nothing was written",
-            )
             for _, fut in pending.calls if pending is not None else ():
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        self._snapshots.request()
-        if not self._tick_scheduled and self._ns.loop is not None:
+        self._want_snapshot()
+        loop = self._life.loop
+        if not self._tick_scheduled and loop is not None:
             self._tick_scheduled = True
-            self._ns.loop.call_later(_ROOM_RETRY, self._end_tick)
+            loop.call_later(ROOM_RETRY, self._end_tick)
+
+    def drop_inherited(self) -> None:
+        """In a forked child: forget the parent's waiting appends (never settled
+        here: their futures are the parent's loop's)."""
+        self.pending = None
 
     def abort(self) -> None:
         """Fail the appends still waiting: the instance is being released."""

@@ -1,10 +1,14 @@
-"""Snapshots: the cache state in `snapshot.bin`, written by one peer, read by all.
+"""Snapshots: the cache state in `snapshot.bin`, written by one peer for all.
 
 The peer holding `snapshot.lock` writes the snapshot (atomically, a slice at a
-time, through aiofiles), checks that nobody damaged it, and deletes what killed
-writers left behind. Every peer loads it at start, learns the positions it
-covers (which of its own segments may go), and a peer that started from a
-damaged one loads the next.
+time, through aiofiles; the format is in docs/format.md), checks that nobody
+damaged it, and deletes what killed snapshot writers left behind. The others
+only learn what the newest one covers (`Positions`: which own segments the cap
+lets go). Loading a snapshot is `joining.py`'s.
+
+Depends on: `state` (the writer table, `OwnLog`, `Positions`), `cap` (when a
+snapshot is due to make room), `joining` (reading snapshot.bin), `layout`,
+`pacing`, `records`.
 """
 
 from __future__ import annotations
@@ -17,31 +21,18 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import aiofiles
 
 from ... import fault_points
 from ...logs import logger, rate_limited
-from ...records import HEADER_SIZE, FrameReader, Kind, Record, encode_frame
-from .layout import (
-    READ_CHUNK,
-    SLICE,
-    SNAPSHOT,
-    STEP,
-    Namespace,
-    json_object,
-    open_regular,
-    size_of,
-    sliced,
-    unlink,
-)
-
-if TYPE_CHECKING:
-    from .reader import LogReader
-    from .segments import OwnSegments
-
-Positions = dict[str, tuple[int, int, int]]  # peer: (segment, offset, last seq)
+from ...records import Kind, Record, encode_frame
+from .cap import Budget, history_filling
+from .joining import Identity, read_positions, snapshot_identity
+from .layout import SNAPSHOT, open_regular, unlink
+from .pacing import SLICE, STEP
+from .state import Config, Counters, Life, OwnLog, Positions, Writers
 
 _COST_RATIO: Final = 4.0  # snapshots start at least this many times their cost apart
 
@@ -51,37 +42,47 @@ class Snapshots:
 
     Example:
         >>> import tempfile
-        >>> Snapshots(Namespace(tempfile.mkdtemp() + "/ns")).positions
-        {}
+        >>> config, counters = Config.of(tempfile.mkdtemp() + "/ns"), Counters()
+        >>> snapshots = Snapshots(
+        ...     config, {}, counters, Life(counters), {}, OwnLog(), Budget(config), Positions()
+        ... )
+        >>> snapshots.holder, snapshots.positions
+        (False, Positions(by_peer={}))
     """
 
-    def __init__(self, ns: Namespace) -> None:
-        self._ns = ns
+    def __init__(
+        self,
+        config: Config,
+        fds: dict[str, int],
+        counters: Counters,
+        life: Life,
+        writers: Writers,
+        own: OwnLog,
+        budget: Budget,
+        positions: Positions,
+    ) -> None:
+        self._config = config
+        self._fds = fds
+        self._counters = counters
+        self._life = life
+        self._writers = writers  # whose positions a snapshot records
+        self._own = own
+        self._budget = budget
         self.lock_fd: int | None = None  # snapshot.lock, held by the one writer of snapshots
-        self.positions: Positions = {}  # what the newest snapshot covers
-        self.bytes = 0  # size of snapshot.bin
+        self.positions = positions  # what the newest snapshot covers
         self.last_version = -1  # the sink's state version in the last snapshot written
         self.task: asyncio.Task[None] | None = None  # the snapshot being written
         self._last_at = 0.0
         self.took = 0.0  # seconds the last snapshot took to write
         # (ino, size, mtime) of snapshot.bin when its positions were read: each
         # snapshot is a new file (renamed into place), whatever its timestamp.
-        self._positions_of: tuple[int, int, int] | None = None
-        self._written: tuple[int, int, int] | None = None  # (ino, size, mtime)
-        self._suspect = False  # the snapshot loaded at start was damaged
-        self._seen: tuple[int, int, int] | None = None
+        self._positions_of: Identity | None = None
+        self._written: Identity | None = None
 
-    def connect(self, reader: LogReader, segments: OwnSegments) -> None:
-        self._reader = reader
-        self._segments = segments
-
-    async def load_at_start(self) -> None:
-        """Load the snapshot into the sink; a damaged one is replaced by the next."""
-        self._suspect = not await self.load()
-        self._seen = self._identity()
-
-    def measure(self) -> None:
-        self.bytes = size_of(SNAPSHOT, self._ns.fds["root"])
+    @property
+    def holder(self) -> bool:
+        """Whether this peer holds snapshot.lock (and writes the snapshots)."""
+        return self.lock_fd is not None
 
     def moved(self) -> None:
         """The namespace directory was replaced (rejoin.py): let go of the old
@@ -90,18 +91,18 @@ class Snapshots:
         (the cache state must not wait for a maintenance round to be where
         joiners look)."""
         self.close()
-        self._written = self._positions_of = self._seen = None
-        self.bytes = 0
+        self._written = self._positions_of = None
         self._last_at = 0.0
         self.maybe_write()
 
     # -- writing -----------------------------------------------------------------------
 
     def maybe_write(self) -> None:
-        ns = self._ns
+        """Write a snapshot if one is due: as the holder of snapshot.lock (taken
+        here when nobody holds it); the others learn the newest one's positions."""
         if self.lock_fd is None:
             try:
-                fd = open_regular("snapshot.lock", os.O_RDWR | os.O_CREAT, ns.fds["root"])
+                fd = open_regular("snapshot.lock", os.O_RDWR | os.O_CREAT, self._fds["root"])
             except OSError as exc:
                 rate_limited(logging.ERROR, "snapshot.lock", "cannot open snapshot.lock: %s", exc)
                 return
@@ -114,7 +115,7 @@ class Snapshots:
             self.lock_fd = fd
             self.last_version = -1  # a new holder writes one at once
             self._collect_leftovers()
-        sink = ns.sink
+        sink = self._life.sink
         if sink is None or (self.task is not None and not self.task.done()):
             return
         damaged = self._damaged()
@@ -125,31 +126,16 @@ class Snapshots:
         # Spaced to take at most a fifth of the holder's time, unless some
         # writer's history since the last one fills half a share (its next
         # writes would wait for one, see segments.py).
-        spacing = max(ns.snapshot_interval, _COST_RATIO * self.took)
-        due = damaged or time.monotonic() - self._last_at >= spacing or self._history_filling()
-        own_pos = self.positions.get(ns.peer, (0, 0, 0))
-        segments = self._segments
-        moved = own_pos[2] != segments.seq and any(s.has_cache for s in segments.segments)
+        config, own = self._config, self._own
+        spacing = max(config.snapshot_interval, _COST_RATIO * self.took)
+        filling = history_filling(self._budget, own, self._writers, self.positions, config.peer)
+        due = damaged or time.monotonic() - self._last_at >= spacing or filling
+        own_pos = self.positions.of(config.peer)
+        moved = own_pos[2] != own.seq and any(s.has_cache for s in own.segments)
         if due and (version != self.last_version or moved):
             self._last_at = time.monotonic()
             self.task = asyncio.get_running_loop().create_task(self._write(version))
-            ns.track(self.task)
-
-    def _history_filling(self) -> bool:
-        """Whether some writer (this one included) has written half a share of
-        the cap since the positions the last snapshot covers (segments count
-        as full: an estimate, on the safe side, of the bytes a snapshot would
-        let it delete)."""
-        limit = self._segments.segment_limit
-        half = self._segments.budget // 2
-        own = self._segments.segments[-1]
-        heads = [(self._ns.peer, own.number, own.size)]
-        heads += [(w.peer, w.segment, w.offset) for w in self._reader.writers.values()]
-        for peer, segment, offset in heads:
-            covered, at, _ = self.positions.get(peer, (0, 0, 0))
-            if (segment - covered) * limit + offset - at >= half:
-                return True
-        return False
+            self._life.track(self.task)
 
     def request(self) -> None:
         """Get a snapshot that covers own segments: write one now as the holder,
@@ -158,12 +144,12 @@ class Snapshots:
             self._read_positions()
             return
         task = self.task
-        sink = self._ns.sink
+        sink = self._life.sink
         if sink is not None and (task is None or task.done()):
             self._last_at = time.monotonic()
             version = sink.state_version()
             self.task = task = asyncio.get_running_loop().create_task(self._write(version))
-            self._ns.track(task)
+            self._life.track(task)
 
     def _damaged(self) -> bool:
         """Whether snapshot.bin is no longer the file this holder wrote (truncated,
@@ -171,10 +157,10 @@ class Snapshots:
         at once, even while the cache is idle."""
         if self._written is None:
             return False
-        now = self._identity()
+        now = snapshot_identity(self._fds["root"])
         if now == self._written:
             return False
-        self._ns.counters["snapshots_damaged"] += 1
+        self._counters.snapshots_damaged += 1
         logger.warning(
             "snapshot.bin was changed by someone else (%s): writing it again",
             "deleted" if now is None else f"{now[1]} bytes, {self._written[1]} written",
@@ -182,17 +168,10 @@ class Snapshots:
         self._written = None
         return True
 
-    def _identity(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(SNAPSHOT, dir_fd=self._ns.fds["root"], follow_symlinks=False)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
     def _collect_leftovers(self) -> None:
         """Delete the temporary files of snapshot writers killed mid-write (only
         the holder of snapshot.lock writes one, and that is now this process)."""
-        root = self._ns.fds["root"]
+        root = self._fds["root"]
         with contextlib.suppress(OSError):
             for name in os.listdir(root):
                 leftover = name.startswith(".snapshot.") and name.endswith(".tmp")
@@ -207,23 +186,24 @@ class Snapshots:
         ever written through. The last frame says how many records came before
         it, so a truncated snapshot is recognised.
         """
-        ns = self._ns
-        assert ns.sink is not None
+        sink = self._life.sink
+        assert sink is not None
+        peer = self._config.peer
         began = time.monotonic()
         positions = {
             w.peer: (w.segment, w.offset - w.reader.pending, w.last_seq)
-            for w in self._reader.writers.values()
+            for w in self._writers.values()
         }
-        own = self._segments.segments[-1]
-        positions[ns.peer] = (own.number, own.size, self._segments.seq)
+        head = self._own.head
+        positions[peer] = (head.number, head.size, self._own.seq)
         meta = Record(
             Kind.SNAPSHOT_META,
             "",
             b"",
-            json.dumps({"taken": time.time(), "by": ns.peer, "positions": positions}).encode(),
+            json.dumps({"taken": time.time(), "by": peer, "positions": positions}).encode(),
         )
-        root = ns.fds["root"]
-        tmp = f".snapshot.{ns.peer}.{secrets.token_hex(4)}.tmp"
+        root = self._fds["root"]
+        tmp = f".snapshot.{peer}.{secrets.token_hex(4)}.tmp"
 
         def opener(path: str, flags: int) -> int:
             return os.open(
@@ -235,7 +215,7 @@ class Snapshots:
                 chunk: list[bytes] = [encode_frame(meta, 0)]
                 count = 0
                 deadline = time.perf_counter() + SLICE
-                for rec in ns.sink.state():
+                for rec in sink.state():
                     chunk.append(encode_frame(rec, rec.seq))
                     count += 1
                     if count % STEP == 0 and time.perf_counter() > deadline:
@@ -254,22 +234,20 @@ class Snapshots:
             logger.error("could not write the cache snapshot: %s", exc)
             return
         self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
-        self.bytes = st.st_size
         self.took = time.monotonic() - began
         self.last_version = version
-        self.positions = positions
-        ns.counters["snapshots_written"] += 1
+        self.positions.by_peer = positions
+        self._counters.snapshots_written += 1
 
-    # -- reading -----------------------------------------------------------------------
+    # -- what the newest snapshot covers ---------------------------------------------
 
     def _read_positions(self) -> None:
         """Learn what the current snapshot covers (to know what may be deleted)."""
-        max_record_size = self._ns.max_record_size
-        root = self._ns.fds["root"]
+        root = self._fds["root"]
         try:
             # Unchanged since we last read it: one stat says so (the common case,
             # every maintenance round of a peer that does not hold snapshot.lock).
-            if self._identity() == self._positions_of:
+            if snapshot_identity(root) == self._positions_of:
                 return
             fd = open_regular(SNAPSHOT, os.O_RDONLY, root)
         except OSError:
@@ -280,83 +258,11 @@ class Snapshots:
             if identity == self._positions_of:
                 return  # unchanged since we last read it
             self._positions_of = identity
-            head = os.pread(fd, HEADER_SIZE, 0)
-            if len(head) < HEADER_SIZE:
-                return
-            # The header frame is read whole, however many peers it names.
-            size = HEADER_SIZE + int.from_bytes(head[4:8], "little")  # body_len
-            head += os.pread(fd, min(size, max_record_size) - HEADER_SIZE, HEADER_SIZE)
+            positions = read_positions(fd, self._config.max_record_size)
         finally:
             os.close(fd)
-        recs = FrameReader(max_record_size).feed(head)
-        if recs and recs[0].kind is Kind.SNAPSHOT_META:
-            self.positions = _positions(recs[0].data)
-
-    def maybe_reload(self) -> None:
-        """A process that started from a damaged snapshot loads the next one its
-        holder writes (last-writer-wins makes loading it again harmless)."""
-        if not self._suspect or self.lock_fd is not None:
-            return
-        seen = self._identity()
-        if seen is None or seen == self._seen:
-            return
-        self._seen = seen
-
-        async def reload() -> None:
-            if await self.load(positions=False):
-                self._suspect = False
-
-        self._ns.spawn(reload)
-
-    async def load(self, positions: bool = True) -> bool:
-        """Load snapshot.bin (if any) into the sink, a slice at a time; False when
-        it is damaged (what it held that was readable is loaded all the same)."""
-        ns = self._ns
-        sink = ns.sink
-        assert sink is not None
-        reader = FrameReader(ns.max_record_size, self._reader.garbage_reporter("snapshot"))
-        meta: Positions | None = None
-        count, end = 0, -1
-        try:
-            fd = open_regular(SNAPSHOT, os.O_RDONLY, ns.fds["root"])
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
-            return False
-        loop = asyncio.get_running_loop()
-        offset = 0
-        try:
-            while data := await loop.run_in_executor(None, os.pread, fd, READ_CHUNK, offset):
-                offset += len(data)
-                async for records in sliced(reader, data):
-                    state = []
-                    for rec in records:
-                        if rec.kind is not Kind.SNAPSHOT_META:
-                            state.append(rec)
-                        elif meta is None and count == 0:
-                            meta = _positions(rec.data)
-                        else:
-                            end = _snapshot_end(rec.data)
-                    count += len(state)
-                    sink.restore(state)
-        except OSError as exc:
-            logger.warning("could not read the cache snapshot, replaying the log only: %s", exc)
-            return False
-        finally:
-            os.close(fd)
-        if meta is None or end != count or reader.pending or reader.skipped_bytes:
-            ns.counters["snapshots_damaged"] += 1
-            logger.warning(
-                "snapshot.bin is damaged (%s): loaded the %d records it still holds, and "
-                "the whole retained log; its holder writes it again",
-                "no header" if meta is None else f"{count} records of {end} readable",
-                count,
-            )
-            return False
-        if positions:
-            self.positions = meta
-        return True
+        if positions is not None:
+            self.positions.by_peer = positions
 
     def close(self) -> None:
         """Let go of snapshot.lock: another peer takes over the snapshots."""
@@ -364,17 +270,10 @@ class Snapshots:
             os.close(self.lock_fd)  # closing releases the flock
         self.lock_fd = None
 
-
-def _snapshot_end(data: bytes) -> int:
-    """The record count of a snapshot's closing frame (-1: not one)."""
-    records = json_object(data).get("records")
-    return records if type(records) is int and records >= 0 else -1
-
-
-def _positions(data: bytes) -> Positions:
-    try:
-        raw = json_object(data)["positions"]
-        return {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in raw.items()}
-    except Exception:  # missing, not a mapping of triples, an infinite number...
-        logger.warning("the cache snapshot has an unreadable header; ignoring its positions")
-        return {}
+    def drop_inherited(self) -> None:
+        """In a forked child: close the parent's snapshot.lock (a copy: the
+        parent keeps its flock)."""
+        fd, self.lock_fd = self.lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,16 +1,22 @@
-"""Wake-ups of the lock waiters of one `DirectoryLocks`: one inotify instance for all.
+"""How a lock is handed over: its waiters woken when the holder lets go.
 
-One inotify descriptor with one watch, on `locks/` itself, read by the event
-loop: every event names the lock file it concerns, and wakes the waiters of
-that name only. A hundred waiters on a hundred locks cost one descriptor (the
-per-user limit, `fs.inotify.max_user_instances`, is often 128), opened when the
-first waits and closed when the last stops.
+A holder lets go of a lock by closing its file (`locks.py`: at release, or
+when it dies, the kernel closes it), and the next waiter takes it. What wakes
+the waiters is one inotify instance per `DirectoryLocks`, `LockWakeups`: one
+watch, on `locks/` itself, read by the event loop; every event names the lock
+file it concerns, and wakes the waiters of that name only. A hundred waiters
+on a hundred locks cost one descriptor (the per-user limit,
+`fs.inotify.max_user_instances`, is often 128), opened when the first waits
+and closed when the last stops.
 
 A waiter is woken when a lock file is closed after being opened for writing
 (a holder's release or death: `IN_CLOSE_WRITE`), written (a note), changed,
 created, deleted or renamed; an overflow of the queue, or `locks/` itself going
 away, wakes every waiter. A wake-up only says "try again": the waiter's timer
-is the safety net for anything missed.
+is the safety net for anything missed, and the waiter then tries the `flock`
+without blocking, so whoever tries first after the release holds the lock.
+
+Depends on: `inotify`, `logs`.
 """
 
 from __future__ import annotations
