@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -79,26 +80,29 @@ def diskcache_ops(path: str, n: int) -> None:
     emit({"get": get_rate, "set": set_rate})
 
 
-async def redis_cache_ops(n: int) -> None:
+async def redis_cache_ops(n: int, key: str) -> None:
+    """`GET` + `json.loads` and `SET` of `key` (a key of this run's own: the server is
+    shared)."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis()
-    await client.set("bench:k", json.dumps(VALUE))
+    await client.set(key, json.dumps(VALUE))
     started = time.perf_counter()
     for _ in range(n):
-        json.loads(await client.get("bench:k"))
+        json.loads(await client.get(key))
     get_rate = n / (time.perf_counter() - started)
     started = time.perf_counter()
     for i in range(n // 10):
-        await client.set("bench:k", json.dumps({**VALUE, "id": i}))
+        await client.set(key, json.dumps({**VALUE, "id": i}))
     set_rate = (n // 10) / (time.perf_counter() - started)
-    await client.delete("bench:k")
+    await client.delete(key)
     await client.aclose()
     emit({"get": get_rate, "set": set_rate})
 
 
 async def visible_reader(kind: str, path: str, count: int) -> None:
-    """Poll a key until each new value shows; latency = seen - written."""
+    """Poll a key until each new value shows; latency = seen - written. Redis: the key
+    `bench:<the run's scratch directory name>:v`."""
     latencies: list[int] = []
     last = -1
     if kind == "ivip":
@@ -116,7 +120,7 @@ async def visible_reader(kind: str, path: str, count: int) -> None:
         client = aioredis.Redis()
 
         async def get() -> Any:
-            raw = await client.get("bench:v")
+            raw = await client.get(f"bench:{os.path.basename(path)}:v")
             return json.loads(raw) if raw else None
     else:
         import diskcache
@@ -157,7 +161,7 @@ async def visible_writer(kind: str, path: str, count: int, interval: float) -> N
         client = aioredis.Redis()
 
         async def put(value: Any) -> None:
-            await client.set("bench:v", json.dumps(value))
+            await client.set(f"bench:{os.path.basename(path)}:v", json.dumps(value))
     else:
         import diskcache
 
@@ -175,7 +179,7 @@ async def visible_writer(kind: str, path: str, count: int, interval: float) -> N
     if kind == "ivip":
         await ipc.destroy()
     elif kind == "redis":
-        await client.delete("bench:v")
+        await client.delete(f"bench:{os.path.basename(path)}:v")
         await client.aclose()
 
 
@@ -401,7 +405,9 @@ def cache(size: Size, codec: str) -> Result:
         out["diskcache"] = started[-1].line()
     if redis_available():
         with workers() as started:
-            started.append(Worker(redis_cache_ops, size.cache_ops // 20))
+            started.append(
+                Worker(redis_cache_ops, size.cache_ops // 20, f"bench:{uuid.uuid4().hex}:k")
+            )
             out["redis GET/SET"] = started[-1].line()
     kinds = ["ivip", "diskcache"] + (["redis"] if redis_available() else [])
     names = {"ivip": "ivip-ipc-async", "diskcache": "diskcache", "redis": "redis GET/SET"}

@@ -46,7 +46,7 @@ def latency(size: Size, codec: str) -> Result:
         )
         out["ivip-ipc-async"] = summary(got[0])
     if redis_available() and not size.lean:
-        got, _ = fan([(m.redis_receiver, (n,))], [(m.redis_sender, (n, 100, 0.005, "awaited"))])
+        got, _ = fan(*m.redis_roles(n, 100, 0.005))
         out["redis pub/sub"] = summary(got[0])
     out["multiprocessing Pipe"] = summary(m.pipe_run(n, 100, 0.005))
     out["multiprocessing Pipe (asyncio receiver)"] = summary(m.pipe_run(n, 100, 0.005, True))

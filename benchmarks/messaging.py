@@ -14,9 +14,10 @@ import ctypes.util
 import multiprocessing
 import os
 import time
+import uuid
 from typing import Any
 
-from .harness import N, emit, open_ipc, rss_kib, wait_go
+from .harness import N, Role, emit, open_ipc, rss_kib, wait_go
 
 
 def payload(i: int, size: int) -> dict[str, Any]:
@@ -80,7 +81,7 @@ async def ivip_receiver(path: str, expected: int, codec: str) -> None:
     emit(col.result())
 
 
-async def redis_receiver(expected: int, with_id: bool = False) -> None:
+async def redis_receiver(expected: int, with_id: bool, channel: str) -> None:
     """A redis-py subscriber; `with_id`: each payload starts with a stream id and a
     space (what this backend's APPEND script publishes)."""
     import redis.asyncio as aioredis
@@ -88,7 +89,7 @@ async def redis_receiver(expected: int, with_id: bool = False) -> None:
     col = Collector(expected)
     client = aioredis.Redis()
     pubsub = client.pubsub()
-    await pubsub.subscribe("bench")
+    await pubsub.subscribe(channel)
     emit("ready")
     while col.count < expected:
         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60)
@@ -263,7 +264,7 @@ async def ivip_sender(
         await asyncio.to_thread(wait_go)  # stay until the receivers are done
 
 
-async def redis_sender(count: int, size: int, interval: float, mode: str) -> None:
+async def redis_sender(count: int, size: int, interval: float, mode: str, channel: str) -> None:
     import redis.asyncio as aioredis
 
     client = aioredis.Redis()
@@ -274,18 +275,18 @@ async def redis_sender(count: int, size: int, interval: float, mode: str) -> Non
         for base in range(0, count, 1000):
             pipe = client.pipeline(transaction=False)
             for _ in range(base, min(count, base + 1000)):
-                pipe.publish("bench", b"%020d " % N() + pad)
+                pipe.publish(channel, b"%020d " % N() + pad)
             await pipe.execute()
     else:
         for _ in range(count):
-            await client.publish("bench", b"%020d " % N() + pad)
+            await client.publish(channel, b"%020d " % N() + pad)
             if interval:
                 await asyncio.sleep(interval)
     emit({"sent": count, "send_rate": count / ((N() - started) / 1e9)})
     await client.aclose()
 
 
-async def redis_script_sender(count: int, size: int, interval: float) -> None:
+async def redis_script_sender(count: int, size: int, interval: float, channel: str) -> None:
     """Plain redis-py `EVALSHA` of the Redis backend's APPEND script (store in a
     stream, publish with the entry's id, keep the stream expiring), awaited: what
     one write of that design costs without this library's client-side work."""
@@ -304,7 +305,7 @@ async def redis_script_sender(count: int, size: int, interval: float) -> None:
     # The backend's defaults: stream_maxlen 100,000, state_ttl 3,600 s.
     for _ in range(count):
         await client.evalsha(
-            APPEND_SHA, 1, stream, b"%020d " % N() + pad, 100_000, "bench", 3_600_000
+            APPEND_SHA, 1, stream, b"%020d " % N() + pad, 100_000, channel, 3_600_000
         )
         if interval:
             await asyncio.sleep(interval)
@@ -336,3 +337,16 @@ def pipe_run(count: int, size: int, interval: float, on_loop: bool = False) -> d
             if p.is_alive():
                 p.kill()
     return result
+
+
+def redis_roles(
+    count: int, size: int, interval: float, mode: str = "awaited", script: bool = False
+) -> tuple[list[Role], list[Role]]:
+    """A redis-py subscriber and a sender of `count` messages (`script`: through the
+    Redis backend's APPEND script), on a channel of their own: the server is shared."""
+    channel = f"bench-{uuid.uuid4().hex[:8]}"
+    if script:
+        sender: Role = (redis_script_sender, (count, size, interval, channel))
+    else:
+        sender = (redis_sender, (count, size, interval, mode, channel))
+    return [(redis_receiver, (count, script, channel))], [sender]

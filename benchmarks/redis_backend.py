@@ -54,7 +54,7 @@ def redis_backend(size: Size, codec: str) -> Result:
             [(m.ivip_sender, (url, n, 100, 0.005, "awaited", codec))],
         )
         out["ivip-ipc-async on Redis"] = latency_summary(got[0]["latencies_ns"])
-        got, _ = fan([(m.redis_receiver, (n,))], [(m.redis_sender, (n, 100, 0.005, "awaited"))])
+        got, _ = fan(*m.redis_roles(n, 100, 0.005))
         out["redis pub/sub (redis-py)"] = latency_summary(got[0]["latencies_ns"])
         k = size.throughput_messages // 5
         got, _ = fan(
@@ -62,10 +62,10 @@ def redis_backend(size: Size, codec: str) -> Result:
             [(m.ivip_sender, (url, k, 100, 0, "awaited", codec))],
         )
         out["ivip-ipc-async on Redis"]["msg/s (awaited)"] = got[0]["rate"]
-        got, _ = fan([(m.redis_receiver, (k,))], [(m.redis_sender, (k, 100, 0, "awaited"))])
+        got, _ = fan(*m.redis_roles(k, 100, 0))
         out["redis pub/sub (redis-py)"]["msg/s (awaited)"] = got[0]["rate"]
         # The floor of this design: the backend's own APPEND script through plain redis-py.
-        got, _ = fan([(m.redis_receiver, (k, True))], [(m.redis_script_sender, (k, 100, 0))])
+        got, _ = fan(*m.redis_roles(k, 100, 0, script=True))
         out["redis EVALSHA APPEND (redis-py)"] = {"msg/s (awaited)": got[0]["rate"]}
         if size.lean:
             return out
@@ -73,7 +73,7 @@ def redis_backend(size: Size, codec: str) -> Result:
             started.append(Worker(ivip_cache_ops, url, size.cache_ops, codec))
             out["ivip-ipc-async on Redis"]["cache get/s"] = started[-1].line()["get"]
         with workers() as started:
-            started.append(Worker(redis_cache_ops, size.cache_ops // 20))
+            started.append(Worker(redis_cache_ops, size.cache_ops // 20, f"bench:{namespace}:k"))
             out["redis pub/sub (redis-py)"]["cache get/s"] = started[-1].line()["get"]
         return out
     finally:

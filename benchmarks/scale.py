@@ -11,7 +11,8 @@ For each contender, one process (the filler) sets small entries (`{"id": j, "nam
 `--step` keys. At each size in `--joins` it pauses (the directory backend: until a
 snapshot covers every key) and a joiner process starts: the wall time until it can
 read (this library: `AsyncIPC.start()`, the mirror loaded; diskcache: `Cache(dir)`;
-plain Redis: a connection), the worst loop stall meanwhile (a 1 ms ticker), its RSS
+plain Redis: a connection; the reference, a dict of the same decoded values built in the reader
+itself), the worst loop stall meanwhile (a 1 ms ticker), its RSS
 growth per key, and whether it reads the last key. Then the bytes per key where the
 data is kept: the namespace's files (directory backend, diskcache; in /dev/shm), or
 the Redis server's memory (`MEMORY USAGE` of 1,000 sampled entry keys, plus the
@@ -58,6 +59,7 @@ CONTENDERS = {
     "redis-backend": "ivip-ipc-async (Redis)",
     "diskcache": "diskcache",
     "redis": "plain Redis (redis-py SET)",
+    "dict": "a dict in one process (reference)",
 }
 PLOT = os.path.join(ROOT, "docs", "benchmarks-scale.png")
 
@@ -108,6 +110,15 @@ async def fill(
             }
 
         closer = ipc.destroy
+    elif kind == "dict":
+        held: dict[str, Any] = {}
+
+        async def put(first: int) -> None:
+            for j in range(first, first + 1000):
+                held[f"k{j}"] = value(j)
+
+        async def closer() -> None:
+            held.clear()
     elif kind == "diskcache":
         import diskcache
 
@@ -183,6 +194,15 @@ async def join(kind: str, target: str, options: dict[str, Any], keys: int) -> No
             return await cache.get(key)
 
         closer = ipc.destroy
+    elif kind == "dict":  # the same decoded values, built in the reader itself
+        held = {f"k{j}": value(j) for j in range(keys)}
+        took = time.perf_counter() - t0
+
+        async def get(key: str) -> Any:
+            return held.get(key)
+
+        async def closer() -> None:
+            held.clear()
     elif kind == "diskcache":
         dc = diskcache.Cache(target)
         took = time.perf_counter() - t0
@@ -260,6 +280,7 @@ def measure(
         "redis-backend": f"{REDIS}#{namespace}",
         "diskcache": scratch,
         "redis": f"bench-{namespace}:",
+        "dict": "",
     }[kind]
     used = options if kind in ("directory", "redis-backend") else {}
     steps: list[dict[str, Any]] = []
@@ -286,7 +307,7 @@ def measure(
                 elif kind == "redis-backend":
                     tag = f"ivip:{{{namespace}}}"
                     got["server_per_key"] = redis_bytes_per_key(f"{tag}:c:*", f"{tag}:log", n)
-                else:
+                elif kind == "redis":
                     got["server_per_key"] = redis_bytes_per_key(f"{target}k*", None, n)
                 joined.append(got)
                 print(f"  {kind}: joiner at {n:,}: {_join_text(got)}", flush=True)
@@ -366,7 +387,10 @@ def tables(summed: dict[str, Any]) -> list[str]:
     for kind, s in summed.items():
         for n, j in s["joins"].items():
             disk_b, server = j["disk_per_key"], j["server_per_key"]
-            stored = f"{fmt(disk_b)} B on disk" if disk_b == disk_b else f"{fmt(server)} B in Redis"
+            if disk_b == disk_b:
+                stored = f"{fmt(disk_b)} B on disk"
+            else:
+                stored = f"{fmt(server)} B in Redis" if server == server else ""
             lines.append(
                 f"| {CONTENDERS[kind]}, {n:,} | {fmt(j['start_s'])} s "
                 f"| {fmt(j['worst_stall_ms'])} ms | {fmt(j['rss_per_key'])} B | {stored} "
@@ -434,7 +458,8 @@ def section(saved: dict[str, Any], image: str | None) -> list[str]:
         "the filler pauses (the directory backend: until a snapshot covers every key) and "
         "a new process starts a reader: `reader ready` is `AsyncIPC.start()` (the mirror "
         "loaded: from the directory, or from Redis), diskcache's `Cache(dir)`, plain "
-        "Redis's connection; its worst loop stall meanwhile (a 1 ms ticker); its RSS "
+        "Redis's connection; the reference row builds a plain dict of the same decoded "
+        "values in the reader itself; its worst loop stall meanwhile (a 1 ms ticker); its RSS "
         "growth per key. `stored per key`: the files in /dev/shm (directory backend, "
         "diskcache), or the Redis server's memory (`MEMORY USAGE` of 1,000 sampled entry "
         "keys, plus the backend's stream spread over the keys).",

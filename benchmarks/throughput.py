@@ -75,7 +75,7 @@ def throughput(size: Size, codec: str) -> Result:
             }
     if redis_available():
         for mode in ("pipelined",) if size.lean else ("awaited", "pipelined"):
-            got, sent = fan([(m.redis_receiver, (n,))], [(m.redis_sender, (n, 100, 0, mode))])
+            got, sent = fan(*m.redis_roles(n, 100, 0, mode))
             out[f"redis pub/sub ({mode})"] = {
                 "msg/s": got[0]["rate"],
                 "send msg/s": sent[0]["send_rate"],
@@ -153,7 +153,7 @@ def message_sizes(size: Size, codec: str) -> Result:
             )
             row["ivip-ipc-async MB/s"] = got[0]["mb_per_s"]
         if redis_available():
-            got, _ = fan([(m.redis_receiver, (n,))], [(m.redis_sender, (n, nbytes, 0, "awaited"))])
+            got, _ = fan(*m.redis_roles(n, nbytes, 0))
             row["redis pub/sub MB/s"] = got[0]["mb_per_s"]
         row["multiprocessing Pipe MB/s"] = m.pipe_run(n, nbytes, 0)["mb_per_s"]
         out[label] = row
