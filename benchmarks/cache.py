@@ -20,6 +20,7 @@ from typing import Any
 from .harness import (
     REDIS,
     Aggregated,
+    N,
     Result,
     Size,
     Worker,
@@ -38,10 +39,9 @@ from .report import Sections, alone, rerun, table
 
 BULK = 100  # keys per bulk call
 PROCESSES = 4
-N = time.monotonic_ns
 
 
-# -- get, set and visible: the roles ----
+# -- get, set and visible: the roles -------------------------------------------------------
 
 VALUE = {"id": 7, "name": "Ana", "active": True, "score": 1.5}
 
@@ -183,7 +183,7 @@ async def visible_writer(kind: str, path: str, count: int, interval: float) -> N
         await client.aclose()
 
 
-# -- atomic and bulk operations: the roles ----
+# -- atomic and bulk operations: the roles -------------------------------------------------
 
 _N = time.perf_counter
 
@@ -367,7 +367,7 @@ def contended_role(kind: str, target: str, count: int) -> None:
     emit({"seconds": spent, "last": last})
 
 
-# -- the scenarios ----
+# -- the scenarios -------------------------------------------------------------------------
 
 
 def _final_count(kind: str, target: str) -> int:

@@ -506,8 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(
             ["python -m benchmarks.scale", *(sys.argv[1:] if argv is None else argv)]
         )
-        loads = [load_average()]
         results: dict[str, list[dict[str, Any]]] = {}
+        loads = [load_average()]
+        saved = {"command": command, "results": results, "machine": machine()}
+        path = None
         for i in range(args.repeat):
             for kind in kinds:
                 print(f"{kind}, run {i + 1}/{args.repeat} (load {load_average()})", flush=True)
@@ -515,15 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                     measure(kind, args.keys, args.step, joins, options, args.stop_below)
                 )
                 loads.append(load_average())
-        saved = {
-            "command": command,
-            "results": results,
-            "machine": machine(),
-            "load": "Load average (1, 5, 15 min) at the start and after each contender: "
-            + "; ".join(loads)
-            + f" on {os.cpu_count()} CPUs.",
-        }
-        print("saved", save(saved, prefix="scale-"))
+                saved["load"] = (
+                    "Load average (1, 5, 15 min) at the start and after each contender's "
+                    f"run: {'; '.join(loads)}, on {os.cpu_count()} CPUs."
+                )
+                path = save(saved, path, prefix="scale-")  # what is done so far
+        print("saved", path)
     print("\n".join(tables(summary(saved["results"]))))
     if out is None:
         print(f"\npage not written (--publish rewrites the {TITLE} section of {PAGE})")
