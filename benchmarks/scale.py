@@ -407,7 +407,8 @@ def reading(summed: dict[str, Any]) -> list[str]:
         "their RSS grows with the keys; a diskcache reader opens SQLite and reads a key "
         "from it at each `get`, and a plain Redis reader holds nothing (a `GET` is a round "
         "trip): their start is flat and their RSS per key near zero by design. The dict "
-        "row is the floor of holding the same decoded values in a process. `stored per "
+        "row is the floor of holding the same decoded values in a process (built in one "
+        "go on the loop: its stall is that build). `stored per "
         "key` is disk for the directory backend and diskcache (tmpfs here), the server's "
         "memory for the two Redis rows.",
         "",
