@@ -361,7 +361,8 @@ def summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _k(n: int) -> str:
-    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+    """250000 -> 250k, 1000000 -> 1M."""
+    return f"{n / 1_000_000:g}M" if n >= 1_000_000 else f"{n / 1000:g}k"
 
 
 def tables(summed: dict[str, Any]) -> list[str]:
@@ -434,6 +435,7 @@ def plot(path: str, summed: dict[str, Any]) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -460,6 +462,7 @@ def plot(path: str, summed: dict[str, Any]) -> str | None:
     ):
         ax.set_title(title)
         ax.set_xlabel("keys")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _k(int(x)) if x else "0"))
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     rate_ax.set_yscale("log")
@@ -492,7 +495,7 @@ def section(saved: dict[str, Any], image: str | None) -> list[str]:
         "diskcache), or the Redis server's memory (`MEMORY USAGE` of 1,000 sampled entry "
         "keys, plus the backend's stream spread over the keys).",
         "",
-        f"{saved.get('machine', '')} {saved.get('load', '')}".strip(),
+        " ".join([saved.get("machine", ""), saved.get("load", ""), *saved.get("notes", [])]),
         "",
         *tables(summed),
         "",
@@ -520,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="rewrite the Cache scale section of this page")
     parser.add_argument("--publish", action="store_true", help=f"the same in {PAGE}")
     parser.add_argument("--render", metavar="RESULTS_JSON", help="publish a saved run again")
+    parser.add_argument("--note", action="append", default=[], help="a line for the page")
     args = parser.parse_args(argv)
     out = PAGE if args.publish else args.out
     if args.render:
@@ -552,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 path = save(saved, path, prefix="scale-")  # what is done so far
         print("saved", path)
+    saved["notes"] = [*saved.get("notes", []), *args.note]
     print("\n".join(tables(summary(saved["results"]))))
     if out is None:
         print(f"\npage not written (--publish rewrites the {TITLE} section of {PAGE})")
