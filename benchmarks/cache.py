@@ -46,7 +46,7 @@ PROCESSES = 4
 VALUE = {"id": 7, "name": "Ana", "active": True, "score": 1.5}
 
 
-async def ivip_cache_ops(path: str, n: int, codec: str) -> None:
+async def ivip_get_set(path: str, n: int, codec: str) -> None:
     from ivip_ipc_async import AsyncCache
 
     async with open_ipc(path, codec) as ipc:
@@ -63,7 +63,7 @@ async def ivip_cache_ops(path: str, n: int, codec: str) -> None:
     emit({"get": get_rate, "set": set_rate})
 
 
-def diskcache_ops(path: str, n: int) -> None:
+def diskcache_get_set(path: str, n: int) -> None:
     import diskcache
 
     cache = diskcache.Cache(path)
@@ -80,7 +80,7 @@ def diskcache_ops(path: str, n: int) -> None:
     emit({"get": get_rate, "set": set_rate})
 
 
-async def redis_cache_ops(n: int, key: str) -> None:
+async def redis_get_set(n: int, key: str) -> None:
     """`GET` + `json.loads` and `SET` of `key` (a key of this run's own: the server is
     shared)."""
     import redis.asyncio as aioredis
@@ -398,15 +398,15 @@ def cache(size: Size, codec: str) -> Result:
     """Cache: get/set ops/s in one process, and set-to-visible latency across two."""
     out: Result = {}
     with scratch_dir() as d, workers() as started:
-        started.append(Worker(ivip_cache_ops, d, size.cache_ops, codec))
+        started.append(Worker(ivip_get_set, d, size.cache_ops, codec))
         out["ivip-ipc-async"] = started[-1].line()
     with scratch_dir() as d, workers() as started:
-        started.append(Worker(diskcache_ops, d, size.cache_ops // 4))
+        started.append(Worker(diskcache_get_set, d, size.cache_ops // 4))
         out["diskcache"] = started[-1].line()
     if redis_available():
         with workers() as started:
             started.append(
-                Worker(redis_cache_ops, size.cache_ops // 20, f"bench:{uuid.uuid4().hex}:k")
+                Worker(redis_get_set, size.cache_ops // 20, f"bench:{uuid.uuid4().hex}:k")
             )
             out["redis GET/SET"] = started[-1].line()
     kinds = ["ivip", "diskcache"] + (["redis"] if redis_available() else [])

@@ -11,7 +11,7 @@ import sys
 import uuid
 
 from . import messaging as m
-from .cache import ivip_cache_ops, redis_cache_ops
+from .cache import ivip_get_set, redis_get_set
 from .harness import (
     REDIS,
     Aggregated,
@@ -70,10 +70,10 @@ def redis_backend(size: Size, codec: str) -> Result:
         if size.lean:
             return out
         with workers() as started:
-            started.append(Worker(ivip_cache_ops, url, size.cache_ops, codec))
+            started.append(Worker(ivip_get_set, url, size.cache_ops, codec))
             out["ivip-ipc-async on Redis"]["cache get/s"] = started[-1].line()["get"]
         with workers() as started:
-            started.append(Worker(redis_cache_ops, size.cache_ops // 20, f"bench:{namespace}:k"))
+            started.append(Worker(redis_get_set, size.cache_ops // 20, f"bench:{namespace}:k"))
             out["redis pub/sub (redis-py)"]["cache get/s"] = started[-1].line()["get"]
         return out
     finally:
