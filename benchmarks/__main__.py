@@ -3,31 +3,35 @@
 Saves the raw results to benchmarks/results/<time>.json and prints the targets,
 met or not, with their ratios. The page (docs/benchmarks.md and its plot) is
 written only when asked: `--publish` writes the project's page, `--out PATH`
-another one.
+another one. Each measuring module also runs alone (`python -m benchmarks.MODULE`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from typing import Any
 
-from .harness import ROOT, redis_available
-from .report import plot, write_markdown
-from .scenarios import QUICK, SCENARIOS, Size
-from .targets import aggregate, all_targets
+from .harness import aggregate, redis_available, run, save, sized
+from .page import plot, targets_text, write_markdown
+from .report import PAGE
+from .suite import SCENARIOS
 
 
-def progress(done: int, total: int, what: str, started: float) -> None:
+def progress_bar(started: float) -> Any:
     """A one-line progress bar, redrawn in place."""
-    filled = int(30 * done / max(1, total))
-    bar = "#" * filled + "." * (30 - filled)
-    elapsed = time.monotonic() - started
-    print(f"\r[{bar}] {done}/{total} {elapsed:5.0f}s  {what:<24}", end="", flush=True)
+
+    def show(done: int, total: int, what: str) -> None:
+        filled = int(30 * done / max(1, total))
+        bar = "#" * filled + "." * (30 - filled)
+        elapsed = time.monotonic() - started
+        end = "\n" if done == total else ""
+        print(f"\r[{bar}] {done}/{total} {elapsed:5.0f}s  {what:<24}", end=end, flush=True)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,19 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         help="write the page again from a saved run (benchmarks/results/*.json), running nothing",
     )
     parser.add_argument(
-        "--lean", action="store_true", help="only the rows the latency and throughput targets read"
+        "--lean", action="store_true", help="only the rows the message-path targets read"
     )
     parser.add_argument("--results", help="where to save the raw results (a .json path)")
     args = parser.parse_args(argv)
     if args.publish:
-        args.out = os.path.join(ROOT, "docs", "benchmarks.md")
+        args.out = PAGE
     if args.render:
         if args.out is None:
             parser.error("--render writes a page: give --publish or --out PATH")
         with open(args.render) as f:
             saved = json.load(f)
         return _write(saved["raw"], args.out, saved["command"], saved.get("notes", []))
-    size = dataclasses.replace(QUICK if args.quick else Size(), lean=args.lean)
     names = args.only or list(SCENARIOS)
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = []
@@ -68,23 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("--quick: smaller message counts than the workloads below describe.")
     if not redis_available():
         notes.append("No Redis server answered on 127.0.0.1:6379: Redis peers were skipped.")
-    raw: dict[str, list[dict[str, dict[str, float]]]] = {}
     started = time.monotonic()
-    total, done = len(names) * args.repeat, 0
-    for name in names:
-        for run in range(args.repeat):
-            progress(done, total, f"{name} {run + 1}/{args.repeat}", started)
-            raw.setdefault(name, []).append(SCENARIOS[name](size, args.codec))
-            done += 1
-    progress(done, total, "done", started)
-    print()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    saved = args.results or os.path.join(ROOT, "benchmarks", "results", f"{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(saved)), exist_ok=True)
-    with open(saved, "w") as f:
-        python = ".".join(map(str, sys.version_info[:3]))
-        json.dump({"command": command.strip(), "python": python, "raw": raw, "notes": notes}, f)
-    print(f"saved {saved}")
+    scenarios = {name: SCENARIOS[name] for name in names}
+    raw = run(scenarios, args.repeat, sized(args.quick, args.lean), args.codec,
+              progress_bar(started))  # fmt: skip
+    saved_to = save({"command": command.strip(), "raw": raw, "notes": notes}, args.results)
+    print(f"saved {saved_to}")
     print(f"ran in {time.monotonic() - started:.0f}s")
     return _write(raw, args.out, command.strip(), notes)
 
@@ -100,14 +92,7 @@ def _write(raw: dict[str, list[Any]], out: str | None, command: str, notes: list
         image = plot(os.path.splitext(out)[0] + ".png", aggregated)
         write_markdown(out, aggregated, repeats, command, notes, image)
         print(f"wrote {out}\n")
-    groups = all_targets(aggregated)
-    width = max(len(t.name) for group in groups.values() for t in group)
-    for title, group in groups.items():
-        print(f"{title}:")
-        for t in group:
-            mark = " n/a" if t.met is None else (" yes" if t.met else "  NO")
-            print(f"{mark}  {t.name:<{width}}  {t.measured.replace('**', '')}")
-        print()
+    print(targets_text(aggregated))
     return 0
 
 

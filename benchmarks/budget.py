@@ -1,7 +1,9 @@
 """The per-message budget: what each stage of one message costs, in ns per message.
 
-`python -m benchmarks.budget [--quick]` prints it; `python -m benchmarks` runs it as the
-`budget` scenario and puts it on the page ("Per-message budget").
+    python -m benchmarks.budget [--repeat 3] [--quick] [--publish]
+
+prints it (and with `--publish` rewrites its section of the page); `python -m
+benchmarks` runs it as the `budget` scenario with the rest.
 
 Directory backend, the codec of the run (default JSON), ~100-byte messages. Every
 stage is timed in this process (median of several repeats of a loop over many
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -27,9 +30,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .harness import BASE, ROOT, fan, scratch_dir
-
-Result = dict[str, dict[str, float]]
+from . import messaging as m
+from .harness import BASE, Aggregated, Result, Size, fan, scratch_dir, spawn
+from .report import Sections, alone, fmt, rerun
 
 MOVED = -1.0  # the value of a stage whose internal was not found: "n/a (moved)"
 METRIC = "ns/msg"
@@ -75,7 +78,7 @@ STAGES: dict[str, str] = {
 }
 
 TIMING_NOTE = (
-    "Slow-handler detection (issue #25) times each dispatch as a whole: two "
+    "Slow-handler detection times each dispatch as a whole: two "
     "`perf_counter` reads per batch of records, not per handler. Measured in one process,"
     " A/B against the previous `_dispatch` interleaved round by round (100 paired rounds "
     "of 20,000 records to one sync `on` handler, CPU time, medians of the differences, on"
@@ -99,8 +102,7 @@ WORKLOAD = (
     "loop's own ~20-30 ns per step is in each figure); the receiver's whole is a real "
     "receiver process's CPU time per message in the throughput workloads; the "
     "wake-ups are the median of 2,000 round trips between two processes. `other` rows "
-    "are differences and carry the noise of the rows they are computed from. "
-    "Run alone: `python -m benchmarks.budget`."
+    "are differences and carry the noise of the rows they are computed from."
 )
 
 REPEATS = 5
@@ -358,8 +360,8 @@ def receiver_whole(codec_name: str, n: int, mode: str) -> float:
     """CPU ns per message of a receiver process while a sender (`mode`) sends n."""
     with scratch_dir() as d:
         got, _ = fan(
-            [("ivip-receiver", (d, n, codec_name))],
-            [("ivip-sender", (d, n, 100, 0, mode, codec_name))],
+            [(m.ivip_receiver, (d, n, codec_name))],
+            [(m.ivip_sender, (d, n, 100, 0, mode, codec_name))],
         )
     return float(got[0].get("cpu_ns_per_msg", float("nan")))
 
@@ -405,11 +407,7 @@ def wake_round_trip(kind: str, count: int) -> float:
         back_r, back_w = os.pipe()
         my_r, my_w, their_r, their_w = back_r, to_w, to_r, back_w
         keep = []
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.budget", "--echo", str(their_r), str(their_w)],
-        pass_fds=sorted({their_r, their_w}),
-        cwd=ROOT,
-    )
+    proc = spawn(_echo, their_r, their_w, pass_fds=sorted({their_r, their_w}))
 
     async def run() -> float:
         loop = asyncio.get_running_loop()
@@ -447,6 +445,9 @@ def wake_round_trip(kind: str, count: int) -> float:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
         for sock in keep:
             sock.close()
         if kind != "doorbell":
@@ -457,11 +458,10 @@ def wake_round_trip(kind: str, count: int) -> float:
 # -- the scenario ------------------------------------------------------------------------------
 
 
-def budget(size: Any, codec: str) -> Result:
+def budget(size: Size, codec: str) -> Result:
     """The `budget` scenario: {stage: {"ns/msg": value}}; MOVED where an internal moved."""
-    quick = getattr(size, "throughput_messages", 100_000) < 100_000
-    n = 20_000 if quick else 100_000
-    trips = 500 if quick else 2_000
+    n = 20_000 if size.quick else 100_000
+    trips = 500 if size.quick else 2_000
     values: dict[str, float] = {}
     scratch = tempfile.mkdtemp(prefix="ivip-budget-", dir=BASE)
     try:
@@ -472,10 +472,8 @@ def budget(size: Any, codec: str) -> Result:
             values[SENDER_WHOLE] = MOVED
         values.update(receiver_stages(codec, n, scratch))
     finally:
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
-    sent = getattr(size, "throughput_messages", n)
+    sent = size.throughput_messages
     values[RECEIVER_WHOLE] = receiver_whole(codec, sent, "awaited")
     values[RECEIVER_WHOLE_BATCHED] = receiver_whole(codec, sent, "batched")
     values[WAKE_DOORBELL] = wake_round_trip("doorbell", trips) / 2
@@ -494,7 +492,6 @@ def _rest(values: dict[str, float], whole: str, parts: tuple[str, ...]) -> float
 
 def render(rows: dict[str, dict[str, tuple[float, float, float]]], repeats: int) -> str:
     """The page's table: stage, ns/msg (median, min–max over runs), share, what."""
-    from .report import fmt
 
     def share_of(name: str) -> str:
         whole = SENDER_WHOLE if name.startswith("sender") else RECEIVER_WHOLE
@@ -520,24 +517,25 @@ def render(rows: dict[str, dict[str, tuple[float, float, float]]], repeats: int)
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--echo"]:
-        _echo(int(args[1]), int(args[2]))
-        return 0
-    from .scenarios import QUICK, Size
+SCENARIOS = {"budget": budget}
+TITLE = "Per-message budget"
 
-    codec = args[args.index("--codec") + 1] if "--codec" in args else "json"
-    started = time.monotonic()
-    rows = budget(QUICK if "--quick" in args else Size(), codec)
-    print(f"Per-message budget, codec {codec}, Python {sys.version.split()[0]}:")
-    for name, row in rows.items():
-        value = row[METRIC]
-        shown = "n/a (moved)" if value == MOVED else f"{value:10,.0f}"
-        print(f"{shown:>12} ns  {name}")
-    print(f"({time.monotonic() - started:.0f}s)")
-    return 0
+
+def sections(results: Aggregated, repeats: int) -> Sections:
+    if not results.get("budget"):
+        return {}
+    body = [
+        rerun("budget"),
+        "",
+        f"Workload: {WORKLOAD}",
+        "",
+        render(results["budget"], repeats),
+        "",
+        TIMING_NOTE,
+        "",
+    ]
+    return {TITLE: body}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(alone("python -m benchmarks.budget", SCENARIOS, sections))

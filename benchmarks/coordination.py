@@ -15,28 +15,35 @@ suite, `python -m benchmarks`, runs them too).
   caller's time to its result. This library's `memoize` on the directory and
   on Redis (single flight across processes, the default; and the per-process
   opt-out), and cashews' `@cache(lock=True)` on the same Redis.
-
-Worker roles run as `python -m benchmarks.workers ROLE ...` (see `run_role`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
-import json
 import os
-import re
 import sys
-import time
 import uuid
 from typing import Any
 
-from .harness import ROOT, Worker, latency_summary, median_of, redis_available, scratch_dir, workers
+from .harness import (
+    REDIS,
+    Aggregated,
+    N,
+    Result,
+    Size,
+    drop_redis,
+    emit,
+    latency_summary,
+    open_ipc,
+    redis_available,
+    scratch_dir,
+    together,
+    wait_go,
+)
+from .report import Sections, alone, rerun, table
 
-REDIS = "redis://127.0.0.1:6379/0"
 COMPUTE_SECONDS = 0.1
-N = time.monotonic_ns
 
 WORKLOADS = {
     "locks": (
@@ -63,19 +70,6 @@ WORKLOADS = {
 # -- worker roles (child processes) ---------------------------------------------------------
 
 
-def _open_ipc(target: str) -> Any:
-    from ivip_ipc_async import AsyncIPC
-
-    if target.startswith("redis://"):
-        url, _, namespace = target.partition("#")
-        return AsyncIPC(url, namespace=namespace)
-    return AsyncIPC(target)
-
-
-def _emit(obj: Any) -> None:
-    print(json.dumps(obj), flush=True)
-
-
 def _append(path: str, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.write(fd, (line + "\n").encode())
@@ -83,11 +77,11 @@ def _append(path: str, line: str) -> None:
 
 
 async def _lock_ivip(target: str, cycles: int) -> tuple[list[int], list[int]]:
-    async with _open_ipc(target) as ipc:
+    async with open_ipc(target) as ipc:
         async with ipc.lock("warm-up"):  # connections made before the clock starts
             pass
-        _emit("ready")
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        emit("ready")
+        await asyncio.to_thread(wait_go)
         out, acquired = [], []
         for _ in range(cycles):
             t = N()
@@ -102,8 +96,8 @@ async def _lock_redis_py(namespace: str, cycles: int) -> tuple[list[int], list[i
 
     client = aioredis.Redis.from_url(REDIS)
     await client.ping()
-    _emit("ready")
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    emit("ready")
+    await asyncio.to_thread(wait_go)
     out, acquired = [], []
     for _ in range(cycles):
         t = N()
@@ -119,8 +113,8 @@ def _lock_diskcache(directory: str, cycles: int) -> tuple[list[int], list[int]]:
 
     with diskcache.Cache(directory) as cache:
         lock = diskcache.Lock(cache, "bench")
-        _emit("ready")
-        sys.stdin.readline()
+        emit("ready")
+        wait_go()
         out, acquired = [], []
         for _ in range(cycles):
             t = N()
@@ -138,7 +132,7 @@ def lock_role(kind: str, target: str, cycles: int) -> None:
         latencies, acquired = asyncio.run(_lock_redis_py(target, cycles))
     else:
         latencies, acquired = _lock_diskcache(target, cycles)
-    _emit({"latencies_ns": latencies, "acquired_ns": acquired})
+    emit({"latencies_ns": latencies, "acquired_ns": acquired})
 
 
 async def _stampede(kind: str, target: str, key: str, callers: int, log: str) -> list[int]:
@@ -157,14 +151,14 @@ async def _stampede(kind: str, target: str, key: str, callers: int, log: str) ->
     else:
         from ivip_ipc_async import AsyncCache
 
-        ipc = await _open_ipc(target).start()
+        ipc = await open_ipc(target).start()
         async with ipc.lock("warm-up"):
             pass
         fn = AsyncCache(ipc, name="stampede").memoize(
             "work", work, 60, across_processes=kind == "ivip"
         )
-    _emit("ready")
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    emit("ready")
+    await asyncio.to_thread(wait_go)
     start = N()
 
     async def call() -> int:
@@ -183,44 +177,20 @@ async def _stampede(kind: str, target: str, key: str, callers: int, log: str) ->
 
 def stampede_role(kind: str, target: str, key: str, callers: int, log: str) -> None:
     """Print `ready`, wait for `go`, call the memoized function `callers` times at once."""
-    _emit({"latencies_ns": asyncio.run(_stampede(kind, target, key, callers, log))})
-
-
-def run_role(role: str, args: list[str]) -> bool:
-    """The roles of this module, for `benchmarks.workers`; False if `role` is not one."""
-    if role == "lock":
-        lock_role(args[0], args[1], int(args[2]))
-    elif role == "stampede":
-        stampede_role(args[0], args[1], args[2], int(args[3]), args[4])
-    else:
-        return False
-    return True
+    emit({"latencies_ns": asyncio.run(_stampede(kind, target, key, callers, log))})
 
 
 # -- scenarios ----------------------------------------------------------------------------------
-
-
-def _together(roles: list[tuple[str, ...]]) -> list[Any]:
-    """Start the workers, wait until all are ready, say go to all, collect their lines."""
-    with workers() as started:
-        for role in roles:
-            started.append(Worker(*role))
-        for w in started:
-            assert w.line(timeout=60) == "ready"
-        for w in started:
-            w.go()
-        return [w.line(timeout=300) for w in started]
 
 
 def _cycles(results: list[Any]) -> list[int]:
     return [x for r in results for x in r["latencies_ns"]]
 
 
-def locks(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
+def locks(size: Size, codec: str) -> Result:
     """Lock acquire + release: uncontended and contended by 4 processes."""
-    quick = getattr(size, "throughput_messages", 100_000) < 100_000
-    alone, each, crowd = (500, 50, 4) if quick else (2000, 200, 4)
-    out: dict[str, dict[str, float]] = {}
+    one, each, crowd = (500, 50, 4) if size.quick else (2000, 200, 4)
+    out: Result = {}
     contenders: list[tuple[str, str, str]] = [("ivip-ipc-async (directory)", "ivip", "dir")]
     if redis_available():
         contenders += [
@@ -230,7 +200,7 @@ def locks(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
     contenders.append(("diskcache Lock", "diskcache", "dir"))
     for label, kind, medium in contenders:
         row: dict[str, float] = {}
-        for mode, count, n in (("uncontended", 1, alone), ("contended", crowd, each)):
+        for mode, count, n in (("uncontended", 1, one), ("contended", crowd, each)):
             with scratch_dir() as d:
                 namespace = f"bench-{uuid.uuid4().hex[:8]}"
                 if medium == "dir":
@@ -239,7 +209,7 @@ def locks(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
                     target = f"{REDIS}#{namespace}"
                 else:
                     target = namespace
-                got = _together([("lock", kind, target, str(n))] * count)
+                got = together([(lock_role, (kind, target, n))] * count)
                 summary = latency_summary(_cycles(got))
                 row[f"{mode} p50 ms"] = summary["p50"]
                 row[f"{mode} p99 ms"] = summary["p99"]
@@ -252,14 +222,14 @@ def locks(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
                     handoffs = sum(a[1] != b[1] for a, b in itertools.pairwise(order))
                     row["contended handoffs %"] = 100 * handoffs / max(1, len(order) - 1)
                 if medium == "redis":
-                    _drop_redis(namespace)
+                    drop_redis(namespace, "stampede:*")
         out[label] = row
     return out
 
 
-def stampede(size: Any = None, codec: str = "json") -> dict[str, dict[str, float]]:
+def stampede(size: Size, codec: str) -> Result:
     """100 concurrent cold callers over 4 processes: computations, time to result."""
-    out: dict[str, dict[str, float]] = {}
+    out: Result = {}
     contenders = [("ivip-ipc-async memoize (directory)", "ivip", "dir")]
     contenders.append(("ivip-ipc-async memoize (directory), per process", "ivip-local", "dir"))
     if redis_available():
@@ -273,7 +243,7 @@ def stampede(size: Any = None, codec: str = "json") -> dict[str, dict[str, float
             target = d if medium == "dir" else f"{REDIS}#{namespace}"
             log = os.path.join(d, "computed.log")
             key = uuid.uuid4().hex  # cold: a key nobody computed
-            got = _together([("stampede", kind, target, key, "25", log)] * 4)
+            got = together([(stampede_role, (kind, target, key, 25, log))] * 4)
             with open(log) as f:
                 computations = len(f.read().splitlines())
             summary = latency_summary(_cycles(got))
@@ -284,19 +254,8 @@ def stampede(size: Any = None, codec: str = "json") -> dict[str, dict[str, float
                 "max ms": summary["max"],
             }
             if medium == "redis":
-                _drop_redis(namespace)
+                drop_redis(namespace, "stampede:*")
     return out
-
-
-def _drop_redis(namespace: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS)
-    for pattern in (f"ivip:{{{namespace}}}:*", f"bench-{namespace}*", "stampede:*"):
-        keys = client.keys(pattern)
-        if keys:
-            client.delete(*keys)
-    client.close()
 
 
 SCENARIOS = {"locks": locks, "stampede": stampede}
@@ -305,18 +264,13 @@ TITLES = {"locks": "Locks", "stampede": "Stampede"}
 # -- the page ------------------------------------------------------------------------------
 
 
-def section(results: dict[str, Any], repeats: int) -> list[str]:
-    """The "Coordination" section of the benchmark page, from aggregated results."""
-    from .report import table
-
+def sections(results: Aggregated, repeats: int) -> Sections:
+    """The "Coordination" section of the page, from aggregated results."""
     parts = [k for k in SCENARIOS if results.get(k)]
     if not parts:
-        return []
+        return {}
     lines = [
-        "## Coordination",
-        "",
-        "Locks and single-flight memoize (docs/coordination.md), run alone by "
-        f"`python -m benchmarks.coordination --repeat {repeats}` (or with the full suite).",
+        "Locks and single-flight memoize (docs/coordination.md). " + rerun("coordination"),
         "",
         "How to read the lock table: redis-py's and diskcache's waiters poll (every "
         "100 ms and 1 ms), so the process that has just released takes the lock again "
@@ -335,59 +289,8 @@ def section(results: dict[str, Any], repeats: int) -> list[str]:
             table(results[key], repeats),
             "",
         ]
-    return lines
-
-
-def replace_section(page: str, new: list[str]) -> str:
-    """`page` with its "## Coordination" section replaced by `new` (appended if absent)."""
-    text = "\n".join(new)
-    match = re.search(r"^## Coordination\n.*?(?=^## |\Z)", page, flags=re.S | re.M)
-    if match:
-        return page[: match.start()] + text + "\n" + page[match.end() :]
-    return page.rstrip("\n") + "\n\n" + text + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.coordination")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", help="rewrite the Coordination section of this page")
-    parser.add_argument("--publish", action="store_true", help="rewrite it in docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    if args.publish:
-        args.out = os.path.join(ROOT, "docs", "benchmarks.md")
-    from .scenarios import QUICK, Size
-
-    size = QUICK if args.quick else Size()
-    raw: dict[str, list[dict[str, dict[str, float]]]] = {}
-    for name, scenario in SCENARIOS.items():
-        for run in range(args.repeat):
-            print(f"{name} {run + 1}/{args.repeat}", flush=True)
-            raw.setdefault(name, []).append(scenario(size))
-    aggregated = {
-        name: {c: median_of([r[c] for r in runs if c in r]) for c in runs[0]}
-        for name, runs in raw.items()
-    }
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"coordination-{stamp}.json"), "w") as f:
-        json.dump({"command": "python -m benchmarks.coordination", "raw": raw}, f)
-    if args.out is not None:
-        with open(args.out) as f:
-            page = f.read()
-        with open(args.out, "w") as f:
-            f.write(replace_section(page, section(aggregated, args.repeat)))
-    for name, rows in aggregated.items():
-        print(f"\n{name}")
-        for contender, metrics in rows.items():
-            shown = ", ".join(f"{k} {v[0]:.3g}" for k, v in metrics.items())
-            print(f"  {contender}: {shown}")
-    if args.out is None:
-        print("\npage not written (--publish rewrites docs/benchmarks.md's section)")
-    else:
-        print(f"\nwrote the Coordination section of {args.out}")
-    return 0
+    return {"Coordination": lines}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(alone("python -m benchmarks.coordination", SCENARIOS, sections))

@@ -1,4 +1,4 @@
-"""The latency and throughput targets on each supported Python: `python -m benchmarks.per_python`.
+"""The message-path targets on each supported Python: `python -m benchmarks.per_python`.
 
 For each of Python 3.11, 3.12 and 3.13 found (`python3.X` on PATH if it runs,
 else pyenv's copy; or those given with `--versions`), makes or reuses a venv under
@@ -7,7 +7,7 @@ runs, with that interpreter from this checkout, only the scenarios those
 targets read (`latency throughput many_to_one redis_backend budget`, lean: no
 watchfiles/inotify/orjson rows) and saves
 `benchmarks/results/<time>-py3.X.json`. The main page's "Per Python version" table
-reads the newest such file of each version (`section`). About 4 minutes per version
+reads the newest such file of each version (`sections`). About 4 minutes per version
 with 3 repeats on 2 cores.
 
     python -m benchmarks.per_python                     # every version present
@@ -27,13 +27,14 @@ import sys
 import time
 from typing import Any
 
-from . import targets as T
-from .harness import ROOT
+from . import budget as b
+from .harness import RESULTS, ROOT, Aggregated, aggregate
+from .report import Sections, fmt
+from .targets import get, message_path
 
 VERSIONS = ("3.11", "3.12", "3.13")
 SCENARIOS = ("latency", "throughput", "many_to_one", "redis_backend", "budget")
 VENVS = "/tmp/ivip-bench-venvs"
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 COMMAND = "python -m benchmarks.per_python"
 
 
@@ -76,7 +77,7 @@ def venv_for(version: str, base: str, interpreter: str) -> str:
 
 
 def run_one(version: str, interpreter: str, base: str, repeat: int, quick: bool) -> str:
-    """Run the #15 scenarios with one interpreter; the path of its results file."""
+    """Run the message-path scenarios with one interpreter; the path of its results file."""
     python = venv_for(version, base, interpreter)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = os.path.join(RESULTS, f"{stamp}-py{version}.json")
@@ -93,9 +94,12 @@ def newest(version: str) -> str | None:
     return files[-1] if files else None
 
 
-def section(results: T.Aggregated | None = None) -> list[str]:
-    """The page's "Per Python version" table: each #15 target per version, from the
-    newest saved per-Python file of each version."""
+TITLE = "Per Python version"
+
+
+def sections(results: Aggregated | None = None, repeats: int = 0) -> Sections:
+    """The page's "Per Python version" table: each message-path target per version,
+    from the newest saved per-Python file of each version."""
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for version in VERSIONS:
         path = newest(version)
@@ -107,23 +111,21 @@ def section(results: T.Aggregated | None = None) -> list[str]:
         except (OSError, ValueError):
             continue
     lines = [
-        "## Per Python version",
-        "",
-        f"Issue #15's targets on each supported Python, from `{COMMAND}` (a venv per "
+        f"The message-path targets on each supported Python, from `{COMMAND}` (a venv per "
         "interpreter under /tmp/ivip-bench-venvs, this checkout, the scenarios "
-        f"`{' '.join(SCENARIOS)}` without the rows no #15 target reads, 3 repeats, "
+        f"`{' '.join(SCENARIOS)}` without the rows no message-path target reads, 3 repeats, "
         "medians); each column is the newest `benchmarks/results/*-py3.X.json` of its "
         "version, a separate run from the tables above.",
         "",
     ]
-    aggregated = {v: T.aggregate(saved["raw"]) for v, (_, saved) in found.items()}
+    aggregated = {v: aggregate(saved["raw"]) for v, (_, saved) in found.items()}
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if here not in aggregated and results and "throughput" in results:
         aggregated[here] = results  # this run stands in for its own version
     if not aggregated:
-        return [*lines, f"No per-Python results saved yet: run `{COMMAND}`.", ""]
+        return {TITLE: [*lines, f"No per-Python results saved yet: run `{COMMAND}`.", ""]}
     aggregated = {v: aggregated[v] for v in VERSIONS if v in aggregated}
-    per_version = {v: T.issue15(a) for v, a in aggregated.items()}
+    per_version = {v: message_path(a) for v, a in aggregated.items()}
     columns = list(per_version)
     lines += [
         "| target | " + " | ".join(f"Python {v}" for v in columns) + " |",
@@ -138,10 +140,10 @@ def section(results: T.Aggregated | None = None) -> list[str]:
             cells.append(f"{t.short} {mark}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for label, stage in (
-        ("budget: awaited `notify`, ns", T.b.SENDER_WHOLE),
-        ("budget: receiver CPU per message, ns", T.b.RECEIVER_WHOLE),
+        ("budget: awaited `notify`, ns", b.SENDER_WHOLE),
+        ("budget: receiver CPU per message, ns", b.RECEIVER_WHOLE),
     ):
-        cells = [T.fmt(T.get(a, "budget", stage, T.b.METRIC)) for a in aggregated.values()]
+        cells = [fmt(get(a, "budget", stage, b.METRIC)) for a in aggregated.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for v, (path, saved) in found.items():
@@ -156,7 +158,7 @@ def section(results: T.Aggregated | None = None) -> list[str]:
     missing = [v for v in VERSIONS if v not in aggregated]
     if missing:
         lines.append(f"- not measured: Python {', '.join(missing)}")
-    return [*lines, ""]
+    return {TITLE: [*lines, ""]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         path = run_one(version, interpreter, args.venvs, args.repeat, args.quick)
         print(f"saved {os.path.relpath(path, ROOT)} in {time.monotonic() - t0:.0f}s", flush=True)
     print(f"all in {time.monotonic() - started:.0f}s\n")
-    print("\n".join(section()))
+    print("\n".join(sections()[TITLE]))
     return 0
 
 

@@ -2,12 +2,11 @@
 
 Three lists, all ratios or limits read from the medians of one run:
 
-- `issue15`: issue #15's targets (the machine's references: a `multiprocessing` Pipe,
-  the `asyncio.gather` floor, Redis pipelined, plain redis-py);
-- `kept`: what earlier issues won and #15 keeps (idle, cache get, set-to-visible,
-  RSS flat, loop stalls);
-- `earlier`: the earlier performance issue's targets that still say something the
-  two lists above do not.
+- `message_path`: the message path against the machine's references (a
+  `multiprocessing` Pipe, the `asyncio.gather` floor, Redis pipelined, plain redis-py);
+- `kept`: what was won before and must stay (idle, cache get, set-to-visible, RSS
+  flat, loop stalls);
+- `earlier`: the earlier targets that still say something the two lists above do not.
 
 Each miss gets a reason computed from the run's own figures (`reasons`).
 """
@@ -16,12 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from . import budget as b
-from .loop_stall import TARGET_MS, stall_target
-
-Aggregated = dict[str, dict[str, dict[str, tuple[float, float, float]]]]
+from .harness import Aggregated
+from .report import fmt, ratio
+from .stalls import TARGET_MS, stall_target
 
 PIPE = "multiprocessing Pipe"
 PIPE_LOOP = "multiprocessing Pipe (asyncio receiver)"
@@ -45,24 +44,6 @@ class Target(NamedTuple):
     short: str
 
 
-def fmt(value: float) -> str:
-    if math.isnan(value):
-        return "n/a"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    if abs(value) >= 0.1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def ratio(a: float, b: float) -> str:
-    if not b or math.isnan(a) or math.isnan(b):
-        return "n/a"
-    return f"{a / b:.2f}x"
-
-
 def get(results: Aggregated, scenario: str, row: str, metric: str) -> float:
     try:
         return results[scenario][row][metric][0]
@@ -81,7 +62,7 @@ def _stage(results: Aggregated, name: str) -> float:
     return float("nan") if value == b.MOVED else value
 
 
-# -- issue #15 ----------------------------------------------------------------------------
+# -- the message path against the machine's references -------------------------------------
 
 T_LAT = "latency p50 <= 1.5x multiprocessing Pipe"
 T_P99 = "latency p99 <= 0.5 ms"
@@ -93,8 +74,8 @@ T_FANIN = "4 senders -> 1 receiver >= 1.0x 1 -> 1 awaited"
 T_REDIS = "Redis backend awaited >= 0.9x plain redis-py PUBLISH"
 
 
-def issue15(results: Aggregated) -> list[Target]:
-    """Issue #15's targets, in the issue's order."""
+def message_path(results: Aggregated) -> list[Target]:
+    """The message path's targets against the machine's references."""
     p50 = get(results, "latency", "ivip-ipc-async", "p50")
     p99 = get(results, "latency", "ivip-ipc-async", "p99")
     pipe = get(results, "latency", PIPE, "p50")
@@ -186,7 +167,7 @@ def kept(results: Aggregated) -> list[Target]:
     ]
 
 
-# -- earlier: the previous performance issue's targets that #15 does not restate ----------
+# -- earlier: the targets before these that the two lists above do not restate ------------
 
 
 def earlier(results: Aggregated) -> list[Target]:
@@ -512,9 +493,9 @@ REASONS: dict[str, Callable[[Aggregated], str]] = {
 
 
 def reasons(results: Aggregated) -> list[tuple[str, str]]:
-    """(target, why) for every missed target of `issue15` and `kept`."""
+    """(target, why) for every missed target of `message_path` and `kept`."""
     out = []
-    for target in issue15(results):
+    for target in message_path(results):
         if target.met is False:
             out.append((target.name, REASONS[target.name](results)))
     for target in kept(results):
@@ -523,24 +504,14 @@ def reasons(results: Aggregated) -> list[tuple[str, str]]:
     return out
 
 
+MESSAGE_PATH = "Message path targets"
+KEPT = "Kept (won before, must stay)"
+EARLIER = "Earlier targets"
+
+
 def all_targets(results: Aggregated) -> dict[str, list[Target]]:
     return {
-        "Issue #15": issue15(results),
-        "Kept (won before, must stay)": kept(results),
-        "Earlier targets": earlier(results),
+        MESSAGE_PATH: message_path(results),
+        KEPT: kept(results),
+        EARLIER: earlier(results),
     }
-
-
-def aggregate(raw: dict[str, list[Any]]) -> Aggregated:
-    """Medians (and min, max) of the repeated runs of each scenario."""
-    from .harness import median_of
-
-    out: Aggregated = {}
-    for name, runs in raw.items():
-        if not runs:
-            continue
-        contenders: list[str] = []
-        for run in runs:
-            contenders += [c for c in run if c not in contenders]
-        out[name] = {c: median_of([r[c] for r in runs if c in r]) for c in contenders}
-    return out

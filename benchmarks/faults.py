@@ -1,35 +1,37 @@
-"""The directory backend's faults (issue #10), measured across real processes.
+"""The directory backend under faults, measured across real processes.
 
-Run: `python -m benchmarks.directory_faults [--quick] [--out FILE.json]`, or, to
+Run: `python -m benchmarks.faults [--quick] [--only NAME ...] [--out FILE.json]`, or, to
 measure another checkout of the library, run this file by its path with that
 checkout first on the path (the script's own directory, not the current one, is
 then `sys.path[0]`)::
 
-    PYTHONPATH=/path/to/checkout python benchmarks/directory_faults.py --out before.json
+    PYTHONPATH=/path/to/checkout python benchmarks/faults.py --out before.json
 
 Every role below runs in its own process (`python <this file> --role NAME ARGS`),
 with the library of the checkout that the orchestrator imported (its root is put
 first on `PYTHONPATH`), over a fresh directory in /dev/shm. Each situation is
 bounded (a library that hangs or fails is recorded as such) and prints one row:
-the situation, the measured figure and what the issue says was seen.
+the situation, the measured figure and what was seen before the fixes. This
+module imports nothing else of the suite, so that it runs against any checkout.
 
-Situations (issue #10 items 1, 2, 4 and 5; the loop stalls of item 3 are the
-`loop_stall` scenario of the benchmark suite):
+Situations (the loop stalls are the suite's `loop_stall` scenario, benchmarks/stalls.py):
 
-1. the size cap, sampled every 50 ms by another process (bytes of the regular
-   files in `log/` and in the namespace root): a) one process sending 100,000 x
-   2 KB `notify` (gathered 1,000 at a time); b) 150 x 1 MiB `notify`; c) 100,000
-   cache sets of 2 KB values to 10,000 keys (`i % 10,000`: the state, ~20 MB,
-   fits under the cap; the log, ~200 MB, does not), then a late joiner's keys;
-   d) 20 writers at about 1 MB/s each (2 KB messages) for 10 s;
-2. a killed peer whose plain `fork` helper lives on, and a peer whose
-   `asyncio.run()` returned without `destroy()`: seconds until the survivor
-   holds the snapshot lock and collects it; a late joiner's keys of 10,001;
-3. 52 forged bytes (a frame header with a valid checksum claiming 8 MiB)
-   appended to a live writer's segment, then 970 messages;
-4. a FIFO planted at `snapshot.bin`: does a joiner's `start()` return;
-5. `snapshot.bin` truncated to half (and emptied) while the cache is idle;
-6. 300 short-lived peers beside a long-lived one: dead entries in its reader table.
+- `cap-small`, `cap-large`, `cap-sets`, `cap-writers`: the size cap, sampled every
+  50 ms by another process (bytes of the regular files in `log/` and in the namespace
+  root): one process sending 100,000 x 2 KB `notify` (gathered 1,000 at a time); 150 x
+  1 MiB `notify`; 100,000 cache sets of 2 KB values to 10,000 keys (`i % 10,000`: the
+  state, ~20 MB, fits under the cap; the log, ~200 MB, does not), then a late joiner's
+  keys; 20 writers at about 1 MB/s each (2 KB messages) for 10 s;
+- `killed-holder`, `unclosed-peer`: a killed peer whose plain `fork` helper lives on,
+  and a peer whose `asyncio.run()` returned without `destroy()`: seconds until the
+  survivor holds the snapshot lock and collects it; a late joiner's keys of 10,001;
+- `forged-frame`: 52 forged bytes (a frame header with a valid checksum claiming
+  8 MiB) appended to a live writer's segment, then 970 messages;
+- `fifo-snapshot`: a FIFO planted at `snapshot.bin`: does a joiner's `start()` return;
+- `snapshot-half`, `snapshot-empty`: `snapshot.bin` truncated to half (and emptied)
+  while the cache is idle;
+- `short-lived-peers`: 300 short-lived peers beside a long-lived one: dead entries in
+  its reader table.
 """
 
 from __future__ import annotations
@@ -717,19 +719,19 @@ def cap_situation(
     return {"measured": text, "raw": raw}
 
 
-def s1a(run: Run, scratch: Path) -> dict[str, Any]:
+def cap_small_messages(run: Run, scratch: Path) -> dict[str, Any]:
     n = 20_000 if run.quick else 100_000
     w = {"options": {}, "kind": "notify", "n": n, "size": 2000, "chunk": 1000}
     return cap_situation(run, scratch, [w], CAP, 30)
 
 
-def s1b(run: Run, scratch: Path) -> dict[str, Any]:
+def cap_large_messages(run: Run, scratch: Path) -> dict[str, Any]:
     n = 50 if run.quick else 150
     w = {"options": {}, "kind": "notify", "n": n, "size": MiB, "chunk": 10}
     return cap_situation(run, scratch, [w], CAP, 30)
 
 
-def s1c(run: Run, scratch: Path) -> dict[str, Any]:
+def cap_cache_sets(run: Run, scratch: Path) -> dict[str, Any]:
     n, mod = (20_000, 2_000) if run.quick else (100_000, 10_000)
     w = {
         "options": {},
@@ -743,7 +745,7 @@ def s1c(run: Run, scratch: Path) -> dict[str, Any]:
     return cap_situation(run, scratch, [w], CAP, 30, joiner=True)
 
 
-def s1d(run: Run, scratch: Path) -> dict[str, Any]:
+def cap_many_writers(run: Run, scratch: Path) -> dict[str, Any]:
     writers, secs = (5, 5.0) if run.quick else (20, 10.0)
     w = {"options": {}, "kind": "rate", "rate": 1_000_000, "secs": secs, "size": 2000}
     return cap_situation(run, scratch, [w] * writers, CAP, secs + 20)
@@ -802,15 +804,15 @@ def locks_situation(run: Run, scratch: Path, how: str) -> dict[str, Any]:
     }
 
 
-def s2a(run: Run, scratch: Path) -> dict[str, Any]:
+def killed_holder(run: Run, scratch: Path) -> dict[str, Any]:
     return locks_situation(run, scratch, "fork")
 
 
-def s2b(run: Run, scratch: Path) -> dict[str, Any]:
+def unclosed_peer(run: Run, scratch: Path) -> dict[str, Any]:
     return locks_situation(run, scratch, "ended")
 
 
-def s3(run: Run, scratch: Path) -> dict[str, Any]:
+def forged_frame(run: Run, scratch: Path) -> dict[str, Any]:
     from ivip_ipc_async.records import Kind, Record, encode_frame
 
     path = str(scratch / "ipc")
@@ -848,7 +850,7 @@ def s3(run: Run, scratch: Path) -> dict[str, Any]:
     return {"measured": text, "raw": {"forged_bytes": len(forged), "reader": got}}
 
 
-def s4(run: Run, scratch: Path) -> dict[str, Any]:
+def fifo_snapshot(run: Run, scratch: Path) -> dict[str, Any]:
     ns = scratch / "ipc" / "default"
     for sub in ("log", "peers"):
         (ns / sub).mkdir(parents=True, mode=0o700)
@@ -935,15 +937,15 @@ def snapshot_situation(run: Run, scratch: Path, keep: float) -> dict[str, Any]:
     }
 
 
-def s5a(run: Run, scratch: Path) -> dict[str, Any]:
+def truncated_snapshot(run: Run, scratch: Path) -> dict[str, Any]:
     return snapshot_situation(run, scratch, 0.5)
 
 
-def s5b(run: Run, scratch: Path) -> dict[str, Any]:
+def emptied_snapshot(run: Run, scratch: Path) -> dict[str, Any]:
     return snapshot_situation(run, scratch, 0.0)
 
 
-def s6(run: Run, scratch: Path) -> dict[str, Any]:
+def short_lived_peers(run: Run, scratch: Path) -> dict[str, Any]:
     path = str(scratch / "ipc")
     log = Path(path) / "default" / "log"
     n = 100 if run.quick else 300
@@ -974,66 +976,71 @@ def s6(run: Run, scratch: Path) -> dict[str, Any]:
 
 SITUATIONS: list[tuple[str, str, str, Callable[[Run, Path], dict[str, Any]]]] = [
     (
-        "1a",
+        "cap-small",
         "cap 64 MiB: one process, 100,000 x 2 KB notify (1,000 gathered at a time)",
         "196 MiB, above the cap for about 5.5 s",
-        s1a,
+        cap_small_messages,
     ),
-    ("1b", "cap 64 MiB: 150 x 1 MiB notify (10 gathered at a time)", "150 MiB", s1b),
     (
-        "1c",
+        "cap-large",
+        "cap 64 MiB: 150 x 1 MiB notify (10 gathered at a time)",
+        "150 MiB",
+        cap_large_messages,
+    ),
+    (
+        "cap-sets",
         "cap 64 MiB: 100,000 cache sets, 2 KB values, keys i % 10,000 (1,000 gathered)",
         "199 MiB (100,000 cache sets)",
-        s1c,
+        cap_cache_sets,
     ),
     (
-        "1d",
+        "cap-writers",
         "cap 64 MiB: 20 writers at ~1 MB/s each (2 KB notify) for 10 s",
         "80-184 MiB, above the cap in 760 of 872 samples",
-        s1d,
+        cap_many_writers,
     ),
     (
-        "2a",
+        "killed-holder",
         "kill -9 of a peer (snapshot holder) with a plain multiprocessing 'fork' helper",
         "after 30 s: 0 snapshots, nobody collected; late joiner 3,847 of 10,001 keys",
-        s2a,
+        killed_holder,
     ),
     (
-        "2b",
+        "unclosed-peer",
         "asyncio.run() returns without destroy(), the program sleeps on",
         "same as with the fork helper",
-        s2b,
+        unclosed_peer,
     ),
     (
-        "3",
+        "forged-frame",
         "52 forged bytes (valid header CRC, 8 MiB length) appended to a live writer's "
         "segment, then 970 messages",
         "nothing more delivered; 970 acked messages lost, blamed on retention",
-        s3,
+        forged_frame,
     ),
     (
-        "4",
+        "fifo-snapshot",
         "FIFO planted at snapshot.bin: a joiner's start()",
         "new joiners hang in start() forever",
-        s4,
+        fifo_snapshot,
     ),
     (
-        "5a",
+        "snapshot-half",
         "snapshot.bin truncated to half while the cache (300 keys) is idle",
         "late joiners saw 150 of 300 keys, no warning, health() healthy",
-        s5a,
+        truncated_snapshot,
     ),
     (
-        "5b",
+        "snapshot-empty",
         "snapshot.bin emptied while the cache (300 keys) is idle",
         "late joiners saw 17 of 300 keys, no warning",
-        s5b,
+        emptied_snapshot,
     ),
     (
-        "6",
+        "short-lived-peers",
         "300 short-lived peers (one process, one key each) beside 2 long-lived ones",
         "69-268 dead entries kept forever",
-        s6,
+        short_lived_peers,
     ),
 ]
 
@@ -1054,11 +1061,13 @@ def git_commit(root: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.directory_faults", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.faults", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="smaller workloads, shorter windows")
     parser.add_argument("--out", help="write the rows and raw figures to this JSON file")
-    parser.add_argument("--only", nargs="+", help="situation ids (1a 1b ... 6)")
+    parser.add_argument(
+        "--only", nargs="+", choices=[s[0] for s in SITUATIONS], help="situations to run"
+    )
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
@@ -1082,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, quick: {ns.quick}")
     print()
     rows = []
-    for sid, situation, issue, fn in SITUATIONS:
+    for sid, situation, before, fn in SITUATIONS:
         if ns.only and sid not in ns.only:
             continue
         scratch = Path(tempfile.mkdtemp(prefix="ivip-dfaults-", dir="/dev/shm"))
@@ -1096,14 +1105,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             run.cleanup()
             shutil.rmtree(scratch, ignore_errors=True)
-        row = {"id": sid, "situation": situation, "issue": issue, **out}
+        row = {"id": sid, "situation": situation, "before": before, **out}
         row["seconds"] = round(time.monotonic() - t0, 1)
         rows.append(row)
         print(f"[{sid} done in {row['seconds']} s] {out['measured']}", file=sys.stderr, flush=True)
-    print("| # | situation | measured | the issue saw |")
+    print("| name | situation | measured | seen before the fixes |")
     print("|---|---|---|---|")
     for row in rows:
-        cells = [row["id"], row["situation"], row["measured"], row["issue"]]
+        cells = [row["id"], row["situation"], row["measured"], row["before"]]
         print("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     if ns.out:
         with open(ns.out, "w") as f:

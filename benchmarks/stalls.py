@@ -1,12 +1,14 @@
 """Loop stalls: the worst gap of a 1 ms ticker on the event loop of the process under test.
 
-Five workloads, each across real processes over a directory in /dev/shm (issue #10,
-item 3): a receiver of one `notify_many` of 250,000 small messages; a joiner starting
-while 300,000 cache records sit in the log (no snapshot covers them); the snapshot
-holder writing a snapshot of 100,000 keys; a receiver of a flood of 2 KB messages; a
-joiner loading a 100,000-key snapshot. The scenario (`loop_stall`) runs them from the
-benchmark suite; the roles below are its child processes (`python -m benchmarks.workers
-stall-... ARGS`). Counts scale with `Size.late_joiner_keys` (1/5 with `--quick`).
+    python -m benchmarks.stalls [--repeat 3] [--quick] [--publish]
+
+Five workloads, each across real processes over a directory in /dev/shm: a receiver
+of one `notify_many` of 250,000 small messages; a joiner starting while 300,000 cache
+records sit in the log (no snapshot covers them); the snapshot holder writing a
+snapshot of 100,000 keys; a receiver of a flood of 2 KB messages; a joiner loading a
+100,000-key snapshot. The scenario (`loop_stall`) runs them; the
+roles below are its child processes. Counts scale with `Size.late_joiner_keys` (1/5
+with `--quick`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,26 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .harness import Worker, fan, scratch_dir, workers
-from .workers import N, emit, payload, wait_go
+from .harness import (
+    Aggregated,
+    N,
+    Result,
+    Size,
+    Worker,
+    emit,
+    fan,
+    open_ipc,
+    scratch_dir,
+    wait_go,
+    workers,
+)
+from .messaging import payload
+from .report import Sections, alone, cell, rerun
 
 TARGET_MS = 10.0
 # Every record retained and no snapshot unless asked: nothing is lost or covered early.
@@ -95,12 +111,6 @@ class Ticker:
             "ticks": len(self.gaps),
             "busy ticks": len(busy),
         }
-
-
-def open_ipc(path: str, codec: str, **options: Any) -> Any:
-    from ivip_ipc_async import AsyncIPC
-
-    return AsyncIPC(path, codec=codec, **options)
 
 
 async def wait_until(condition: Any, seconds: float, what: str) -> None:
@@ -252,48 +262,30 @@ async def setter(path: str, keys: int, codec: str) -> None:
         await asyncio.to_thread(wait_go)
 
 
-def run_role(role: str, args: list[str]) -> None:
-    """`python -m benchmarks.workers stall-ROLE ARGS`: one of the roles above."""
-    if role == "stall-receiver":
-        asyncio.run(receiver(args[0], int(args[1]), args[2]))
-    elif role == "stall-sender":
-        asyncio.run(sender(args[0], int(args[1]), int(args[2]), args[3], args[4]))
-    elif role == "stall-filler":
-        asyncio.run(filler(args[0], int(args[1]), args[2], args[3]))
-    elif role == "stall-joiner":
-        asyncio.run(joiner(args[0], int(args[1]), args[2], args[3]))
-    elif role == "stall-holder":
-        asyncio.run(holder(args[0], int(args[1]), args[2]))
-    elif role == "stall-setter":
-        asyncio.run(setter(args[0], int(args[1]), args[2]))
-    else:
-        raise SystemExit(f"unknown role {role}")
-
-
 # -- the scenario ------------------------------------------------------------------------------
 
 
-def loop_stall(size: Any, codec: str) -> dict[str, dict[str, float]]:
-    """The five workloads of issue #10 item 3: {workload: ticker gaps in ms}."""
+def loop_stall(size: Size, codec: str) -> Result:
+    """The five workloads: {workload: ticker gaps in ms}."""
     scale = size.late_joiner_keys / 100_000  # 1 full, 0.2 with --quick
     batch, log, snap, flood = (int(n * scale) for n in (250_000, 300_000, 100_000, 100_000))
-    out: dict[str, dict[str, float]] = {}
+    out: Result = {}
     with scratch_dir() as d:
         got, _ = fan(
-            [("stall-receiver", (d, batch, codec))],
-            [("stall-sender", (d, batch, 60, "batch", codec))],
+            [(receiver, (d, batch, codec))],
+            [(sender, (d, batch, 60, "batch", codec))],
         )
         out[f"receiver of one notify_many of {batch:,} small messages"] = got[0]
     with scratch_dir() as d, workers() as started:
-        started.append(Worker("stall-filler", d, log, "log", codec))
+        started.append(Worker(filler, d, log, "log", codec))
         assert started[-1].line(timeout=600) == "ready"
-        started.append(Worker("stall-joiner", d, log, "log", codec))
+        started.append(Worker(joiner, d, log, "log", codec))
         out[f"joiner starting, {log:,} cache records in the log"] = started[-1].line()
     with scratch_dir() as d, workers() as started:
-        started.append(Worker("stall-holder", d, snap, codec))
+        started.append(Worker(holder, d, snap, codec))
         holding = started[-1]
         assert holding.line() == "ready"
-        started.append(Worker("stall-setter", d, snap, codec))
+        started.append(Worker(setter, d, snap, codec))
         setting = started[-1]
         setting.go()
         assert setting.line(timeout=600) == "set"
@@ -303,14 +295,14 @@ def loop_stall(size: Any, codec: str) -> dict[str, dict[str, float]]:
         assert setting.line() == "triggered"
     with scratch_dir() as d:
         got, _ = fan(
-            [("stall-receiver", (d, flood, codec))],
-            [("stall-sender", (d, flood, 2048, "flood", codec))],
+            [(receiver, (d, flood, codec))],
+            [(sender, (d, flood, 2048, "flood", codec))],
         )
         out[f"receiver of a flood of {flood:,} x 2 KB"] = got[0]
     with scratch_dir() as d, workers() as started:
-        started.append(Worker("stall-filler", d, snap, "snapshot", codec))
+        started.append(Worker(filler, d, snap, "snapshot", codec))
         assert started[-1].line(timeout=600) == "ready"
-        started.append(Worker("stall-joiner", d, snap, "snapshot", codec))
+        started.append(Worker(joiner, d, snap, "snapshot", codec))
         out[f"joiner loading a {snap:,}-key snapshot"] = started[-1].line()
     return out
 
@@ -344,8 +336,6 @@ WORKLOAD = (
 
 def stall_table(rows: dict[str, dict[str, tuple[float, float, float]]], repeats: int) -> str:
     """The generic table plus a column: is the worst gap within the target?"""
-    from .report import cell
-
     columns = (
         "worst gap ms",
         "p99 gap ms",
@@ -378,13 +368,24 @@ def stall_target(results: Any) -> tuple[str, str, bool | None]:
     return (f"loop stall <= {TARGET_MS:g} ms in every workload", measured, ok)
 
 
-if __name__ == "__main__":  # one run, printed: python -m benchmarks.loop_stall [--quick]
-    import sys
+SCENARIOS = {"loop_stall": loop_stall}
+TITLE = "Loop stalls"
 
-    from .scenarios import QUICK, Size
 
-    print("worst ms   p99 ms   CPU ms  less GC  workload")
-    for name, row in loop_stall(QUICK if "--quick" in sys.argv else Size(), "json").items():
-        names = ("worst gap ms", "p99 gap ms", "loop CPU in worst gap ms", "worst gap less GC ms")
-        gaps = (row[m] for m in names)
-        print("".join(f"{g:8.1f} " for g in gaps) + f" {name}")
+def sections(results: Aggregated, repeats: int) -> Sections:
+    if not results.get("loop_stall"):
+        return {}
+    return {
+        TITLE: [
+            rerun("stalls"),
+            "",
+            f"Workload: {WORKLOAD}",
+            "",
+            stall_table(results["loop_stall"], repeats),
+            "",
+        ]
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(alone("python -m benchmarks.stalls", SCENARIOS, sections))

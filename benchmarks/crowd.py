@@ -1,6 +1,7 @@
-"""Joiners starting together over a long retained log (issue #20, item 8).
+"""Joiners starting together over a long retained log: the CPU and wall time of each
+`start()`, and its phases.
 
-Run: `python -m benchmarks.joiner_crowd [--records 600000] [--kind cache|messages]
+Run: `python -m benchmarks.crowd [--records 600000] [--kind cache|messages]
 [--peers 9] [--max-footprint BYTES] [--after 3] [--out FILE.json]`
 
 A writer fills the namespace with `--records` records, with room for all of
@@ -27,18 +28,11 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def say(obj: Any) -> None:
-    print(json.dumps(obj), flush=True)
-
+from .harness import BASE, Worker, emit, wait_go
 
 # -- roles (each in its own process) ------------------------------------------------
 
@@ -56,7 +50,7 @@ async def role_fill(path: str, records: int, kind: str) -> None:
             else:
                 sets = [cache.set(f"k{i}", {"i": i}, 3600) for i in range(start, stop)]
                 await asyncio.gather(*sets)
-        say({"filled": records, "footprint": ipc.stats()["footprint_bytes"]})
+        emit({"filled": records, "footprint": ipc.stats()["footprint_bytes"]})
 
 
 def _timed(phases: dict[str, float], owner: Any, name: str) -> None:
@@ -85,10 +79,10 @@ async def role_peer(path: str, after: float, max_footprint: int) -> None:
     _timed(phases, LogReader, "restore_log")
     _timed(phases, Snapshots, "load")  # at start, and again at each resync after a gap
     _timed(phases, Gaps, "_resync_state")
-    loop = asyncio.get_running_loop()
     ticks = [0]
-    say({"ready": os.getpid()})
-    await loop.run_in_executor(None, sys.stdin.readline)  # the starting gun
+    errors: list[str] = []
+    emit("ready")
+    await asyncio.to_thread(wait_go)  # the starting gun
     ipc = AsyncIPC(path, retention=3600, max_footprint=max_footprint)
     ipc.on("tick", lambda _message: ticks.__setitem__(0, ticks[0] + 1))
     cpu, t = time.process_time(), time.perf_counter()
@@ -105,13 +99,13 @@ async def role_peer(path: str, after: float, max_footprint: int) -> None:
             await ipc.notify("tick", len(writes))
         except OSError as exc:
             writes.append(-1.0)
-            say({"error": str(exc)})
+            errors.append(str(exc))
         else:
             writes.append(time.perf_counter() - t)
         await asyncio.sleep(0.1)
     stats = ipc.stats()
     await ipc.destroy()
-    say(
+    emit(
         {
             "start_s": round(start_s, 3),
             "start_cpu_s": round(start_cpu, 3),
@@ -124,6 +118,7 @@ async def role_peer(path: str, after: float, max_footprint: int) -> None:
             "gaps": stats["gaps"],
             "ticks": ticks[0],
             "cpu_s": round(time.process_time(), 3),
+            "errors": errors[:3],
         }
     )
 
@@ -131,43 +126,18 @@ async def role_peer(path: str, after: float, max_footprint: int) -> None:
 # -- the orchestrator ---------------------------------------------------------------
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen(
-        [sys.executable, __file__, "--role", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def line(proc: subprocess.Popen[str]) -> Any:
-    assert proc.stdout is not None
-    while True:
-        text = proc.stdout.readline()
-        if not text:
-            raise RuntimeError(f"a role ended (exit {proc.wait()})")
-        out = json.loads(text)
-        if "error" not in out:
-            return out
-
-
 def crowd(path: Path, peers: int, after: float, cap: int) -> list[dict[str, Any]]:
-    procs = [spawn("peer", str(path), str(after), str(cap)) for _ in range(peers)]
+    """`peers` joiners of `path` at the same moment: each one's figures."""
+    procs = [Worker(role_peer, str(path), after, cap) for _ in range(peers)]
     try:
         for proc in procs:
-            line(proc)  # ready: imported, waiting for the gun
+            assert proc.line() == "ready"  # imported, waiting for the gun
         for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        return [line(proc) for proc in procs]
+            proc.go()
+        return [proc.line(timeout=600) for proc in procs]
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            proc.close()
 
 
 def main() -> None:
@@ -179,13 +149,13 @@ def main() -> None:
     parser.add_argument("--kind", choices=["cache", "messages"], default="cache")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    base = Path("/dev/shm") / f"ivip-joiner-crowd-{os.getpid()}"
+    base = Path(BASE or "/tmp") / f"ivip-joiner-crowd-{os.getpid()}"
     results: dict[str, Any] = {"records": args.records, "peers": args.peers}
     try:
         t = time.perf_counter()
-        fill = spawn("fill", str(base / "ns"), str(args.records), args.kind)
-        print("fill:", line(fill), f"{time.perf_counter() - t:.1f}s", flush=True)
-        fill.wait()
+        fill = Worker(role_fill, str(base / "ns"), args.records, args.kind)
+        print("fill:", fill.line(timeout=3600), f"{time.perf_counter() - t:.1f}s", flush=True)
+        fill.close()
         shutil.copytree(base / "ns", base / "alone", symlinks=True)
         results["alone"] = crowd(base / "alone", 1, args.after, args.max_footprint)
         results["crowd"] = crowd(base / "ns", args.peers, args.after, args.max_footprint)
@@ -203,11 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--role":
-        role, *rest = sys.argv[2:]
-        if role == "fill":
-            asyncio.run(role_fill(rest[0], int(rest[1]), rest[2]))
-        else:
-            asyncio.run(role_peer(rest[0], float(rest[1]), int(rest[2])))
-    else:
-        main()
+    main()
