@@ -70,15 +70,16 @@ def _timed(phases: dict[str, float], owner: Any, name: str) -> None:
 
 async def role_peer(path: str, after: float, max_footprint: int) -> None:
     from ivip_ipc_async import AsyncCache, AsyncIPC
+    from ivip_ipc_async.backends.directory import gaps, joining
     from ivip_ipc_async.backends.directory.reader import LogReader
-    from ivip_ipc_async.backends.directory.recovery import Gaps
-    from ivip_ipc_async.backends.directory.snapshots import Snapshots
 
     phases: dict[str, float] = {}
-    _timed(phases, Snapshots, "load_at_start")
+    _timed(phases, joining.Joining, "load_at_start")
     _timed(phases, LogReader, "restore_log")
-    _timed(phases, Snapshots, "load")  # at start, and again at each resync after a gap
-    _timed(phases, Gaps, "_resync_state")
+    # The snapshot read, at start (inside load_at_start) and at each resync after a gap.
+    _timed(phases, joining, "load_snapshot")
+    _timed(phases, gaps, "load_snapshot")
+    _timed(phases, gaps.Gaps, "_resync_state")
     ticks = [0]
     errors: list[str] = []
     emit("ready")
@@ -162,7 +163,7 @@ def main() -> None:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     keys = ["start_s", "start_cpu_s", "load_at_start_s", "restore_log_s", "records_read"]
-    keys += ["load_s", "_resync_state_s", "gaps", "cpu_s"]
+    keys += ["load_snapshot_s", "_resync_state_s", "gaps", "cpu_s"]
     keys += ["keys", "write_max_s", "write_failed", "snapshots_written"]
     print(" ".join(f"{k.removesuffix('_s')[:9]:>9}" for k in ["run", *keys]))
     for run in ("alone", "crowd"):

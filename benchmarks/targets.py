@@ -370,8 +370,8 @@ def _why_gather(r: Aggregated) -> str:
         "A gathered `notify` already ends in its task's first step (it writes at "
         "once, without suspending), so what is left is the call itself: 0.8x "
         "would need a `notify` five times cheaper, in compiled code. On 3.12+ "
-        "`asyncio.eager_task_factory` also spares the Task's scheduling (docs/"
-        "design.md has the figures per version); the batch path, `notify_many`, "
+        "`asyncio.eager_task_factory` also spares the Task's scheduling (see "
+        "docs/api.md); the batch path, `notify_many`, "
         f"sent {fmt(batched)} msg/s."
     )
 
