@@ -34,13 +34,13 @@ asyncio.run(main())
 
 
 async def _lock_connections(admin: Any, namespace: str) -> dict[str, int]:
-    """The ids of the lock connections (role `l`) of `namespace` (or of
+    """The ids of the lock connections (roles `l` and `n`) of `namespace` (or of
     `namespace:peer`), and how many channels each is subscribed to."""
     return {
         client["id"]: int(client.get("sub", 0))
         for client in await admin.client_list()
         if client.get("name", "").startswith(f"ivip:{namespace}:")
-        and client.get("name", "").endswith(":l")
+        and client.get("name", "").endswith((":l", ":n"))
     }
 
 

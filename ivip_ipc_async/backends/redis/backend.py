@@ -67,8 +67,9 @@ class RedisBackend:
             `retry_timeout` (at least 1 s), and the connections are named
             `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST` (role `w` writes,
             `r` listens, `c` serves the listener's requests, `g` reads cache
-            entries while the mirror is rebuilt, and is closed after;
-            `client_name=None` to leave them unnamed). At most these four
+            entries while the mirror is rebuilt, and is closed after; locks add
+            two `l` for their commands and one `n` for their release notices;
+            `client_name=None` to leave them unnamed). At most these seven
             connections per instance.
 
     Raises:
@@ -265,7 +266,7 @@ class RedisBackend:
         """The lock capability: leases with fencing tokens (backends/redis/leases.py)."""
         if self._leases is None:
             self._leases = RedisLeases(
-                lambda: self.connections.make("l"),
+                self.connections.make,
                 self.namespace,
                 retry_timeout=self.retry_timeout,
                 url=self.url,

@@ -5,8 +5,9 @@ the library's.
 Connections are named `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST`: `c`
 serves the listener's requests (start, catch-up, reload, the periodic check),
 `w` writes, `r` is the subscription, `g` reads cache entries while the mirror
-is rebuilt (made on demand, closed after), `l` serves the locks. At most four
-per instance besides the locks'.
+is rebuilt (made on demand, closed after); the locks add `l` for their
+commands (`leases.COMMAND_CONNECTIONS`, 2) and `n` for their release notices
+(1). At most four per instance besides the locks' three: seven.
 """
 
 from __future__ import annotations
@@ -216,8 +217,8 @@ class Connections:
             # command on Python 3.11).
             timeout = max(settings.retry_timeout, 1.0) if role == "c" else None
             options.setdefault("socket_timeout", timeout)
-            if role in ("g", "w"):  # one connection, serialised (the writer sends
-                options["single_connection_client"] = True  # on it by hand)
+            if role in ("g", "w", "l"):  # one connection, serialised (the writer
+                options["single_connection_client"] = True  # sends on it by hand)
         return self.endpoint.client(options)
 
     def open(self) -> None:

@@ -22,6 +22,13 @@ passed), and a store it writes to can refuse its now smaller fencing token.
 Waiters subscribe to the lock's channel on one pub/sub connection per
 provider, and sleep no longer than the lease's remaining time (what `PTTL`
 said at their last try), so a lease that expires wakes them too.
+
+Connections, bounded by design: the commands go over `COMMAND_CONNECTIONS`
+(2) connections of their own (role `l` in `CLIENT LIST`), each lent to one
+command at a time (renewals and releases first: they keep a lease, or free
+it for the others); the notices over one more (role `n`), opened by the
+first waiter and replaced, never added to, when it is lost. However many
+tasks use locks at once, an instance holds at most these 3 for its locks.
 """
 
 from __future__ import annotations
@@ -33,19 +40,21 @@ import logging
 import random
 import secrets
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from ... import fault_points, forks
-from ...errors import BackendUnavailableError, IPCError
+from ...errors import BackendUnavailableError, IPCClosedError, IPCError
 from ...logs import logger, rate_limited
 from ...waiting import cancel_and_wait, wait_event
 from ..base import check_lock_name, check_lock_note
 
-__all__ = ["RedisLeases"]
+__all__ = ["COMMAND_CONNECTIONS", "RedisLeases"]
 
 _T = TypeVar("_T")
 _KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
+COMMAND_CONNECTIONS: Final = 2  # the lock commands' connections per instance (role `l`)
 
 # KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
 # Returns {fence, 0} when taken, {0, pttl} when held by another.
@@ -103,12 +112,69 @@ _SHA: Final = {
 _SCRIPT: Final = {"acquire": _ACQUIRE, "renew": _RENEW, "note": _NOTE, "release": _RELEASE}
 
 
+class _Lender:
+    """A fixed number of single-connection clients, each lent to one command at a
+    time: the lock commands never hold more connections than that, however many
+    run at once (the others wait their turn, urgent ones first)."""
+
+    def __init__(self, make: Callable[[], Any], size: int) -> None:
+        self._make = make
+        self._size = size
+        self.clients: list[Any] = []  # every client made (at most `size`)
+        self._free: list[Any] = []
+        self._urgent: deque[asyncio.Future[Any]] = deque()
+        self._normal: deque[asyncio.Future[Any]] = deque()
+
+    async def borrow(self, *, urgent: bool) -> Any:
+        """A client for one command; give it back with `give_back`."""
+        if self._free:
+            return self._free.pop()
+        if len(self.clients) < self._size:
+            client = self._make()
+            self.clients.append(client)
+            return client
+        turn: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        queue = self._urgent if urgent else self._normal
+        queue.append(turn)
+        try:
+            return await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self.give_back(turn.result())  # handed over as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(turn)
+            raise
+
+    def give_back(self, client: Any) -> None:
+        """The command is over: the next one waiting gets `client`."""
+        for queue in (self._urgent, self._normal):
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(client)
+                    return
+        self._free.append(client)
+
+    def drop(self) -> list[Any]:
+        """Forget every client (to be closed by the caller), and wake the waiters
+        (they find the provider closed)."""
+        clients, self.clients, self._free = self.clients, [], []
+        for queue in (self._urgent, self._normal):
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_exception(IPCClosedError("the backend of these locks is closed"))
+        return clients
+
+
 class RedisLeases:
     """The `LockProvider` of a Redis namespace: leases with fencing tokens.
 
     Args:
-        make_client: Makes the redis-py asyncio client the locks use (its own
-            connections; `decode_responses` off).
+        make_client: Makes a redis-py asyncio client for a role (`decode_responses`
+            off): `"l"` one for the lock commands (a single connection, see
+            `COMMAND_CONNECTIONS`), `"n"` the one subscribed to release notices.
         namespace: The namespace's name, as in its other keys.
         command_timeout: Seconds one attempt of a lock command may take.
         retry_timeout: Seconds a lock command keeps retrying a lost connection
@@ -120,7 +186,7 @@ class RedisLeases:
 
     def __init__(
         self,
-        make_client: Callable[[], Any],
+        make_client: Callable[[str], Any],
         namespace: str,
         *,
         command_timeout: float = 5.0,
@@ -133,8 +199,12 @@ class RedisLeases:
         self.prefix = f"ivip:{{{namespace}}}:lk:"
         self.fence_key = f"ivip:{{{namespace}}}:lk-fence"
         self.command_timeout = command_timeout
-        self._client: Any = None
+        self._lender = _Lender(lambda: make_client("l"), COMMAND_CONNECTIONS)
+        self._notices_client: Any = None  # role `n`: its pool serves the one pub/sub
         self._pubsub: Any = None
+        # One (un)subscription at a time: redis-py's PubSub takes a connection on
+        # its first command, and two at once took two (a second `n`, leaked).
+        self._subscribing = asyncio.Lock()
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()
@@ -153,31 +223,58 @@ class RedisLeases:
 
     # -- commands ----------------------------------------------------------------------
 
-    def client(self) -> Any:
+    def _check_open(self) -> None:
         if self._closed:
-            from ...errors import IPCClosedError
-
             raise IPCClosedError("the backend of these locks is closed")
-        if self._client is None:
-            self._client = self._make_client()
-        return self._client
+
+    def _notices(self) -> Any:
+        """The client whose one connection carries the notices' subscription."""
+        self._check_open()
+        if self._notices_client is None:
+            self._notices_client = self._make_client("n")
+        return self._notices_client
+
+    def connections(self) -> int:
+        """Clients made for the lock commands and the notices (each holds at most
+        one connection): at most `COMMAND_CONNECTIONS` + 1."""
+        return len(self._lender.clients) + (self._notices_client is not None)
+
+    @property
+    def notices_connected(self) -> bool:
+        """False while release notices are down: waiters are subscribed to nothing
+        (a lost connection, until it is subscribed again). True when nobody waits."""
+        if not self._waiters:
+            return True
+        pubsub = self._pubsub
+        connection = getattr(pubsub, "connection", None) if pubsub is not None else None
+        return (
+            bool(self._subscribed)
+            and connection is not None
+            and bool(getattr(connection, "is_connected", False))
+        )
 
     async def run(
-        self, script: str, keys: list[str], args: list[Any], *, retry: bool = True
+        self,
+        script: str,
+        keys: list[str],
+        args: list[Any],
+        *,
+        retry: bool = True,
+        urgent: bool = False,
     ) -> Any:
         """Run one of the scripts (EVALSHA, loading it on NOSCRIPT), each attempt
         with a deadline; retried through lost connections for `retry_timeout`
-        seconds (once only when not `retry`)."""
+        seconds (once only when not `retry`). `urgent` (renewals, releases): ahead
+        of the other commands waiting for a connection."""
 
-        async def once() -> Any:
-            return await self._script(script, keys, args)
+        async def once(client: Any) -> Any:
+            return await self._script(client, script, keys, args)
 
-        return await self._retrying(f"lock command ({script})", once, retry=retry)
+        return await self._retrying(f"lock command ({script})", once, retry=retry, urgent=urgent)
 
-    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    async def _script(self, client: Any, script: str, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import NoScriptError
 
-        client = self.client()
         try:
             return await client.evalsha(_SHA[script], len(keys), *keys, *args)
         except NoScriptError:
@@ -193,12 +290,13 @@ class RedisLeases:
         loop = asyncio.get_running_loop()
         token, sent = b"", 0.0
 
-        async def once() -> Any:
+        async def once(client: Any) -> Any:
             nonlocal token, sent
             if token:
                 self.release_later(key, note_key, token)
             token, sent = secrets.token_hex(16).encode(), loop.time()
-            return await self._script("acquire", [key, note_key, self.fence_key], [token, ms, note])
+            keys = [key, note_key, self.fence_key]
+            return await self._script(client, "acquire", keys, [token, ms, note])
 
         try:
             fence, pttl = await self._retrying("lock command (acquire)", once)
@@ -210,16 +308,22 @@ class RedisLeases:
         return token, int(fence), int(pttl), sent
 
     async def get(self, key: str) -> bytes | None:
-        async def once() -> bytes | None:
-            value: bytes | None = await self.client().get(key)
+        async def once(client: Any) -> bytes | None:
+            value: bytes | None = await client.get(key)
             return value
 
         return await self._retrying("lock read", once)
 
     async def _retrying(
-        self, what: str, attempt: Callable[[], Awaitable[_T]], *, retry: bool = True
+        self,
+        what: str,
+        attempt: Callable[[Any], Awaitable[_T]],
+        *,
+        retry: bool = True,
+        urgent: bool = False,
     ) -> _T:
-        """`attempt()`, within `command_timeout` seconds, again after a lost
+        """`attempt(client)` on a client lent for it, within `command_timeout`
+        seconds (the wait for a client not counted), again after a lost
         connection or no answer (Redis restarting, a failover) for up to
         `retry_timeout` seconds; redis-py's errors raised as the library's."""
         from .connections import redacted, retryable, wrap
@@ -228,9 +332,11 @@ class RedisLeases:
         deadline = loop.time() + (self.retry_timeout if retry else 0.0)
         delay = 0.05
         while True:
+            self._check_open()
+            client = await self._lender.borrow(urgent=urgent)
             try:
                 async with asyncio.timeout(self.command_timeout):
-                    return await attempt()
+                    return await attempt(client)
             except TimeoutError as exc:  # (asyncio's: not the caller's own timeout)
                 error: Exception = exc
                 error.args = error.args or (f"no answer in {self.command_timeout:g} s",)
@@ -240,6 +346,8 @@ class RedisLeases:
                 if not retryable(exc):
                     raise wrap(exc, f"a {what}", self.url) from exc
                 error = exc
+            finally:
+                self._lender.give_back(client)
             if loop.time() + delay > deadline:
                 raise BackendUnavailableError(
                     f"Redis at {redacted(self.url)} did not answer for "
@@ -260,7 +368,7 @@ class RedisLeases:
 
     def release_later(self, key: str, note_key: str, token: bytes) -> None:
         """Compare-and-delete in the background (a try whose answer was not read)."""
-        self.background(self.run("release", [key, note_key], [token]))
+        self.background(self.run("release", [key, note_key], [token], urgent=True))
 
     def background(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in a task of its own, errors ignored; `close` waits for it."""
@@ -289,10 +397,10 @@ class RedisLeases:
         if key in self._subscribed:
             return False
         if self._pubsub is None:
-            self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
+            self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
         self._subscribed.add(key)
         try:
-            async with asyncio.timeout(self.command_timeout):
+            async with asyncio.timeout(self.command_timeout), self._subscribing:
                 await self._pubsub.subscribe(key)
         except BaseException:
             self._subscribed.discard(key)
@@ -316,7 +424,11 @@ class RedisLeases:
             self._subscribed.discard(key)
             self.notices.pop(key, None)
             if self._pubsub is not None and not self._closed:
-                self.background(self._pubsub.unsubscribe(key))
+                self.background(self._unsubscribe(self._pubsub, key))
+
+    async def _unsubscribe(self, pubsub: Any, key: str) -> None:
+        async with self._subscribing:
+            await pubsub.unsubscribe(key)
 
     async def _listen(self) -> None:
         failures = 0  # in a row: the pause before subscribing again grows
@@ -360,9 +472,9 @@ class RedisLeases:
         if self._closed or not keys:
             return False
         try:
-            self._pubsub = self.client().pubsub(ignore_subscribe_messages=True)
+            self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
             if keys:
-                async with asyncio.timeout(self.command_timeout):
+                async with asyncio.timeout(self.command_timeout), self._subscribing:
                     await self._pubsub.subscribe(*keys)
                 self._subscribed = keys
         except Exception as exc:
@@ -392,13 +504,15 @@ class RedisLeases:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         pubsub, self._pubsub = self._pubsub, None
-        client, self._client = self._client, None
+        clients = self._lender.drop()
+        notices, self._notices_client = self._notices_client, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        for client in [*clients, notices]:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def abandon(self) -> None:
         """The loop is gone: stop renewing; the leases expire by themselves."""
@@ -407,7 +521,8 @@ class RedisLeases:
             contender._forget()
         if self._listener is not None and not self._listener.get_loop().is_closed():
             self._listener.cancel()
-        self._listener = self._pubsub = self._client = None
+        self._lender.drop()
+        self._listener = self._pubsub = self._notices_client = None
 
     def _shut(self) -> None:
         self._closed = True
@@ -462,7 +577,7 @@ class _LeaseContender:
             sent = loop.time()
             try:
                 renewed = await self._provider.run(
-                    "renew", [self.key, self.note_key], [token, ms], retry=False
+                    "renew", [self.key, self.note_key], [token, ms], retry=False, urgent=True
                 )
             except Exception:
                 renewed = False
@@ -490,7 +605,11 @@ class _LeaseContender:
                 sent = loop.time()
                 try:
                     renewed = await self._provider.run(
-                        "renew", [self.key, self.note_key], [self._token, ms], retry=False
+                        "renew",
+                        [self.key, self.note_key],
+                        [self._token, ms],
+                        retry=False,
+                        urgent=True,
                     )
                 except asyncio.CancelledError:
                     raise
@@ -512,7 +631,11 @@ class _LeaseContender:
                 self._lost = True
                 with contextlib.suppress(Exception):
                     await self._provider.run(
-                        "release", [self.key, self.note_key], [self._token], retry=False
+                        "release",
+                        [self.key, self.note_key],
+                        [self._token],
+                        retry=False,
+                        urgent=True,
                     )
             raise
 
@@ -563,7 +686,9 @@ class _LeaseContender:
         await self._stop_renewing()
         if was_ours:
             # Compare-and-delete: a lease that expired and was taken meanwhile is left alone.
-            await self._provider.run("release", [self.key, self.note_key], [self._token])
+            await self._provider.run(
+                "release", [self.key, self.note_key], [self._token], urgent=True
+            )
 
     def _forget(self) -> None:
         """In a forked child, or with the loop gone: hold nothing, renew nothing."""
