@@ -748,6 +748,8 @@ class AsyncIPC:
                     "not connected to Redis (reconnecting; cache reads go to Redis, "
                     "writes are retried)"
                 )
+            if not stats.get("lock_notices_connected", True):
+                problems.append("lock release notices are down (resubscribing; waiters poll)")
             if self._last_gap is not None:
                 at, lost = self._last_gap
                 age = time.monotonic() - at
@@ -768,6 +770,7 @@ class AsyncIPC:
             "healthy": stats["started"]
             and stats.get("maintenance_alive", True)
             and stats.get("connected", True)
+            and stats.get("lock_notices_connected", True)
             and not stats.get("layout_problem")
             and not recent_gap,
             "problems": problems,

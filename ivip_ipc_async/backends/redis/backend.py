@@ -333,6 +333,8 @@ class RedisBackend:
             "namespace": self.namespace,
             "peer": f"{self.node:016x}",
             "connected": self.listener.connected,
+            # False while a lock waiter's release notices are down (resubscribing).
+            "lock_notices_connected": self._leases is None or self._leases.notices_connected,
             "maintenance_alive": task is not None and not task.done(),
             "last_id": last_id.decode() if isinstance(last_id, bytes) else str(last_id),
             **self.counters,

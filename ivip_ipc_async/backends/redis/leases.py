@@ -205,6 +205,7 @@ class RedisLeases:
         # One (un)subscription at a time: redis-py's PubSub takes a connection on
         # its first command, and two at once took two (a second `n`, leaked).
         self._subscribing = asyncio.Lock()
+        self._down = False  # the notices' connection was lost, not yet back
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()
@@ -241,17 +242,12 @@ class RedisLeases:
 
     @property
     def notices_connected(self) -> bool:
-        """False while release notices are down: waiters are subscribed to nothing
-        (a lost connection, until it is subscribed again). True when nobody waits."""
+        """False while release notices are down for a waiter: its channel not
+        subscribed, or the connection lost, until subscribed again (meanwhile
+        waiters wake by their timers only). True when nobody waits."""
         if not self._waiters:
             return True
-        pubsub = self._pubsub
-        connection = getattr(pubsub, "connection", None) if pubsub is not None else None
-        return (
-            bool(self._subscribed)
-            and connection is not None
-            and bool(getattr(connection, "is_connected", False))
-        )
+        return not self._down and self._waiters.keys() <= self._subscribed
 
     async def run(
         self,
@@ -391,24 +387,26 @@ class RedisLeases:
         """Set `wake` whenever `key` is released (published on its channel).
 
         True when the channel was subscribed just now (a release before that
-        was not seen: the caller tries again at once).
+        was not seen: the caller tries again at once). A subscription that fails
+        raises, and the notices' task subscribes again later.
         """
         self._waiters.setdefault(key, set()).add(wake)
         if key in self._subscribed:
             return False
-        if self._pubsub is None:
-            self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
         self._subscribed.add(key)
         try:
             async with asyncio.timeout(self.command_timeout), self._subscribing:
+                if self._pubsub is None:
+                    self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
                 await self._pubsub.subscribe(key)
         except BaseException:
-            self._subscribed.discard(key)
+            self._subscribed.discard(key)  # (the notices' task sees it missing)
             raise
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(), name="ivip-ipc-lock-listener"
-            )
+        finally:
+            if not self._closed and (self._listener is None or self._listener.done()):
+                self._listener = asyncio.get_running_loop().create_task(
+                    self._listen(), name="ivip-ipc-lock-listener"
+                )
         return True
 
     def unwatch(self, key: str, wake: asyncio.Event) -> None:
@@ -434,20 +432,31 @@ class RedisLeases:
         failures = 0  # in a row: the pause before subscribing again grows
         while not self._closed:
             pubsub = self._pubsub  # (a new one after each lost connection)
-            if pubsub is None:
+            if pubsub is None and not self._waiters:
                 return
+            if pubsub is None or not self._waiters.keys() <= self._subscribed:
+                # A subscription that failed (refused, or its connection lost
+                # while subscribing): waiters without notices.
+                self._down = True
+                failures += 1
+                if not await self._resubscribe(failures):
+                    return
+                continue
             try:
                 message = await pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # A lost subscription: the waiters' timers still wake them.
+                self._down = True
                 rate_limited(logging.WARNING, "lock-listener", "lock notices interrupted: %s", exc)
                 failures += 1
                 if not await self._resubscribe(failures):
                     return  # nobody waits: the next `watch` subscribes anew
                 continue
-            failures = 0
+            # Read from a subscribed connection (a message, a subscription's
+            # confirmation, or a second of silence): the notices work.
+            failures, self._down = 0, False
             if message is None or message.get("type") != "message":
                 continue
             channel = message.get("channel")
@@ -460,25 +469,28 @@ class RedisLeases:
                 wake.set()
 
     async def _resubscribe(self, failures: int) -> bool:
-        """A new pub/sub connection, subscribed to the channels waited on (after a
-        pause growing from 0.1 s to 5 s with failures in a row). False when
-        nobody waits (then no connection is made)."""
+        """A new pub/sub connection in place of the old one, subscribed to the
+        channels waited on (after a pause growing from 0.1 s to 5 s with failures
+        in a row). False when nobody waits (then no connection is made)."""
         await asyncio.sleep(min(0.1 * 2 ** min(failures - 1, 6), 5.0))
-        old, self._pubsub = self._pubsub, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.aclose()
-        keys, self._subscribed = set(self._waiters), set()
-        if self._closed or not keys:
-            return False
-        try:
-            self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
-            if keys:
-                async with asyncio.timeout(self.command_timeout), self._subscribing:
+        async with self._subscribing:  # (no `watch` makes a second one meanwhile)
+            old, self._pubsub = self._pubsub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+            keys = set(self._waiters)
+            self._subscribed = set(keys)
+            if self._closed or not keys:
+                self._subscribed = set()
+                self._down = False
+                return False
+            try:
+                self._pubsub = self._notices().pubsub(ignore_subscribe_messages=True)
+                async with asyncio.timeout(self.command_timeout):
                     await self._pubsub.subscribe(*keys)
-                self._subscribed = keys
-        except Exception as exc:
-            logger.debug("could not subscribe to lock releases again: %s", exc)
+            except Exception as exc:
+                self._subscribed = set()  # (tried again after the next pause)
+                logger.debug("could not subscribe to lock releases again: %s", exc)
         for waiters in self._waiters.values():
             for wake in waiters:
                 wake.set()  # something may have been released meanwhile
