@@ -2,7 +2,7 @@
 pub/sub, for processes on several hosts.
 
 Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`,
-`unix://`, `redis+sentinel://`, and any node of a Redis Cluster: see
+`unix://`, `redis+sentinel://`, `rediss+sentinel://`, and any node of a Redis Cluster: see
 endpoints.py); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
 Works with redis-py 5 to 8, over RESP2 and RESP3 (`protocol=2` or `3`).
 

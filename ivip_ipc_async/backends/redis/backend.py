@@ -34,7 +34,8 @@ class RedisBackend:
 
     Args:
         url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it), a
-            `redis+sentinel://host:port[,host:port…]/service[/db]` URL, or any
+            `redis+sentinel://host:port[,host:port…]/service[/db]` URL
+            (`rediss+sentinel://` with TLS), or any
             node's URL of a Redis Cluster (see endpoints.py).
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.

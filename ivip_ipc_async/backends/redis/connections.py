@@ -74,7 +74,10 @@ def check_redis_url(url: str) -> None:
     if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES) or not url[
         len(scheme) :
     ].startswith("://"):
-        raise bad("it must start with redis://, rediss://, unix:// or redis+sentinel://")
+        raise bad(
+            "it must start with redis://, rediss://, unix://, redis+sentinel:// "
+            "or rediss+sentinel://"
+        )
     if scheme in SENTINEL_SCHEMES:
         try:
             SentinelTarget.parse(url)
