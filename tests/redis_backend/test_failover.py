@@ -191,7 +191,7 @@ async def test_cluster_through_any_node(cluster: Cluster) -> None:
         for i in range(20):
             await sender.notify("m", i)
         async with sender.lock("l") as lock:
-            assert lock.fence == 1
+            assert lock.fence >= 1
         await AsyncCache(sender).set("k", 1)
         await _until(lambda: _done(heard, 20), 10, "all heard")
         assert heard == list(range(20))

@@ -271,6 +271,7 @@ class RedisBackend:
                 self.namespace,
                 retry_timeout=self.retry_timeout,
                 url=self.url,
+                state_ttl=self.state_ttl,
             )
         return self._leases
 

@@ -5,14 +5,18 @@ one cluster slot):
 
     ivip:{ns}:lk:<name>      the lease: a random token, `SET NX PX <lease>`
     ivip:{ns}:lk:<name>:n    the holder's note, with the same expiry
-    ivip:{ns}:lk-fence       the namespace's fencing counter (`INCR`)
+    ivip:{ns}:lk-fence       the namespace's fencing counter (`INCR`, raised to
+                             the server's clock in microseconds; expires
+                             `state_ttl` after the last holding)
     ivip:{ns}:lk:<name>      also the channel a release is published on
 
 Taking the lock is one script: `SET NX PX`, then `INCR` of the counter for the
-fencing token (so every later holding of any lock of the namespace has a
-larger one). While held, a task renews the lease every third of its length
-with a compare-and-`PEXPIRE` script; releasing is a compare-and-delete script
-that publishes on the lock's channel, so waiters try again at once. A holder
+fencing token, raised to the server's `TIME` in microseconds when that is
+larger (so every later holding of any lock of the namespace has a larger one,
+even after the counter expired or was lost). While held, a task renews the
+lease every third of its length with a compare-and-`PEXPIRE` script;
+releasing is a compare-and-delete script that publishes on the lock's
+channel, so waiters try again at once. A holder
 that is killed, paused (`SIGSTOP`, a long GC, a VM migration) or cut off
 stops renewing, and its lease expires after at most `lease` seconds: then
 another process takes the lock. The paused holder, resumed, reads
@@ -56,11 +60,28 @@ _T = TypeVar("_T")
 _KEEP_SUBSCRIBED: Final = 256  # lock channels kept subscribed with nobody waiting
 COMMAND_CONNECTIONS: Final = 2  # the lock commands' connections per instance (role `l`)
 
-# KEYS: lease, note, fence counter. ARGV: token, lease ms, note.
+# KEYS: lease, note, fence counter. ARGV: token, lease ms, note, counter ttl ms.
 # Returns {fence, 0} when taken, {0, pttl} when held by another.
+# The fence is the counter + 1, raised to the server's clock in microseconds
+# (TIME) when that is larger: so the counter may expire (`state_ttl` after the
+# last holding) or be lost (FLUSHALL, a failover to a replica that lagged) and
+# the next token is still larger than every earlier one, as long as the
+# server's clock did not go back by more than the time since. A user not
+# allowed TIME gets the plain counter, kept without expiry (PERSIST).
 _ACQUIRE: Final = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.call('INCR', KEYS[3])
+  local now = redis.pcall('TIME')
+  if type(now) == 'table' and now[1] then
+    local us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    if fence < us then
+      redis.call('SET', KEYS[3], string.format('%.0f', us))
+      fence = us
+    end
+    redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  else
+    redis.call('PERSIST', KEYS[3])
+  end
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
   return {fence, 0}
 end
@@ -180,6 +201,7 @@ class RedisLeases:
         retry_timeout: Seconds a lock command keeps retrying a lost connection
             (a restart, a failover) before it raises `BackendUnavailableError`.
         url: The server's URL, for error messages (its password is not shown).
+        state_ttl: Seconds the fencing counter lives after the last holding.
     """
 
     leased = True
@@ -192,6 +214,7 @@ class RedisLeases:
         command_timeout: float = 5.0,
         retry_timeout: float = 10.0,
         url: str = "redis://",
+        state_ttl: float = 3600.0,
     ) -> None:
         self._make_client = make_client
         self.retry_timeout = retry_timeout
@@ -199,6 +222,7 @@ class RedisLeases:
         self.prefix = f"ivip:{{{namespace}}}:lk:"
         self.fence_key = f"ivip:{{{namespace}}}:lk-fence"
         self.command_timeout = command_timeout
+        self.state_ttl = state_ttl
         self._lender = _Lender(lambda: make_client("l"), COMMAND_CONNECTIONS)
         self._notices_client: Any = None  # role `n`: its pool serves the one pub/sub
         self._pubsub: Any = None
@@ -292,7 +316,8 @@ class RedisLeases:
                 self.release_later(key, note_key, token)
             token, sent = secrets.token_hex(16).encode(), loop.time()
             keys = [key, note_key, self.fence_key]
-            return await self._script(client, "acquire", keys, [token, ms, note])
+            ttl = max(1, int(self.state_ttl * 1000))
+            return await self._script(client, "acquire", keys, [token, ms, note, ttl])
 
         try:
             fence, pttl = await self._retrying("lock command (acquire)", once)
