@@ -29,7 +29,7 @@ from ...errors import (
     BackendUnavailableError,
 )
 from ...logs import rate_limited
-from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget
+from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget, failover_pause
 from .replies import is_kind
 from .scripts import script_command
 from .settings import Shared
@@ -371,7 +371,7 @@ class Connections:
                 limit,
                 interval=5.0,
             )
-            pause = delay * (1 + random.random() / 2)
+            pause = failover_pause(delay, exc) * (1 + random.random() / 2)
             await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
             delay = min(delay * 2, 1.0)
 

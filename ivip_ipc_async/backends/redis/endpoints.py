@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget", "SlotRoute"]
+__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget", "SlotRoute", "failover_pause"]
 
 SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
 _SENTINEL_PORT: Final = 26379
@@ -88,6 +88,35 @@ class SentinelTarget:
         for name in ("host", "port", "connection_class"):
             options.pop(name, None)
         return cls(tuple(sentinels), path[0], options, sentinel_options, tls)
+
+
+_FAILOVER_PAUSE: Final = 0.2
+
+
+def failover_pause(delay: float, error: BaseException) -> float:
+    """The pause before trying again after `error`: `delay` (the caller's
+    backoff), but no more than 0.2 s while the Sentinels know no master (a
+    failover under way): asking them again costs the master nothing, and the
+    new master is then used within 0.2 s of its promotion.
+
+    Example:
+        >>> failover_pause(0.8, ConnectionError("refused"))
+        0.8
+        >>> from redis.asyncio.sentinel import MasterNotFoundError
+        >>> failover_pause(0.8, MasterNotFoundError("No master found for 'svc'"))
+        0.2
+    """
+    from redis.asyncio.sentinel import MasterNotFoundError
+    from redis.sentinel import MasterNotFoundError as SyncMasterNotFoundError
+
+    seen: BaseException | None = error
+    for _ in range(5):  # (redis-py raises it from its own ConnectionError on send)
+        if seen is None:
+            break
+        if isinstance(seen, MasterNotFoundError | SyncMasterNotFoundError):
+            return min(delay, _FAILOVER_PAUSE)
+        seen = seen.__cause__ or seen.__context__
+    return delay
 
 
 def _host_port(text: str) -> tuple[str, int]:

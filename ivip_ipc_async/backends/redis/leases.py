@@ -230,6 +230,7 @@ class RedisLeases:
         # its first command, and two at once took two (a second `n`, leaked).
         self._subscribing = asyncio.Lock()
         self._down = False  # the notices' connection was lost, not yet back
+        self._subscribe_error: BaseException | None = None  # the last subscription's
         self._listener: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()
@@ -348,6 +349,7 @@ class RedisLeases:
         connection or no answer (Redis restarting, a failover) for up to
         `retry_timeout` seconds; redis-py's errors raised as the library's."""
         from .connections import redacted, retryable, wrap
+        from .endpoints import failover_pause
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.retry_timeout if retry else 0.0)
@@ -384,7 +386,7 @@ class RedisLeases:
                 self.retry_timeout,
                 interval=5.0,
             )
-            await asyncio.sleep(delay * (1 + random.random() / 2))
+            await asyncio.sleep(failover_pause(delay, error) * (1 + random.random() / 2))
             delay = min(delay * 2, 1.0)
 
     def release_later(self, key: str, note_key: str, token: bytes) -> None:
@@ -464,7 +466,7 @@ class RedisLeases:
                 # while subscribing): waiters without notices.
                 self._down = True
                 failures += 1
-                if not await self._resubscribe(failures):
+                if not await self._resubscribe(failures, self._subscribe_error):
                     return
                 continue
             try:
@@ -476,7 +478,7 @@ class RedisLeases:
                 self._down = True
                 rate_limited(logging.WARNING, "lock-listener", "lock notices interrupted: %s", exc)
                 failures += 1
-                if not await self._resubscribe(failures):
+                if not await self._resubscribe(failures, exc):
                     return  # nobody waits: the next `watch` subscribes anew
                 continue
             # Read from a subscribed connection (a message, a subscription's
@@ -493,11 +495,16 @@ class RedisLeases:
             for wake in list(self._waiters.get(key, ())):
                 wake.set()
 
-    async def _resubscribe(self, failures: int) -> bool:
+    async def _resubscribe(self, failures: int, error: BaseException | None) -> bool:
         """A new pub/sub connection in place of the old one, subscribed to the
         channels waited on (after a pause growing from 0.1 s to 5 s with failures
-        in a row). False when nobody waits (then no connection is made)."""
-        await asyncio.sleep(min(0.1 * 2 ** min(failures - 1, 6), 5.0))
+        in a row; at most 0.2 s while `error` says the Sentinels know no master).
+        False when nobody waits (then no connection is made)."""
+        from .endpoints import failover_pause
+
+        pause = min(0.1 * 2 ** min(failures - 1, 6), 5.0)
+        await asyncio.sleep(pause if error is None else failover_pause(pause, error))
+        self._subscribe_error = None
         async with self._subscribing:  # (no `watch` makes a second one meanwhile)
             old, self._pubsub = self._pubsub, None
             if old is not None:
@@ -515,6 +522,7 @@ class RedisLeases:
                     await self._pubsub.subscribe(*keys)
             except Exception as exc:
                 self._subscribed = set()  # (tried again after the next pause)
+                self._subscribe_error = exc
                 logger.debug("could not subscribe to lock releases again: %s", exc)
         for waiters in self._waiters.values():
             for wake in waiters:
