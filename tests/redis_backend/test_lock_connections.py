@@ -14,6 +14,7 @@ from ivip_ipc_async.leader import Leadership
 
 from ..processes import reap
 from ..test_backends import REDIS_URL, needs_redis
+from .support import needs_redis_server
 
 pytestmark = needs_redis
 
@@ -118,3 +119,34 @@ async def test_lock_connections_stay_bounded_with_many_concurrent_users(
         folder.rmdir()
     assert peer.returncode == 0
     assert out.strip() == b"[]", out  # the peer's errors
+
+
+@needs_redis_server
+async def test_lock_commands_waiting_for_a_connection_still_give_up_in_time() -> None:
+    """20 tasks try locks while the server is frozen: each raises
+    `BackendUnavailableError` within `retry_timeout` + one attempt's time limit,
+    though only 2 connections serve the lock commands (they wait their turn for
+    no longer than that)."""
+    from ivip_ipc_async.errors import BackendUnavailableError
+
+    from ..redis_server import Server
+
+    server = Server()
+    server.start()
+    ipc = AsyncIPC(server.url, namespace="frozen", retry_timeout=1.0)
+    try:
+        await ipc.start()
+        locks = ipc._backend.locks()  # type: ignore[union-attr]
+        locks.command_timeout = 0.5  # one attempt's limit (5 s by default)
+        server.freeze()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tries = [asyncio.create_task(ipc.lock(f"k{i}", timeout=30).acquire()) for i in range(20)]
+        results = await asyncio.wait_for(asyncio.gather(*tries, return_exceptions=True), 30)
+        took = loop.time() - started
+        assert all(isinstance(r, BackendUnavailableError) for r in results), results
+        assert took < 1.0 + 0.5 + 1.5, f"the last gave up after {took:.1f} s"
+    finally:
+        server.thaw()
+        await ipc.destroy()
+        server.close()

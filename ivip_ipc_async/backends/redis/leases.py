@@ -146,13 +146,21 @@ class _Lender:
         self._urgent: deque[asyncio.Future[Any]] = deque()
         self._normal: deque[asyncio.Future[Any]] = deque()
 
-    async def borrow(self, *, urgent: bool) -> Any:
-        """A client for one command; give it back with `give_back`."""
+    def borrow_now(self) -> Any:
+        """A client at once if one is free (or may still be made), else None."""
         if self._free:
             return self._free.pop()
         if len(self.clients) < self._size:
             client = self._make()
             self.clients.append(client)
+            return client
+        return None
+
+    async def borrow(self, *, urgent: bool) -> Any:
+        """A client for one command, waiting for one if need be; give it back
+        with `give_back`."""
+        client = self.borrow_now()
+        if client is not None:
             return client
         turn: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         queue = self._urgent if urgent else self._normal
@@ -177,14 +185,14 @@ class _Lender:
                     return
         self._free.append(client)
 
-    def drop(self) -> list[Any]:
+    def drop(self, *, wake: bool = True) -> list[Any]:
         """Forget every client (to be closed by the caller), and wake the waiters
-        (they find the provider closed)."""
+        (they find the provider closed) unless their loop is gone (`wake` False)."""
         clients, self.clients, self._free = self.clients, [], []
         for queue in (self._urgent, self._normal):
             while queue:
                 turn = queue.popleft()
-                if not turn.done():
+                if wake and not turn.done():
                     turn.set_exception(IPCClosedError("the backend of these locks is closed"))
         return clients
 
@@ -259,11 +267,6 @@ class RedisLeases:
         if self._notices_client is None:
             self._notices_client = self._make_client("n")
         return self._notices_client
-
-    def connections(self) -> int:
-        """Clients made for the lock commands and the notices (each holds at most
-        one connection): at most `COMMAND_CONNECTIONS` + 1."""
-        return len(self._lender.clients) + (self._notices_client is not None)
 
     @property
     def notices_connected(self) -> bool:
@@ -356,7 +359,20 @@ class RedisLeases:
         delay = 0.05
         while True:
             self._check_open()
-            client = await self._lender.borrow(urgent=urgent)
+            # The wait for a connection counts in the deadline (plus one attempt's
+            # time: that of the command before it): a server that answers nothing
+            # fails every command in time, however many wait their turn.
+            wait = max(deadline - loop.time(), 0.0) + self.command_timeout
+            try:
+                client = self._lender.borrow_now()
+                if client is None:
+                    async with asyncio.timeout(wait):
+                        client = await self._lender.borrow(urgent=urgent)
+            except TimeoutError:
+                raise BackendUnavailableError(
+                    f"Redis at {redacted(self.url)} did not answer the lock commands "
+                    f"before this {what} for {wait:g} s (nothing sent)"
+                ) from None
             try:
                 async with asyncio.timeout(self.command_timeout):
                     return await attempt(client)
@@ -566,7 +582,7 @@ class RedisLeases:
             contender._forget()
         if self._listener is not None and not self._listener.get_loop().is_closed():
             self._listener.cancel()
-        self._lender.drop()
+        self._lender.drop(wake=False)
         self._listener = self._pubsub = self._notices_client = None
 
     def _shut(self) -> None:
