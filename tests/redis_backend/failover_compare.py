@@ -1,6 +1,6 @@
 """A Sentinel failover under load: this library beside plain redis-py pub/sub.
 
-    python -m tests.redis_backend.failover_compare --runs 3
+    python -m tests.redis_backend.failover_compare --runs 5 [--deployment cluster]
 
 Each run starts a Sentinel deployment of its own (a master, a replica, three
 Sentinels with `down-after-milliseconds 300`: tests/redis_server.py), then two
@@ -16,6 +16,13 @@ stop and each receiver waits up to 10 s for everything the other acknowledged.
   when it returns; an error is counted as raised and the client is made anew
   from the Sentinels), and a subscriber that, on any error, waits 0.1 s, makes a
   new client from the Sentinels and subscribes again (a reconnect loop).
+
+With `--deployment cluster`, a 3-master cluster with a replica each
+(`cluster-node-timeout 1000`) instead, both clients started through a node
+that does not own the namespace's slot, and the slot's master SIGKILLed; plain
+redis-py is then `RedisCluster.from_url()`, `publish` on a channel in the
+namespace's slot (its pub/sub goes to that master), a new client after an
+error, and `client.pubsub()` subscribed again 0.1 s after any error.
 
 Per run and kind: acknowledged messages lost (never heard by the other
 process) and heard twice, publishes that raised, and the time from the kill
@@ -70,6 +77,49 @@ async def _peer(kind: str, url: str, folder: Path, name: str, other: str) -> Non
 
         async def close() -> None:
             await ipc.destroy()
+
+    elif "+sentinel" not in url:  # plain redis-py on a Redis Cluster
+        from redis.asyncio.cluster import RedisCluster
+
+        # The channel in the namespace's slot: its pub/sub goes to the same master.
+        channel = f"ivip:{{cmp-{folder.name}}}:plain"
+        cluster_clients = [RedisCluster.from_url(url, socket_timeout=5.0)]
+        subscribed = asyncio.Event()
+
+        async def publish(message: dict[str, Any]) -> None:
+            try:
+                await cluster_clients[0].publish(channel, json.dumps(message))
+            except Exception:
+                old = cluster_clients[0]
+                cluster_clients[0] = RedisCluster.from_url(url, socket_timeout=5.0)
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+                raise
+
+        async def listen() -> None:
+            while True:
+                client = RedisCluster.from_url(url, socket_timeout=5.0)
+                pubsub = client.pubsub()
+                try:
+                    await pubsub.subscribe(channel)
+                    subscribed.set()
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message["type"] == "message":
+                            hear(json.loads(message["data"]))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    await asyncio.sleep(0.1)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                        await client.aclose()
+
+        async def close() -> None:
+            await cluster_clients[0].aclose()
 
     else:
         from redis.asyncio.sentinel import Sentinel
@@ -163,14 +213,27 @@ async def _progress(folder: Path, name: str) -> tuple[float | None, int]:
         return None, 0
 
 
-async def one_run(kind: str) -> dict[str, Any]:
+async def one_run(kind: str, deployment: str = "sentinel") -> dict[str, Any]:
     """One failover under load; the figures of this run."""
-    from ..redis_server import SentinelGroup
+    from ..redis_server import Cluster, SentinelGroup
 
-    group = SentinelGroup()
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, group.start)
     folder = Path(tempfile.mkdtemp(prefix="ivip-cmp-"))
+    group: Any = SentinelGroup() if deployment == "sentinel" else Cluster()
+    await loop.run_in_executor(None, group.start)
+    if deployment == "sentinel":
+        url = group.url()
+
+        def fault() -> None:
+            group.kill_master()
+
+    else:
+        namespace = f"cmp-{folder.name}"
+        url = group.other_master(namespace).url  # (through a node that does not own it)
+
+        def fault() -> None:
+            group.kill(group.owner(namespace))
+
     names = ("a", "b")
     procs = [
         await asyncio.create_subprocess_exec(
@@ -179,7 +242,7 @@ async def one_run(kind: str) -> dict[str, Any]:
             "tests.redis_backend.failover_compare",
             "--peer",
             kind,
-            group.url(),
+            url,
             str(folder),
             me,
             other,
@@ -199,7 +262,7 @@ async def one_run(kind: str) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         before = await counts()
         killed = time.monotonic()
-        group.kill_master()
+        fault()
         deadline = killed + 30
         while time.monotonic() < deadline:
             now = await counts()
@@ -247,6 +310,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per client (default 3)")
     parser.add_argument("--json", action="store_true", help="print every run as JSON")
+    parser.add_argument(
+        "--deployment",
+        choices=("sentinel", "cluster"),
+        default="sentinel",
+        help="a Sentinel deployment (default), or a 3-master cluster with replicas "
+        "whose master of the namespace's slot is killed",
+    )
     parser.add_argument("--peer", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer:
@@ -256,7 +326,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for _ in range(args.runs):
         for kind in ("ivip", "redis-py"):
-            runs.append(asyncio.run(one_run(kind)))
+            runs.append(asyncio.run(one_run(kind, args.deployment)))
             print(json.dumps(runs[-1]), file=sys.stderr)
     if args.json:
         print(json.dumps(runs))
