@@ -69,7 +69,8 @@ COMMAND_CONNECTIONS: Final = 2  # the lock commands' connections per instance (r
 # server's clock did not go back by more than the time since. A user not
 # allowed TIME gets the plain counter, kept without expiry (PERSIST).
 _ACQUIRE: Final = """
-if redis.replicate_commands then redis.replicate_commands() end -- (Redis < 7: TIME, then writes)
+-- Redis 3.2-6 may replicate scripts verbatim, and then refuse writes after TIME.
+if redis.replicate_commands then redis.replicate_commands() end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.call('INCR', KEYS[3])
   local now = redis.pcall('TIME')
