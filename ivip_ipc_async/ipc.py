@@ -704,7 +704,8 @@ class AsyncIPC:
         """Is this instance well now? A summary of `stats()` with the problems named.
 
         `healthy` is True when the instance is started, its maintenance task
-        (or Redis listener) runs and is connected, and no gap happened in the
+        (or Redis listener) runs and is connected, no problem its backend names
+        makes it unhealthy (`Backend.problems`), and no gap happened in the
         last `unhealthy_after_gap` seconds (60 by default); `problems` says what
         is wrong otherwise (a watcher that stopped means slower wake-ups, not
         lost records). Past gaps stay counted in `errors["gaps"]`.
@@ -719,13 +720,15 @@ class AsyncIPC:
         """
         stats = self.stats()
         problems: list[str] = []
-        recent_gap = False
+        recent_gap = unhealthy = False
         if not stats["started"]:
             problems.append("not started")
         else:
             backend = self.medium.backend
             assert backend is not None  # started
-            problems.extend(backend.problems())
+            for problem in backend.problems():
+                problems.append(problem.text)
+                unhealthy = unhealthy or problem.unhealthy
             if self._last_gap is not None:
                 at, lost = self._last_gap
                 age = time.monotonic() - at
@@ -739,11 +742,7 @@ class AsyncIPC:
                         "after the gap)"
                     )
         return {
-            "healthy": stats["started"]
-            and stats.get("maintenance_alive", True)
-            and stats.get("connected", True)
-            and not stats.get("layout_problem")
-            and not recent_gap,
+            "healthy": stats["started"] and not unhealthy and not recent_gap,
             "problems": problems,
             "peers": len(stats.get("peers", [])),
             "lag_bytes": stats.get("lag_bytes", 0),

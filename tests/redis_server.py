@@ -166,11 +166,22 @@ def _down(replica: Any) -> bool:
     return bool({"s_down", "o_down", "disconnected"} & set(str(fields["flags"]).split(",")))
 
 
+def _tls_options(files: dict[str, Path], port: int) -> list[str]:
+    """redis-server options for a TLS port besides the plain one, whose own
+    connections to other servers (replication, Sentinels) use TLS too."""
+    return [
+        "--tls-port", str(port), "--tls-cert-file", str(files["server.crt"]),
+        "--tls-key-file", str(files["server.key"]), "--tls-ca-cert-file", str(files["ca.crt"]),
+        "--tls-auth-clients", "no", "--tls-replication", "yes",
+    ]  # fmt: skip
+
+
 class SentinelServer(Server):
     """A `redis-server --sentinel` on a free port, watching `service` on `master_port`
-    (a master down for 300 ms is failed over, within seconds)."""
+    (a master down for 300 ms is failed over, within seconds); with `tls`, also
+    on `tls_port`, and speaking TLS to the servers and the other Sentinels."""
 
-    def __init__(self, service: str, master_port: int) -> None:
+    def __init__(self, service: str, master_port: int, tls: dict[str, Path] | None = None) -> None:
         super().__init__()
         conf = self.dir / "sentinel.conf"
         conf.write_text(
@@ -181,21 +192,42 @@ class SentinelServer(Server):
             f"sentinel failover-timeout {service} 2000\n"
             f"sentinel parallel-syncs {service} 1\n"
         )
-        self.config = [str(conf), "--sentinel"]
+        self.tls_port = free_port() if tls else 0
+        self.config = [str(conf), "--sentinel", *(_tls_options(tls, self.tls_port) if tls else [])]
 
 
 class SentinelGroup:
     """A master, a replica of it, and three Sentinels watching them (service `svc`):
-    what a Sentinel deployment runs, on free ports. `url()` is the backend's URL."""
+    what a Sentinel deployment runs, on free ports. `url()` is the backend's URL.
+
+    With `tls` (from `tls_files`), every server also listens with TLS, replicates
+    and is watched over TLS, and `url()` is a `rediss+sentinel://` one naming the
+    Sentinels' TLS ports (the Sentinels then give the master's TLS port); the
+    plain ports stay for the test's own checks."""
 
     service = "svc"
 
-    def __init__(self) -> None:
-        self.master = Server("--repl-diskless-sync-delay", "0")
-        self.replica = Server("--replicaof", "127.0.0.1", str(self.master.port))
-        self.sentinels = [SentinelServer(self.service, self.master.port) for _ in range(3)]
+    def __init__(self, tls: dict[str, Path] | None = None) -> None:
+        self.tls = tls
+        master_tls = replica_tls = 0
+        extra: list[str] = []
+        if tls:
+            master_tls, replica_tls = free_port(), free_port()
+        self.master = Server(
+            "--repl-diskless-sync-delay", "0", *(_tls_options(tls, master_tls) if tls else extra)
+        )
+        self.replica = Server(
+            "--replicaof", "127.0.0.1", str(master_tls or self.master.port),
+            *(_tls_options(tls, replica_tls) if tls else extra),
+        )  # fmt: skip
+        self.master.tls_port, self.replica.tls_port = master_tls, replica_tls
+        watched = master_tls or self.master.port
+        self.sentinels = [SentinelServer(self.service, watched, tls) for _ in range(3)]
 
     def url(self) -> str:
+        if self.tls:
+            hosts = ",".join(f"127.0.0.1:{s.tls_port}" for s in self.sentinels)
+            return f"rediss+sentinel://{hosts}/{self.service}/0"
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://{hosts}/{self.service}/0"
 
@@ -225,7 +257,7 @@ class SentinelGroup:
         raise RuntimeError("the Sentinels did not see each other and the replica in 30 s")
 
     def master_port(self) -> int:
-        """The port of the master, as the first Sentinel says."""
+        """The port of the master, as the first Sentinel says (its TLS port, with TLS)."""
         import redis
 
         with redis.Redis(port=self.sentinels[0].port, decode_responses=True) as client:

@@ -2,7 +2,7 @@
 
 `open_backend` makes the backend a path or URL names, for `AsyncIPC` and the
 command line alike: a directory path (or `file://`) is the directory backend;
-`redis://`, `rediss://`, `unix://` and `redis+sentinel://` are the Redis
+`redis://`, `rediss://`, `unix://`, `redis+sentinel://` and `rediss+sentinel://` are the Redis
 backend, imported only then (redis-py is an optional extra).
 
 Example:
@@ -28,11 +28,11 @@ from .directory import DirectoryBackend
 
 __all__ = ["REDIS_SCHEMES", "check_location", "check_url", "open_backend"]
 
-REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel")
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 """The URL schemes of the Redis backend (a Cluster is reached through any node's
 `redis://` or `rediss://` URL). Anything else with `://` but `file://` is refused."""
 
-_REDIS_LIKE: Final = re.compile(r"(?i)(rediss?|unix|redis\+sentinel):")
+_REDIS_LIKE: Final = re.compile(r"(?i)(rediss?|unix|rediss?\+sentinel):")
 
 
 def check_url(text: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from ..conditions import Conditional, Outcome
 from ..records import Record
@@ -23,6 +23,7 @@ __all__ = [
     "LockProvider",
     "LossCause",
     "Outcome",
+    "Problem",
     "RecordSink",
     "check_lock_name",
     "check_lock_note",
@@ -167,6 +168,21 @@ class RecordSink(Protocol):
         """
 
 
+class Problem(NamedTuple):
+    """One thing wrong with a backend now, as `health()` reports it.
+
+    Example:
+        >>> Problem("watcher is not running", unhealthy=False).unhealthy
+        False
+    """
+
+    text: str
+    """A sentence: what is wrong and what still works."""
+    unhealthy: bool
+    """True when it makes the instance unhealthy (a readiness probe answers 503);
+    False when only slower (a stopped watcher: the re-scans still deliver)."""
+
+
 class Backend(Protocol):
     """A transport for records. One instance serves one `AsyncIPC` start."""
 
@@ -215,9 +231,9 @@ class Backend(Protocol):
     def locks(self) -> LockProvider:
         """The lock capability of this medium (made on first use, closed with the backend)."""
 
-    def problems(self) -> list[str]:
-        """What is wrong with this backend now, each a sentence for
-        `AsyncIPC.health()` (empty: nothing)."""
+    def problems(self) -> list[Problem]:
+        """What is wrong with this backend now, for `AsyncIPC.health()` (empty:
+        nothing); a problem marked `unhealthy` makes the instance unhealthy."""
 
     gap_cause: str
     """How records are lost to a gap on this medium, in words (`health()`

@@ -89,6 +89,8 @@ def test_bad_backend_options_are_refused() -> None:
     [
         ("redis:/127.0.0.1:6390", "must be followed by //"),
         ("rediss:cache:6379", "must be followed by //"),
+        ("redis+sentinel:/127.0.0.1:26379/mymaster", "must be followed by //"),
+        ("rediss+sentinel:/127.0.0.1:26379/mymaster", "must be followed by //"),
         ("redis://", "no host"),
         ("redis://:secret@/0", "no host"),
         ("redis://127.0.0.1:6379/abc", "database must be a number, not 'abc'"),
@@ -189,6 +191,7 @@ async def test_start_waits_for_a_server_that_comes_up_in_time(
         ("-xadd", "xadd"),
         ("-scan", "scan"),
         ("-info", None),  # not needed: evictions then go unnoticed, nothing else
+        ("-time", None),  # not needed: the fencing counter then never expires
         # What only the locks use (their scripts; EVAL after a restart lost them):
         ("-incr", "incr"),
         ("-del", "del"),
@@ -209,6 +212,14 @@ async def test_missing_permissions_fail_start_before_anything_is_stored(
     if refused is None:
         async with AsyncIPC(url, namespace=namespace, protocol=protocol) as ipc:
             await ipc.notify("fine", 1)
+            async with ipc.lock("x") as lock:
+                first = lock.fence
+            async with ipc.lock("x") as lock:
+                assert lock.fence > first
+        # The fencing counter expires with the namespace's other keys, unless
+        # TIME is refused (then its tokens are a plain counter, kept for good).
+        ttl = admin.pttl(f"ivip:{{{namespace}}}:lk-fence")
+        assert ttl == -1 if "-time" in acl else ttl > 0
     else:
         with pytest.raises(BackendPermissionError, match=f"(?i){refused}") as raised:
             await AsyncIPC(url, namespace=namespace, protocol=protocol).start()

@@ -34,13 +34,13 @@ asyncio.run(main())
 
 
 async def _lock_connections(admin: Any, namespace: str) -> dict[str, int]:
-    """The ids of the lock connections (role `l`) of `namespace` (or of
+    """The ids of the lock connections (roles `l` and `n`) of `namespace` (or of
     `namespace:peer`), and how many channels each is subscribed to."""
     return {
         client["id"]: int(client.get("sub", 0))
         for client in await admin.client_list()
         if client.get("name", "").startswith(f"ivip:{namespace}:")
-        and client.get("name", "").endswith(":l")
+        and client.get("name", "").endswith((":l", ":n"))
     }
 
 
@@ -169,6 +169,84 @@ async def test_a_lock_acquired_as_a_frozen_server_resumes_is_held() -> None:
         await lock.release()
     finally:
         server.thaw()
+        await ipc.destroy()
+        await reap(holder)
+        await admin.aclose()
+        server.close()
+
+
+async def _until_health(ipc: AsyncIPC, healthy: bool, timeout: float, what: str) -> dict[str, Any]:
+    """Poll `health()` every 5 ms until it is (un)healthy; the report."""
+    deadline = time.monotonic() + timeout
+    while (report := ipc.health())["healthy"] != healthy:
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what} ({report})"
+        await asyncio.sleep(0.005)
+    return report
+
+
+@needs_redis_server
+async def test_health_says_when_lock_notices_are_down() -> None:
+    """A waiter's release notices are lost twice: its pub/sub connection killed
+    (resubscribed at once), then the lock channels refused by an ACL change
+    (Redis disconnects it; subscribing fails until the ACL allows them again).
+    Each time `health()` is unhealthy naming the lock notices while they are
+    down, and healthy again once subscribed; the release then wakes the waiter."""
+    import redis.asyncio as aioredis
+
+    server = Server()
+    server.start()
+    namespace = f"test-{uuid.uuid4().hex[:12]}"
+    admin = aioredis.Redis.from_url(server.url)
+    await admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all")
+    url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, url, namespace,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    ipc = AsyncIPC(url, namespace=namespace)
+    try:
+        await ipc.start()
+        assert await holder.stdout.readline() == b"held\n"
+        lock = ipc.lock("x", poll_interval=20, timeout=60)
+        waiting = asyncio.create_task(lock.acquire())
+        mine = f"{namespace}:{ipc.stats()['peer']}"
+
+        async def subscribed() -> bool:
+            return any((await _lock_connections(admin, mine)).values())
+
+        await _until(subscribed, 10, "the waiter subscribes")
+        assert ipc.health()["healthy"]
+        assert ipc.stats()["lock_notices_connected"] is True
+        # 1. The notices' connection killed (only it: the listener stays connected).
+        (notices,) = [i for i, subs in (await _lock_connections(admin, mine)).items() if subs]
+        assert await admin.execute_command("CLIENT", "KILL", "ID", notices) == 1
+        report = await _until_health(ipc, False, 5, "unhealthy while the notices are down")
+        assert any("lock" in p and "notice" in p for p in report["problems"]), report
+        assert ipc.stats()["connected"]
+        await _until_health(ipc, True, 10, "healthy again once resubscribed")
+        assert ipc.stats()["lock_notices_connected"] is True
+        # 2. The lock channels refused (Redis disconnects the subscribed connection).
+        live = f"&ivip:{{{namespace}}}:live"
+        await admin.execute_command("ACL", "SETUSER", "app", "resetchannels", live)
+        report = await _until_health(ipc, False, 5, "unhealthy once the channels are refused")
+        assert any("lock" in p and "notice" in p for p in report["problems"]), report
+        await asyncio.sleep(1.5)  # subscribing again fails meanwhile: still down
+        assert not ipc.health()["healthy"]
+        assert ipc.stats()["lock_notices_connected"] is False
+        await admin.execute_command("ACL", "SETUSER", "app", "&*")
+        await _until_health(ipc, True, 15, "healthy again once the channels are allowed")
+        await _until(subscribed, 5, "subscribed again")
+        key = f"ivip:{{{namespace}}}:lk:u.x"
+        notices_before = ipc._backend.locks().notices.get(key, 0)  # type: ignore[union-attr]
+        holder.stdin.write(b"go\n")
+        released = time.monotonic()
+        await asyncio.wait_for(waiting, 30)
+        assert time.monotonic() - released < 5, "woken by the poll timer, not the notice"
+        assert ipc._backend.locks().notices.get(key, 0) > notices_before  # type: ignore[union-attr]
+        await lock.release()
+    finally:
         await ipc.destroy()
         await reap(holder)
         await admin.aclose()

@@ -33,7 +33,7 @@ from ... import forks
 from ...conditions import Conditional, Outcome
 from ...logs import logger
 from ...records import Record
-from ..base import RecordSink
+from ..base import Problem, RecordSink
 from .cap import Budget
 from .conditional import ConditionalWrites
 from .doorbell import Doorbell
@@ -450,14 +450,15 @@ class DirectoryBackend:
 
     gap_cause = "this process fell behind the retention window"
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """What is wrong now, for `AsyncIPC.health()` (see `Backend.problems`)."""
         stats = self.stats()
         problems = []
         if not stats["maintenance_alive"]:
-            problems.append("maintenance task is not running")
+            problems.append(Problem("maintenance task is not running", unhealthy=True))
         if stats["layout_problem"]:
-            problems.append(str(stats["layout_problem"]))
+            problems.append(Problem(str(stats["layout_problem"]), unhealthy=True))
         if not stats["watcher_alive"]:
-            problems.append("watcher is not running (re-scans still deliver)")
+            text = "watcher is not running (re-scans still deliver)"
+            problems.append(Problem(text, unhealthy=False))
         return problems

@@ -2,7 +2,7 @@
 pub/sub, for processes on several hosts.
 
 Selected by `AsyncIPC("redis://host:6379/0", namespace=...)` (also `rediss://`,
-`unix://`, `redis+sentinel://`, and any node of a Redis Cluster: see
+`unix://`, `redis+sentinel://`, `rediss+sentinel://`, and any node of a Redis Cluster: see
 endpoints.py); redis-py is imported only then (`pip install ivip-ipc-async[redis]`).
 Works with redis-py 5 to 8, over RESP2 and RESP3 (`protocol=2` or `3`).
 
@@ -55,7 +55,8 @@ The guarantee, and what a lost connection does:
   seconds of silence) count as a disconnect: `stats()["connected"]` turns False,
   the cache mirror is dropped (cache reads go to Redis meanwhile, and raise
   `BackendUnavailableError` after `read_timeout`), the listener reconnects with
-  backoff (0.1 s to 5 s, counted in `reconnects` / `connection_errors`,
+  backoff (0.1 s to 1 s, at most 0.2 s while the Sentinels know no master;
+  counted in `reconnects` / `connection_errors`,
   logged), subscribes, reloads the cache state from Redis, and catches up from
   the stream where it was: messages sent while it was away are delivered, in
   order.

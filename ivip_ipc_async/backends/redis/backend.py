@@ -13,7 +13,7 @@ from ...conditions import Conditional, Outcome
 from ...errors import IPCClosedError
 from ...logs import logger
 from ...records import FrameReader, Record
-from ..base import RecordSink
+from ..base import Problem, RecordSink
 from .conditional import ConditionalWrites
 from .connections import Connections, check_redis_url, redacted, retryable, wrap
 from .delivery import Delivery
@@ -34,7 +34,8 @@ class RedisBackend:
 
     Args:
         url: `redis://`, `rediss://` or `unix://` URL (as redis-py takes it), a
-            `redis+sentinel://host:port[,host:port…]/service[/db]` URL, or any
+            `redis+sentinel://host:port[,host:port…]/service[/db]` URL
+            (`rediss+sentinel://` with TLS), or any
             node's URL of a Redis Cluster (see endpoints.py).
         namespace: Instances in different namespaces do not hear each other.
         max_record_size: Largest record, in bytes.
@@ -67,8 +68,9 @@ class RedisBackend:
             `retry_timeout` (at least 1 s), and the connections are named
             `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST` (role `w` writes,
             `r` listens, `c` serves the listener's requests, `g` reads cache
-            entries while the mirror is rebuilt, and is closed after;
-            `client_name=None` to leave them unnamed). At most these four
+            entries while the mirror is rebuilt, and is closed after; locks add
+            two `l` for their commands and one `n` for their release notices;
+            `client_name=None` to leave them unnamed). At most these seven
             connections per instance.
 
     Raises:
@@ -265,10 +267,11 @@ class RedisBackend:
         """The lock capability: leases with fencing tokens (backends/redis/leases.py)."""
         if self._leases is None:
             self._leases = RedisLeases(
-                lambda: self.connections.make("l"),
+                self.connections.make,
                 self.namespace,
                 retry_timeout=self.retry_timeout,
                 url=self.url,
+                state_ttl=self.state_ttl,
             )
         return self._leases
 
@@ -332,6 +335,8 @@ class RedisBackend:
             "namespace": self.namespace,
             "peer": f"{self.node:016x}",
             "connected": self.listener.connected,
+            # False while a lock waiter's release notices are down (resubscribing).
+            "lock_notices_connected": self._leases is None or self._leases.notices_connected,
             "maintenance_alive": task is not None and not task.done(),
             "last_id": last_id.decode() if isinstance(last_id, bytes) else str(last_id),
             **self.counters,
@@ -341,14 +346,18 @@ class RedisBackend:
 
     gap_cause = "trimmed or deleted from the stream, or lost by Redis"
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[Problem]:
         """What is wrong now, for `AsyncIPC.health()` (see `Backend.problems`)."""
         task = self.listener.task
         problems = []
         if task is None or task.done():
-            problems.append("maintenance task is not running")
+            problems.append(Problem("maintenance task is not running", unhealthy=True))
         if not self.listener.connected:
-            problems.append(
+            text = (
                 "not connected to Redis (reconnecting; cache reads go to Redis, writes are retried)"
             )
+            problems.append(Problem(text, unhealthy=True))
+        if self._leases is not None and not self._leases.notices_connected:
+            text = "lock release notices are down (resubscribing; waiters poll)"
+            problems.append(Problem(text, unhealthy=True))
         return problems

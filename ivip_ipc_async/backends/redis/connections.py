@@ -5,8 +5,9 @@ the library's.
 Connections are named `ivip:<namespace>:<peer>:<role>` in `CLIENT LIST`: `c`
 serves the listener's requests (start, catch-up, reload, the periodic check),
 `w` writes, `r` is the subscription, `g` reads cache entries while the mirror
-is rebuilt (made on demand, closed after), `l` serves the locks. At most four
-per instance besides the locks'.
+is rebuilt (made on demand, closed after); the locks add `l` for their
+commands (`leases.COMMAND_CONNECTIONS`, 2) and `n` for their release notices
+(1). At most four per instance besides the locks' three: seven.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ...errors import (
     BackendUnavailableError,
 )
 from ...logs import rate_limited
-from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget
+from .endpoints import SENTINEL_SCHEMES, Endpoint, SentinelTarget, failover_pause
 from .replies import is_kind
 from .scripts import script_command
 from .settings import Shared
@@ -73,7 +74,10 @@ def check_redis_url(url: str) -> None:
     if scheme not in ("redis", "rediss", "unix", *SENTINEL_SCHEMES) or not url[
         len(scheme) :
     ].startswith("://"):
-        raise bad("it must start with redis://, rediss://, unix:// or redis+sentinel://")
+        raise bad(
+            "it must start with redis://, rediss://, unix://, redis+sentinel:// "
+            "or rediss+sentinel://"
+        )
     if scheme in SENTINEL_SCHEMES:
         try:
             SentinelTarget.parse(url)
@@ -216,8 +220,8 @@ class Connections:
             # command on Python 3.11).
             timeout = max(settings.retry_timeout, 1.0) if role == "c" else None
             options.setdefault("socket_timeout", timeout)
-            if role in ("g", "w"):  # one connection, serialised (the writer sends
-                options["single_connection_client"] = True  # on it by hand)
+            if role in ("g", "w", "l"):  # one connection, serialised (the writer
+                options["single_connection_client"] = True  # sends on it by hand)
         return self.endpoint.client(options)
 
     def open(self) -> None:
@@ -367,7 +371,7 @@ class Connections:
                 limit,
                 interval=5.0,
             )
-            pause = delay * (1 + random.random() / 2)
+            pause = failover_pause(delay, exc) * (1 + random.random() / 2)
             await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.0)))
             delay = min(delay * 2, 1.0)
 

@@ -6,6 +6,8 @@
   26379 by default). The user and password are the master's (as in
   `redis://`); `?sentinel_username=` and `?sentinel_password=` give the
   Sentinels' own when they differ; other query options are as for `redis://`.
+  `rediss+sentinel://` speaks TLS to the Sentinels and to the master, both
+  verified with the same `ssl_*` options (`?ssl_ca_certs=/path/ca.pem`).
   Every connection asks the Sentinels where the master is when it (re)connects,
   and one that finds itself on a demoted master (`READONLY`) reconnects: a
   failover is a lost connection like any other, retried by the callers.
@@ -25,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget", "SlotRoute"]
+__all__ = ["SENTINEL_SCHEMES", "Endpoint", "SentinelTarget", "SlotRoute", "failover_pause"]
 
-SENTINEL_SCHEMES: Final = ("redis+sentinel",)
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
 _SENTINEL_PORT: Final = 26379
 # The Sentinels are asked where the master is: an unanswered one is skipped.
 _SENTINEL_TIMEOUT: Final = 2.0
@@ -35,12 +37,14 @@ _SENTINEL_TIMEOUT: Final = 2.0
 
 @dataclass(frozen=True)
 class SentinelTarget:
-    """A `redis+sentinel://` URL, parsed.
+    """A `redis+sentinel://` or `rediss+sentinel://` (TLS) URL, parsed.
 
     Example:
         >>> t = SentinelTarget.parse("redis+sentinel://:pw@s1:26380,s2/orders/2")
-        >>> t.sentinels, t.service, t.options["db"], t.options["password"]
-        ((('s1', 26380), ('s2', 26379)), 'orders', 2, 'pw')
+        >>> t.sentinels, t.service, t.options["db"], t.options["password"], t.tls
+        ((('s1', 26380), ('s2', 26379)), 'orders', 2, 'pw', False)
+        >>> SentinelTarget.parse("rediss+sentinel://s1/orders?ssl_ca_certs=/ca.pem").tls
+        True
     """
 
     sentinels: tuple[tuple[str, int], ...]
@@ -49,6 +53,8 @@ class SentinelTarget:
     """The master's connection options (credentials, db, query options)."""
     sentinel_options: dict[str, Any] = field(default_factory=dict)
     """The Sentinels' own credentials, when given."""
+    tls: bool = False
+    """TLS to the Sentinels and to the master (`rediss+sentinel://`)."""
 
     @classmethod
     def parse(cls, url: str) -> SentinelTarget:
@@ -76,10 +82,41 @@ class SentinelTarget:
         }
         rest = urlencode([(n, v) for n, v in query if not n.startswith("sentinel_")])
         db = path[1] if len(path) == 2 else ""
-        options: dict[str, Any] = dict(parse_url(f"redis://{userinfo}{at}localhost/{db}?{rest}"))
-        options.pop("host", None)
-        options.pop("port", None)
-        return cls(tuple(sentinels), path[0], options, sentinel_options)
+        tls = parts.scheme.lower() == "rediss+sentinel"
+        scheme = "rediss" if tls else "redis"
+        options: dict[str, Any] = dict(parse_url(f"{scheme}://{userinfo}{at}localhost/{db}?{rest}"))
+        for name in ("host", "port", "connection_class"):
+            options.pop(name, None)
+        return cls(tuple(sentinels), path[0], options, sentinel_options, tls)
+
+
+_FAILOVER_PAUSE: Final = 0.2
+
+
+def failover_pause(delay: float, error: BaseException) -> float:
+    """The pause before trying again after `error`: `delay` (the caller's
+    backoff), but no more than 0.2 s while the Sentinels know no master (a
+    failover under way): asking them again costs the master nothing, and the
+    new master is then used within 0.2 s of its promotion.
+
+    Example:
+        >>> failover_pause(0.8, ConnectionError("refused"))
+        0.8
+        >>> from redis.asyncio.sentinel import MasterNotFoundError
+        >>> failover_pause(0.8, MasterNotFoundError("No master found for 'svc'"))
+        0.2
+    """
+    from redis.asyncio.sentinel import MasterNotFoundError
+    from redis.sentinel import MasterNotFoundError as SyncMasterNotFoundError
+
+    seen: BaseException | None = error
+    for _ in range(5):  # (redis-py raises it from its own ConnectionError on send)
+        if seen is None:
+            break
+        if isinstance(seen, MasterNotFoundError | SyncMasterNotFoundError):
+            return min(delay, _FAILOVER_PAUSE)
+        seen = seen.__cause__ or seen.__context__
+    return delay
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -97,25 +134,31 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_SENTINEL_CONNECTION: list[type] = []
+_SENTINEL_CONNECTION: dict[bool, type] = {}
 
 
-def _sentinel_connection_class() -> type:
-    """redis-py's `SentinelManagedConnection`, asking where the master is on every
-    socket it opens: redis-py 8 reconnects a dropped connection when sending, by a
-    path that skips the Sentinel lookup (it went on dialling the dead master)."""
-    if not _SENTINEL_CONNECTION:
-        from redis.asyncio.sentinel import SentinelManagedConnection
+def _sentinel_connection_class(tls: bool = False) -> type:
+    """redis-py's `SentinelManagedConnection` (its TLS one with `tls`), asking where
+    the master is on every socket it opens: redis-py 8 reconnects a dropped
+    connection when sending, by a path that skips the Sentinel lookup (it went on
+    dialling the dead master)."""
+    if tls not in _SENTINEL_CONNECTION:
+        from redis.asyncio.sentinel import (
+            SentinelManagedConnection,
+            SentinelManagedSSLConnection,
+        )
 
-        class MasterConnection(SentinelManagedConnection):
+        base = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+
+        class MasterConnection(base):  # type: ignore[misc,valid-type]
             async def _connect(self) -> None:
                 pool = self.connection_pool
                 if pool.is_master:
                     self.host, self.port = await pool.get_master_address()
-                await super()._connect()  # type: ignore[no-untyped-call]
+                await super()._connect()
 
-        _SENTINEL_CONNECTION.append(MasterConnection)
-    return _SENTINEL_CONNECTION[0]
+        _SENTINEL_CONNECTION[tls] = MasterConnection
+    return _SENTINEL_CONNECTION[tls]
 
 
 class SlotRoute:
@@ -275,23 +318,27 @@ class Endpoint:
             return aioredis.Redis.from_url(self.url, **options)
         from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+        # The URL's options win, as with `Redis.from_url`.
+        merged = {**options, **target.options}
         if self.sentinel is None:
-            timeouts = {
+            sentinel_options: dict[str, Any] = {
                 "socket_timeout": _SENTINEL_TIMEOUT,
                 "socket_connect_timeout": _SENTINEL_TIMEOUT,
             }
+            if target.tls:  # the Sentinels verified as the master is
+                sentinel_options["ssl"] = True
+                sentinel_options.update({k: v for k, v in merged.items() if k.startswith("ssl_")})
             self.sentinel = Sentinel(
-                target.sentinels, sentinel_kwargs={**timeouts, **target.sentinel_options}
+                target.sentinels, sentinel_kwargs={**sentinel_options, **target.sentinel_options}
             )
-        options = dict(options)
-        single = bool(options.pop("single_connection_client", False))
-        # The URL's options win, as with `Redis.from_url`.
+        single = bool(merged.pop("single_connection_client", False))
+        merged.pop("ssl", None)  # (the connection class says it)
         pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
             target.service,
             self.sentinel,
             is_master=True,
-            connection_class=_sentinel_connection_class(),
-            **{**options, **target.options},
+            connection_class=_sentinel_connection_class(target.tls),
+            **merged,
         )
         client = aioredis.Redis(connection_pool=pool, single_connection_client=single)
         client.auto_close_connection_pool = True  # closed with the client

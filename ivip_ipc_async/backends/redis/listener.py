@@ -15,6 +15,7 @@ from ...records import MAGIC, FrameReader
 from ..base import LossCause, count_loss
 from .connections import Connections
 from .delivery import Delivery
+from .endpoints import failover_pause
 from .position import Position
 from .replies import (
     StreamId,
@@ -124,7 +125,11 @@ class Listener:
                     if self.connected:
                         logger.warning("lost the Redis connection (%s); reconnecting", exc)
                     else:
-                        logger.info("Redis still unavailable (%s); retrying in %.1fs", exc, backoff)
+                        logger.info(
+                            "Redis still unavailable (%s); retrying in %.1fs",
+                            exc,
+                            failover_pause(backoff, exc),
+                        )
                 else:
                     self._counters["task_failures"] += 1
                     logger.error("the Redis listener failed; resynchronising", exc_info=True)
@@ -134,8 +139,8 @@ class Listener:
                         self._shared.sink.mirror_ready(False)  # reads go to Redis meanwhile
                 await self._connections.drop_reader_connection()
                 resync = True
-                await asyncio.sleep(backoff * (1 + random.random() / 2))
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(failover_pause(backoff, exc) * (1 + random.random() / 2))
+                backoff = min(backoff * 2, 1.0)
 
     async def _resync(self) -> None:
         """Back after a disconnect: check for a gap, reload the cache state, read on."""

@@ -14,6 +14,7 @@ from typing import Any, Final
 from ...errors import IPCClosedError
 from ...records import HEADER_SIZE, Kind, Record, encode_frame
 from .connections import Connections, retryable, wrap
+from .endpoints import failover_pause
 from .scripts import APPEND_SHA, SET_IF_NEWER_SHA, load_scripts
 from .settings import Settings, Shared
 
@@ -153,8 +154,8 @@ class Writer:
                         and loop.time() + delay < deadline
                     ):
                         self._counters["write_retries"] += 1
-                        await asyncio.sleep(delay)  # nothing sent: safe to try again
-                        delay = min(delay * 2, 1.0)
+                        await asyncio.sleep(failover_pause(delay, exc))  # nothing sent:
+                        delay = min(delay * 2, 1.0)  # safe to try again
                         continue
                     if isinstance(exc, Exception) and not isinstance(exc, ConnectionAbortedError):
                         raise wrap(exc, "a conditional write", self._settings.url) from exc
