@@ -103,7 +103,7 @@ async def fill(
                         break
                     await asyncio.sleep(0.05)
             # What the last snapshot took to write (a private figure, read for this only).
-            snaps = getattr(getattr(ipc, "_backend", None), "_snapshots", None)
+            snaps = getattr(ipc.medium.backend, "_snapshots", None)
             return {
                 "snapshot_s": getattr(snaps, "took", None),
                 "snapshot_bytes": getattr(snaps, "bytes", None),

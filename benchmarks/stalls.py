@@ -129,12 +129,12 @@ def holds(ipc: Any, key: str) -> bool:
 
 def snapshot_covers(ipc: Any) -> bool:
     """Has this process (the snapshot holder) written a snapshot of its whole cache?"""
-    return bool(ipc._backend._snapshots.last_version >= ipc.mirror.version)
+    return bool(ipc.medium.backend._snapshots.last_version >= ipc.mirror.version)
 
 
 def snapshot_running(ipc: Any) -> bool:
     """Is a snapshot being written? (True throughout if the backend changed its ways.)"""
-    snapshots = getattr(ipc._backend, "_snapshots", None)
+    snapshots = getattr(ipc.medium.backend, "_snapshots", None)
     if snapshots is None:
         return True
     task = snapshots.task

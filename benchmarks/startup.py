@@ -54,7 +54,7 @@ async def fill_cache(path: str, keys: int) -> None:
         deadline = time.monotonic() + 60
         # wait for a snapshot that holds everything
         while time.monotonic() < deadline:
-            backend: Any = ipc._backend
+            backend: Any = ipc.medium.backend
             if backend._snapshots.last_version >= version:
                 break
             await asyncio.sleep(0.05)

@@ -218,16 +218,6 @@ class AsyncIPC:
         """
         return self.medium.mirror
 
-    @property
-    def _backend(self) -> Backend | None:
-        # Read by tests that look inside a backend; the state is the medium's.
-        return self.medium.backend
-
-    @property
-    def _mirror_ready(self) -> bool:
-        # Read by tests that wait for a rebuilt mirror; the state is the medium's.
-        return self.medium.mirror_current
-
     async def start(self) -> AsyncIPC:
         """Join the shared directory and start receiving. Idempotent.
 
@@ -592,13 +582,6 @@ class AsyncIPC:
             loads = self.codec.loads
             for data in encoded:
                 self._emit_here(event, partial(loads, data))
-
-    async def _write_cache(self, record: Record) -> None:
-        """Write one cache record, as `AsyncCache` does (for tests). The backend
-        applies it here once stored (`RecordSink.written`), even if this call is
-        cancelled."""
-        backend = await self._ensure()
-        await backend.append((record,))
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ async def flushall() -> str:
             for i in range(10):
                 await AsyncCache(a).set(i, i, 0)
             server.admin().flushall()
-            seen = await wait(lambda: gaps and a._mirror_ready, 10)
+            seen = await wait(lambda: gaps and a.medium.mirror_current, 10)
             return (
                 f"FLUSHALL | - | gap {gaps[:1] or 'none'} after {secs(seen)}; mirror "
                 f"{len(keys(a))} entries (Redis 0); healthy={a.health()['healthy']} | "
@@ -143,7 +143,7 @@ async def evicted() -> str:
             admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + (256 << 10))
             for i in range(400):
                 admin.set(f"other:{i}", "o" * 10_000)
-            seen = await wait(lambda: gaps and a._mirror_ready, 10)
+            seen = await wait(lambda: gaps and a.medium.mirror_current, 10)
             left = entry_keys(admin, "t")
             return (
                 f"allkeys-lru eviction by another app | - | gap after {secs(seen)}; mirror "
@@ -170,7 +170,7 @@ async def restart(aof: bool) -> str:
             server.stop()
             await wait(lambda: not b.stats()["connected"], 5)
             server.start()
-            back = await wait(lambda: b.stats()["connected"] and b._mirror_ready, 15)
+            back = await wait(lambda: b.stats()["connected"] and b.medium.mirror_current, 15)
             healthy_at_once = b.health()["healthy"]
             healthy = await wait(lambda: b.health()["healthy"], 8)
             what = "AOF fsync always" if aof else "no persistence"
@@ -215,7 +215,7 @@ async def outage() -> str:
                 answers.append(f"len {type(exc).__name__}")
             relay.restore()
             # 200 concurrent gets during a 1 s outage: connections of this instance.
-            await wait(lambda: a.stats()["connected"] and a._mirror_ready, 15)
+            await wait(lambda: a.stats()["connected"] and a.medium.mirror_current, 15)
             relay.cut()
             await wait(lambda: not a.stats()["connected"], 5)
             gets = [asyncio.create_task(cache.get("k")) for _ in range(200)]

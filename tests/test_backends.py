@@ -347,7 +347,7 @@ async def test_a_write_to_a_closed_backend_raises_ipc_closed_error(make: Make) -
     """After `close()`, a backend's `append` raises `IPCClosedError` on both
     backends: an `IPCError`, still the `ConnectionAbortedError` it was."""
     ipc = await make().start()
-    backend = ipc._backend
+    backend = ipc.medium.backend
     assert backend is not None
     await ipc.destroy()
     with pytest.raises(IPCClosedError) as raised:

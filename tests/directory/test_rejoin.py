@@ -326,13 +326,13 @@ async def test_records_written_in_the_old_place_are_reported_as_a_gap(
         await a.notify("chat", 0)
         await until(lambda: got == [0])
         os.rename(ipc_dir / "default", ipc_dir / "moved")
-        assert b._backend._rejoin.check(wait=False)  # type: ignore[union-attr]
+        assert b.medium.backend._rejoin.check(wait=False)  # type: ignore[union-attr]
         for i in (1, 2, 3):
             await a.notify("chat", i)  # in the segment the reader holds open
-        a._backend._segments.rotate()  # type: ignore[union-attr]
+        a.medium.backend._segments.rotate()  # type: ignore[union-attr]
         for i in (4, 5, 6):
             await a.notify("chat", i)  # in a segment the reader never sees
-        assert a._backend._rejoin.check(wait=False)  # type: ignore[union-attr]
+        assert a.medium.backend._rejoin.check(wait=False)  # type: ignore[union-attr]
         for i in (7, 8, 9):
             await a.notify("chat", i)
         await until(lambda: got[-1:] == [9])
@@ -399,7 +399,7 @@ async def test_a_rejoin_whose_new_segment_fails_still_counts_what_was_stranded(
     async with AsyncIPC(ipc_dir, **FAST) as a, AsyncIPC(ipc_dir, **FAST) as b:
         got: list[int] = []
         b.on("chat", got.append)
-        backend = a._backend
+        backend = a.medium.backend
         assert backend is not None
         rejoin, segments = backend._rejoin, backend._segments  # type: ignore[attr-defined]
         assert rejoin.check(wait=False)

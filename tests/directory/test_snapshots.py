@@ -113,8 +113,8 @@ async def test_a_new_snapshot_with_the_old_timestamp_is_still_read(
         cache = AsyncCache(holder)
         await cache.set("a", 1, 0)
         await until(lambda: holder.stats()["snapshots_written"] >= 1)
-        mine = holder._backend._snapshots  # type: ignore[union-attr]
-        theirs = other._backend._snapshots  # type: ignore[union-attr]
+        mine = holder.medium.backend._snapshots  # type: ignore[union-attr]
+        theirs = other.medium.backend._snapshots  # type: ignore[union-attr]
         assert theirs.lock_fd is None  # `other` only reads snapshots
         theirs._read_positions()
         assert theirs.positions == mine.positions

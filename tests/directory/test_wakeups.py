@@ -179,7 +179,7 @@ async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until
         await writer.notify("e", 0)
         await until(lambda: got == [0])
         loop = asyncio.get_running_loop()
-        bell = reader._backend._doorbell.bell  # type: ignore[union-attr]
+        bell = reader.medium.backend._doorbell.bell  # type: ignore[union-attr]
         assert bell is not None
         loop.remove_reader(bell.fileno())  # the reader is busy: its queue fills
         sent = writer.stats()["doorbells_sent"]
@@ -187,10 +187,10 @@ async def test_a_ring_that_finds_a_full_queue_is_rung_again(ipc_dir: Path, until
             await writer.notify("e", i)
             await asyncio.sleep(0.001)  # each write rings (one ring per 0.5 ms at most)
         assert writer.stats()["doorbells_sent"] - sent < 39  # some found the queue full
-        writer._backend._segments.rotate()  # type: ignore[union-attr]
+        writer.medium.backend._segments.rotate()  # type: ignore[union-attr]
         await writer.notify("e", "new segment")
         # Drain the stale datagrams the way a busy reader would, and read them.
-        loop.add_reader(bell.fileno(), reader._backend._doorbell._on_doorbell)  # type: ignore[union-attr]
+        loop.add_reader(bell.fileno(), reader.medium.backend._doorbell._on_doorbell)  # type: ignore[union-attr]
         await until(lambda: got[-1:] == ["new segment"], timeout=5)
         assert got == [*range(40), "new segment"]
 
@@ -270,7 +270,7 @@ async def test_destroy_is_prompt_and_leaves_no_inotify_fd(ipc_dir: Path) -> None
     await ipc.start()
     # This instance's own fd (a watchfiles thread of an earlier test may close
     # its own at any moment, so the process's count says nothing).
-    fd = ipc._backend._watcher._inotify  # type: ignore[union-attr]
+    fd = ipc.medium.backend._watcher._inotify  # type: ignore[union-attr]
     assert fd is not None
     assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
     loop = asyncio.get_running_loop()
@@ -441,23 +441,23 @@ async def test_a_forged_doorbell_datagram_costs_only_itself(
         await writer.notify("e", 0)
         await until(lambda: got == [0])
         loop = asyncio.get_running_loop()
-        bell = reader._backend._doorbell.bell  # type: ignore[union-attr]
+        bell = reader.medium.backend._doorbell.bell  # type: ignore[union-attr]
         assert bell is not None
         loop.remove_reader(bell.fileno())  # queue the datagrams, then take them at once
-        peer = writer._backend.peer.encode()  # type: ignore[union-attr]
+        peer = writer.medium.backend.peer.encode()  # type: ignore[union-attr]
         forger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             forger.connect(bell.getsockname())
             forger.send(b"S" + peer + b"12x45678")  # a known peer, not a segment number
             forger.send(b"S" + peer + b"-0000001")
             forger.send(b"S" + b"\xff" * 16 + b"00000001")  # not a peer id
-            writer._backend._doorbell.ring = lambda: None  # type: ignore[union-attr,method-assign]
+            writer.medium.backend._doorbell.ring = lambda: None  # type: ignore[union-attr,method-assign]
             await writer.notify("e", 1)  # written, not rung: only the real ring below says so
             forger.send(b"S" + peer + b"%08d" % 1)
         finally:
             forger.close()
         with caplog.at_level(logging.WARNING):
-            loop.add_reader(bell.fileno(), reader._backend._doorbell._on_doorbell)  # type: ignore[union-attr]
+            loop.add_reader(bell.fileno(), reader.medium.backend._doorbell._on_doorbell)  # type: ignore[union-attr]
             await until(lambda: got == [0, 1], timeout=5)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
@@ -477,7 +477,7 @@ async def test_a_planted_segment_name_with_other_digits_costs_only_itself(
         reader.on("e", got.append)
         await writer.notify("e", 0)
         await until(lambda: got == [0])
-        peer = writer._backend.peer  # type: ignore[union-attr]
+        peer = writer.medium.backend.peer  # type: ignore[union-attr]
         log = ipc_dir / "default" / "log"
         with caplog.at_level(logging.WARNING):
             (log / f"{peer}-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0662.seg").write_bytes(b"")
@@ -494,7 +494,7 @@ async def test_a_doorbell_of_the_same_inode_on_another_device_is_not_ours(
     device (another file system mounted over peers/, say) is not the doorbell:
     `Doorbell.bound` compares the device too (before: only the inode number)."""
     async with AsyncIPC(ipc_dir) as ipc:
-        doorbell = ipc._backend._doorbell  # type: ignore[union-attr]
+        doorbell = ipc.medium.backend._doorbell  # type: ignore[union-attr]
         assert doorbell.bell is not None
         assert doorbell.bound()
         real = os.stat

@@ -96,8 +96,10 @@ async def test_a_refusal_shows_the_winner_at_once_and_clocks_stay_ahead(
         # digits), so it wins in every mirror.
         held = (1 << 56) - 1  # 0x00ffffffffffffff: +1 carries through 7 bytes
         key = encode_key("n")
-        await a._write_cache(Record(Kind.CACHE_SET, "default", key, b"1", held, a_node(a)))
-        backend = await b._ensure()
+        await (await a.medium.started_backend()).append(
+            (Record(Kind.CACHE_SET, "default", key, b"1", held, a_node(a)),)
+        )
+        backend = await b.medium.started_backend()
         mine = Record(Kind.CACHE_SET, "default", key, b"", 5, backend.node)
         outcome = await backend.write_if(Conditional(Mode.INCR, mine, lambda: 5, delta=1))
         assert outcome.applied
@@ -116,8 +118,8 @@ async def test_a_refusal_shows_the_winner_at_once_and_clocks_stay_ahead(
 
 
 def a_node(ipc: AsyncIPC) -> int:
-    assert ipc._backend is not None
-    return ipc._backend.node
+    assert ipc.medium.backend is not None
+    return ipc.medium.backend.node
 
 
 @pytest.mark.parametrize("codec", ["json"])

@@ -269,7 +269,7 @@ async def test_connections_per_instance_stay_bounded(
         await asyncio.gather(*writes)
         most = max(most, await connections())
         assert most <= 4
-        await until(lambda: ipc.stats()["connected"] and ipc._mirror_ready, timeout=10)
+        await until(lambda: ipc.stats()["connected"] and ipc.medium.mirror_current, timeout=10)
         deadline = loop_time() + 5
         while await connections() > 3:
             assert loop_time() < deadline, "the reads' connection stayed open"

@@ -47,7 +47,7 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
 
         cut.cut()
         await until(lambda: not reader.stats()["connected"])
-        assert reader._mirror_ready is False  # dropped: cache reads go to Redis meanwhile
+        assert reader.medium.mirror_current is False  # dropped: cache reads go to Redis meanwhile
         health = reader.health()
         assert health["healthy"] is False
         assert any("not connected to Redis" in p for p in health["problems"])
@@ -60,7 +60,9 @@ async def test_a_gap_after_trimming_is_reported_and_the_cache_reloaded(
         cut.restore()
 
         await until(lambda: reader.stats()["gaps"] >= 1, timeout=20)
-        await until(lambda: reader.stats()["connected"] and reader._mirror_ready, timeout=20)
+        await until(
+            lambda: reader.stats()["connected"] and reader.medium.mirror_current, timeout=20
+        )
         await until(lambda: gaps != [])
         lost = 21 if await _server_major() >= 7 else None  # counted from XINFO on Redis 7+
         assert gaps == [{"peer": "redis", "lost": lost}]
@@ -154,7 +156,7 @@ async def test_a_reader_too_slow_for_redis_is_cut_off_and_reports_the_gap(
         reader.on("stall", stuck)
         await writer.notify("stall")
         await until(lambda: reader.stats()["gaps"] >= 1, timeout=30)
-        await until(lambda: gaps != [] and reader._mirror_ready)
+        await until(lambda: gaps != [] and reader.medium.mirror_current)
         assert reader.stats()["reconnects"] >= 1  # Redis cut it off
         version = admin.info("server")["redis_version"]
         if int(str(version).split(".")[0]) >= 7:

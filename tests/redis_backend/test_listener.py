@@ -98,7 +98,7 @@ async def test_what_the_catch_up_reads_is_not_delivered_again_by_a_push(
             await writer.notify("n", i)
         await until(lambda: got == list(range(10)))
 
-        backend: Any = reader._backend.listener
+        backend: Any = reader.medium.backend.listener
         catch_up = backend._checked_read
         armed = True
 
@@ -150,7 +150,7 @@ async def test_connection_cut_mid_stream_loses_nothing_and_reconnects(
         assert acked == list(range(3000))
         await until(lambda: len(got) >= 3000, timeout=20)
         assert got == list(range(3000))  # nothing lost, nothing twice, in order
-        await until(lambda: receiver.stats()["connected"] and receiver._mirror_ready)
+        await until(lambda: receiver.stats()["connected"] and receiver.medium.mirror_current)
         assert receiver.stats()["reconnects"] >= 1
         assert await AsyncCache(receiver).get("progress") == 2900
         assert receiver.health()["healthy"] is True
@@ -187,7 +187,7 @@ async def test_a_reconnection_behind_the_listeners_back_is_noticed(
         await a.notify("n", 2)
         await until(lambda: got == [1, 2])
         assert b.stats()["connected"] is True
-        assert b._mirror_ready
+        assert b.medium.mirror_current
 
 
 async def test_a_silent_connection_is_found_by_a_ping(

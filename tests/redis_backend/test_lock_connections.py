@@ -9,9 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ivip_ipc_async.leader import Leadership
-
-from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async import AsyncCache, AsyncIPC, Leadership
 
 from ..processes import reap
 from ..test_backends import REDIS_URL, needs_redis
@@ -137,7 +135,7 @@ async def test_lock_commands_waiting_for_a_connection_still_give_up_in_time() ->
     ipc = AsyncIPC(server.url, namespace="frozen", retry_timeout=1.0)
     try:
         await ipc.start()
-        locks = ipc._backend.locks()  # type: ignore[union-attr]
+        locks = ipc.medium.backend.locks()  # type: ignore[union-attr]
         locks.command_timeout = 0.5  # one attempt's limit (5 s by default)
         server.freeze()
         loop = asyncio.get_running_loop()

@@ -68,7 +68,7 @@ async def test_release_notices_after_the_pubsub_connection_is_killed() -> None:
     ipc = AsyncIPC(server.url, namespace=namespace)
     try:
         await ipc.start()
-        locks = ipc._backend.locks()  # type: ignore[union-attr]
+        locks = ipc.medium.backend.locks()  # type: ignore[union-attr]
         for round_ in range(2):
             assert await holder.stdout.readline() == b"held\n"
             # A poll interval far above the handoff: only the notice wakes us in time.
@@ -239,12 +239,12 @@ async def test_health_says_when_lock_notices_are_down() -> None:
         await _until_health(ipc, True, 15, "healthy again once the channels are allowed")
         await _until(subscribed, 5, "subscribed again")
         key = f"ivip:{{{namespace}}}:lk:u.x"
-        notices_before = ipc._backend.locks().notices.get(key, 0)  # type: ignore[union-attr]
+        notices_before = ipc.medium.backend.locks().notices.get(key, 0)  # type: ignore[union-attr]
         holder.stdin.write(b"go\n")
         released = time.monotonic()
         await asyncio.wait_for(waiting, 30)
         assert time.monotonic() - released < 5, "woken by the poll timer, not the notice"
-        assert ipc._backend.locks().notices.get(key, 0) > notices_before  # type: ignore[union-attr]
+        assert ipc.medium.backend.locks().notices.get(key, 0) > notices_before  # type: ignore[union-attr]
         await lock.release()
     finally:
         await ipc.destroy()

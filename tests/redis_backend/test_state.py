@@ -63,7 +63,7 @@ async def test_flushall_is_noticed_and_every_process_reloads(
             "a": [{"peer": "redis", "lost": None}],
             "b": [{"peer": "redis", "lost": None}],
         }
-        await until(lambda: a._mirror_ready and b._mirror_ready)
+        await until(lambda: a.medium.mirror_current and b.medium.mirror_current)
         assert _mirror_keys(a) == _mirror_keys(b) == set() == entry_keys(admin, namespace)
         health = a.health()
         assert health["healthy"] is False
@@ -112,7 +112,7 @@ async def test_flushall_while_away_is_reported_once(
             await until(lambda: not b.stats()["connected"])
             server.admin().flushall()
             relay.restore()
-            await until(lambda: gaps != [] and b.stats()["connected"] and b._mirror_ready)
+            await until(lambda: gaps != [] and b.stats()["connected"] and b.medium.mirror_current)
             assert _mirror_keys(b) == set()
             await writer.notify("n", 2)
             await until(lambda: got == [1, 2])
@@ -155,7 +155,7 @@ async def test_evictions_are_noticed_and_warned_about(
                 pipe.set(f"other:{i}", "o" * 10_000)
             pipe.execute()
             assert int(admin.info("stats")["evicted_keys"]) > 0
-            await until(lambda: gaps != [] and ipc._mirror_ready, timeout=5)
+            await until(lambda: gaps != [] and ipc.medium.mirror_current, timeout=5)
             assert gaps[0]["lost"] is None
             # (Redis may evict more while over the limit, even on reads: each is
             # noticed in turn, and the mirror ends up as Redis.)
@@ -263,6 +263,6 @@ async def test_cache_reads_answer_alike_during_an_outage(
         with pytest.raises(BackendUnavailableError):
             len(cache)
         cut.restore()
-        await until(lambda: ipc.stats()["connected"] and ipc._mirror_ready, timeout=10)
+        await until(lambda: ipc.stats()["connected"] and ipc.medium.mirror_current, timeout=10)
         assert (await cache.get("k"), await cache.has("k"), await cache.keys()) == (1, True, ["k"])
         assert len(cache) == 1

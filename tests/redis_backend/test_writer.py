@@ -103,7 +103,7 @@ async def test_destroy_sends_every_write_already_accepted(namespace: str, until:
         got: list[int] = []
         receiver.on("n", got.append)
         sender = await AsyncIPC(REDIS_URL, namespace=namespace).start()
-        backend: Any = sender._backend.writer
+        backend: Any = sender.medium.backend.writer
         send = backend._send
         calls = 0
 
@@ -131,7 +131,7 @@ async def test_cancelled_sets_leave_every_mirror_equal(namespace: str, until: An
         AsyncIPC(REDIS_URL, namespace=namespace) as b,
     ):
         mine, theirs = AsyncCache(a), AsyncCache(b)
-        backend: Any = a._backend
+        backend: Any = a.medium.backend
 
         async def settle() -> Any:
             marker = uuid.uuid4().hex
