@@ -1,6 +1,6 @@
 """A Sentinel failover under load: this library beside plain redis-py pub/sub.
 
-    python -m tests.redis_backend.failover_compare --runs 5 [--deployment cluster]
+    python -m tests.redis_backend.failover_compare --runs 5 [--deployment cluster|managed]
 
 Each run starts a Sentinel deployment of its own (a master, a replica, three
 Sentinels with `down-after-milliseconds 300`: tests/redis_server.py), then two
@@ -23,6 +23,14 @@ that does not own the namespace's slot, and the slot's master SIGKILLed; plain
 redis-py is then `RedisCluster.from_url()`, `publish` on a channel in the
 namespace's slot (its pub/sub goes to that master), a new client after an
 error, and `client.pubsub()` subscribed again 0.1 s after any error.
+
+With `--deployment managed`, the Sentinel deployment behind one endpoint that
+follows the master, as a managed Redis's primary DNS name does: a relay in the
+orchestrating process that connects each new connection to the master the
+Sentinels name at that moment (connections to the killed master break). Both
+clients get its `redis://` URL; plain redis-py is `Redis.from_url()`, a new
+client after an error, and a subscriber that subscribes again 0.1 s after any
+error.
 
 Per run and kind: acknowledged messages lost (never heard by the other
 process) and heard twice, publishes that raised, and the time from the kill
@@ -51,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # -- a peer process ------------------------------------------------------------------
 
 
-async def _peer(kind: str, url: str, folder: Path, name: str, other: str) -> None:
+async def _peer(kind: str, deployment: str, url: str, folder: Path, name: str, other: str) -> None:
     heard: list[tuple[int, float]] = []  # (seq, monotonic time heard)
     acked = 0
     raised = 0
@@ -78,7 +86,47 @@ async def _peer(kind: str, url: str, folder: Path, name: str, other: str) -> Non
         async def close() -> None:
             await ipc.destroy()
 
-    elif "+sentinel" not in url:  # plain redis-py on a Redis Cluster
+    elif deployment == "managed":
+        # plain redis-py behind a managed endpoint (one address that follows the master)
+        from redis.asyncio import Redis
+
+        plain_clients = [Redis.from_url(url, socket_timeout=5.0)]
+        subscribed = asyncio.Event()
+
+        async def publish(message: dict[str, Any]) -> None:
+            try:
+                await plain_clients[0].publish(CHANNEL, json.dumps(message))
+            except Exception:
+                old = plain_clients[0]
+                plain_clients[0] = Redis.from_url(url, socket_timeout=5.0)
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+                raise
+
+        async def listen() -> None:
+            while True:
+                client = Redis.from_url(url, socket_timeout=5.0)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                try:
+                    await pubsub.subscribe(CHANNEL)
+                    subscribed.set()
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None and message["type"] == "message":
+                            hear(json.loads(message["data"]))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    await asyncio.sleep(0.1)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                        await client.aclose()
+
+        async def close() -> None:
+            await plain_clients[0].aclose()
+
+    elif deployment == "cluster":  # plain redis-py on a Redis Cluster
         from redis.asyncio.cluster import RedisCluster
 
         # The channel in the namespace's slot: its pub/sub goes to the same master.
@@ -196,6 +244,46 @@ async def _peer(kind: str, url: str, folder: Path, name: str, other: str) -> Non
     print(json.dumps({"heard": heard, "acked": acked, "raised": raised}))
 
 
+class FollowingRelay:
+    """One address that follows the master: each new connection is relayed to the
+    master the Sentinels name when it arrives (as a managed Redis's primary DNS
+    name is re-pointed at a failover); connections to a dead master break."""
+
+    def __init__(self, master_port: Any) -> None:
+        self.master_port = master_port  # () -> int, asks a Sentinel
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            port = await asyncio.get_running_loop().run_in_executor(None, self.master_port)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except Exception:
+            writer.transport.abort()  # no master now: refused, as a dead address is
+            return
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, RuntimeError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 def _sentinels(url: str) -> tuple[list[tuple[str, int]], str]:
     hosts, _, path = url.partition("://")[2].partition("/")
     pairs = [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in hosts.split(",")]
@@ -219,10 +307,18 @@ async def one_run(kind: str, deployment: str = "sentinel") -> dict[str, Any]:
 
     loop = asyncio.get_running_loop()
     folder = Path(tempfile.mkdtemp(prefix="ivip-cmp-"))
-    group: Any = SentinelGroup() if deployment == "sentinel" else Cluster()
+    group: Any = Cluster() if deployment == "cluster" else SentinelGroup()
     await loop.run_in_executor(None, group.start)
+    endpoint: FollowingRelay | None = None
     if deployment == "sentinel":
         url = group.url()
+
+        def fault() -> None:
+            group.kill_master()
+
+    elif deployment == "managed":
+        endpoint = FollowingRelay(group.master_port)
+        url = f"redis://127.0.0.1:{await endpoint.start()}/0"
 
         def fault() -> None:
             group.kill_master()
@@ -242,6 +338,7 @@ async def one_run(kind: str, deployment: str = "sentinel") -> dict[str, Any]:
             "tests.redis_backend.failover_compare",
             "--peer",
             kind,
+            deployment,
             url,
             str(folder),
             me,
@@ -276,6 +373,8 @@ async def one_run(kind: str, deployment: str = "sentinel") -> dict[str, Any]:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if endpoint is not None:
+            await endpoint.close()
         group.close()
         for file in folder.iterdir():
             file.unlink()
@@ -312,16 +411,17 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every run as JSON")
     parser.add_argument(
         "--deployment",
-        choices=("sentinel", "cluster"),
+        choices=("sentinel", "cluster", "managed"),
         default="sentinel",
-        help="a Sentinel deployment (default), or a 3-master cluster with replicas "
-        "whose master of the namespace's slot is killed",
+        help="a Sentinel deployment (default); a 3-master cluster with replicas "
+        "whose master of the namespace's slot is killed; or the Sentinel "
+        "deployment behind one endpoint that follows the master (managed Redis)",
     )
-    parser.add_argument("--peer", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--peer", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer:
-        kind, url, folder, name, other = args.peer
-        asyncio.run(_peer(kind, url, Path(folder), name, other))
+        kind, deployment, url, folder, name, other = args.peer
+        asyncio.run(_peer(kind, deployment, url, Path(folder), name, other))
         return
     runs: list[dict[str, Any]] = []
     for _ in range(args.runs):
