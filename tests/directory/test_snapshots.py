@@ -68,7 +68,7 @@ async def test_damaged_snapshot_is_detected_and_rewritten_while_idle(
 
         def complete() -> bool:
             # The holder's snapshot holds all 300 keys (and its closing count).
-            return snapshot.exists() and b'{"records": 300}' in snapshot.read_bytes()
+            return snapshot.exists() and b'{"count": 300}' in snapshot.read_bytes()
 
         await until(complete, 10)
         for damage in (
@@ -130,7 +130,13 @@ async def test_a_new_snapshot_with_the_old_timestamp_is_still_read(
 
 
 @pytest.mark.parametrize(
-    "header", [b"[" * 5000, b'{"positions": {"p": [Infinity, 1, 1]}}', b'{"records": Infinity}']
+    "header",
+    [
+        b"[" * 5000,
+        b'{"positions": {"p": [Infinity, 1, 1]}}',
+        b'{"records": Infinity}',
+        b'{"count": Infinity}',
+    ],
 )
 def test_a_garbled_snapshot_header_or_end_reads_as_unknown(header: bytes) -> None:
     """The snapshot's JSON frames are untrusted: nested 5000 deep (a RecursionError)
