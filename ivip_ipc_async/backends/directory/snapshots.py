@@ -6,10 +6,11 @@ at a time, through aiofiles; the format is in docs/format.md): a base,
 key that changed since the file before it (the keys `Changes` noted on their
 way to the sink since then), so a snapshot costs what changed, not the whole
 state. When the deltas' bytes pass half the base's (or their count
-`MAX_DELTAS`), the next snapshot is a new base, and the old deltas go: over a
-cache's life, the bytes written to snapshots are at most about three times
-the bytes of cache records written, however large the state (each base is
-paid for by the deltas before it). The holder checks that nobody damaged its
+`MAX_DELTAS`), the next snapshot is a new base, and the old deltas go: each
+base is paid for by the deltas before it (a base of B bytes follows deltas
+that would pass B/2 bytes, so it is at most three times their bytes), so the
+bytes written to snapshots grow with the cache records written, not with
+their square; a joiner reads at most 1.5 times the base. The holder checks that nobody damaged its
 files (then it writes a new base) and deletes what killed snapshot writers left
 behind. The others only learn what the newest file covers (`Positions`: which
 own segments the cap lets go). Loading the files is `joining.py`'s.
