@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ivip_ipc_async import AsyncCache, AsyncIPC
 from ivip_ipc_async.records import FrameReader
 
@@ -25,7 +27,10 @@ from .helpers import FAST
 #   {"op": "set", "items": {key: value}}  set them (1,000 gathered at a time)
 #   {"op": "delete", "keys": [...]}        delete them
 #   {"op": "covered"}                      wait until a snapshot covers every
-#                                          write so far, none being written
+#                                          cache write so far, none being written
+# Each answer names the segment being written after it.
+#   {"op": "pad", "bytes": n}              n bytes of messages (segments move on)
+#   {"op": "holder"}                       wait until it holds snapshot.lock
 # Every write is acknowledged (its line printed) only once every call returned.
 _WRITER = """
     import asyncio, json, sys, time
@@ -42,7 +47,8 @@ _WRITER = """
             await loop.connect_read_pipe(
                 lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin
             )
-            print(json.dumps({"ready": ipc.stats()["snapshot_holder"]}), flush=True)
+            print(json.dumps({"ready": peer}), flush=True)
+            written = 0  # the sequence number of the last cache write
             while line := await stdin.readline():
                 cmd = json.loads(line)
                 if cmd["op"] == "set":
@@ -51,10 +57,18 @@ _WRITER = """
                         await asyncio.gather(
                             *(cache.set(k, v, 0) for k, v in items[i : i + 1000])
                         )
+                    written = snaps._own.seq
                 elif cmd["op"] == "delete":
                     await asyncio.gather(*(cache.delete(k) for k in cmd["keys"]))
+                    written = snaps._own.seq
+                elif cmd["op"] == "pad":
+                    for _ in range(cmd["bytes"] // 4000):
+                        await ipc.notify("pad", "x" * 4000)
+                elif cmd["op"] == "holder":
+                    while not ipc.stats()["snapshot_holder"]:
+                        await asyncio.sleep(0.005)
                 elif cmd["op"] == "covered":
-                    target = snaps._own.seq
+                    target = written
                     deadline = time.monotonic() + 30
                     while not (
                         snaps.positions.of(peer)[2] >= target
@@ -62,7 +76,8 @@ _WRITER = """
                     ):
                         assert time.monotonic() < deadline, "no snapshot covers the writes"
                         await asyncio.sleep(0.005)
-                print(json.dumps({"done": cmd["op"]}), flush=True)
+                segment = snaps._own.head.number
+                print(json.dumps({"done": cmd["op"], "segment": segment}), flush=True)
 
     asyncio.run(main())
 """
@@ -79,7 +94,7 @@ class Writer:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.holder = self._read()["ready"]
+        self.peer = self._read()["ready"]
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -93,9 +108,12 @@ class Writer:
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
 
-    def ask(self, **command: Any) -> None:
+    def ask(self, **command: Any) -> int:
+        """Run `command`; the number of the segment being written after it."""
         self.send(**command)
-        assert self._read() == {"done": command["op"]}
+        out = self._read()
+        assert out["done"] == command["op"]
+        return int(out["segment"])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -131,6 +149,7 @@ def value(j: int) -> dict[str, Any]:
     return {"id": j, "name": "x" * 40}
 
 
+@pytest.mark.once_per_ci  # ~5 s, and the same on every interpreter
 async def test_a_snapshot_after_a_few_writes_costs_what_changed(ipc_dir: Path) -> None:
     """50,000 keys, then rounds of a few writes, each covered by a snapshot: the
     snapshots of those rounds write bytes in proportion to the few keys that
@@ -145,7 +164,7 @@ async def test_a_snapshot_after_a_few_writes_costs_what_changed(ipc_dir: Path) -
         state_bytes = max(snapshot_files(ns).values())  # the state, written whole once
         assert state_bytes > 4_000_000
         costs = []
-        for r in range(12):
+        for r in range(8):
             files = snapshot_files(ns)
             items = {f"k{r * 7 + i}": {"round": r, "i": i} for i in range(6)}
             items[f"new{r}"] = r
@@ -168,27 +187,62 @@ async def test_a_snapshot_after_a_few_writes_costs_what_changed(ipc_dir: Path) -
 async def test_late_joiners_after_deltas_a_merge_and_a_planted_delta(
     ipc_dir: Path, until: Any
 ) -> None:
+    """One process writes the snapshots, another the cache (small segments, one
+    second of retention): once the writer's segments holding a round's writes
+    are deleted, a late joiner learns them from the deltas alone, and holds
+    exactly every acknowledged key: after several deltas, after a merge into a
+    new base, and past a garbage delta planted after the last one."""
     ns = ipc_dir / "default"
-    expected: dict[Any, Any] = {f"k{j}": j for j in range(3000)}
-    writer = Writer(ipc_dir, **FAST)
+    options = {**FAST, "segment_bytes": 64 << 10}
+    holder = Writer(ipc_dir, **options)
+    writer = None
     try:
+        holder.ask(op="holder")
+        writer = Writer(ipc_dir, **options)
+
+        async def forget(segments: dict[Writer, int]) -> None:
+            # Messages fill new segments, then one more cache write moves the
+            # positions of the snapshot past them: each process's segments up
+            # to the one named go (covered, past the retention).
+            for who, segment in segments.items():
+                who.ask(op="pad", bytes=150_000)
+                who.ask(op="set", items={f"marker-{who.peer}": segment})
+                expected[f"marker-{who.peer}"] = segment
+                who.ask(op="covered")
+
+            def gone() -> bool:
+                names = os.listdir(ns / "log")
+                return all(
+                    min(int(n[17:25]) for n in names if n.startswith(who.peer)) > segment
+                    for who, segment in segments.items()
+                )
+
+            await until(gone, 10)
+
+        expected: dict[Any, Any] = {f"k{j}": j for j in range(3000)}
         writer.ask(op="set", items=expected)
-        writer.ask(op="covered")
-        for r in range(4):  # small rounds: deltas
+        for r in range(4):  # small rounds: deltas (of the holder's own writes too)
             items = {f"k{r * 10 + i}": -r for i in range(10)}
             writer.ask(op="set", items=items)
             writer.ask(op="delete", keys=[f"k{2000 + r}"])
+            holder.ask(op="set", items={f"h{r}": r, f"k{2500 + r}": "h"})
             expected.update(items)
+            expected.update({f"h{r}": r, f"k{2500 + r}": "h"})
             del expected[f"k{2000 + r}"]
-            writer.ask(op="covered")
+            segments = {writer: writer.ask(op="covered"), holder: holder.ask(op="covered")}
+            writer.ask(op="pad", bytes=70_000)
+        await forget(segments)
         assert len(deltas(ns)) >= 2
         assert await joined_state(ipc_dir) == expected
+        async with AsyncIPC(ipc_dir, rescan_interval=60) as other:  # counted in the footprint
+            assert other.stats()["footprint_bytes"] >= sum(snapshot_files(ns).values())
         base = os.stat(ns / "snapshot.bin").st_ino
         for r in range(3):  # every key again: merged into a new base
             items = {k: [r, k] for k in expected}
             writer.ask(op="set", items=items)
             expected.update(items)
-            writer.ask(op="covered")
+            segment = writer.ask(op="covered")
+        await forget({writer: segment})
         assert os.stat(ns / "snapshot.bin").st_ino != base
         assert await joined_state(ipc_dir) == expected
         # A garbage delta planted after the last one: skipped with a warning, the
@@ -212,7 +266,9 @@ async def test_late_joiners_after_deltas_a_merge_and_a_planted_delta(
         writer.ask(op="covered")
         assert await joined_state(ipc_dir) == expected
     finally:
-        writer.kill()
+        holder.kill()
+        if writer is not None:
+            writer.kill()
 
 
 async def test_a_snapshot_writer_killed_in_the_middle_of_a_delta(ipc_dir: Path, until: Any) -> None:
@@ -231,6 +287,8 @@ async def test_a_snapshot_writer_killed_in_the_middle_of_a_delta(ipc_dir: Path, 
         expected.update(items)
         await until(lambda: any(n.endswith(".tmp") for n in os.listdir(ns)), 10)
         writer.kill()
+        (tmp,) = [n for n in os.listdir(ns) if n.endswith(".tmp")]
+        assert os.stat(ns / tmp).st_size < 20_000  # a delta of 20 keys (the base: ~120 KB)
         async with AsyncIPC(ipc_dir, **FAST) as joiner:
             cache: AsyncCache[Any] = AsyncCache(joiner)
             assert await cache.get_many(await cache.keys()) == expected

@@ -394,8 +394,8 @@ class Snapshots:
                     self._learn(header, 0)
             if self._seen_id is None:
                 return
-            names, _ = chain_names(os.listdir(root), self._seen_id)
-            if not names:
+            names, whole = chain_names(os.listdir(root), self._seen_id)
+            if not names or not whole:  # (a hole: its holder writes a new base)
                 return
             newest = (names[-1], snapshot_identity(root, names[-1]))
             if newest == self._seen_delta:
