@@ -330,9 +330,16 @@ class Snapshots:
                 chunk: list[bytes] = [encode_frame(meta, 0)]
                 count = 0
                 deadline = time.perf_counter() + SLICE
+                # A base notes the clock it wrote for each key changed since its
+                # positions (`noted`, filled meanwhile): one it wrote as it is
+                # now need not be in the next delta too.
+                noted = changes.keys
+                clocks: dict[tuple[str, bytes], tuple[int, int]] = {}
                 for rec in sink.state() if records is None else records:
                     chunk.append(encode_frame(rec, rec.seq))
                     count += 1
+                    if noted and records is None and (rec.topic, rec.key) in noted:
+                        clocks[rec.topic, rec.key] = (rec.hlc, rec.node)
                     if count % STEP == 0 and time.perf_counter() > deadline:
                         await f.write(b"".join(chunk))  # yields the loop
                         chunk.clear()
@@ -364,6 +371,10 @@ class Snapshots:
             self._base, self._base_bytes, self._delta_bytes, self._deltas = base, st.st_size, 0, 0
             self._base_due = False
             self._collect_deltas(base)
+            for (topic, key), clock in clocks.items():
+                now = sink.current(topic, key)  # a change after this: noted again
+                if now is not None and (now.hlc, now.node) == clock:
+                    noted.discard((topic, key))
         self.took = time.monotonic() - began
         self.last_version = version
         self.positions.by_peer = positions
