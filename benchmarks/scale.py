@@ -102,11 +102,12 @@ async def fill(
                     if time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.05)
-            # What the last snapshot took to write (a private figure, read for this only).
+            # What the last snapshot file (a base or a delta) took to write (a private
+            # figure, read for this only), and every snapshot byte written so far.
             snaps = getattr(ipc.medium.backend, "_snapshots", None)
             return {
                 "snapshot_s": getattr(snaps, "took", None),
-                "snapshot_bytes": getattr(snaps, "bytes", None),
+                "snapshot_bytes_written": ipc.stats().get("snapshot_bytes_written"),
             }
 
         closer = ipc.destroy

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ivip_ipc_async import AsyncCache, AsyncIPC
+from ivip_ipc_async.records import FrameReader, Kind
 
 from .helpers import FAKE, FAST, Peer
 
@@ -67,8 +69,21 @@ async def test_damaged_snapshot_is_detected_and_rewritten_while_idle(
         snapshot = ipc_dir / "default" / "snapshot.bin"
 
         def complete() -> bool:
-            # The holder's snapshot holds all 300 keys (and its closing count).
-            return snapshot.exists() and b'{"records": 300}' in snapshot.read_bytes()
+            # The holder's snapshot (its base and the deltas of that base) holds
+            # all 300 keys, each file whole (with its closing count).
+            if not snapshot.exists():
+                return False
+            base = re.search(rb'"base": "([0-9a-f]{16})"', snapshot.read_bytes()[:4096])
+            files = [snapshot]
+            if base is not None:
+                files += snapshot.parent.glob(f"snapshot.{base[1].decode()}.*.delta")
+            keys = set()
+            for f in files:
+                records = FrameReader(16 << 20).feed(f.read_bytes())
+                if not records or b'"count"' not in records[-1].data:
+                    return False
+                keys |= {r.key for r in records if r.kind is Kind.CACHE_SET}
+            return len(keys) == 300
 
         await until(complete, 10)
         for damage in (
@@ -130,7 +145,13 @@ async def test_a_new_snapshot_with_the_old_timestamp_is_still_read(
 
 
 @pytest.mark.parametrize(
-    "header", [b"[" * 5000, b'{"positions": {"p": [Infinity, 1, 1]}}', b'{"records": Infinity}']
+    "header",
+    [
+        b"[" * 5000,
+        b'{"positions": {"p": [Infinity, 1, 1]}}',
+        b'{"records": Infinity}',
+        b'{"count": Infinity}',
+    ],
 )
 def test_a_garbled_snapshot_header_or_end_reads_as_unknown(header: bytes) -> None:
     """The snapshot's JSON frames are untrusted: nested 5000 deep (a RecursionError)

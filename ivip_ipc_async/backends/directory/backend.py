@@ -47,7 +47,7 @@ from .reader import LogReader
 from .rejoin import Rejoin, RejoinSteps
 from .segments import GroupCommit, OwnSegments
 from .snapshots import Snapshots
-from .state import Config, Counters, Life, OwnLog, Positions, Writers
+from .state import Changes, Config, Counters, Life, OwnLog, Positions, TrackingSink, Writers
 from .watcher import Watcher
 
 
@@ -195,8 +195,9 @@ class DirectoryBackend:
             on_announce=self._doorbell.bind,
             on_withdraw=self._doorbell.unbind,
         )
+        self._changes = Changes()  # noted on their way to the sink, for the next delta
         self._snapshots = Snapshots(
-            config, dirs.fds, counters, life, writers, own, budget, positions
+            config, dirs.fds, counters, life, writers, own, budget, positions, self._changes
         )
         self._joining = Joining(config, dirs.fds, counters, life, writers, positions)
         self._writer = GroupCommit(
@@ -241,7 +242,7 @@ class DirectoryBackend:
         The join (see joining.py): the snapshot, then the log of every writer
         present from the position it covers, then live."""
         life = self._life
-        life.sink = sink
+        life.sink = TrackingSink(sink, self._changes)
         life.loop = asyncio.get_running_loop()
         forks.forget_in_child(self, DirectoryBackend._drop_inherited)  # (a forked child)
         try:

@@ -13,9 +13,12 @@ never by holding one another:
   writer, read by snapshots, the doorbell, the cap and rejoin);
 - `Positions`: what the newest snapshot covers (written by snapshots, read by the
   reader at start and by the cap);
-- `Loss`: why a writer's records may be missing next (a `LossCause` and words).
+- `Loss`: why a writer's records may be missing next (a `LossCause` and words);
+- `Changes`: the cache keys changed since the last snapshot file (what the
+  snapshot holder's next delta holds), noted by `TrackingSink`, the sink every
+  part delivers to (the application's, with each cache key that reaches it noted).
 
-Depends on: `records` (FrameReader, Record), `backends.base` (LossCause,
+Depends on: `records` (FrameReader, Record, Kind), `backends.base` (LossCause,
 RecordSink), `logs`. Nothing here does I/O on the directory.
 """
 
@@ -24,17 +27,18 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from ...logs import logger
-from ...records import FrameReader
+from ...records import FrameReader, Kind, Record
 from ..base import LossCause, RecordSink
 
 __all__ = [
     "COUNTERS",
+    "Changes",
     "Config",
     "Counters",
     "Life",
@@ -42,6 +46,7 @@ __all__ = [
     "OwnLog",
     "OwnSegment",
     "Positions",
+    "TrackingSink",
     "WriterState",
     "Writers",
 ]
@@ -64,6 +69,7 @@ COUNTERS: Final = (
     "peers_collected",
     "segments_deleted",
     "snapshots_written",
+    "snapshot_bytes_written",
     "snapshots_damaged",
     "segments_capped",
     "write_errors",
@@ -149,6 +155,7 @@ class Counters:
     peers_collected: int
     segments_deleted: int
     snapshots_written: int
+    snapshot_bytes_written: int
     snapshots_damaged: int
     segments_capped: int
     write_errors: int
@@ -324,3 +331,106 @@ class Positions:
     def of(self, peer: str) -> tuple[int, int, int]:
         """`peer`'s position, (0, 0, 0) when the snapshot covers nothing of it."""
         return self.by_peer.get(peer, (0, 0, 0))
+
+
+_SET: Final = Kind.CACHE_SET
+_DELETE: Final = Kind.CACHE_DELETE
+
+
+class Changes:
+    """The cache keys changed since the last snapshot file: (cache name, encoded
+    key), noted while `tracking` (only the holder of snapshot.lock tracks: its
+    next delta holds the current record of each).
+
+    Example:
+        >>> changes = Changes(); changes.tracking = True
+        >>> message = Record(Kind.MESSAGE, "e", b"", b"")
+        >>> changes.note([Record(Kind.CACHE_SET, "c", b"sk", b"1"), message])
+        >>> changes.take(), changes.keys
+        ({('c', b'sk')}, set())
+    """
+
+    __slots__ = ("keys", "tracking")
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, bytes]] = set()
+        self.tracking = False
+
+    def note(self, records: Sequence[Record]) -> None:
+        """Note the keys of the cache records among `records` (while tracking)."""
+        if self.tracking:
+            self.keys.update(
+                [(r.topic, r.key) for r in records if r.kind is _SET or r.kind is _DELETE]
+            )
+
+    def take(self) -> set[tuple[str, bytes]]:
+        """The keys noted so far; noting starts afresh."""
+        keys, self.keys = self.keys, set()
+        return keys
+
+    def stop(self) -> None:
+        """No longer the snapshot holder: forget and stop noting."""
+        self.tracking = False
+        self.keys = set()
+
+
+class TrackingSink:
+    """The sink the parts deliver to: `sink`, with the key of every cache record
+    that reaches it (from a peer, from the log, from this process's own writes,
+    from a snapshot) noted in `changes` on its way.
+
+    Example:
+        >>> changes = Changes(); changes.tracking = True
+        >>> class Sink:
+        ...     def restore(self, records): print(len(records), "restored")
+        >>> TrackingSink(Sink(), changes).restore([Record(Kind.CACHE_DELETE, "c", b"sk", b"")])
+        1 restored
+        >>> changes.keys
+        {('c', b'sk')}
+    """
+
+    def __init__(self, sink: RecordSink, changes: Changes) -> None:
+        self.inner = sink
+        self._changes = changes
+        wanted = getattr(sink, "wanted", None)
+        if wanted is not None:
+            self.wanted = wanted  # optional for a sink: the reader asks for it
+
+    def deliver(self, records: Sequence[Record]) -> None:
+        """See `RecordSink.deliver`."""
+        self._changes.note(records)
+        self.inner.deliver(records)
+
+    def restore(self, records: Sequence[Record]) -> None:
+        """See `RecordSink.restore`."""
+        self._changes.note(records)
+        self.inner.restore(records)
+
+    def written(self, records: Sequence[Record]) -> None:
+        """See `RecordSink.written`."""
+        self._changes.note(records)
+        self.inner.written(records)
+
+    def state(self) -> Iterable[Record]:
+        """See `RecordSink.state`."""
+        return self.inner.state()
+
+    def state_version(self) -> int:
+        """See `RecordSink.state_version`."""
+        return self.inner.state_version()
+
+    def state_bytes(self) -> int:
+        """See `RecordSink.state_bytes`."""
+        return self.inner.state_bytes()
+
+    def mirror_ready(self, ready: bool) -> None:
+        """See `RecordSink.mirror_ready`."""
+        self.inner.mirror_ready(ready)
+
+    def current(self, topic: str, key: bytes) -> Record | None:
+        """See `RecordSink.current`."""
+        return self.inner.current(topic, key)
+
+    def gap(self, peer: str, lost: int | None) -> None:
+        """See `RecordSink.gap`."""
+        self.inner.gap(peer, lost)
