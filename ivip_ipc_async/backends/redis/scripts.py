@@ -105,9 +105,11 @@ redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('SET', KEYS[1], '', 'PX', 60000)
 redis.call('GET', KEYS[1])
 redis.call('PEXPIREAT', KEYS[1], 1)
-redis.call('SADD', KEYS[1], '')
-redis.call('SSCAN', KEYS[1], 0)
 redis.call('SREM', KEYS[1], '')
+redis.call('SSCAN', KEYS[1], 0)
+redis.call('SISMEMBER', KEYS[1], '')
+redis.call('SADD', KEYS[1], '')
+redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('PUBLISH', ARGV[1], '') -- on the namespace's channel
 redis.call('PUBLISH', ARGV[2], '') -- on the locks' channels (ivip:{ns}:lk:*)
 return 1
@@ -240,10 +242,12 @@ return {1, frame}
 # (a load through SCAN, which builds the index), every entry found is added to
 # the index, which then expires `ARGV[3]` ms from now unless it already does;
 # a refusal (OOM: Redis is full) leaves it unbuilt, and the page loaded all the
-# same. ARGV[1] is the length of the entries' prefix.
+# same. ARGV[1] is the length of the entries' prefix. With ARGV[2] = '2' (the
+# end of such a load), the same, and the index is marked complete (its member
+# '', which no entry's key is: they all hold a NUL).
 FETCH: Final = """
 local cut = tonumber(ARGV[1]) + 1
-local build = ARGV[2] == '1'
+local build = ARGV[2] ~= '0'
 local out = {}
 for i = 2, #KEYS do
   local frame = redis.pcall('HGET', KEYS[i], 'r')
@@ -259,6 +263,7 @@ for i = 2, #KEYS do
     end
   end
 end
+if ARGV[2] == '2' then redis.pcall('SADD', KEYS[1], '') end
 if build and redis.call('PTTL', KEYS[1]) == -1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
@@ -286,7 +291,7 @@ def script_command(error: str) -> str:
     Example:
         >>> script_command(f"script: {PROBE_SHA}, on @user_script:3.")
         ' (the command refused: DEL)'
-        >>> script_command(f"script: {PROBE_SHA}, on @user_script:21.")
+        >>> script_command(f"script: {PROBE_SHA}, on @user_script:23.")
         " (the command refused: PUBLISH on the locks' channels (ivip:{ns}:lk:*))"
     """
     found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)

@@ -6,7 +6,6 @@ namespace Redis lost (FLUSHALL, eviction, a failover): a gap, and a reload."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -139,7 +138,7 @@ class NamespaceState:
         index as it goes (every write adds to it, so once the SCAN is done
         the index holds every entry) and marks it complete.
         """
-        from redis.exceptions import OutOfMemoryError
+        from redis.exceptions import NoScriptError
 
         client = self._connections.control
         assert client is not None
@@ -161,11 +160,14 @@ class NamespaceState:
             lambda keys: [key for key in keys if len(key) > cut],
             build=True,
         )
-        with contextlib.suppress(OutOfMemoryError):  # (unbuilt: the next load scans)
-            pipe = client.pipeline(transaction=False)
-            pipe.sadd(index, b"")
-            pipe.pexpire(index, int(settings.state_ttl * 1000), nx=True)
-            await pipe.execute()
+        # Every entry is in the index now: mark it complete (unless Redis is full:
+        # then the next load scans again).
+        done = (FETCH_SHA, 1, index, cut, b"2", int(settings.state_ttl * 1000))
+        try:
+            await client.evalsha(*done)
+        except NoScriptError:  # Redis restarted meanwhile
+            await load_scripts(client)
+            await client.evalsha(*done)
 
     async def _load_pages(
         self,
@@ -227,20 +229,18 @@ class NamespaceState:
         time, giving the loop back between slices (each at most ~`SLICE_S`).
         Anything but a frame or "none" is garbage: skipped and counted."""
         assert self._shared.sink is not None
-        reader = FrameReader(self._settings.max_record_size, self._garbage)
         loop = asyncio.get_running_loop()
         at, size = 0, SLICE
         while at < len(frames):
             began = loop.time()
-            records: list[Record] = []
+            found: list[bytes] = []
             for key, frame in zip(keys[at : at + size], frames[at : at + size], strict=False):
                 if isinstance(frame, bytes):
                     if frame:
-                        records += reader.feed(frame)
-                        reader.discard_pending()  # one frame per entry: never joined
+                        found.append(frame)
                 elif frame != 0:  # -1: the key is no hash; anything else: not ours
                     self._garbage(len(key), "a cache entry that is not a hash")
-            self._shared.sink.restore(records)
+            self._shared.sink.restore(self._decode(found))
             at += size
             took = loop.time() - began
             if took > SLICE_S and size > 50:
@@ -256,6 +256,22 @@ class NamespaceState:
         self._shared.sink.mirror_ready(False)
         await self.load()
         self._shared.sink.mirror_ready(True)
+
+    def _decode(self, frames: list[bytes]) -> list[Record]:
+        """The records of entries' frames: parsed joined (half the cost of one
+        parse each), unless that finds garbage; then one at a time, so that an
+        entry's garbage (a forged length, say) cannot hide the entries after it."""
+        max_size = self._settings.max_record_size
+        joined = FrameReader(max_size, None)
+        records = joined.feed(b"".join(frames))
+        if len(records) == len(frames) and not joined.skipped_bytes and not joined.pending:
+            return records
+        reader = FrameReader(max_size, self._garbage)
+        records = []
+        for frame in frames:
+            records += reader.feed(frame)
+            reader.discard_pending()  # one frame per entry: never joined
+        return records
 
     # -- the marker, and losses ----------------------------------------------------------
 
