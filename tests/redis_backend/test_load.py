@@ -23,7 +23,7 @@ from ivip_ipc_async.records import encode_key
 
 from ..redis_server import Server
 from ..test_backends import needs_redis
-from .support import _mirror_keys, needs_redis_server
+from .support import PROTOCOLS, _mirror_keys, needs_redis_server
 
 pytestmark = [needs_redis, needs_redis_server]
 
@@ -76,8 +76,9 @@ def _index(namespace: str) -> str:
     return f"ivip:{{{namespace}}}:ix"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_a_joiner_loads_every_key_without_scanning_the_database(
-    server: Server, namespace: str
+    server: Server, namespace: str, protocol: int
 ) -> None:
     """With 30,000 keys of another application in the database, a joiner loads
     exactly the 2,000 keys another process acknowledged, and its load sends no
@@ -89,7 +90,7 @@ async def test_a_joiner_loads_every_key_without_scanning_the_database(
     pipe.execute()
     live = _write(server.url, namespace, 0, 2_000)
     before = _scans(admin)
-    async with AsyncIPC(server.url, namespace=namespace) as ipc:
+    async with AsyncIPC(server.url, namespace=namespace, protocol=protocol) as ipc:
         assert _mirror_keys(ipc) == live
     assert _scans(admin) - before <= 1  # (start's permission probe: SCAN 0 COUNT 1)
     admin.close()

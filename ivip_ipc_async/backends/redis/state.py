@@ -219,8 +219,10 @@ class NamespaceState:
                     next_keys = keys + next_keys
                 elif isinstance(reply, Exception):
                     raise reply
-                else:
-                    frames, fetched = reply if isinstance(reply, list) else [], keys
+                elif isinstance(reply, list) and len(reply) == len(keys):
+                    frames, fetched = reply, keys
+                else:  # not one answer per entry: none of them is trusted
+                    self._garbage(0, "an answer to FETCH that is not one per entry")
             keys = next_keys
         await self._restore(fetched, frames)
 
