@@ -177,9 +177,9 @@ class NamespaceState:
         build: bool,
     ) -> None:
         """The load's pages: each round trip asks for the next page of keys
-        (`page(pipeline, cursor)` queues an SSCAN or a SCAN) and the entries of the page before (one
-        `FETCH` script), while this process decodes the entries of the page
-        before that, in slices that give the loop back."""
+        (`page(pipeline, cursor)` queues an SSCAN or a SCAN) and the entries of
+        the page before (one `FETCH` script), while this process decodes the
+        entries of the page before that, in slices that give the loop back."""
         from redis.exceptions import NoScriptError
 
         client = self._connections.control
