@@ -237,25 +237,30 @@ return {1, frame}
 
 # A load's page: the cache entries KEYS[2..] (from the index KEYS[1], or from a
 # SCAN), each one's frame, 0 when there is none, or -1 when the key is no hash
-# (garbage). An entry gone (expired) is removed from the index (in the same
-# atomic step, so a write of it meanwhile cannot be undone). With ARGV[2] = '1'
-# (a load through SCAN, which builds the index), every entry found is added to
-# the index, which then expires `ARGV[3]` ms from now unless it already does;
-# a refusal (OOM: Redis is full) leaves it unbuilt, and the page loaded all the
-# same. ARGV[1] is the length of the entries' prefix. With ARGV[2] = '2' (the
-# end of such a load), the same, and the index is marked complete (its member
-# '', which no entry's key is: they all hold a NUL).
+# (garbage); then 1, or 0 when an entry could not be added to the index. An
+# entry gone (expired) is removed from the index (in the same atomic step, so a
+# write of it meanwhile cannot be undone). With ARGV[2] = '1' (a load through
+# SCAN, which builds the index), every entry found is added to the index, which
+# then expires `ARGV[3]` ms from now unless it already does; a refusal (OOM:
+# Redis is full) leaves it unbuilt (the load then does not mark it complete),
+# and the page loaded all the same. ARGV[1] is the length of the entries'
+# prefix. With ARGV[2] = '2' (the end of such a load), the same, and the index
+# is marked complete (its member '', which no entry's key is: they all hold a
+# NUL).
 FETCH: Final = """
 local cut = tonumber(ARGV[1]) + 1
 local build = ARGV[2] ~= '0'
 local out = {}
+local added = 1
 for i = 2, #KEYS do
   local frame = redis.pcall('HGET', KEYS[i], 'r')
   if type(frame) == 'table' then
     out[i - 1] = -1
   elseif frame then
     out[i - 1] = frame
-    if build then redis.pcall('SADD', KEYS[1], string.sub(KEYS[i], cut)) end
+    if build and type(redis.pcall('SADD', KEYS[1], string.sub(KEYS[i], cut))) == 'table' then
+      added = 0
+    end
   else
     out[i - 1] = 0
     if not build and redis.call('EXISTS', KEYS[i]) == 0 then
@@ -267,6 +272,7 @@ if ARGV[2] == '2' then redis.pcall('SADD', KEYS[1], '') end
 if build and redis.call('PTTL', KEYS[1]) == -1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
+out[#KEYS] = added
 return out
 """
 

@@ -155,13 +155,14 @@ class NamespaceState:
             )
             return
         pattern = settings.entry_prefix + b"*"
-        await self._load_pages(
+        built = await self._load_pages(
             lambda pipe, cursor: pipe.scan(cursor, match=pattern, count=SCAN_PAGE),
             lambda keys: [key for key in keys if len(key) > cut],
             build=True,
         )
-        # Every entry is in the index now: mark it complete (unless Redis is full:
-        # then the next load scans again).
+        if not built:  # Redis was full: the next load scans again
+            return
+        # Every entry is in the index now: mark it complete (unless Redis is full).
         done = (FETCH_SHA, 1, index, cut, b"2", int(settings.state_ttl * 1000))
         try:
             await client.evalsha(*done)
@@ -175,11 +176,12 @@ class NamespaceState:
         keys_of: Callable[[list[bytes]], list[bytes]],
         *,
         build: bool,
-    ) -> None:
+    ) -> bool:
         """The load's pages: each round trip asks for the next page of keys
         (`page(pipeline, cursor)` queues an SSCAN or a SCAN) and the entries of
         the page before (one `FETCH` script), while this process decodes the
-        entries of the page before that, in slices that give the loop back."""
+        entries of the page before that, in slices that give the loop back.
+        Returns whether every entry found was added to the index (`build`)."""
         from redis.exceptions import NoScriptError
 
         client = self._connections.control
@@ -190,6 +192,7 @@ class NamespaceState:
         keys: list[bytes] = []
         frames: list[Any] = []
         fetched: list[bytes] = []
+        built = True
         while cursor is not None or keys:
             pipe = client.pipeline(transaction=False)
             if cursor is not None:
@@ -219,12 +222,15 @@ class NamespaceState:
                     next_keys = keys + next_keys
                 elif isinstance(reply, Exception):
                     raise reply
-                elif isinstance(reply, list) and len(reply) == len(keys):
-                    frames, fetched = reply, keys
+                elif isinstance(reply, list) and len(reply) == len(keys) + 1:
+                    frames, fetched = reply[:-1], keys
+                    built = built and reply[-1] == 1
                 else:  # not one answer per entry: none of them is trusted
                     self._garbage(0, "an answer to FETCH that is not one per entry")
+                    built = False
             keys = next_keys
         await self._restore(fetched, frames)
+        return built
 
     async def _restore(self, keys: list[bytes], frames: list[Any]) -> None:
         """Decode a page's frames and hand their records to the sink, a slice at a
