@@ -197,6 +197,11 @@ async def test_start_waits_for_a_server_that_comes_up_in_time(
         ("-del", "del"),
         ("-eval", "eval"),
         ("-exists", "exists"),  # (the check after evictions)
+        # The namespace's index of cache entries (the writes', a load's):
+        ("-sadd", "sadd"),
+        ("-srem", "srem"),
+        ("-sscan", "sscan"),
+        ("-sismember", "sismember"),
         ("resetchannels &ivip:*:live", r"PUBLISH on the locks' channels \(ivip:\{ns\}:lk:\*"),
     ],
 )

@@ -62,7 +62,8 @@ class ConditionalWrites:
                 settings.stream_maxlen, max(1, (settings.stream_max_bytes >> 1) // frame_size)
             )
             parts = [
-                b"EVALSHA", CONDITIONAL_SHA.encode(), b"2", entry_key, settings.stream_key.encode(),
+                b"EVALSHA", CONDITIONAL_SHA.encode(), b"3", entry_key, settings.stream_key.encode(),
+                settings.index_key.encode(),
                 op.mode.value.encode(),
                 MAGIC + bytes((record.kind, record.codec if op.mode is not Mode.INCR else 1)),
                 _U64.pack(seq), _U64.pack(hlc), b"%020d" % hlc,
@@ -71,6 +72,7 @@ class ConditionalWrites:
                 topic, record.key, data, (op.expected or "").encode(),
                 b"%d" % int(time.time() * 1000), b"%d" % maxlen, settings.channel.encode(),
                 b"%d" % int(settings.state_ttl * 1000), b"%d" % crc,
+                b"%d" % len(settings.entry_prefix),
             ]  # fmt: skip
             return _bulks(parts, len(parts))
 

@@ -12,6 +12,8 @@ __all__ = [
     "APPEND_SHA",
     "CONDITIONAL",
     "CONDITIONAL_SHA",
+    "FETCH",
+    "FETCH_SHA",
     "KEEP",
     "KEEP_SHA",
     "PROBE",
@@ -25,7 +27,10 @@ __all__ = [
 
 # Both scripts store the record in the stream and publish it, with its stream id, in
 # one atomic step: live readers get it pushed, in stream order, and tell a push
-# from an entry they already read (while catching up) by its id.
+# from an entry they already read (while catching up) by its id. A cache write
+# (SET_IF_NEWER, CONDITIONAL) also adds the entry to the namespace's index
+# (KEYS[3], the set `ivip:{ns}:ix` of the entries' keys without their prefix,
+# whose length it is given), which expires with the namespace's other keys.
 APPEND: Final = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'r', ARGV[1])
 redis.call('PUBLISH', ARGV[3], id .. ' ' .. ARGV[1])
@@ -46,6 +51,10 @@ if expires > 0 then
   redis.call('PEXPIREAT', KEYS[1], expires)
 else
   redis.call('PERSIST', KEYS[1])
+end
+if redis.call('SADD', KEYS[3], string.sub(KEYS[1], ARGV[7] + 1)) == 1
+    and redis.call('PTTL', KEYS[3]) == -1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[1])
 redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[1])
@@ -75,11 +84,11 @@ end
 return token
 """
 
-# Every write command the backend and its locks send, on a key of the namespace
-# that is gone when the script ends, and a PUBLISH of nothing on the channel
-# (readers skip it) and on a lock channel nobody waits on (ARGV[2], the locks'
-# prefix): a user that lacks one of them is refused at start, before anything is
-# stored.
+# Every write command the backend and its locks send (and a load's SSCAN), on a
+# key of the namespace that is gone when the script ends, and a PUBLISH of
+# nothing on the channel (readers skip it) and on a lock channel nobody waits on
+# (ARGV[2], the locks' prefix): a user that lacks one of them is refused at
+# start, before anything is stored.
 PROBE: Final = """
 redis.call('EXISTS', KEYS[1])
 redis.call('DEL', KEYS[1])
@@ -95,6 +104,11 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1, '*', 'r', '')
 redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('SET', KEYS[1], '', 'PX', 60000)
 redis.call('GET', KEYS[1])
+redis.call('PEXPIREAT', KEYS[1], 1)
+redis.call('SREM', KEYS[1], '')
+redis.call('SSCAN', KEYS[1], 0)
+redis.call('SISMEMBER', KEYS[1], '')
+redis.call('SADD', KEYS[1], '')
 redis.call('PEXPIREAT', KEYS[1], 1)
 redis.call('PUBLISH', ARGV[1], '') -- on the namespace's channel
 redis.call('PUBLISH', ARGV[2], '') -- on the locks' channels (ivip:{ns}:lk:*)
@@ -208,6 +222,10 @@ if mode ~= 'i' or not live then
     redis.call('PERSIST', KEYS[1])
   end
 end
+if redis.call('SADD', KEYS[3], string.sub(KEYS[1], ARGV[19] + 1)) == 1
+    and redis.call('PTTL', KEYS[3]) == -1 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[17])
+end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[15], '*', 'r', frame)
 redis.call('PUBLISH', ARGV[16], id .. ' ' .. frame)
 if redis.call('PTTL', KEYS[2]) == -1 then
@@ -217,8 +235,49 @@ return {1, frame}
 """
 )
 
-SCRIPTS: Final = (APPEND, SET_IF_NEWER, KEEP, PROBE, CONDITIONAL)
-APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA = (
+# A load's page: the cache entries KEYS[2..] (from the index KEYS[1], or from a
+# SCAN), each one's frame, 0 when there is none, or -1 when the key is no hash
+# (garbage); then 1, or 0 when an entry could not be added to the index. An
+# entry gone (expired) is removed from the index (in the same atomic step, so a
+# write of it meanwhile cannot be undone). With ARGV[2] = '1' (a load through
+# SCAN, which builds the index), every entry found is added to the index, which
+# then expires `ARGV[3]` ms from now unless it already does; a refusal (OOM:
+# Redis is full) leaves it unbuilt (the load then does not mark it complete),
+# and the page loaded all the same. ARGV[1] is the length of the entries'
+# prefix. With ARGV[2] = '2' (the end of such a load), the same, and the index
+# is marked complete (its member '', which no entry's key is: they all hold a
+# NUL).
+FETCH: Final = """
+local cut = tonumber(ARGV[1]) + 1
+local build = ARGV[2] ~= '0'
+local out = {}
+local added = 1
+for i = 2, #KEYS do
+  local frame = redis.pcall('HGET', KEYS[i], 'r')
+  if type(frame) == 'table' then
+    out[i - 1] = -1
+  elseif frame then
+    out[i - 1] = frame
+    if build and type(redis.pcall('SADD', KEYS[1], string.sub(KEYS[i], cut))) == 'table' then
+      added = 0
+    end
+  else
+    out[i - 1] = 0
+    if not build and redis.call('EXISTS', KEYS[i]) == 0 then
+      redis.call('SREM', KEYS[1], string.sub(KEYS[i], cut))
+    end
+  end
+end
+if ARGV[2] == '2' then redis.pcall('SADD', KEYS[1], '') end
+if build and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+out[#KEYS] = added
+return out
+"""
+
+SCRIPTS: Final = (APPEND, SET_IF_NEWER, KEEP, PROBE, CONDITIONAL, FETCH)
+APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA, FETCH_SHA = (
     hashlib.sha1(script.encode()).hexdigest() for script in SCRIPTS
 )
 
@@ -238,13 +297,13 @@ def script_command(error: str) -> str:
     Example:
         >>> script_command(f"script: {PROBE_SHA}, on @user_script:3.")
         ' (the command refused: DEL)'
-        >>> script_command(f"script: {PROBE_SHA}, on @user_script:18.")
+        >>> script_command(f"script: {PROBE_SHA}, on @user_script:23.")
         " (the command refused: PUBLISH on the locks' channels (ivip:{ns}:lk:*))"
     """
     found = re.search(r"script: ([0-9a-f]{40}), on @user_script:(\d+)", error)
     if found is None:
         return ""
-    shas = (APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA)
+    shas = (APPEND_SHA, SET_IF_NEWER_SHA, KEEP_SHA, PROBE_SHA, CONDITIONAL_SHA, FETCH_SHA)
     scripts = dict(zip(shas, SCRIPTS, strict=True))
     lines = scripts.get(found.group(1), "").splitlines()
     line = int(found.group(2))

@@ -59,6 +59,10 @@ class Settings:
     """The channel every write is published on: `<stream id> <frame>`."""
     entry_prefix: bytes = field(init=False)
     """The prefix of the cache entries' hashes."""
+    index_key: str = field(init=False)
+    """The index: a set of the cache entries' keys without `entry_prefix` (and
+    the empty member once a load built it from every entry: see
+    `NamespaceState.load`)."""
     marker_key: str = field(init=False)
     """The namespace's marker (a token: see `NamespaceState.keep`)."""
     probe_key: str = field(init=False)
@@ -72,6 +76,7 @@ class Settings:
             ("stream_key", f"{tag}:log"),
             ("channel", f"{tag}:live"),
             ("entry_prefix", f"{tag}:c:".encode()),
+            ("index_key", f"{tag}:ix"),
             ("marker_key", f"{tag}:id"),
             ("probe_key", f"{tag}:probe:{self.node:016x}"),
             ("lock_prefix", f"{tag}:lk:"),

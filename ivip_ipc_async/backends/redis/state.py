@@ -5,20 +5,41 @@ namespace Redis lost (FLUSHALL, eviction, a failover): a gap, and a reload."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
 from ...logs import logger, rate_limited
 from ...records import FrameReader, Kind, Record
 from .connections import Connections, redacted
 from .position import Position
 from .replies import StreamInfo, field, is_no_such_key, parse_info, text
-from .scripts import KEEP_SHA, load_scripts
+from .scripts import FETCH_SHA, KEEP_SHA, load_scripts
 from .settings import Shared
 
 __all__ = ["NamespaceState"]
+
+PAGE: Final = 1000
+"""Members asked of the index per SSCAN (and entries per `FETCH`, about)."""
+SCAN_PAGE: Final = 5000
+"""Keys of the database looked at per SCAN, when a load must scan (no index)."""
+SLICE: Final = 500
+"""Entries decoded before the loop may run (adjusted to stay near `SLICE_S`)."""
+SLICE_S: Final = 0.005
+"""About the longest a load holds the loop at a time, decoding (seconds)."""
+
+
+def _page(reply: Any) -> tuple[int | None, list[bytes]]:
+    """A SCAN or SSCAN reply: the next cursor (None: done) and the keys (only
+    bytes: anything else Redis answered is skipped)."""
+    if not isinstance(reply, (list, tuple)) or len(reply) != 2:
+        raise ValueError(f"Redis answered a SCAN with {type(reply).__name__}")
+    cursor = int(reply[0])
+    keys = [key for key in reply[1] if isinstance(key, bytes)]
+    return (cursor or None), keys
 
 
 class NamespaceState:
@@ -106,30 +127,136 @@ class NamespaceState:
     async def load(self) -> None:
         """Load every cache entry into the sink (the caller noted the stream's position).
 
-        Changes made during the scan are in the stream after that position, so
+        Changes made during the load are in the stream after that position, so
         reading on from it brings the state up to date.
+
+        The entries come from the namespace's index (`Settings.index_key`): a
+        cost in this namespace's entries, whatever else the database holds.
+        An index without its empty member (written by the previous version,
+        lost, expired while entries without TTL stayed) is not trusted: the
+        entries come from a SCAN of the database instead, which builds the
+        index as it goes (every write adds to it, so once the SCAN is done
+        the index holds every entry) and marks it complete.
         """
+        from redis.exceptions import NoScriptError
+
         client = self._connections.control
         assert client is not None
         assert self._shared.sink is not None
-        reader = FrameReader(self._settings.max_record_size, self._garbage)
-        cursor = 0
-        pattern = self._settings.entry_prefix + b"*"
-        while True:
-            cursor, keys = await client.scan(cursor, match=pattern, count=1000)
+        settings = self._settings
+        index = settings.index_key
+        complete = bool(await client.sismember(index, b""))
+        cut = len(settings.entry_prefix)
+        if complete:
+            await self._load_pages(
+                lambda pipe, cursor: pipe.sscan(index, cursor, count=PAGE),
+                lambda members: [settings.entry_prefix + m for m in members if m],
+                build=False,
+            )
+            return
+        pattern = settings.entry_prefix + b"*"
+        built = await self._load_pages(
+            lambda pipe, cursor: pipe.scan(cursor, match=pattern, count=SCAN_PAGE),
+            lambda keys: [key for key in keys if len(key) > cut],
+            build=True,
+        )
+        if not built:  # Redis was full: the next load scans again
+            return
+        # Every entry is in the index now: mark it complete (unless Redis is full).
+        done = (FETCH_SHA, 1, index, cut, b"2", int(settings.state_ttl * 1000))
+        try:
+            await client.evalsha(*done)
+        except NoScriptError:  # Redis restarted meanwhile
+            await load_scripts(client)
+            await client.evalsha(*done)
+
+    async def _load_pages(
+        self,
+        page: Callable[[Any, int], Any],
+        keys_of: Callable[[list[bytes]], list[bytes]],
+        *,
+        build: bool,
+    ) -> bool:
+        """The load's pages: each round trip asks for the next page of keys
+        (`page(pipeline, cursor)` queues an SSCAN or a SCAN) and the entries of
+        the page before (one `FETCH` script), while this process decodes the
+        entries of the page before that, in slices that give the loop back.
+        Returns whether every entry found was added to the index (`build`)."""
+        from redis.exceptions import NoScriptError
+
+        client = self._connections.control
+        settings = self._settings
+        head = (len(settings.entry_prefix), b"1" if build else b"0")
+        ttl = int(settings.state_ttl * 1000)
+        cursor: int | None = 0
+        keys: list[bytes] = []
+        frames: list[Any] = []
+        fetched: list[bytes] = []
+        built = True
+        while cursor is not None or keys:
+            pipe = client.pipeline(transaction=False)
+            if cursor is not None:
+                page(pipe, cursor)
             if keys:
-                pipe = client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.hget(key, "r")
-                frames = await pipe.execute()
-                records: list[Record] = []
-                for frame in frames:
+                pipe.evalsha(FETCH_SHA, 1 + len(keys), settings.index_key, *keys, *head, ttl)
+            request = asyncio.ensure_future(pipe.execute(raise_on_error=False))
+            try:
+                await self._restore(fetched, frames)  # meanwhile
+            except BaseException:
+                request.cancel()
+                raise
+            replies = list(await request)
+            frames, fetched = [], []
+            if cursor is not None:
+                reply = replies.pop(0)
+                if isinstance(reply, Exception):
+                    raise reply
+                cursor, found = _page(reply)
+                next_keys = keys_of(found)
+            else:
+                next_keys = []
+            if keys:
+                reply = replies.pop(0)
+                if isinstance(reply, NoScriptError):  # Redis restarted: this page again
+                    await load_scripts(client)
+                    next_keys = keys + next_keys
+                elif isinstance(reply, Exception):
+                    raise reply
+                elif isinstance(reply, list) and len(reply) == len(keys) + 1:
+                    frames, fetched = reply[:-1], keys
+                    built = built and reply[-1] == 1
+                else:  # not one answer per entry: none of them is trusted
+                    self._garbage(0, "an answer to FETCH that is not one per entry")
+                    built = False
+            keys = next_keys
+        await self._restore(fetched, frames)
+        return built
+
+    async def _restore(self, keys: list[bytes], frames: list[Any]) -> None:
+        """Decode a page's frames and hand their records to the sink, a slice at a
+        time, giving the loop back between slices (each at most ~`SLICE_S`).
+        Anything but a frame or "none" is garbage: skipped and counted."""
+        assert self._shared.sink is not None
+        loop = asyncio.get_running_loop()
+        at, size = 0, SLICE
+        while at < len(frames):
+            began = loop.time()
+            found: list[bytes] = []
+            for key, frame in zip(keys[at : at + size], frames[at : at + size], strict=False):
+                if isinstance(frame, bytes):
                     if frame:
-                        records += reader.feed(frame)
-                        reader.discard_pending()  # one frame per entry: never joined
-                self._shared.sink.restore(records)
-            if int(cursor) == 0:
-                break
+                        found.append(frame)
+                elif frame != 0:  # -1: the key is no hash; anything else: not ours
+                    self._garbage(len(key), "a cache entry that is not a hash")
+            self._shared.sink.restore(self._decode(found))
+            at += size
+            took = loop.time() - began
+            if took > SLICE_S and size > 50:
+                size //= 2
+            elif took < SLICE_S / 2:
+                size = min(size * 2, 4 * SLICE)
+            if at < len(frames):
+                await asyncio.sleep(0)
 
     async def reload(self) -> None:
         """Drop the mirror, load the entries again, and have the mirror serve reads."""
@@ -137,6 +264,22 @@ class NamespaceState:
         self._shared.sink.mirror_ready(False)
         await self.load()
         self._shared.sink.mirror_ready(True)
+
+    def _decode(self, frames: list[bytes]) -> list[Record]:
+        """The records of entries' frames: parsed joined (half the cost of one
+        parse each), unless that finds garbage; then one at a time, so that an
+        entry's garbage (a forged length, say) cannot hide the entries after it."""
+        max_size = self._settings.max_record_size
+        joined = FrameReader(max_size, None)
+        records = joined.feed(b"".join(frames))
+        if len(records) == len(frames) and not joined.skipped_bytes and not joined.pending:
+            return records
+        reader = FrameReader(max_size, self._garbage)
+        records = []
+        for frame in frames:
+            records += reader.feed(frame)
+            reader.discard_pending()  # one frame per entry: never joined
+        return records
 
     # -- the marker, and losses ----------------------------------------------------------
 
@@ -149,9 +292,10 @@ class NamespaceState:
         client = self._connections.control
         call = (
             KEEP_SHA,
-            2,
+            3,
             settings.marker_key,
             settings.stream_key,
+            settings.index_key,
             secrets.token_hex(8),
             int(settings.state_ttl * 1000),
         )

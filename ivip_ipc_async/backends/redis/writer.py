@@ -350,13 +350,16 @@ class _Packer:
         self._half_bytes = settings.stream_max_bytes >> 1
         stream, channel = encode(settings.stream_key), encode(settings.channel)
         self._stream, self._channel = stream, channel
+        self._index = encode(settings.index_key)
+        self._cut = b"%d" % len(settings.entry_prefix)
         # APPEND: EVALSHA sha 1 stream | frame maxlen | channel ttl
         self._append_head = _bulks([b"EVALSHA", APPEND_SHA.encode(), b"1", stream], 8)
         self._append_tail = _bulks([channel, self._ttl])
 
     def pack(self, op: _Op) -> bytes:
-        """One op's `EVALSHA`: sha, number of keys, keys (the entry's, the stream),
-        then the frame, (the version and expiry,) MAXLEN, channel, and the TTL."""
+        """One op's `EVALSHA`: sha, number of keys, keys (the entry's, the stream,
+        the index), then the frame, (the version and expiry,) MAXLEN, channel,
+        the TTL (and the length of the entries' prefix)."""
         frame, entry_key, version, expires_ms, _ = op
         # The stream holds at most stream_maxlen entries, and about
         # stream_max_bytes: each write trims it to as many entries of its own
@@ -369,11 +372,11 @@ class _Packer:
             )  # fmt: skip
         return _bulks(
             [
-                b"EVALSHA", SET_IF_NEWER_SHA.encode(), b"2", entry_key, self._stream,
-                frame, self._encode(version), b"%d" % expires_ms, maxlen, self._channel,
-                self._ttl,
+                b"EVALSHA", SET_IF_NEWER_SHA.encode(), b"3", entry_key, self._stream,
+                self._index, frame, self._encode(version), b"%d" % expires_ms, maxlen,
+                self._channel, self._ttl, self._cut,
             ],
-            11,
+            13,
         )  # fmt: skip
 
 
