@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
+import sys
 import time
 from asyncio import get_running_loop as _running_loop  # (a coroutine always has one)
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +20,7 @@ from time import perf_counter as _clock
 from typing import Any, Final
 
 from . import forks, waiting
-from .backends import check_url, open_backend
+from .backends import backend_imports, check_url, open_backend
 from .backends.base import Backend
 from .clock import HybridLogicalClock
 from .coordination import Lock
@@ -244,6 +246,10 @@ class AsyncIPC:
         self._drop_stale()
         self._starting = done = loop.create_future()
         try:
+            for module in backend_imports(self._path):
+                if module not in sys.modules:  # the first start: imported off the loop
+                    with contextlib.suppress(ImportError):  # open_backend says what to install
+                        await asyncio.to_thread(importlib.import_module, module)
             backend = self._make_backend()
             medium.reset_mirror()
             await backend.start(self._sink)

@@ -26,7 +26,7 @@ from .base import Backend
 # start() would hold a running event loop for ~50-70 ms.
 from .directory import DirectoryBackend
 
-__all__ = ["REDIS_SCHEMES", "check_location", "check_url", "open_backend"]
+__all__ = ["REDIS_SCHEMES", "backend_imports", "check_location", "check_url", "open_backend"]
 
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 """The URL schemes of the Redis backend (a Cluster is reached through any node's
@@ -59,6 +59,28 @@ def check_url(text: str) -> None:
     from .redis import check_redis_url
 
     check_redis_url(text)
+
+
+def backend_imports(location: str | os.PathLike[str] | None) -> tuple[str, ...]:
+    """The modules the backend `location` names will import (None:
+    `$IVIP_IPC_DIR`), read from its form alone: nothing is imported or checked
+    here (`open_backend` does).
+
+    `AsyncIPC.start` imports them in a thread first: redis-py takes ~150 ms to
+    import, too long to hold the event loop.
+
+    Example:
+        >>> backend_imports("/srv/ipc")
+        ('ivip_ipc_async.backends.directory',)
+        >>> backend_imports("redis://cache:6379/0")
+        ('redis.asyncio', 'ivip_ipc_async.backends.redis')
+    """
+    raw = location if location is not None else os.environ.get("IVIP_IPC_DIR")
+    text = "" if raw is None else os.fspath(raw)
+    scheme = text.partition("://")[0].lower() if "://" in text else ""
+    if scheme in REDIS_SCHEMES:
+        return ("redis.asyncio", f"{__name__}.redis")
+    return (f"{__name__}.directory",)
 
 
 def check_location(location: str) -> str:

@@ -322,3 +322,44 @@ async def test_each_attempt_has_a_time_limit_and_cancellation_passes_through(unt
     assert connections._watchdog._guards == set()
     assert await connections.retrying("write", asyncio.sleep, 0, "done") == "done"
     connections._watchdog.stop()
+
+
+def test_the_first_start_imports_redis_py_off_the_loop() -> None:
+    """Importing redis-py takes ~150 ms (more on a busy machine): the first
+    `start()` on a Redis URL imports the backend in a thread, so the event loop
+    is never held that long (invariant 7). Run in a fresh interpreter, where
+    nothing has imported redis-py yet."""
+    import subprocess
+    import sys
+
+    code = f"""
+import asyncio, sys, threading
+
+seen = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis":
+            seen.append(threading.current_thread() is threading.main_thread())
+        return None
+
+sys.meta_path.insert(0, Spy())
+from ivip_ipc_async import AsyncIPC
+from ivip_ipc_async.errors import BackendUnavailableError
+
+async def main():
+    ipc = AsyncIPC("redis://127.0.0.1:{free_port()}/0", retry_timeout=1)
+    try:
+        await ipc.start()
+    except BackendUnavailableError:
+        pass
+    finally:
+        await ipc.destroy()
+
+asyncio.run(main())
+assert "redis" in sys.modules
+print(seen)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[False]"]  # imported once, not on the loop's thread
