@@ -40,7 +40,7 @@ _WRITER = """
         options = json.loads(sys.argv[2])
         async with AsyncIPC(sys.argv[1], **options) as ipc:
             cache = AsyncCache(ipc)
-            snaps = ipc._backend._snapshots
+            snaps = ipc.medium.backend._snapshots
             peer = ipc.stats()["peer"]
             loop = asyncio.get_running_loop()
             stdin = asyncio.StreamReader(limit=64 << 20)
