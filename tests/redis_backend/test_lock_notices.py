@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
 from ivip_ipc_async import AsyncIPC
 
 from ..processes import reap
@@ -133,6 +135,7 @@ asyncio.run(main())
 
 
 @needs_redis_server
+@pytest.mark.once_per_ci  # a frozen server of its own: the server's behaviour, 6 s
 async def test_a_lock_acquired_as_a_frozen_server_resumes_is_held() -> None:
     """The holder dies while the server is frozen (4 s, lease 1.5 s); the waiter's
     try runs when the server resumes: the lock it gets is held, and renewed."""
