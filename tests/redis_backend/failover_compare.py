@@ -86,46 +86,6 @@ async def _peer(kind: str, deployment: str, url: str, folder: Path, name: str, o
         async def close() -> None:
             await ipc.destroy()
 
-    elif deployment == "managed":
-        # plain redis-py behind a managed endpoint (one address that follows the master)
-        from redis.asyncio import Redis
-
-        plain_clients = [Redis.from_url(url, socket_timeout=5.0)]
-        subscribed = asyncio.Event()
-
-        async def publish(message: dict[str, Any]) -> None:
-            try:
-                await plain_clients[0].publish(CHANNEL, json.dumps(message))
-            except Exception:
-                old = plain_clients[0]
-                plain_clients[0] = Redis.from_url(url, socket_timeout=5.0)
-                with contextlib.suppress(Exception):
-                    await old.aclose()
-                raise
-
-        async def listen() -> None:
-            while True:
-                client = Redis.from_url(url, socket_timeout=5.0)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                try:
-                    await pubsub.subscribe(CHANNEL)
-                    subscribed.set()
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message is not None and message["type"] == "message":
-                            hear(json.loads(message["data"]))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    await asyncio.sleep(0.1)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
-                        await client.aclose()
-
-        async def close() -> None:
-            await plain_clients[0].aclose()
-
     elif deployment == "cluster":  # plain redis-py on a Redis Cluster
         from redis.asyncio.cluster import RedisCluster
 
@@ -169,25 +129,36 @@ async def _peer(kind: str, deployment: str, url: str, folder: Path, name: str, o
         async def close() -> None:
             await cluster_clients[0].aclose()
 
-    else:
-        from redis.asyncio.sentinel import Sentinel
+    else:  # plain redis-py through the Sentinels, or one address that follows the master
+        if deployment == "managed":
+            from redis.asyncio import Redis
 
-        sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 2.0})
-        clients = [sentinel.master_for(service, socket_timeout=5.0)]
+            def make() -> Any:
+                return Redis.from_url(url, socket_timeout=5.0)
+
+        else:
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_timeout": 2.0})
+
+            def make() -> Any:
+                return sentinel.master_for(service, socket_timeout=5.0)
+
+        clients = [make()]
         subscribed = asyncio.Event()
 
         async def publish(message: dict[str, Any]) -> None:
             try:
                 await clients[0].publish(CHANNEL, json.dumps(message))
             except Exception:
-                old, clients[0] = clients[0], sentinel.master_for(service, socket_timeout=5.0)
+                old, clients[0] = clients[0], make()
                 with contextlib.suppress(Exception):
                     await old.aclose()
                 raise
 
         async def listen() -> None:
             while True:
-                client = sentinel.master_for(service, socket_timeout=5.0)
+                client = make()
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 try:
                     await pubsub.subscribe(CHANNEL)
