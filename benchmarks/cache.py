@@ -24,6 +24,7 @@ from .harness import (
     Result,
     Size,
     Worker,
+    contender_target,
     drop_redis,
     emit,
     fan,
@@ -435,13 +436,7 @@ def cache_ops(size: Size, codec: str) -> Result:
         row: dict[str, float] = {}
         for part in ("ops", "contended"):
             with scratch_dir() as d:
-                namespace = f"bench-{uuid.uuid4().hex[:8]}"
-                if medium == "dir":
-                    target = d
-                elif kind == "ivip":
-                    target = f"{REDIS}#{namespace}"
-                else:
-                    target = namespace
+                target, namespace = contender_target(kind, medium, d)
                 if part == "ops":
                     with workers() as started:
                         started.append(Worker(ops_role, kind, target, count))

@@ -32,6 +32,7 @@ from .harness import (
     N,
     Result,
     Size,
+    contender_target,
     drop_redis,
     emit,
     latency_summary,
@@ -202,13 +203,7 @@ def locks(size: Size, codec: str) -> Result:
         row: dict[str, float] = {}
         for mode, count, n in (("uncontended", 1, one), ("contended", crowd, each)):
             with scratch_dir() as d:
-                namespace = f"bench-{uuid.uuid4().hex[:8]}"
-                if medium == "dir":
-                    target = d
-                elif kind == "ivip":
-                    target = f"{REDIS}#{namespace}"
-                else:
-                    target = namespace
+                target, namespace = contender_target(kind, medium, d)
                 got = together([(lock_role, (kind, target, n))] * count)
                 summary = latency_summary(_cycles(got))
                 row[f"{mode} p50 ms"] = summary["p50"]

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REDIS = "redis://127.0.0.1:6379/0"
+
+
+def contender_target(kind: str, medium: str, directory: str) -> tuple[str, str]:
+    """Where a contender of a comparison works, and the fresh namespace to drop
+    from Redis after it: the scratch `directory` for a directory one; this
+    library on Redis: the Redis URL with the namespace after `#`; plain redis-py
+    and the like: the namespace alone."""
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    if medium == "dir":
+        return directory, namespace
+    if kind == "ivip":
+        return f"{REDIS}#{namespace}", namespace
+    return namespace, namespace
+
+
 N = time.monotonic_ns
 
 Result = dict[str, dict[str, float]]
